@@ -1,0 +1,76 @@
+"""API plumbing shared by every app: error envelope, pagination."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from apps.core.errors import DomainError, InvalidInput
+
+log = logging.getLogger("workbench.api")
+
+
+class Pagination(PageNumberPagination):
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+def _flatten(detail: Any) -> list[str]:
+    if isinstance(detail, dict):
+        return [f"{key}: {msg}" for key, value in detail.items() for msg in _flatten(value)]
+    if isinstance(detail, list):
+        return [msg for item in detail for msg in _flatten(item)]
+    return [str(detail)]
+
+
+def _fields(detail: Any) -> dict[str, Any]:
+    if not isinstance(detail, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in detail.items():
+        if key == "non_field_errors":
+            continue
+        out[key] = value if isinstance(value, dict) else [str(v) for v in (value if isinstance(value, list) else [value])]
+    return out
+
+
+def error_response(code: str, message: str, http_status: int, fields: dict[str, Any] | None = None,
+                   **extra: Any) -> Response:
+    body: dict[str, Any] = {"code": code, "message": message, "fields": fields or {}}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return Response({"error": body}, status=http_status)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """Every API error as ``{"error": {"code", "message", "fields"}}`` with the right status."""
+    if isinstance(exc, DomainError):
+        return error_response(exc.code, exc.message, status.HTTP_409_CONFLICT, status=exc.current_status)
+    if isinstance(exc, InvalidInput):
+        return error_response(exc.code, exc.message, status.HTTP_400_BAD_REQUEST, exc.fields, line=exc.line)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    assert isinstance(exc, exceptions.APIException)
+    detail = exc.detail
+    if isinstance(exc, exceptions.ValidationError):
+        messages = _flatten(detail)
+        message = messages[0] if len(messages) == 1 else f"{len(messages)} problems: " + "; ".join(messages)
+        code = "invalid"
+    else:
+        message = " ".join(_flatten(detail))
+        codes = exc.get_codes()
+        code = codes if isinstance(codes, str) else exc.default_code
+    response.data = {"error": {"code": code, "message": message, "fields": _fields(detail)}}
+    return response

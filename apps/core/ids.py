@@ -1,0 +1,34 @@
+"""Opaque, prefixed ids (``ds_7f3a...``): readable in logs, unguessable, never sequential.
+
+Each kind has a named function so migrations can reference it as a column default.
+"""
+
+import secrets
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def new_tenant_id() -> str:
+    return new_id("tn")
+
+
+def new_membership_id() -> str:
+    return new_id("mb")
+
+
+def new_token_id() -> str:
+    return new_id("tok")
+
+
+def new_event_id() -> str:
+    return new_id("ev")
+
+
+def new_dataset_id() -> str:
+    return new_id("ds")
+
+
+def new_dataset_version_id() -> str:
+    return new_id("dv")

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from apps.core import ids
+
+
+class DatasetKind(models.TextChoices):
+    TRAINING = "training", "Training"
+    GOLDEN = "golden", "Golden (evaluation)"
+    SAMPLE = "sample", "Sample"
+
+
+class Task(models.TextChoices):
+    TEXT_CLASSIFICATION = "text-classification", "Text classification"
+
+
+class Dataset(models.Model):
+    """A named collection of immutable versions, owned by one tenant."""
+
+    id = models.CharField(primary_key=True, max_length=32, default=ids.new_dataset_id, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=16, choices=DatasetKind.choices)
+    task = models.CharField(max_length=32, choices=Task.choices, default=Task.TEXT_CLASSIFICATION)
+    domain = models.CharField(max_length=50, blank=True, help_text="vertical, e.g. banking, retail")
+    description = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "id"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="dataset_name_unique_in_tenant")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DatasetVersion(models.Model):
+    """One uploaded file, frozen: its bytes live in the artifact store under ``storage_key``
+    and never change; ``sha256`` is of exactly those bytes."""
+
+    class Format(models.TextChoices):
+        CSV = "csv", "CSV"
+        JSONL = "jsonl", "JSON lines"
+
+    id = models.CharField(primary_key=True, max_length=32, default=ids.new_dataset_version_id, editable=False)
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField()
+    storage_key = models.CharField(max_length=300, editable=False)
+    format = models.CharField(max_length=8, choices=Format.choices)
+    text_column = models.CharField(max_length=100)
+    label_column = models.CharField(max_length=100)
+    rows = models.PositiveIntegerField()
+    labels = models.JSONField(help_text="label -> row count")
+    duplicate_texts = models.PositiveIntegerField(help_text="rows whose text appeared earlier")
+    preview = models.JSONField(help_text="the first rows, as {text, label}")
+    original_filename = models.CharField(max_length=255, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["dataset", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "number"], name="version_number_unique"),
+            models.UniqueConstraint(fields=["dataset", "sha256"], name="version_content_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.dataset.name} v{self.number}"
+
+    @property
+    def label_count(self) -> int:
+        return len(self.labels)

@@ -1,0 +1,86 @@
+"""The one place that decides which tenant a request may see, and with which role.
+
+API views and dashboard views both resolve ``{tenant}`` from the URL through
+``resolve_tenant_access``. A tenant the caller is not a member of (or that their token is
+not limited to) does not exist for them: 404, never 403, so its existence does not leak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.http import Http404
+from rest_framework import exceptions
+from rest_framework.request import Request
+
+from apps.tenants.models import ROLE_RANK, ApiToken, Membership, Role, Tenant
+
+
+@dataclass(frozen=True)
+class TenantAccess:
+    tenant: Tenant
+    membership: Membership
+
+    @property
+    def role(self) -> Role:
+        return Role(self.membership.role)
+
+    def allows(self, role: Role) -> bool:
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+def resolve_tenant_access(*, user: Any, slug: str, token: ApiToken | None = None) -> TenantAccess:
+    if user is None or not user.is_authenticated:
+        raise Http404("No such tenant.")
+    if token is not None and token.tenant_id is not None and token.tenant.slug != slug:
+        raise Http404("No such tenant.")
+    membership = (
+        Membership.objects.select_related("tenant").filter(user=user, tenant__slug=slug).first()
+    )
+    if membership is None:
+        raise Http404("No such tenant.")
+    return TenantAccess(tenant=membership.tenant, membership=membership)
+
+
+def role_error(access: TenantAccess, needed: Role) -> str:
+    return (
+        f"This action needs the '{needed.value}' role (or higher) in tenant "
+        f"'{access.tenant.slug}'; you have '{access.role.value}'."
+    )
+
+
+class TenantScopedMixin:
+    """For API views under ``/api/v1/tenants/{tenant}/``: sets ``self.access``.
+
+    ``required_roles`` maps HTTP methods to the least role allowed; anything not named
+    needs a scientist for writes and a viewer for reads.
+    """
+
+    required_roles: dict[str, Role] = {}
+    access: TenantAccess
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # type: ignore[misc]
+        token = request.auth if isinstance(request.auth, ApiToken) else None
+        try:
+            self.access = resolve_tenant_access(user=request.user, slug=kwargs["tenant"], token=token)
+        except Http404 as exc:
+            raise exceptions.NotFound("No such tenant.") from exc
+        method = request.method or "GET"
+        default = Role.VIEWER if method in ("GET", "HEAD", "OPTIONS") else Role.SCIENTIST
+        needed = self.required_roles.get(method, default)
+        if not self.access.allows(needed):
+            raise exceptions.PermissionDenied(role_error(self.access, needed))
+
+    @property
+    def tenant(self) -> Tenant:
+        if getattr(self, "swagger_fake_view", False):  # OpenAPI generation: no request tenant
+            return None  # type: ignore[return-value]
+        return self.access.tenant
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()  # type: ignore[misc]
+        if hasattr(self, "access"):
+            context["tenant"] = self.access.tenant
+        return context  # type: ignore[no-any-return]
