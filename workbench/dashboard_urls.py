@@ -1,10 +1,30 @@
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
+from apps.audit import views as audit_views
+from apps.datasets import views as dataset_views
 from apps.tenants import views as tenant_views
+
+# Pages inside one tenant: /t/<slug>/... (the tenant is resolved per request, 404 for others).
+tenant_patterns = [
+    path("datasets/", dataset_views.dataset_list, name="dataset-list-page"),
+    path("datasets/<str:dataset_id>/", dataset_views.dataset_detail, name="dataset-detail-page"),
+    path("datasets/<str:dataset_id>/versions/", dataset_views.dataset_upload,
+         name="dataset-upload-page"),
+    path("datasets/<str:dataset_id>/delete/", dataset_views.dataset_delete,
+         name="dataset-delete-page"),
+    path("members/", tenant_views.members_page, name="members-page"),
+    path("members/<str:username>/role/", tenant_views.member_change_role,
+         name="member-role-page"),
+    path("members/<str:username>/remove/", tenant_views.member_remove, name="member-remove-page"),
+    path("audit/", audit_views.audit_page, name="audit-page"),
+]
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("tokens/", tenant_views.tokens_page, name="tokens-page"),
+    path("tokens/<str:token_id>/revoke/", tenant_views.token_revoke, name="token-revoke-page"),
+    path("t/<slug:tenant>/", include(tenant_patterns)),
     path("", tenant_views.home, name="home"),
 ]

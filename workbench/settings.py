@@ -8,6 +8,7 @@ secret key and switches on the deployment checks, so ``manage.py check --deploy`
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -56,6 +57,12 @@ INSTALLED_APPS = [
     "apps.datasets",
 ]
 
+# The test suite adds a small app whose rows reference dataset versions the way training
+# runs will, to prove a referenced version cannot be deleted.
+TESTING = env_bool("WORKBENCH_TESTING", "pytest" in sys.modules)
+if TESTING:
+    INSTALLED_APPS.append("tests.refapp")
+
 MIDDLEWARE = [
     "apps.core.middleware.RequestIdMiddleware",
     "apps.core.middleware.MetricsMiddleware",
@@ -95,6 +102,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Web, worker and beat share the file: wait for locks instead of failing at once.
     DATABASES["default"]["OPTIONS"] = {"timeout": 30, "transaction_mode": "IMMEDIATE"}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A file, not memory, so worker processes started by tests see the test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-workbench.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -31,6 +31,14 @@ def _flatten(detail: Any) -> list[str]:
     return [str(detail)]
 
 
+def _codes(codes: Any) -> list[str]:
+    if isinstance(codes, dict):
+        return [c for value in codes.values() for c in _codes(value)]
+    if isinstance(codes, list):
+        return [c for item in codes for c in _codes(item)]
+    return [str(codes)]
+
+
 def _fields(detail: Any) -> dict[str, Any]:
     if not isinstance(detail, dict):
         return {}
@@ -67,7 +75,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, exceptions.ValidationError):
         messages = _flatten(detail)
         message = messages[0] if len(messages) == 1 else f"{len(messages)} problems: " + "; ".join(messages)
-        code = "invalid"
+        codes = _codes(exc.get_codes())
+        code = codes[0] if len(codes) == 1 else "invalid"
     else:
         message = " ".join(_flatten(detail))
         codes = exc.get_codes()

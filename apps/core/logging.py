@@ -14,7 +14,8 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "reque
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
-            record.request_id = get_request_id()
+            request = getattr(record, "request", None)
+            record.request_id = getattr(request, "request_id", None) or get_request_id()
         return True
 
 

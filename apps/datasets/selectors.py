@@ -11,6 +11,7 @@ def datasets_for_tenant(*, tenant: Tenant) -> QuerySet[Dataset]:
         Dataset.objects.filter(tenant=tenant)
         .select_related("created_by")
         .annotate(version_count=Count("versions"), latest_version=Max("versions__number"))
+        .order_by("-created_at", "id")
     )
 
 

@@ -1,0 +1,64 @@
+"""Dashboard forms for members and API tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from django import forms
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from apps.tenants.models import Role, Tenant
+from apps.tenants.selectors import tenants_for_user
+
+
+class MemberAddForm(forms.Form):
+    username = forms.CharField(max_length=150,
+                               widget=forms.TextInput(attrs={"autocomplete": "off"}))
+    role = forms.ChoiceField(choices=Role.choices, initial=Role.VIEWER)
+
+    def clean_username(self) -> Any:
+        value = str(self.cleaned_data["username"]).strip()
+        user = get_user_model().objects.filter(username=value, is_active=True).first()
+        if user is None:
+            raise forms.ValidationError(f"No active user named '{value}'.")
+        return user
+
+    def clean_role(self) -> Role:
+        return Role(self.cleaned_data["role"])
+
+
+class MemberRoleForm(forms.Form):
+    role = forms.ChoiceField(choices=Role.choices)
+
+    def clean_role(self) -> Role:
+        return Role(self.cleaned_data["role"])
+
+
+class TokenCreateForm(forms.Form):
+    name = forms.CharField(max_length=100,
+                           widget=forms.TextInput(attrs={"placeholder": "ci-pipeline"}))
+    tenant = forms.ModelChoiceField(
+        queryset=Tenant.objects.none(),
+        required=False,
+        to_field_name="slug",
+        empty_label="Any of my tenants",
+        help_text="Limit the token to one tenant.",
+    )
+    expires_in_days = forms.IntegerField(
+        required=False, min_value=1, max_value=3650, label="Expires in (days)",
+        help_text="Leave empty for a token that does not expire.",
+    )
+
+    def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Only the user's own tenants are choices: another tenant's slug is "not a choice",
+        # the same answer as a slug that does not exist.
+        tenant_field = self.fields["tenant"]
+        assert isinstance(tenant_field, forms.ModelChoiceField)
+        tenant_field.queryset = tenants_for_user(user=user)
+
+    def expires_at(self) -> datetime | None:
+        days = self.cleaned_data.get("expires_in_days")
+        return timezone.now() + timedelta(days=int(days)) if days else None

@@ -1,0 +1,191 @@
+"""Shared fixtures: two tenants, users of every role, API clients with real tokens.
+
+``tenant`` (acme) has admin, reviewer, scientist and viewer members; ``other_tenant``
+(globex) has its own admin, the outsider every isolation test uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from apps.tenants import services as tenant_services
+from apps.tenants.models import Role, Tenant
+
+BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "banking77"
+PASSWORD = "correct-horse-battery-staple"
+
+
+@dataclass
+class Actor:
+    user: Any
+    token: str
+    client: Client
+
+    def api(self, method: str, path: str, data: Any = None, **extra: Any) -> Any:
+        call = getattr(self.client, method.lower())
+        if data is not None and "format" not in extra and not extra.pop("multipart", False):
+            extra["content_type"] = "application/json"
+        return call(path, data, **extra) if data is not None else call(path, **extra)
+
+
+def make_actor(username: str, tenant: Tenant | None, role: Role | None, *, is_staff: bool = False) -> Actor:
+    user = tenant_services.user_create(username=username, password=PASSWORD,
+                                       email=f"{username}@example.com", is_staff=is_staff)
+    if tenant is not None and role is not None:
+        tenant_services.membership_add(actor=None, tenant=tenant, user=user, role=role)
+    secret = tenant_services.token_create(user=user, name=f"{username}-test").secret
+    return Actor(user=user, token=secret, client=Client(HTTP_AUTHORIZATION=f"Bearer {secret}"))
+
+
+@pytest.fixture
+def tenant(db: Any) -> Tenant:
+    return tenant_services.tenant_create(actor=None, slug="acme", name="Acme Corp", domain="banking")
+
+
+@pytest.fixture
+def other_tenant(db: Any) -> Tenant:
+    return tenant_services.tenant_create(actor=None, slug="globex", name="Globex", domain="retail")
+
+
+@pytest.fixture
+def admin(tenant: Tenant) -> Actor:
+    return make_actor("ada", tenant, Role.ADMIN)
+
+
+@pytest.fixture
+def reviewer(tenant: Tenant) -> Actor:
+    return make_actor("rita", tenant, Role.REVIEWER)
+
+
+@pytest.fixture
+def scientist(tenant: Tenant) -> Actor:
+    return make_actor("sam", tenant, Role.SCIENTIST)
+
+
+@pytest.fixture
+def viewer(tenant: Tenant) -> Actor:
+    return make_actor("vic", tenant, Role.VIEWER)
+
+
+@pytest.fixture
+def outsider(other_tenant: Tenant) -> Actor:
+    return make_actor("otto", other_tenant, Role.ADMIN)
+
+
+@pytest.fixture
+def staff(db: Any) -> Actor:
+    return make_actor("stella", None, None, is_staff=True)
+
+
+@pytest.fixture
+def artifacts_dir(settings: Any, tmp_path: Path) -> Path:
+    """A private artifact store per test, so stored objects can be counted exactly."""
+    root = tmp_path / "artifacts"
+    settings.ARTIFACT_STORE = f"file://{root}"
+    return root
+
+
+def stored_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture
+def upload(artifacts_dir: Path) -> Callable[..., Any]:
+    """POST a file as a new version of a dataset: ``upload(actor, dataset_id, name, bytes, **fields)``."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    def do(actor: Actor, dataset_id: str, filename: str, content: bytes, tenant_slug: str = "acme",
+           **fields: Any) -> Any:
+        data = {"file": SimpleUploadedFile(filename, content), **fields}
+        return actor.client.post(f"/api/v1/tenants/{tenant_slug}/datasets/{dataset_id}/versions/", data)
+
+    return do
+
+
+@pytest.fixture
+def training_dataset(scientist: Actor) -> str:
+    response = scientist.api("post", "/api/v1/tenants/acme/datasets/",
+                             {"name": "support-intents", "kind": "training", "domain": "banking"})
+    assert response.status_code == 201, response.content
+    return str(response.json()["id"])
+
+
+@pytest.fixture
+def golden_dataset(scientist: Actor) -> str:
+    response = scientist.api("post", "/api/v1/tenants/acme/datasets/",
+                             {"name": "golden-intents", "kind": "golden"})
+    assert response.status_code == 201, response.content
+    return str(response.json()["id"])
+
+
+# --- a real Celery worker process ------------------------------------------------------
+
+@dataclass
+class WorkerProcess:
+    process: Any
+    log_path: Path
+    artifacts_root: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _database_url_for_subprocess() -> str:
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any):
+    """``celery -A workbench worker -Q default,gpu`` against the test database and broker."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from django.conf import settings as dj_settings
+
+    tmp = tmp_path_factory.mktemp("worker")
+    artifacts_root = tmp / "artifacts"
+    log_path = tmp / "worker.log"
+    with django_db_blocker.unblock():
+        database_url = _database_url_for_subprocess()
+    env = {**os.environ, "DATABASE_URL": database_url, "ARTIFACT_STORE": f"file://{artifacts_root}",
+           "CELERY_BROKER_URL": dj_settings.CELERY_BROKER_URL,
+           "PROMETHEUS_MULTIPROC_DIR": os.environ["PROMETHEUS_MULTIPROC_DIR"]}
+    # Start from an empty queue: leftovers of earlier runs would run against this test DB.
+    from workbench.celery import app
+
+    app.control.purge()
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workbench", "worker", "-Q", "default,gpu",
+         "--concurrency", "1", "--loglevel", "INFO", "-n", f"test-{os.getpid()}@%h"],
+        cwd=str(dj_settings.BASE_DIR), env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while "ready." not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"celery worker did not start:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    yield WorkerProcess(process=process, log_path=log_path, artifacts_root=artifacts_root)
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()

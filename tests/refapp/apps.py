@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class RefappConfig(AppConfig):
+    name = "tests.refapp"
+    label = "refapp"

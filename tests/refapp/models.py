@@ -1,0 +1,7 @@
+from django.db import models
+
+
+class VersionUser(models.Model):
+    """Test-only: something that uses a dataset version, as a training run will (PROTECT)."""
+
+    version = models.ForeignKey("datasets.DatasetVersion", on_delete=models.PROTECT, related_name="+")
