@@ -88,6 +88,9 @@ def artifacts_dir(settings: Any, tmp_path: Path) -> Path:
     """A private artifact store per test, so stored objects can be counted exactly."""
     root = tmp_path / "artifacts"
     settings.ARTIFACT_STORE = f"file://{root}"
+    # Private upload temp dir too, so "no temp file left behind" is checked exactly.
+    settings.UPLOAD_TMP_DIR = tmp_path / "uploads"
+    settings.UPLOAD_TMP_DIR.mkdir()
     return root
 
 
