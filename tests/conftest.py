@@ -34,9 +34,12 @@ class Actor:
         return call(path, data, **extra) if data is not None else call(path, **extra)
 
 
-def make_actor(username: str, tenant: Tenant | None, role: Role | None, *, is_staff: bool = False) -> Actor:
-    user = tenant_services.user_create(username=username, password=PASSWORD,
-                                       email=f"{username}@example.com", is_staff=is_staff)
+def make_actor(
+    username: str, tenant: Tenant | None, role: Role | None, *, is_staff: bool = False
+) -> Actor:
+    user = tenant_services.user_create(
+        username=username, password=PASSWORD, email=f"{username}@example.com", is_staff=is_staff
+    )
     if tenant is not None and role is not None:
         tenant_services.membership_add(actor=None, tenant=tenant, user=user, role=role)
     secret = tenant_services.token_create(user=user, name=f"{username}-test").secret
@@ -45,7 +48,9 @@ def make_actor(username: str, tenant: Tenant | None, role: Role | None, *, is_st
 
 @pytest.fixture
 def tenant(db: Any) -> Tenant:
-    return tenant_services.tenant_create(actor=None, slug="acme", name="Acme Corp", domain="banking")
+    return tenant_services.tenant_create(
+        actor=None, slug="acme", name="Acme Corp", domain="banking"
+    )
 
 
 @pytest.fixture
@@ -100,34 +105,47 @@ def stored_files(root: Path) -> list[Path]:
 
 @pytest.fixture
 def upload(artifacts_dir: Path) -> Callable[..., Any]:
-    """POST a file as a new version of a dataset: ``upload(actor, dataset_id, name, bytes, **fields)``."""
+    """POST a new dataset version: ``upload(actor, dataset_id, filename, content, **fields)``."""
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    def do(actor: Actor, dataset_id: str, filename: str, content: bytes, tenant_slug: str = "acme",
-           **fields: Any) -> Any:
+    def do(
+        actor: Actor,
+        dataset_id: str,
+        filename: str,
+        content: bytes,
+        tenant_slug: str = "acme",
+        **fields: Any,
+    ) -> Any:
         data = {"file": SimpleUploadedFile(filename, content), **fields}
-        return actor.client.post(f"/api/v1/tenants/{tenant_slug}/datasets/{dataset_id}/versions/", data)
+        return actor.client.post(
+            f"/api/v1/tenants/{tenant_slug}/datasets/{dataset_id}/versions/", data
+        )
 
     return do
 
 
 @pytest.fixture
 def training_dataset(scientist: Actor) -> str:
-    response = scientist.api("post", "/api/v1/tenants/acme/datasets/",
-                             {"name": "support-intents", "kind": "training", "domain": "banking"})
+    response = scientist.api(
+        "post",
+        "/api/v1/tenants/acme/datasets/",
+        {"name": "support-intents", "kind": "training", "domain": "banking"},
+    )
     assert response.status_code == 201, response.content
     return str(response.json()["id"])
 
 
 @pytest.fixture
 def golden_dataset(scientist: Actor) -> str:
-    response = scientist.api("post", "/api/v1/tenants/acme/datasets/",
-                             {"name": "golden-intents", "kind": "golden"})
+    response = scientist.api(
+        "post", "/api/v1/tenants/acme/datasets/", {"name": "golden-intents", "kind": "golden"}
+    )
     assert response.status_code == 201, response.content
     return str(response.json()["id"])
 
 
 # --- a real Celery worker process ------------------------------------------------------
+
 
 @dataclass
 class WorkerProcess:
@@ -166,18 +184,39 @@ def celery_worker_process(django_db_setup: Any, django_db_blocker: Any, tmp_path
     log_path = tmp / "worker.log"
     with django_db_blocker.unblock():
         database_url = _database_url_for_subprocess()
-    env = {**os.environ, "DATABASE_URL": database_url, "ARTIFACT_STORE": f"file://{artifacts_root}",
-           "CELERY_BROKER_URL": dj_settings.CELERY_BROKER_URL,
-           "PROMETHEUS_MULTIPROC_DIR": os.environ["PROMETHEUS_MULTIPROC_DIR"]}
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "ARTIFACT_STORE": f"file://{artifacts_root}",
+        "CELERY_BROKER_URL": dj_settings.CELERY_BROKER_URL,
+        "PROMETHEUS_MULTIPROC_DIR": os.environ["PROMETHEUS_MULTIPROC_DIR"],
+    }
     # Start from an empty queue: leftovers of earlier runs would run against this test DB.
     from workbench.celery import app
 
     app.control.purge()
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workbench", "worker", "-Q", "default,gpu",
-         "--concurrency", "1", "--loglevel", "INFO", "-n", f"test-{os.getpid()}@%h"],
-        cwd=str(dj_settings.BASE_DIR), env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workbench",
+            "worker",
+            "-Q",
+            "default,gpu",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"test-{os.getpid()}@%h",
+        ],
+        cwd=str(dj_settings.BASE_DIR),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60
     while "ready." not in log_path.read_text(errors="replace"):

@@ -29,21 +29,27 @@ def test_deleting_a_dataset_removes_its_bytes_on_a_worker_with_the_request_id(
 
     root = celery_worker_process.artifacts_root
     settings.ARTIFACT_STORE = f"file://{root}"
-    response = scientist.client.post(f"/api/v1/tenants/acme/datasets/{training_dataset}/versions/",
-                                     {"file": SimpleUploadedFile("a.csv", GOOD_CSV)})
+    response = scientist.client.post(
+        f"/api/v1/tenants/acme/datasets/{training_dataset}/versions/",
+        {"file": SimpleUploadedFile("a.csv", GOOD_CSV)},
+    )
     assert response.status_code == 201
     assert len(stored_files(root)) == 1
 
-    response = scientist.client.delete(f"/api/v1/tenants/acme/datasets/{training_dataset}/",
-                                       HTTP_X_REQUEST_ID="req-delete-42")
+    response = scientist.client.delete(
+        f"/api/v1/tenants/acme/datasets/{training_dataset}/", HTTP_X_REQUEST_ID="req-delete-42"
+    )
     assert response.status_code == 204
     assert not Dataset.objects.filter(pk=training_dataset).exists()
     assert wait_for(lambda: stored_files(root) == []), celery_worker_process.log()
 
     # The worker's log lines for that task carry the web request's id.
     assert wait_for(lambda: "req-delete-42" in celery_worker_process.log())
-    task_lines = [line for line in celery_worker_process.log().splitlines()
-                  if "datasets.delete_artifacts" in line and "task finished" in line]
+    task_lines = [
+        line
+        for line in celery_worker_process.log().splitlines()
+        if "datasets.delete_artifacts" in line and "task finished" in line
+    ]
     assert any("req-delete-42" in line for line in task_lines), task_lines
 
     # ... and /metrics counts the task, recorded by the worker process.

@@ -14,7 +14,10 @@ from tests.conftest import BANKING77, stored_files
 from tests.refapp.models import VersionUser
 
 pytestmark = pytest.mark.django_db
-GOOD_CSV = b"text,label\nwhere is my card,card_arrival\nI lost my card,lost_card\nwhere is my card,card_arrival\n"
+GOOD_CSV = (
+    b"text,label\nwhere is my card,card_arrival\nI lost my card,lost_card\n"
+    b"where is my card,card_arrival\n"
+)
 
 
 def versions_url(dataset_id: str) -> str:
@@ -23,7 +26,12 @@ def versions_url(dataset_id: str) -> str:
 
 def test_create_and_list_datasets_with_filters(scientist):
     for name, kind in [("a-train", "training"), ("a-golden", "golden"), ("b-train", "training")]:
-        assert scientist.api("post", "/api/v1/tenants/acme/datasets/", {"name": name, "kind": kind}).status_code == 201
+        assert (
+            scientist.api(
+                "post", "/api/v1/tenants/acme/datasets/", {"name": name, "kind": kind}
+            ).status_code
+            == 201
+        )
     listed = scientist.api("get", "/api/v1/tenants/acme/datasets/?kind=training").json()
     assert listed["count"] == 2
     assert {d["name"] for d in listed["results"]} == {"a-train", "b-train"}
@@ -34,27 +42,35 @@ def test_create_and_list_datasets_with_filters(scientist):
 
 
 def test_bad_dataset_fields_are_named(scientist):
-    response = scientist.api("post", "/api/v1/tenants/acme/datasets/",
-                             {"name": "", "kind": "weird", "task": "translation"})
+    response = scientist.api(
+        "post",
+        "/api/v1/tenants/acme/datasets/",
+        {"name": "", "kind": "weird", "task": "translation"},
+    )
     assert response.status_code == 400
     assert set(response.json()["error"]["fields"]) == {"name", "kind", "task"}
     assert not Dataset.objects.exists()
 
 
 def test_duplicate_dataset_name_is_409(scientist, training_dataset):
-    response = scientist.api("post", "/api/v1/tenants/acme/datasets/",
-                             {"name": "support-intents", "kind": "golden"})
+    response = scientist.api(
+        "post", "/api/v1/tenants/acme/datasets/", {"name": "support-intents", "kind": "golden"}
+    )
     assert response.status_code == 409
     assert Dataset.objects.count() == 1
 
 
 def test_viewer_cannot_create_and_is_told_the_role_needed(viewer):
-    response = viewer.api("post", "/api/v1/tenants/acme/datasets/", {"name": "x", "kind": "training"})
+    response = viewer.api(
+        "post", "/api/v1/tenants/acme/datasets/", {"name": "x", "kind": "training"}
+    )
     assert response.status_code == 403
     assert "'scientist'" in response.json()["error"]["message"]
 
 
-def test_upload_banking77_export_with_its_own_column_names(scientist, training_dataset, upload, artifacts_dir):
+def test_upload_banking77_export_with_its_own_column_names(
+    scientist, training_dataset, upload, artifacts_dir
+):
     raw = (BANKING77 / "train.csv").read_bytes()
     response = upload(scientist, training_dataset, "train.csv", raw, label_column="category")
     assert response.status_code == 201, response.content
@@ -79,7 +95,7 @@ def test_upload_banking77_export_with_its_own_column_names(scientist, training_d
 
 
 def test_download_returns_exactly_the_uploaded_bytes(scientist, training_dataset, upload):
-    raw = "text,label\r\n\"héllo, wörld\",a\r\nsecond,b\r\n".encode()
+    raw = 'text,label\r\n"héllo, wörld",a\r\nsecond,b\r\n'.encode()
     version = upload(scientist, training_dataset, "odd name ../../x.csv", raw).json()
     response = scientist.client.get(f"{versions_url(training_dataset)}{version['number']}/download")
     assert response.status_code == 200
@@ -92,14 +108,22 @@ def test_download_returns_exactly_the_uploaded_bytes(scientist, training_dataset
 def test_jsonl_upload(scientist, training_dataset, upload):
     lines = [{"utterance": "hi there", "intent": "greet"}, {"utterance": "bye", "intent": "leave"}]
     raw = "\n".join(json.dumps(x) for x in lines).encode() + b"\n"
-    response = upload(scientist, training_dataset, "data.jsonl", raw, text_column="utterance",
-                      label_column="intent")
+    response = upload(
+        scientist,
+        training_dataset,
+        "data.jsonl",
+        raw,
+        text_column="utterance",
+        label_column="intent",
+    )
     assert response.status_code == 201, response.content
     assert response.json()["format"] == "jsonl"
     assert response.json()["labels"] == {"greet": 1, "leave": 1}
 
 
-def test_same_bytes_again_return_the_existing_version(scientist, training_dataset, upload, artifacts_dir):
+def test_same_bytes_again_return_the_existing_version(
+    scientist, training_dataset, upload, artifacts_dir
+):
     first = upload(scientist, training_dataset, "a.csv", GOOD_CSV)
     second = upload(scientist, training_dataset, "b.csv", GOOD_CSV)
     assert first.status_code == 201 and second.status_code == 200
@@ -133,7 +157,9 @@ BAD_FILES = [
 ]
 
 
-@pytest.mark.parametrize(("case", "content", "code", "line"), BAD_FILES, ids=[c[0] for c in BAD_FILES])
+@pytest.mark.parametrize(
+    ("case", "content", "code", "line"), BAD_FILES, ids=[c[0] for c in BAD_FILES]
+)
 def test_bad_upload_is_refused_naming_the_problem_and_leaves_nothing(
     case, content, code, line, scientist, training_dataset, upload, artifacts_dir, settings
 ):
@@ -158,10 +184,13 @@ def test_golden_set_may_have_a_single_label(scientist, golden_dataset, upload):
     assert response.status_code == 201
 
 
-def test_file_over_the_size_limit_is_413_and_leaves_nothing(scientist, training_dataset, upload,
-                                                           artifacts_dir, settings):
+def test_file_over_the_size_limit_is_413_and_leaves_nothing(
+    scientist, training_dataset, upload, artifacts_dir, settings
+):
     settings.DATASET_MAX_UPLOAD_BYTES = 1000
-    response = upload(scientist, training_dataset, "big.csv", b"text,label\n" + b"hello there,a\n" * 200)
+    response = upload(
+        scientist, training_dataset, "big.csv", b"text,label\n" + b"hello there,a\n" * 200
+    )
     assert response.status_code == 413
     assert "1,000 bytes" in response.json()["error"]["message"]
     assert not DatasetVersion.objects.exists()
@@ -185,8 +214,9 @@ def test_referenced_dataset_cannot_be_deleted(scientist, training_dataset, uploa
     assert len(stored_files(artifacts_dir)) == 1
 
 
-def test_unreferenced_dataset_is_deleted_and_audited(scientist, training_dataset, upload, tenant,
-                                                    django_capture_on_commit_callbacks):
+def test_unreferenced_dataset_is_deleted_and_audited(
+    scientist, training_dataset, upload, tenant, django_capture_on_commit_callbacks
+):
     upload(scientist, training_dataset, "a.csv", GOOD_CSV)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         response = scientist.api("delete", f"/api/v1/tenants/acme/datasets/{training_dataset}/")
@@ -230,9 +260,13 @@ def test_openapi_schema_names_every_operation(scientist):
     response = scientist.client.get("/api/v1/schema/?format=json")
     assert response.status_code == 200
     paths = json.loads(response.content)["paths"]
-    for expected in ["/api/v1/tenants/", "/api/v1/tokens/", "/api/v1/tenants/{tenant}/members/",
-                     "/api/v1/tenants/{tenant}/datasets/{dataset_id}/versions/",
-                     "/api/v1/tenants/{tenant}/datasets/{dataset_id}/versions/{version}/download",
-                     "/api/v1/tenants/{tenant}/audit/"]:
+    for expected in [
+        "/api/v1/tenants/",
+        "/api/v1/tokens/",
+        "/api/v1/tenants/{tenant}/members/",
+        "/api/v1/tenants/{tenant}/datasets/{dataset_id}/versions/",
+        "/api/v1/tenants/{tenant}/datasets/{dataset_id}/versions/{version}/download",
+        "/api/v1/tenants/{tenant}/audit/",
+    ]:
         assert expected in paths
     assert scientist.client.get("/api/v1/docs/").status_code == 200

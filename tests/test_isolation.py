@@ -55,8 +55,13 @@ def victim_objects(admin, scientist, training_dataset, upload) -> dict[str, str]
     assert response.status_code == 201
     token = ApiToken.objects.filter(user=admin.user).first()
     assert token is not None
-    return {"tenant": "acme", "dataset_id": training_dataset, "version": "1", "username": "ada",
-            "token_id": token.pk}
+    return {
+        "tenant": "acme",
+        "dataset_id": training_dataset,
+        "version": "1",
+        "username": "ada",
+        "token_id": token.pk,
+    }
 
 
 def fill(route: str, values: dict[str, str]) -> str:
@@ -67,8 +72,12 @@ def fill(route: str, values: dict[str, str]) -> str:
 
 
 def snapshot() -> tuple[int, ...]:
-    return (Dataset.objects.count(), DatasetVersion.objects.count(), Membership.objects.count(),
-            ApiToken.objects.filter(revoked_at__isnull=True).count())
+    return (
+        Dataset.objects.count(),
+        DatasetVersion.objects.count(),
+        Membership.objects.count(),
+        ApiToken.objects.filter(revoked_at__isnull=True).count(),
+    )
 
 
 def test_every_tenant_route_is_404_for_an_outsider(victim_objects, outsider):
@@ -83,8 +92,9 @@ def test_every_tenant_route_is_404_for_an_outsider(victim_objects, outsider):
     for route, callback in tenant_routes:
         path = fill(route, victim_objects)
         for method in allowed_methods(callback):
-            response = outsider.api(method, path, {"name": "x", "kind": "training", "role": "admin",
-                                                   "username": "otto"})
+            response = outsider.api(
+                method, path, {"name": "x", "kind": "training", "role": "admin", "username": "otto"}
+            )
             assert response.status_code == 404, f"{method} {path} -> {response.status_code}"
             assert "acme" not in response.content.decode().replace("/acme/", "")
             checked += 1
@@ -95,7 +105,9 @@ def test_every_tenant_route_is_404_for_an_outsider(victim_objects, outsider):
 def test_global_routes_show_an_outsider_nothing_of_other_tenants(victim_objects, outsider, admin):
     tenants = outsider.api("get", "/api/v1/tenants/").json()
     assert [t["slug"] for t in tenants["results"]] == ["globex"]
-    assert outsider.api("post", "/api/v1/tenants/", {"slug": "acme2", "name": "x"}).status_code == 403
+    assert (
+        outsider.api("post", "/api/v1/tenants/", {"slug": "acme2", "name": "x"}).status_code == 403
+    )
     tokens = outsider.api("get", "/api/v1/tokens/").json()
     assert victim_objects["token_id"] not in {t["id"] for t in tokens["results"]}
     token_path = f"/api/v1/tokens/{victim_objects['token_id']}/"
@@ -110,7 +122,9 @@ def test_global_routes_show_an_outsider_nothing_of_other_tenants(victim_objects,
 def test_filters_and_foreign_keys_do_not_leak(victim_objects, outsider):
     own = outsider.api("get", "/api/v1/tenants/globex/datasets/?q=support").json()
     assert own["count"] == 0
-    audit = outsider.api("get", f"/api/v1/tenants/globex/audit/?object_id={victim_objects['dataset_id']}")
+    audit = outsider.api(
+        "get", f"/api/v1/tenants/globex/audit/?object_id={victim_objects['dataset_id']}"
+    )
     assert audit.json()["count"] == 0
     # A token limited to a tenant the caller is not in: same answer as a tenant that does not exist.
     foreign = outsider.api("post", "/api/v1/tokens/", {"name": "x", "tenant": "acme"})

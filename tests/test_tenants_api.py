@@ -44,7 +44,9 @@ def test_tenant_list_shows_only_the_callers_tenants_with_their_role(admin, outsi
 def test_only_staff_create_tenants(admin, staff):
     refused = admin.api("post", "/api/v1/tenants/", {"slug": "newco", "name": "NewCo"})
     assert refused.status_code == 403
-    created = staff.api("post", "/api/v1/tenants/", {"slug": "newco", "name": "NewCo", "domain": "retail"})
+    created = staff.api(
+        "post", "/api/v1/tenants/", {"slug": "newco", "name": "NewCo", "domain": "retail"}
+    )
     assert created.status_code == 201
     assert created.json()["slug"] == "newco"
     bad = staff.api("post", "/api/v1/tenants/", {"slug": "Not A Slug!", "name": "x"})
@@ -78,7 +80,9 @@ def test_revoked_token_is_401_at_once(admin):
 
 def test_expired_token_is_401(admin):
     created = admin.api("post", "/api/v1/tokens/", {"name": "soon"}).json()
-    ApiToken.objects.filter(pk=created["id"]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    ApiToken.objects.filter(pk=created["id"]).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
     response = bearer(created["token"]).get("/api/v1/tenants/")
     assert response.status_code == 401
     assert "expired" in response.json()["error"]["message"]
@@ -119,15 +123,20 @@ def test_other_users_tokens_are_invisible(admin, scientist):
 
 def test_admin_manages_members_and_each_change_is_audited(admin, tenant, db):
     newcomer = make_actor("nina", None, None)
-    added = admin.api("post", "/api/v1/tenants/acme/members/", {"username": "nina", "role": "viewer"})
+    added = admin.api(
+        "post", "/api/v1/tenants/acme/members/", {"username": "nina", "role": "viewer"}
+    )
     assert added.status_code == 201
     assert newcomer.api("get", "/api/v1/tenants/acme/datasets/").status_code == 200
     changed = admin.api("patch", "/api/v1/tenants/acme/members/nina/", {"role": "scientist"})
     assert changed.status_code == 200 and changed.json()["role"] == "scientist"
     assert admin.api("delete", "/api/v1/tenants/acme/members/nina/").status_code == 204
     assert newcomer.api("get", "/api/v1/tenants/acme/datasets/").status_code == 404
-    verbs = list(AuditEvent.objects.filter(tenant=tenant, object_type="membership")
-                 .order_by("created_at").values_list("verb", flat=True))
+    verbs = list(
+        AuditEvent.objects.filter(tenant=tenant, object_type="membership")
+        .order_by("created_at")
+        .values_list("verb", flat=True)
+    )
     assert verbs[-3:] == ["member.add", "member.change_role", "member.remove"]
     change = AuditEvent.objects.get(tenant=tenant, verb="member.change_role")
     assert change.before == {"role": "viewer"} and change.after == {"role": "scientist"}
@@ -135,7 +144,9 @@ def test_admin_manages_members_and_each_change_is_audited(admin, tenant, db):
 
 
 def test_scientist_cannot_manage_members_and_is_told_which_role(scientist, viewer):
-    response = scientist.api("post", "/api/v1/tenants/acme/members/", {"username": "vic", "role": "admin"})
+    response = scientist.api(
+        "post", "/api/v1/tenants/acme/members/", {"username": "vic", "role": "admin"}
+    )
     assert response.status_code == 403
     message = response.json()["error"]["message"]
     assert "'admin'" in message and "'scientist'" in message
@@ -143,7 +154,9 @@ def test_scientist_cannot_manage_members_and_is_told_which_role(scientist, viewe
 
 
 def test_unknown_user_and_bad_role_are_field_errors(admin):
-    response = admin.api("post", "/api/v1/tenants/acme/members/", {"username": "ghost", "role": "owner"})
+    response = admin.api(
+        "post", "/api/v1/tenants/acme/members/", {"username": "ghost", "role": "owner"}
+    )
     assert response.status_code == 400
     assert set(response.json()["error"]["fields"]) == {"username", "role"}
 

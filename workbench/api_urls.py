@@ -10,13 +10,24 @@ tenant_patterns = [
     path("members/", tenants_api.MemberListCreateApi.as_view(), name="member-list"),
     path("members/<str:username>/", tenants_api.MemberDetailApi.as_view(), name="member-detail"),
     path("datasets/", datasets_api.DatasetListCreateApi.as_view(), name="dataset-list"),
-    path("datasets/<str:dataset_id>/", datasets_api.DatasetDetailApi.as_view(), name="dataset-detail"),
-    path("datasets/<str:dataset_id>/versions/", datasets_api.DatasetVersionListCreateApi.as_view(),
-         name="dataset-version-list"),
-    path("datasets/<str:dataset_id>/versions/<str:version>/", datasets_api.DatasetVersionDetailApi.as_view(),
-         name="dataset-version-detail"),
-    path("datasets/<str:dataset_id>/versions/<str:version>/download",
-         datasets_api.DatasetVersionDownloadApi.as_view(), name="dataset-version-download"),
+    path(
+        "datasets/<str:dataset_id>/", datasets_api.DatasetDetailApi.as_view(), name="dataset-detail"
+    ),
+    path(
+        "datasets/<str:dataset_id>/versions/",
+        datasets_api.DatasetVersionListCreateApi.as_view(),
+        name="dataset-version-list",
+    ),
+    path(
+        "datasets/<str:dataset_id>/versions/<str:version>/",
+        datasets_api.DatasetVersionDetailApi.as_view(),
+        name="dataset-version-detail",
+    ),
+    path(
+        "datasets/<str:dataset_id>/versions/<str:version>/download",
+        datasets_api.DatasetVersionDownloadApi.as_view(),
+        name="dataset-version-download",
+    ),
     path("audit/", AuditEventListApi.as_view(), name="audit-list"),
 ]
 

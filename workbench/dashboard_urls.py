@@ -9,13 +9,18 @@ from apps.tenants import views as tenant_views
 tenant_patterns = [
     path("datasets/", dataset_views.dataset_list, name="dataset-list-page"),
     path("datasets/<str:dataset_id>/", dataset_views.dataset_detail, name="dataset-detail-page"),
-    path("datasets/<str:dataset_id>/versions/", dataset_views.dataset_upload,
-         name="dataset-upload-page"),
-    path("datasets/<str:dataset_id>/delete/", dataset_views.dataset_delete,
-         name="dataset-delete-page"),
+    path(
+        "datasets/<str:dataset_id>/versions/",
+        dataset_views.dataset_upload,
+        name="dataset-upload-page",
+    ),
+    path(
+        "datasets/<str:dataset_id>/delete/",
+        dataset_views.dataset_delete,
+        name="dataset-delete-page",
+    ),
     path("members/", tenant_views.members_page, name="members-page"),
-    path("members/<str:username>/role/", tenant_views.member_change_role,
-         name="member-role-page"),
+    path("members/<str:username>/role/", tenant_views.member_change_role, name="member-role-page"),
     path("members/<str:username>/remove/", tenant_views.member_remove, name="member-remove-page"),
     path("audit/", audit_views.audit_page, name="audit-page"),
 ]

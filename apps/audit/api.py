@@ -15,8 +15,19 @@ class AuditEventOutputSerializer(serializers.ModelSerializer[AuditEvent]):
 
     class Meta:
         model = AuditEvent
-        fields = ["id", "created_at", "actor", "via", "verb", "object_type", "object_id", "object_repr",
-                  "before", "after", "request_id"]
+        fields = [
+            "id",
+            "created_at",
+            "actor",
+            "via",
+            "verb",
+            "object_type",
+            "object_id",
+            "object_repr",
+            "before",
+            "after",
+            "request_id",
+        ]
 
 
 class AuditEventListApi(TenantScopedMixin, generics.ListAPIView[AuditEvent]):

@@ -17,10 +17,22 @@ class AuditEvent(models.Model):
 
     id = models.CharField(primary_key=True, max_length=32, default=ids.new_event_id, editable=False)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.DO_NOTHING,
-                               db_constraint=False, related_name="+")
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
-                              on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
+    tenant = models.ForeignKey(
+        "tenants.Tenant",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
     actor_name = models.CharField(max_length=150, blank=True)
     via = models.CharField(max_length=32, blank=True, help_text="session, token:<id>, task, cli")
     verb = models.CharField(max_length=64, db_index=True)
@@ -36,7 +48,9 @@ class AuditEvent(models.Model):
         indexes = [models.Index(fields=["tenant", "-created_at"])]
 
     def __str__(self) -> str:
-        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name or '-'} {self.verb} {self.object_type}:{self.object_id}"
+        who = self.actor_name or "-"
+        when = f"{self.created_at:%Y-%m-%d %H:%M:%S}"
+        return f"{when} {who} {self.verb} {self.object_type}:{self.object_id}"
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self._state.adding:

@@ -40,10 +40,16 @@ def audit_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
     page = paginate(request, filterset.qs, EVENTS_PER_PAGE)
     rows = [EventRow(e, compact_json(e.before), compact_json(e.after)) for e in page]
     verbs = events.order_by("verb").values_list("verb", flat=True).distinct()
-    return render_tenant(request, access, "audit/list.html", {
-        "filter": filterset,
-        "page": page,
-        "rows": rows,
-        "verbs": list(verbs),
-        "short_json": SHORT_JSON,
-    }, section="audit-page")
+    return render_tenant(
+        request,
+        access,
+        "audit/list.html",
+        {
+            "filter": filterset,
+            "page": page,
+            "rows": rows,
+            "verbs": list(verbs),
+            "short_json": SHORT_JSON,
+        },
+        section="audit-page",
+    )

@@ -46,12 +46,17 @@ def _fields(detail: Any) -> dict[str, Any]:
     for key, value in detail.items():
         if key == "non_field_errors":
             continue
-        out[key] = value if isinstance(value, dict) else [str(v) for v in (value if isinstance(value, list) else [value])]
+        out[key] = (
+            value
+            if isinstance(value, dict)
+            else [str(v) for v in (value if isinstance(value, list) else [value])]
+        )
     return out
 
 
-def error_response(code: str, message: str, http_status: int, fields: dict[str, Any] | None = None,
-                   **extra: Any) -> Response:
+def error_response(
+    code: str, message: str, http_status: int, fields: dict[str, Any] | None = None, **extra: Any
+) -> Response:
     body: dict[str, Any] = {"code": code, "message": message, "fields": fields or {}}
     body.update({k: v for k, v in extra.items() if v is not None})
     return Response({"error": body}, status=http_status)
@@ -60,9 +65,13 @@ def error_response(code: str, message: str, http_status: int, fields: dict[str, 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Every API error as ``{"error": {"code", "message", "fields"}}`` with the right status."""
     if isinstance(exc, DomainError):
-        return error_response(exc.code, exc.message, status.HTTP_409_CONFLICT, status=exc.current_status)
+        return error_response(
+            exc.code, exc.message, status.HTTP_409_CONFLICT, status=exc.current_status
+        )
     if isinstance(exc, InvalidInput):
-        return error_response(exc.code, exc.message, status.HTTP_400_BAD_REQUEST, exc.fields, line=exc.line)
+        return error_response(
+            exc.code, exc.message, status.HTTP_400_BAD_REQUEST, exc.fields, line=exc.line
+        )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
@@ -74,12 +83,16 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     detail = exc.detail
     if isinstance(exc, exceptions.ValidationError):
         messages = _flatten(detail)
-        message = messages[0] if len(messages) == 1 else f"{len(messages)} problems: " + "; ".join(messages)
+        message = (
+            messages[0]
+            if len(messages) == 1
+            else f"{len(messages)} problems: " + "; ".join(messages)
+        )
         codes = _codes(exc.get_codes())
         code = codes[0] if len(codes) == 1 else "invalid"
     else:
         message = " ".join(_flatten(detail))
-        codes = exc.get_codes()
-        code = codes if isinstance(codes, str) else exc.default_code
+        detail_codes = exc.get_codes()
+        code = detail_codes if isinstance(detail_codes, str) else str(exc.default_code)
     response.data = {"error": {"code": code, "message": message, "fields": _fields(detail)}}
     return response

@@ -109,7 +109,7 @@ class S3ArtifactStore:
             path.unlink(missing_ok=True)
 
     def open(self, key: str) -> IO[bytes]:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]  # type: ignore[no-any-return]
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         body = self.open(key)

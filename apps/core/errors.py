@@ -19,8 +19,14 @@ class DomainError(Exception):
 class InvalidInput(Exception):
     """Input the door could not check alone (e.g. an upload's content): a 400 with fields."""
 
-    def __init__(self, message: str, *, code: str = "invalid", fields: dict[str, list[str]] | None = None,
-                 line: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "invalid",
+        fields: dict[str, list[str]] | None = None,
+        line: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code

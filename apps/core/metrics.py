@@ -23,5 +23,5 @@ TASK_SECONDS = Histogram(
 
 def render() -> bytes:
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry)

@@ -41,9 +41,9 @@ class MetricsMiddleware:
         match = getattr(request, "resolver_match", None)
         # The route pattern, never the raw path: ids in paths would explode cardinality.
         route = match.route if match is not None else "<unmatched>"
-        HTTP_REQUEST_SECONDS.labels(route or "/", request.method or "", str(response.status_code)).observe(
-            elapsed
-        )
+        HTTP_REQUEST_SECONDS.labels(
+            route or "/", request.method or "", str(response.status_code)
+        ).observe(elapsed)
         log.info(
             "request",
             extra={

@@ -31,11 +31,20 @@ class UploadTooLarge(APIException):
         )
 
 
-class HashedUploadedFile(UploadedFile):
+class HashedUploadedFile(UploadedFile):  # type: ignore[type-arg]
     """An uploaded file on local disk with its sha256, size and NUL-byte position known."""
 
-    def __init__(self, path: Path, *, name: str, content_type: str, size: int, sha256: str,
-                 first_nul: int | None, charset: str | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str,
+        content_type: str,
+        size: int,
+        sha256: str,
+        first_nul: int | None,
+        charset: str | None,
+    ) -> None:
         super().__init__(path.open("rb"), name, content_type, size, charset)
         self.path = path
         self.sha256 = sha256
@@ -58,8 +67,14 @@ def _limit() -> int:
 class HashingUploadHandler(FileUploadHandler):
     chunk_size = 1024 * 1024
 
-    def handle_raw_input(self, input_data: Any, META: Any, content_length: int, boundary: Any,
-                         encoding: str | None = None) -> None:
+    def handle_raw_input(
+        self,
+        input_data: Any,
+        META: Any,
+        content_length: int,
+        boundary: Any,
+        encoding: str | None = None,
+    ) -> None:
         # Refuse at once when the client announces a body over the limit.
         if content_length and content_length > _limit() + 64 * 1024:
             raise UploadTooLarge(_limit())

@@ -38,7 +38,11 @@ def _check_artifacts() -> None:
 
 @require_GET
 def readyz(request: HttpRequest) -> HttpResponse:
-    checks = {"database": _check_database, "broker": _check_broker, "artifact_store": _check_artifacts}
+    checks = {
+        "database": _check_database,
+        "broker": _check_broker,
+        "artifact_store": _check_artifacts,
+    }
     results: dict[str, str] = {}
     for name, check in checks.items():
         try:
@@ -48,8 +52,10 @@ def readyz(request: HttpRequest) -> HttpResponse:
             log.warning("readiness check failed", extra={"check": name, "error": str(exc)})
             results[name] = f"error: {type(exc).__name__}: {exc}"[:300]
     ready = all(v == "ok" for v in results.values())
-    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": results},
-                        status=200 if ready else 503)
+    return JsonResponse(
+        {"status": "ok" if ready else "unavailable", "checks": results},
+        status=200 if ready else 503,
+    )
 
 
 @require_GET

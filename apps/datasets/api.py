@@ -19,24 +19,46 @@ from apps.tenants.scoping import TenantScopedMixin
 
 
 class DatasetOutputSerializer(serializers.ModelSerializer[Dataset]):
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True
+    )
     version_count = serializers.IntegerField(read_only=True, default=0)
     latest_version = serializers.IntegerField(read_only=True, allow_null=True, default=None)
 
     class Meta:
         model = Dataset
-        fields = ["id", "name", "kind", "task", "domain", "description", "created_by", "created_at",
-                  "version_count", "latest_version"]
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "task",
+            "domain",
+            "description",
+            "created_by",
+            "created_at",
+            "version_count",
+            "latest_version",
+        ]
 
 
 class DatasetInputSerializer(serializers.Serializer[Any]):
-    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", max_length=100,
-                                  error_messages={"invalid": "Use letters, digits, spaces, '.', '_' and '-'."})
+    name = serializers.RegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$",
+        max_length=100,
+        error_messages={"invalid": "Use letters, digits, spaces, '.', '_' and '-'."},
+    )
     kind = serializers.ChoiceField(choices=DatasetKind.choices)
     task = serializers.ChoiceField(choices=Task.choices, default=Task.TEXT_CLASSIFICATION)
-    domain = serializers.RegexField(r"^[a-z0-9-]{0,50}$", required=False, allow_blank=True, default="",
-                                    error_messages={"invalid": "Use lowercase letters, digits and '-'."})
-    description = serializers.CharField(required=False, allow_blank=True, default="", max_length=5000)
+    domain = serializers.RegexField(
+        r"^[a-z0-9-]{0,50}$",
+        required=False,
+        allow_blank=True,
+        default="",
+        error_messages={"invalid": "Use lowercase letters, digits and '-'."},
+    )
+    description = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=5000
+    )
 
 
 class DatasetUpdateSerializer(serializers.Serializer[Any]):
@@ -46,22 +68,44 @@ class DatasetUpdateSerializer(serializers.Serializer[Any]):
 
 class DatasetVersionOutputSerializer(serializers.ModelSerializer[DatasetVersion]):
     dataset = serializers.CharField(source="dataset_id", read_only=True)
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True
+    )
     label_count = serializers.IntegerField(read_only=True)
 
     class Meta:
         model = DatasetVersion
-        fields = ["id", "dataset", "number", "sha256", "size_bytes", "format", "text_column",
-                  "label_column", "rows", "labels", "label_count", "duplicate_texts", "preview",
-                  "original_filename", "created_by", "created_at"]
+        fields = [
+            "id",
+            "dataset",
+            "number",
+            "sha256",
+            "size_bytes",
+            "format",
+            "text_column",
+            "label_column",
+            "rows",
+            "labels",
+            "label_count",
+            "duplicate_texts",
+            "preview",
+            "original_filename",
+            "created_by",
+            "created_at",
+        ]
 
 
 class DatasetVersionUploadSerializer(serializers.Serializer[Any]):
     file = serializers.FileField(help_text="CSV (with a header) or JSON lines, UTF-8")
     text_column = serializers.CharField(default="text", max_length=100)
     label_column = serializers.CharField(default="label", max_length=100)
-    format = serializers.ChoiceField(choices=DatasetVersion.Format.choices, required=False, allow_null=True,
-                                     default=None, help_text="default: from the file name or content")
+    format = serializers.ChoiceField(
+        choices=DatasetVersion.Format.choices,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="default: from the file name or content",
+    )
 
 
 class DatasetListCreateApi(TenantScopedMixin, generics.ListAPIView[Dataset]):
@@ -75,15 +119,22 @@ class DatasetListCreateApi(TenantScopedMixin, generics.ListAPIView[Dataset]):
     def post(self, request: Request, tenant: str) -> Response:
         data = DatasetInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        dataset = services.dataset_create(actor=request.user, tenant=self.tenant, via=request_via(request),
-                                          **data.validated_data)
+        dataset = services.dataset_create(
+            actor=request.user, tenant=self.tenant, via=request_via(request), **data.validated_data
+        )
         dataset = selectors.datasets_for_tenant(tenant=self.tenant).get(pk=dataset.pk)
         return Response(DatasetOutputSerializer(dataset).data, status=status.HTTP_201_CREATED)
 
 
 class DatasetScopedMixin(TenantScopedMixin):
+    kwargs: dict[str, Any]
+
     def get_dataset(self) -> Dataset:
-        dataset = selectors.datasets_for_tenant(tenant=self.tenant).filter(pk=self.kwargs["dataset_id"]).first()
+        dataset = (
+            selectors.datasets_for_tenant(tenant=self.tenant)
+            .filter(pk=self.kwargs["dataset_id"])
+            .first()
+        )
         if dataset is None:
             raise Http404("No such dataset.")
         return dataset
@@ -100,12 +151,15 @@ class DatasetDetailApi(DatasetScopedMixin, generics.GenericAPIView[Dataset]):
         dataset = self.get_dataset()
         data = DatasetUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        services.dataset_update(actor=request.user, dataset=dataset, via=request_via(request),
-                                **data.validated_data)
+        services.dataset_update(
+            actor=request.user, dataset=dataset, via=request_via(request), **data.validated_data
+        )
         return Response(DatasetOutputSerializer(self.get_dataset()).data)
 
     def delete(self, request: Request, tenant: str, dataset_id: str) -> Response:
-        services.dataset_delete(actor=request.user, dataset=self.get_dataset(), via=request_via(request))
+        services.dataset_delete(
+            actor=request.user, dataset=self.get_dataset(), via=request_via(request)
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -118,8 +172,10 @@ class DatasetVersionListCreateApi(DatasetScopedMixin, generics.ListAPIView[Datas
             return DatasetVersion.objects.none()
         return selectors.versions_of(dataset=self.get_dataset())
 
-    @extend_schema(request=DatasetVersionUploadSerializer,
-                   responses={201: DatasetVersionOutputSerializer, 200: DatasetVersionOutputSerializer})
+    @extend_schema(
+        request=DatasetVersionUploadSerializer,
+        responses={201: DatasetVersionOutputSerializer, 200: DatasetVersionOutputSerializer},
+    )
     def post(self, request: Request, tenant: str, dataset_id: str) -> Response:
         dataset = self.get_dataset()
         data = DatasetVersionUploadSerializer(data=request.data)
@@ -127,19 +183,29 @@ class DatasetVersionListCreateApi(DatasetScopedMixin, generics.ListAPIView[Datas
             data.is_valid(raise_exception=True)
             upload = data.validated_data["file"]
             if not isinstance(upload, HashedUploadedFile):
-                raise serializers.ValidationError({"file": ["Upload the file as multipart/form-data."]})
+                raise serializers.ValidationError(
+                    {"file": ["Upload the file as multipart/form-data."]}
+                )
             result = services.dataset_version_create(
-                actor=request.user, dataset=dataset, path=upload.path, sha256=upload.sha256,
-                size_bytes=upload.size or 0, filename=upload.name or "", fmt=data.validated_data["format"],
+                actor=request.user,
+                dataset=dataset,
+                path=upload.path,
+                sha256=upload.sha256,
+                size_bytes=upload.size or 0,
+                filename=upload.name or "",
+                fmt=data.validated_data["format"],
                 text_column=data.validated_data["text_column"].strip(),
                 label_column=data.validated_data["label_column"].strip(),
-                first_nul=upload.first_nul, via=request_via(request),
+                first_nul=upload.first_nul,
+                via=request_via(request),
             )
         finally:
             for uploaded in request.FILES.values():
                 uploaded.close()
-        return Response(DatasetVersionOutputSerializer(result.version).data,
-                        status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+        return Response(
+            DatasetVersionOutputSerializer(result.version).data,
+            status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK,
+        )
 
 
 class DatasetVersionDetailApi(DatasetScopedMixin, generics.GenericAPIView[DatasetVersion]):
@@ -157,11 +223,12 @@ class DatasetVersionDetailApi(DatasetScopedMixin, generics.GenericAPIView[Datase
 
 class DatasetVersionDownloadApi(DatasetVersionDetailApi):
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
-    def get(self, request: Request, tenant: str, dataset_id: str, version: str) -> Any:  # type: ignore[override]
+    def get(self, request: Request, tenant: str, dataset_id: str, version: str) -> Any:
         found = self.get_version()
         store = get_store()
-        response = StreamingHttpResponse(store.iter_bytes(found.storage_key),
-                                         content_type="application/octet-stream")
+        response = StreamingHttpResponse(
+            store.iter_bytes(found.storage_key), content_type="application/octet-stream"
+        )
         extension = "jsonl" if found.format == DatasetVersion.Format.JSONL else "csv"
         filename = f"{found.dataset.name}-v{found.number}.{extension}".replace('"', "")
         response["Content-Disposition"] = f'attachment; filename="{filename}"'

@@ -83,8 +83,23 @@ def label_chart(labels: dict[str, int]) -> LabelChart:
         y = TOP + i * ROW_HEIGHT
         # A label with rows is never drawn as nothing: at least one pixel wide.
         width = round(max(bar_area * count / top, 1.0), 1) if top else 0.0
-        bars.append(Bar(label=label, shown_label=_shorten(label), count=count,
-                        share=count / total if total else 0.0, y=y, width=width,
-                        text_y=y + BAR_HEIGHT / 2 + 4, count_x=round(label_width + width + 6, 1)))
-    return LabelChart(bars=bars, width=CHART_WIDTH, height=TOP * 2 + len(bars) * ROW_HEIGHT,
-                      label_width=label_width, bar_area=bar_area, total=total)
+        bars.append(
+            Bar(
+                label=label,
+                shown_label=_shorten(label),
+                count=count,
+                share=count / total if total else 0.0,
+                y=y,
+                width=width,
+                text_y=y + BAR_HEIGHT / 2 + 4,
+                count_x=round(label_width + width + 6, 1),
+            )
+        )
+    return LabelChart(
+        bars=bars,
+        width=CHART_WIDTH,
+        height=TOP * 2 + len(bars) * ROW_HEIGHT,
+        label_width=label_width,
+        bar_area=bar_area,
+        total=total,
+    )

@@ -23,8 +23,9 @@ class DatasetCreateForm(forms.Form):
         error_messages={"invalid": "Use lowercase letters, digits and '-'."},
         widget=forms.TextInput(attrs={"placeholder": "banking"}),
     )
-    description = forms.CharField(required=False, max_length=5000,
-                                  widget=forms.Textarea(attrs={"rows": 2}))
+    description = forms.CharField(
+        required=False, max_length=5000, widget=forms.Textarea(attrs={"rows": 2})
+    )
 
 
 class VersionUploadForm(forms.Form):

@@ -44,7 +44,9 @@ class Profile:
     preview: list[dict[str, str]] = field(default_factory=list)
 
 
-def _bad(message: str, *, code: str, line: int | None = None, field_name: str = "file") -> InvalidInput:
+def _bad(
+    message: str, *, code: str, line: int | None = None, field_name: str = "file"
+) -> InvalidInput:
     text = f"line {line}: {message}" if line is not None else message
     return InvalidInput(text, code=code, fields={field_name: [text]}, line=line)
 
@@ -66,8 +68,11 @@ def line_of_offset(path: Path, offset: int) -> int:
 def scan_bytes(path: Path, *, max_line_bytes: int, first_nul: int | None = None) -> None:
     """Refuse binary files, invalid UTF-8 and over-long lines, naming the line."""
     if first_nul is not None:
-        raise _bad("the file contains a NUL byte: this looks like a binary file, not CSV or JSONL text",
-                   code="binary", line=line_of_offset(path, first_nul))
+        raise _bad(
+            "the file contains a NUL byte: this looks like a binary file, not CSV or JSONL text",
+            code="binary",
+            line=line_of_offset(path, first_nul),
+        )
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     line = 1
@@ -79,8 +84,11 @@ def scan_bytes(path: Path, *, max_line_bytes: int, first_nul: int | None = None)
             except UnicodeDecodeError as exc:
                 bad_at = exc.start
                 line_no = line + chunk.count(b"\n", 0, bad_at)
-                raise _bad("the file is not valid UTF-8 text (re-save it as UTF-8)",
-                           code="encoding", line=line_no) from None
+                raise _bad(
+                    "the file is not valid UTF-8 text (re-save it as UTF-8)",
+                    code="encoding",
+                    line=line_no,
+                ) from None
             newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
             if newlines.size == 0:
                 current_line_len += len(chunk)
@@ -95,15 +103,21 @@ def scan_bytes(path: Path, *, max_line_bytes: int, first_nul: int | None = None)
                     longest_len, longest_idx = tail, int(newlines.size)
                 current_line_len = tail
             if longest_len > max_line_bytes:
-                raise _bad(f"the line is longer than the limit of {max_line_bytes:,} bytes",
-                           code="line_too_long", line=line + longest_idx)
+                raise _bad(
+                    f"the line is longer than the limit of {max_line_bytes:,} bytes",
+                    code="line_too_long",
+                    line=line + longest_idx,
+                )
             line += int(newlines.size)
             offset += len(chunk)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise _bad("the file is not valid UTF-8 text (it ends inside a character)",
-                       code="encoding", line=line) from None
+            raise _bad(
+                "the file is not valid UTF-8 text (it ends inside a character)",
+                code="encoding",
+                line=line,
+            ) from None
 
 
 def detect_format(path: Path, filename: str, requested: str | None) -> str:
@@ -122,8 +136,10 @@ def detect_format(path: Path, filename: str, requested: str | None) -> str:
 def _check_labels(labels: dict[str, int], *, need_two_labels: bool) -> None:
     if need_two_labels and len(labels) < 2:
         only = next(iter(labels), "")
-        raise _bad(f"a training set needs at least 2 different labels; every row has the label '{only}'",
-                   code="single_label")
+        raise _bad(
+            f"a training set needs at least 2 different labels; every row has the label '{only}'",
+            code="single_label",
+        )
 
 
 def _duplicates(hash_chunks: list[np.ndarray[Any, Any]]) -> int:
@@ -135,6 +151,7 @@ def _duplicates(hash_chunks: list[np.ndarray[Any, Any]]) -> int:
 
 
 # --- CSV --------------------------------------------------------------------------------
+
 
 def _csv_header(path: Path) -> list[str]:
     with path.open("r", encoding="utf-8-sig", newline="") as fh:
@@ -154,10 +171,14 @@ def _check_columns(columns: list[str], text_column: str, label_column: str) -> N
             raise _bad(
                 f"missing the {role} column {name!r}; the columns found are {found}. "
                 f"Name the right one with '{role}_column'.",
-                code="missing_column", line=1, field_name=f"{role}_column",
+                code="missing_column",
+                line=1,
+                field_name=f"{role}_column",
             )
     if text_column == label_column:
-        raise _bad("the text and label columns must differ", code="invalid", field_name="label_column")
+        raise _bad(
+            "the text and label columns must differ", code="invalid", field_name="label_column"
+        )
 
 
 def reference_check_csv(path: Path, *, text_column: str, label_column: str) -> None:
@@ -178,29 +199,39 @@ def reference_check_csv(path: Path, *, text_column: str, label_column: str) -> N
             if not row:
                 continue
             if len(row) != width:
-                raise _bad(f"expected {width} fields like the header, found {len(row)}",
-                           code="csv", line=line)
+                raise _bad(
+                    f"expected {width} fields like the header, found {len(row)}",
+                    code="csv",
+                    line=line,
+                )
             if not row[t_idx].strip():
                 raise _bad(f"the text ({text_column!r}) is empty", code="empty_text", line=line)
             if not row[l_idx].strip():
                 raise _bad(f"the label ({label_column!r}) is empty", code="empty_label", line=line)
 
 
-def profile_csv(path: Path, *, text_column: str, label_column: str, need_two_labels: bool) -> Profile:
+def profile_csv(
+    path: Path, *, text_column: str, label_column: str, need_two_labels: bool
+) -> Profile:
     import pyarrow as pa
     import pyarrow.compute as pc
     from pyarrow import csv as pacsv
 
     columns = _csv_header(path)
     _check_columns(columns, text_column, label_column)
-    profile = Profile(format="csv", text_column=text_column, label_column=label_column, columns=columns)
+    profile = Profile(
+        format="csv", text_column=text_column, label_column=label_column, columns=columns
+    )
 
     def fail_precisely(fallback: str) -> InvalidInput:
         reference_check_csv(path, text_column=text_column, label_column=label_column)
         return _bad(fallback, code="csv")
 
     raw_names = _raw_header(path)
-    text_raw, label_raw = raw_names[columns.index(text_column)], raw_names[columns.index(label_column)]
+    text_raw, label_raw = (
+        raw_names[columns.index(text_column)],
+        raw_names[columns.index(label_column)],
+    )
     labels: Counter[str] = Counter()
     hash_chunks: list[np.ndarray[Any, Any]] = []
     try:
@@ -225,17 +256,22 @@ def profile_csv(path: Path, *, text_column: str, label_column: str, need_two_lab
             if pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(batch_labels)), 0)).as_py():
                 raise fail_precisely("a label is empty")
             counts = pc.value_counts(batch_labels)
-            for value, count in zip(counts.field("values").to_pylist(),
-                                    counts.field("counts").to_pylist(), strict=True):
+            for value, count in zip(
+                counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+            ):
                 labels[value] += count
-            hash_chunks.append(np.fromiter(map(hash, texts.to_pylist()), dtype=np.int64,
-                                           count=batch.num_rows))
+            hash_chunks.append(
+                np.fromiter(map(hash, texts.to_pylist()), dtype=np.int64, count=batch.num_rows)
+            )
             if len(profile.preview) < PREVIEW_ROWS:
                 take = PREVIEW_ROWS - len(profile.preview)
                 profile.preview.extend(
                     {"text": t, "label": lb}
-                    for t, lb in zip(texts.slice(0, take).to_pylist(),
-                                     batch_labels.slice(0, take).to_pylist(), strict=True)
+                    for t, lb in zip(
+                        texts.slice(0, take).to_pylist(),
+                        batch_labels.slice(0, take).to_pylist(),
+                        strict=True,
+                    )
                 )
             profile.rows += batch.num_rows
     except pa.ArrowInvalid as exc:
@@ -256,10 +292,17 @@ def _raw_header(path: Path) -> list[str]:
 
 # --- JSON lines -------------------------------------------------------------------------
 
-def profile_jsonl(path: Path, *, text_column: str, label_column: str, need_two_labels: bool) -> Profile:
+
+def profile_jsonl(
+    path: Path, *, text_column: str, label_column: str, need_two_labels: bool
+) -> Profile:
     if text_column == label_column:
-        raise _bad("the text and label columns must differ", code="invalid", field_name="label_column")
-    profile = Profile(format="jsonl", text_column=text_column, label_column=label_column, columns=[])
+        raise _bad(
+            "the text and label columns must differ", code="invalid", field_name="label_column"
+        )
+    profile = Profile(
+        format="jsonl", text_column=text_column, label_column=label_column, columns=[]
+    )
     labels: Counter[str] = Counter()
     hashes: list[int] = []
     hash_chunks: list[np.ndarray[Any, Any]] = []
@@ -277,21 +320,32 @@ def profile_jsonl(path: Path, *, text_column: str, label_column: str, need_two_l
                 profile.columns = list(obj)
             for role, name in (("text", text_column), ("label", label_column)):
                 if name not in obj:
-                    raise _bad(f"missing the {role} field {name!r}; this line has "
-                               f"{', '.join(repr(k) for k in obj) or 'no fields'}. "
-                               f"Name the right one with '{role}_column'.",
-                               code="missing_column", line=line_no, field_name=f"{role}_column")
+                    raise _bad(
+                        f"missing the {role} field {name!r}; this line has "
+                        f"{', '.join(repr(k) for k in obj) or 'no fields'}. "
+                        f"Name the right one with '{role}_column'.",
+                        code="missing_column",
+                        line=line_no,
+                        field_name=f"{role}_column",
+                    )
             text, label = obj[text_column], obj[label_column]
             if not isinstance(text, str):
-                raise _bad(f"the text ({text_column!r}) must be a string", code="json", line=line_no)
+                raise _bad(
+                    f"the text ({text_column!r}) must be a string", code="json", line=line_no
+                )
             if isinstance(label, bool) or not isinstance(label, str | int):
-                raise _bad(f"the label ({label_column!r}) must be a string or an integer",
-                           code="json", line=line_no)
+                raise _bad(
+                    f"the label ({label_column!r}) must be a string or an integer",
+                    code="json",
+                    line=line_no,
+                )
             label = str(label)
             if not text.strip():
                 raise _bad(f"the text ({text_column!r}) is empty", code="empty_text", line=line_no)
             if not label.strip():
-                raise _bad(f"the label ({label_column!r}) is empty", code="empty_label", line=line_no)
+                raise _bad(
+                    f"the label ({label_column!r}) is empty", code="empty_label", line=line_no
+                )
             labels[label] += 1
             hashes.append(hash(text))
             if len(hashes) >= 1_000_000:
@@ -310,15 +364,29 @@ def profile_jsonl(path: Path, *, text_column: str, label_column: str, need_two_l
     return profile
 
 
-def profile_file(path: Path, *, filename: str, fmt: str | None, text_column: str, label_column: str,
-                 need_two_labels: bool, max_line_bytes: int, first_nul: int | None = None) -> Profile:
+def profile_file(
+    path: Path,
+    *,
+    filename: str,
+    fmt: str | None,
+    text_column: str,
+    label_column: str,
+    need_two_labels: bool,
+    max_line_bytes: int,
+    first_nul: int | None = None,
+) -> Profile:
     """Check an uploaded file completely; raise ``InvalidInput`` naming the first problem."""
     if path.stat().st_size == 0:
         raise _bad("the file is empty", code="empty")
     scan_bytes(path, max_line_bytes=max_line_bytes, first_nul=first_nul)
     fmt = detect_format(path, filename, fmt)
     if fmt == "jsonl":
-        return profile_jsonl(path, text_column=text_column, label_column=label_column,
-                             need_two_labels=need_two_labels)
-    return profile_csv(path, text_column=text_column, label_column=label_column,
-                       need_two_labels=need_two_labels)
+        return profile_jsonl(
+            path,
+            text_column=text_column,
+            label_column=label_column,
+            need_two_labels=need_two_labels,
+        )
+    return profile_csv(
+        path, text_column=text_column, label_column=label_column, need_two_labels=need_two_labels
+    )

@@ -19,19 +19,25 @@ class Task(models.TextChoices):
 class Dataset(models.Model):
     """A named collection of immutable versions, owned by one tenant."""
 
-    id = models.CharField(primary_key=True, max_length=32, default=ids.new_dataset_id, editable=False)
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_dataset_id, editable=False
+    )
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="datasets")
     name = models.CharField(max_length=100)
     kind = models.CharField(max_length=16, choices=DatasetKind.choices)
     task = models.CharField(max_length=32, choices=Task.choices, default=Task.TEXT_CLASSIFICATION)
     domain = models.CharField(max_length=50, blank=True, help_text="vertical, e.g. banking, retail")
     description = models.TextField(blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-created_at", "id"]
-        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="dataset_name_unique_in_tenant")]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="dataset_name_unique_in_tenant")
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -45,7 +51,9 @@ class DatasetVersion(models.Model):
         CSV = "csv", "CSV"
         JSONL = "jsonl", "JSON lines"
 
-    id = models.CharField(primary_key=True, max_length=32, default=ids.new_dataset_version_id, editable=False)
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_dataset_version_id, editable=False
+    )
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
     sha256 = models.CharField(max_length=64)
@@ -59,7 +67,9 @@ class DatasetVersion(models.Model):
     duplicate_texts = models.PositiveIntegerField(help_text="rows whose text appeared earlier")
     preview = models.JSONField(help_text="the first rows, as {text, label}")
     original_filename = models.CharField(max_length=255, blank=True)
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -16,7 +16,11 @@ def datasets_for_tenant(*, tenant: Tenant) -> QuerySet[Dataset]:
 
 
 def versions_of(*, dataset: Dataset) -> QuerySet[DatasetVersion]:
-    return DatasetVersion.objects.filter(dataset=dataset).select_related("created_by").order_by("-number")
+    return (
+        DatasetVersion.objects.filter(dataset=dataset)
+        .select_related("created_by")
+        .order_by("-number")
+    )
 
 
 def version_lookup(*, dataset: Dataset, ref: str) -> DatasetVersion | None:

@@ -22,25 +22,58 @@ log = logging.getLogger(__name__)
 
 
 def _dataset_state(dataset: Dataset) -> dict[str, Any]:
-    return {"name": dataset.name, "kind": dataset.kind, "task": dataset.task,
-            "domain": dataset.domain, "description": dataset.description}
+    return {
+        "name": dataset.name,
+        "kind": dataset.kind,
+        "task": dataset.task,
+        "domain": dataset.domain,
+        "description": dataset.description,
+    }
 
 
 @transaction.atomic
-def dataset_create(*, actor: Any, tenant: Tenant, name: str, kind: str, task: str, domain: str = "",
-                   description: str = "", via: str = "") -> Dataset:
+def dataset_create(
+    *,
+    actor: Any,
+    tenant: Tenant,
+    name: str,
+    kind: str,
+    task: str,
+    domain: str = "",
+    description: str = "",
+    via: str = "",
+) -> Dataset:
     if Dataset.objects.filter(tenant=tenant, name=name).exists():
         raise DomainError(f"A dataset named '{name}' already exists in this tenant.", code="exists")
-    dataset = Dataset.objects.create(tenant=tenant, name=name, kind=kind, task=task, domain=domain,
-                                     description=description, created_by=actor)
-    audit_record(actor=actor, tenant=tenant, verb="dataset.create", obj=dataset,
-                 after=_dataset_state(dataset), via=via)
+    dataset = Dataset.objects.create(
+        tenant=tenant,
+        name=name,
+        kind=kind,
+        task=task,
+        domain=domain,
+        description=description,
+        created_by=actor,
+    )
+    audit_record(
+        actor=actor,
+        tenant=tenant,
+        verb="dataset.create",
+        obj=dataset,
+        after=_dataset_state(dataset),
+        via=via,
+    )
     return dataset
 
 
 @transaction.atomic
-def dataset_update(*, actor: Any, dataset: Dataset, description: str | None = None,
-                   domain: str | None = None, via: str = "") -> Dataset:
+def dataset_update(
+    *,
+    actor: Any,
+    dataset: Dataset,
+    description: str | None = None,
+    domain: str | None = None,
+    via: str = "",
+) -> Dataset:
     locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
     before = _dataset_state(locked)
     if description is not None:
@@ -48,8 +81,15 @@ def dataset_update(*, actor: Any, dataset: Dataset, description: str | None = No
     if domain is not None:
         locked.domain = domain
     locked.save(update_fields=["description", "domain"])
-    audit_record(actor=actor, tenant=locked.tenant, verb="dataset.update", obj=locked,
-                 before=before, after=_dataset_state(locked), via=via)
+    audit_record(
+        actor=actor,
+        tenant=locked.tenant,
+        verb="dataset.update",
+        obj=locked,
+        before=before,
+        after=_dataset_state(locked),
+        via=via,
+    )
     return locked
 
 
@@ -67,11 +107,19 @@ def dataset_delete(*, actor: Any, dataset: Dataset, via: str = "") -> None:
             users = sorted({f"{o._meta.verbose_name} {o.pk}" for o in exc.protected_objects})
             raise DomainError(
                 "This dataset cannot be deleted: its versions are used by "
-                + ", ".join(users[:5]) + (" and more" if len(users) > 5 else ""),
+                + ", ".join(users[:5])
+                + (" and more" if len(users) > 5 else ""),
                 code="in_use",
             ) from None
-        audit_record(actor=actor, tenant=dataset.tenant, verb="dataset.delete", obj=dataset,
-                     object_id=dataset.pk, before=before, via=via)
+        audit_record(
+            actor=actor,
+            tenant=dataset.tenant,
+            verb="dataset.delete",
+            obj=dataset,
+            object_id=dataset.pk,
+            before=before,
+            via=via,
+        )
         keys = [key for _, key in versions]
         # The bytes go only once the rows are gone for good, and on a worker: a refused or
         # rolled-back delete must leave every stored object in place.
@@ -85,19 +133,34 @@ class VersionResult:
     created: bool
 
 
-def dataset_version_create(*, actor: Any, dataset: Dataset, path: Path, sha256: str, size_bytes: int,
-                           filename: str, fmt: str | None = None, text_column: str = "text",
-                           label_column: str = "label", first_nul: int | None = None,
-                           via: str = "") -> VersionResult:
+def dataset_version_create(
+    *,
+    actor: Any,
+    dataset: Dataset,
+    path: Path,
+    sha256: str,
+    size_bytes: int,
+    filename: str,
+    fmt: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    first_nul: int | None = None,
+    via: str = "",
+) -> VersionResult:
     """Check an uploaded file, store its bytes, record it as the dataset's next version.
 
     The same bytes uploaded again return the existing version (``created`` False). A file
     that fails any check raises ``InvalidInput`` before anything is stored or written.
     """
     profile = ingest.profile_file(
-        path, filename=filename, fmt=fmt, text_column=text_column, label_column=label_column,
+        path,
+        filename=filename,
+        fmt=fmt,
+        text_column=text_column,
+        label_column=label_column,
         need_two_labels=dataset.kind == DatasetKind.TRAINING,
-        max_line_bytes=settings.DATASET_MAX_LINE_BYTES, first_nul=first_nul,
+        max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+        first_nul=first_nul,
     )
     existing = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
     if existing is not None:
@@ -112,14 +175,35 @@ def dataset_version_create(*, actor: Any, dataset: Dataset, path: Path, sha256: 
             Dataset.objects.select_for_update().get(pk=dataset.pk)
             number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
             version = DatasetVersion.objects.create(
-                dataset=dataset, number=number, sha256=sha256, size_bytes=size_bytes, storage_key=key,
-                format=profile.format, text_column=text_column, label_column=label_column,
-                rows=profile.rows, labels=profile.labels, duplicate_texts=profile.duplicate_texts,
-                preview=profile.preview, original_filename=filename[:255], created_by=actor,
+                dataset=dataset,
+                number=number,
+                sha256=sha256,
+                size_bytes=size_bytes,
+                storage_key=key,
+                format=profile.format,
+                text_column=text_column,
+                label_column=label_column,
+                rows=profile.rows,
+                labels=profile.labels,
+                duplicate_texts=profile.duplicate_texts,
+                preview=profile.preview,
+                original_filename=filename[:255],
+                created_by=actor,
             )
-            audit_record(actor=actor, tenant=dataset.tenant, verb="dataset_version.create", obj=version,
-                         after={"dataset": dataset.pk, "number": number, "sha256": sha256,
-                                "rows": profile.rows, "size_bytes": size_bytes}, via=via)
+            audit_record(
+                actor=actor,
+                tenant=dataset.tenant,
+                verb="dataset_version.create",
+                obj=version,
+                after={
+                    "dataset": dataset.pk,
+                    "number": number,
+                    "sha256": sha256,
+                    "rows": profile.rows,
+                    "size_bytes": size_bytes,
+                },
+                via=via,
+            )
     except IntegrityError:
         # The same bytes won a race from another upload: same key, same bytes, keep them.
         existing = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
@@ -130,6 +214,13 @@ def dataset_version_create(*, actor: Any, dataset: Dataset, path: Path, sha256: 
     except BaseException:
         store.delete(key)
         raise
-    log.info("dataset version stored", extra={"dataset": dataset.pk, "version": version.pk,
-                                               "rows": profile.rows, "bytes": size_bytes})
+    log.info(
+        "dataset version stored",
+        extra={
+            "dataset": dataset.pk,
+            "version": version.pk,
+            "rows": profile.rows,
+            "bytes": size_bytes,
+        },
+    )
     return VersionResult(version, created=True)

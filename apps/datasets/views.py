@@ -48,28 +48,47 @@ def dataset_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         form = DatasetCreateForm(request.POST)
         if form.is_valid():
             try:
-                dataset = services.dataset_create(actor=request.user, tenant=access.tenant,
-                                                  via=VIA, **form.cleaned_data)
+                dataset = services.dataset_create(
+                    actor=request.user, tenant=access.tenant, via=VIA, **form.cleaned_data
+                )
             except DomainError as exc:
                 form.add_error("name", exc.message)
             else:
-                messages.success(request, f"Dataset '{dataset.name}' created. Upload a first version.")
-                return redirect("dataset-detail-page", tenant=access.tenant.slug,
-                                dataset_id=dataset.pk)
+                messages.success(request, f"Dataset '{dataset.name}' created.")
+                return redirect(
+                    "dataset-detail-page", tenant=access.tenant.slug, dataset_id=dataset.pk
+                )
         status = 400
 
-    filterset = DatasetFilter(request.GET or None,
-                              queryset=selectors.datasets_for_tenant(tenant=access.tenant))
+    filterset = DatasetFilter(
+        request.GET or None, queryset=selectors.datasets_for_tenant(tenant=access.tenant)
+    )
     page = paginate(request, filterset.qs, DATASETS_PER_PAGE)
-    return render_tenant(request, access, "datasets/list.html",
-                         {"filter": filterset, "page": page, "form": form,
-                          "filtered": any(request.GET.get(f) for f in filterset.filters)},
-                         section=SECTION, status=status)
+    return render_tenant(
+        request,
+        access,
+        "datasets/list.html",
+        {
+            "filter": filterset,
+            "page": page,
+            "form": form,
+            "filtered": any(request.GET.get(f) for f in filterset.filters),
+        },
+        section=SECTION,
+        status=status,
+    )
 
 
-def _detail(request: HttpRequest, access: TenantAccess, dataset: Dataset, *,
-            upload_form: VersionUploadForm | None = None, upload_error: str = "",
-            upload_error_line: int | None = None, status: int = 200) -> HttpResponse:
+def _detail(
+    request: HttpRequest,
+    access: TenantAccess,
+    dataset: Dataset,
+    *,
+    upload_form: VersionUploadForm | None = None,
+    upload_error: str = "",
+    upload_error_line: int | None = None,
+    status: int = 200,
+) -> HttpResponse:
     versions = list(selectors.versions_of(dataset=dataset))
     ref = request.GET.get("v", "")
     if ref:
@@ -81,16 +100,23 @@ def _detail(request: HttpRequest, access: TenantAccess, dataset: Dataset, *,
     can_write = access.allows(Role.SCIENTIST)
     if can_write and upload_form is None:
         upload_form = VersionUploadForm()
-    return render_tenant(request, access, "datasets/detail.html", {
-        "dataset": dataset,
-        "versions": versions,
-        "selected": selected,
-        "chart": charts.label_chart(selected.labels) if selected is not None else None,
-        "upload_form": upload_form if can_write else None,
-        "upload_error": upload_error,
-        "upload_error_line": upload_error_line,
-        "can_write": can_write,
-    }, section=SECTION, status=status)
+    return render_tenant(
+        request,
+        access,
+        "datasets/detail.html",
+        {
+            "dataset": dataset,
+            "versions": versions,
+            "selected": selected,
+            "chart": charts.label_chart(selected.labels) if selected is not None else None,
+            "upload_form": upload_form if can_write else None,
+            "upload_error": upload_error,
+            "upload_error_line": upload_error_line,
+            "can_write": can_write,
+        },
+        section=SECTION,
+        status=status,
+    )
 
 
 @require_http_methods(["GET", "HEAD"])
@@ -111,8 +137,14 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
         form = VersionUploadForm(request.POST, request.FILES)
     except UploadTooLarge as exc:
         # The handler stopped at the limit and removed its partial file; nothing to close.
-        return _detail(request, access, dataset, upload_form=VersionUploadForm(),
-                       upload_error=str(exc.detail), status=exc.status_code)
+        return _detail(
+            request,
+            access,
+            dataset,
+            upload_form=VersionUploadForm(),
+            upload_error=str(exc.detail),
+            status=exc.status_code,
+        )
     try:
         rejected = csrf_rejection(request)
         if rejected is not None:
@@ -125,28 +157,47 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
             return _detail(request, access, dataset, upload_form=form, status=400)
         try:
             result = services.dataset_version_create(
-                actor=request.user, dataset=dataset, path=upload.path, sha256=upload.sha256,
-                size_bytes=upload.size or 0, filename=upload.name or "",
-                fmt=form.cleaned_data["format"], text_column=form.cleaned_data["text_column"],
-                label_column=form.cleaned_data["label_column"], first_nul=upload.first_nul,
+                actor=request.user,
+                dataset=dataset,
+                path=upload.path,
+                sha256=upload.sha256,
+                size_bytes=upload.size or 0,
+                filename=upload.name or "",
+                fmt=form.cleaned_data["format"],
+                text_column=form.cleaned_data["text_column"],
+                label_column=form.cleaned_data["label_column"],
+                first_nul=upload.first_nul,
                 via=VIA,
             )
         except InvalidInput as exc:
-            return _detail(request, access, dataset, upload_form=form, upload_error=exc.message,
-                           upload_error_line=exc.line, status=400)
+            return _detail(
+                request,
+                access,
+                dataset,
+                upload_form=form,
+                upload_error=exc.message,
+                upload_error_line=exc.line,
+                status=400,
+            )
     finally:
-        for uploaded in request.FILES.values():
-            uploaded.close()
+        for name in request.FILES:
+            for uploaded in request.FILES.getlist(name):
+                uploaded.close()
 
     version = result.version
     if result.created:
-        messages.success(request, f"Version {version.number} stored: {version.rows:,} rows, "
-                                  f"{version.label_count} labels.")
+        messages.success(
+            request,
+            f"Version {version.number} stored: {version.rows:,} rows, "
+            f"{version.label_count} labels.",
+        )
     else:
-        messages.info(request, f"This file is identical to version {version.number}; "
-                               "nothing new was stored.")
-    url = reverse("dataset-detail-page", kwargs={"tenant": access.tenant.slug,
-                                                 "dataset_id": dataset.pk})
+        messages.info(
+            request, f"This file is identical to version {version.number}; nothing new was stored."
+        )
+    url = reverse(
+        "dataset-detail-page", kwargs={"tenant": access.tenant.slug, "dataset_id": dataset.pk}
+    )
     return redirect(f"{url}?v={version.number}")
 
 
@@ -156,8 +207,9 @@ def dataset_delete(request: HttpRequest, access: TenantAccess, dataset_id: str) 
     dataset = _dataset_or_404(access, dataset_id)
     require_role(access, Role.SCIENTIST)
     if request.method != "POST":
-        return render_tenant(request, access, "datasets/delete_confirm.html",
-                             {"dataset": dataset}, section=SECTION)
+        return render_tenant(
+            request, access, "datasets/delete_confirm.html", {"dataset": dataset}, section=SECTION
+        )
     try:
         services.dataset_delete(actor=request.user, dataset=dataset, via=VIA)
     except DomainError as exc:

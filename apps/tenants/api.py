@@ -41,23 +41,29 @@ class TenantListCreateApi(generics.ListAPIView[Tenant]):
         return selectors.tenants_for_user(user=self.request.user, token=token)
 
     def get_serializer_context(self) -> dict[str, Any]:
-        context = super().get_serializer_context()
-        context["roles"] = {
-            m.tenant_id: m.role for m in Membership.objects.filter(user=self.request.user)
-        }
+        context = dict(super().get_serializer_context())
+        user: Any = self.request.user
+        context["roles"] = {m.tenant_id: m.role for m in Membership.objects.filter(user=user)}
         return context
 
     @extend_schema(request=TenantInputSerializer, responses={201: TenantOutputSerializer})
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not request.user.is_staff:
             return Response(
-                {"error": {"code": "permission_denied",
-                           "message": "Only staff users can create tenants.", "fields": {}}},
+                {
+                    "error": {
+                        "code": "permission_denied",
+                        "message": "Only staff users can create tenants.",
+                        "fields": {},
+                    }
+                },
                 status=status.HTTP_403_FORBIDDEN,
             )
         data = TenantInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        tenant = services.tenant_create(actor=request.user, via=request_via(request), **data.validated_data)
+        tenant = services.tenant_create(
+            actor=request.user, via=request_via(request), **data.validated_data
+        )
         return Response(TenantOutputSerializer(tenant).data, status=status.HTTP_201_CREATED)
 
 
@@ -105,8 +111,11 @@ class MemberListCreateApi(TenantScopedMixin, generics.ListAPIView[Membership]):
         data = MemberInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         membership = services.membership_add(
-            actor=request.user, tenant=self.tenant, user=data.validated_data["username"],
-            role=Role(data.validated_data["role"]), via=request_via(request),
+            actor=request.user,
+            tenant=self.tenant,
+            user=data.validated_data["username"],
+            role=Role(data.validated_data["role"]),
+            via=request_via(request),
         )
         return Response(MemberOutputSerializer(membership).data, status=status.HTTP_201_CREATED)
 
@@ -116,7 +125,9 @@ class MemberDetailApi(TenantScopedMixin, generics.GenericAPIView[Membership]):
     serializer_class = MemberOutputSerializer
 
     def get_object(self) -> Membership:
-        return get_object_or_404(selectors.members_of(tenant=self.tenant), user__username=self.kwargs["username"])
+        return get_object_or_404(
+            selectors.members_of(tenant=self.tenant), user__username=self.kwargs["username"]
+        )
 
     def get(self, request: Request, tenant: str, username: str) -> Response:
         return Response(MemberOutputSerializer(self.get_object()).data)
@@ -127,24 +138,39 @@ class MemberDetailApi(TenantScopedMixin, generics.GenericAPIView[Membership]):
         data = MemberRoleSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         membership = services.membership_change_role(
-            actor=request.user, membership=membership, role=Role(data.validated_data["role"]),
+            actor=request.user,
+            membership=membership,
+            role=Role(data.validated_data["role"]),
             via=request_via(request),
         )
         return Response(MemberOutputSerializer(membership).data)
 
     def delete(self, request: Request, tenant: str, username: str) -> Response:
-        services.membership_remove(actor=request.user, membership=self.get_object(), via=request_via(request))
+        services.membership_remove(
+            actor=request.user, membership=self.get_object(), via=request_via(request)
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class TokenOutputSerializer(serializers.ModelSerializer[ApiToken]):
-    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
     active = serializers.BooleanField(source="is_active", read_only=True)
 
     class Meta:
         model = ApiToken
-        fields = ["id", "name", "prefix", "tenant", "created_at", "expires_at", "revoked_at",
-                  "last_used_at", "active"]
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "tenant",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+            "active",
+        ]
 
 
 class TokenCreatedSerializer(TokenOutputSerializer):
@@ -156,8 +182,12 @@ class TokenCreatedSerializer(TokenOutputSerializer):
 
 class TokenInputSerializer(serializers.Serializer[Any]):
     name = serializers.CharField(max_length=100)
-    tenant = serializers.CharField(required=False, allow_null=True, default=None,
-                                   help_text="slug of a tenant to limit the token to")
+    tenant = serializers.CharField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="slug of a tenant to limit the token to",
+    )
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
     def validate_tenant(self, value: str | None) -> Tenant | None:
@@ -188,7 +218,9 @@ class TokenListCreateApi(generics.ListAPIView[ApiToken]):
     def post(self, request: Request) -> Response:
         data = TokenInputSerializer(data=request.data, context={"request": request})
         data.is_valid(raise_exception=True)
-        issued = services.token_create(user=request.user, via=request_via(request), **data.validated_data)
+        issued = services.token_create(
+            user=request.user, via=request_via(request), **data.validated_data
+        )
         body = TokenOutputSerializer(issued.token).data
         body["token"] = issued.secret
         return Response(body, status=status.HTTP_201_CREATED)
@@ -199,7 +231,9 @@ class TokenDetailApi(generics.GenericAPIView[ApiToken]):
     permission_classes = [permissions.IsAuthenticated]
 
     def get_object(self) -> ApiToken:
-        return get_object_or_404(selectors.tokens_of(user=self.request.user), pk=self.kwargs["token_id"])
+        return get_object_or_404(
+            selectors.tokens_of(user=self.request.user), pk=self.kwargs["token_id"]
+        )
 
     def get(self, request: Request, token_id: str) -> Response:
         return Response(TokenOutputSerializer(self.get_object()).data)

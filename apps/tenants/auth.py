@@ -27,7 +27,9 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         if parts[0].lower() != self.keyword.lower():
             return None
         if len(parts) != 2:
-            raise exceptions.AuthenticationFailed("Malformed Authorization header: use 'Bearer <token>'.")
+            raise exceptions.AuthenticationFailed(
+                "Malformed Authorization header: use 'Bearer <token>'."
+            )
         token = (
             ApiToken.objects.select_related("user", "tenant")
             .filter(token_hash=hash_token(parts[1]))

@@ -50,23 +50,36 @@ def tenant_view(
     """Resolve ``<tenant>`` from the URL for a signed-in member and pass the access on."""
 
     @wraps(view)
-    def wrapper(request: HttpRequest, tenant: str, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
+    def wrapper(
+        request: HttpRequest, tenant: str, *args: P.args, **kwargs: P.kwargs
+    ) -> HttpResponse:
         access = resolve_tenant_access(user=request.user, slug=tenant)
         try:
             return view(request, access, *args, **kwargs)
         except RoleRequired as exc:
-            return render_tenant(request, exc.access, "403.html", {"exception": exc.message},
-                                 status=403)
+            return render_tenant(
+                request, exc.access, "403.html", {"exception": exc.message}, status=403
+            )
 
     return login_required(wrapper)
 
 
-def render_tenant(request: HttpRequest, access: TenantAccess, template: str,
-                  context: dict[str, Any] | None = None, *, section: str = "",
-                  status: int = 200) -> HttpResponse:
+def render_tenant(
+    request: HttpRequest,
+    access: TenantAccess,
+    template: str,
+    context: dict[str, Any] | None = None,
+    *,
+    section: str = "",
+    status: int = 200,
+) -> HttpResponse:
     """Render a page inside a tenant: the layout highlights ``tenant`` and ``section``."""
-    base = {"access": access, "tenant": access.tenant, "role": access.role.value,
-            "nav_section": section}
+    base = {
+        "access": access,
+        "tenant": access.tenant,
+        "role": access.role.value,
+        "nav_section": section,
+    }
     return render(request, template, {**base, **(context or {})}, status=status)
 
 

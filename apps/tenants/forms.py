@@ -14,8 +14,9 @@ from apps.tenants.selectors import tenants_for_user
 
 
 class MemberAddForm(forms.Form):
-    username = forms.CharField(max_length=150,
-                               widget=forms.TextInput(attrs={"autocomplete": "off"}))
+    username = forms.CharField(
+        max_length=150, widget=forms.TextInput(attrs={"autocomplete": "off"})
+    )
     role = forms.ChoiceField(choices=Role.choices, initial=Role.VIEWER)
 
     def clean_username(self) -> Any:
@@ -37,8 +38,9 @@ class MemberRoleForm(forms.Form):
 
 
 class TokenCreateForm(forms.Form):
-    name = forms.CharField(max_length=100,
-                           widget=forms.TextInput(attrs={"placeholder": "ci-pipeline"}))
+    name = forms.CharField(
+        max_length=100, widget=forms.TextInput(attrs={"placeholder": "ci-pipeline"})
+    )
     tenant = forms.ModelChoiceField(
         queryset=Tenant.objects.none(),
         required=False,
@@ -47,7 +49,10 @@ class TokenCreateForm(forms.Form):
         help_text="Limit the token to one tenant.",
     )
     expires_in_days = forms.IntegerField(
-        required=False, min_value=1, max_value=3650, label="Expires in (days)",
+        required=False,
+        min_value=1,
+        max_value=3650,
+        label="Expires in (days)",
         help_text="Leave empty for a token that does not expire.",
     )
 

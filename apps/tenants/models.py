@@ -29,7 +29,9 @@ slug_validator = RegexValidator(
 class Tenant(models.Model):
     """A customer of the SaaS company: owns datasets, runs and models, seen only by members."""
 
-    id = models.CharField(primary_key=True, max_length=32, default=ids.new_tenant_id, editable=False)
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_tenant_id, editable=False
+    )
     slug = models.CharField(max_length=50, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
     domain = models.CharField(max_length=50, blank=True, help_text="vertical, e.g. retail")
@@ -45,15 +47,21 @@ class Tenant(models.Model):
 class Membership(models.Model):
     """A user's role inside one tenant; no row means the tenant does not exist for them."""
 
-    id = models.CharField(primary_key=True, max_length=32, default=ids.new_membership_id, editable=False)
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_membership_id, editable=False
+    )
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
     role = models.CharField(max_length=16, choices=Role.choices)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["tenant__slug", "user__username"]
-        constraints = [models.UniqueConstraint(fields=["tenant", "user"], name="one_membership_per_user")]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "user"], name="one_membership_per_user")
+        ]
 
     def __str__(self) -> str:
         return f"{self.user} @ {self.tenant} ({self.role})"
@@ -73,11 +81,15 @@ class ApiToken(models.Model):
     """A personal API token: stored hashed, optionally limited to one tenant and a date."""
 
     id = models.CharField(primary_key=True, max_length=32, default=ids.new_token_id, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
     name = models.CharField(max_length=100)
     prefix = models.CharField(max_length=16, help_text="first characters, to recognise a token")
     token_hash = models.CharField(max_length=64, unique=True)
-    tenant = models.ForeignKey(Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)

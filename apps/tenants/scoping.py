@@ -33,7 +33,7 @@ class TenantAccess:
 def resolve_tenant_access(*, user: Any, slug: str, token: ApiToken | None = None) -> TenantAccess:
     if user is None or not user.is_authenticated:
         raise Http404("No such tenant.")
-    if token is not None and token.tenant_id is not None and token.tenant.slug != slug:
+    if token is not None and token.tenant is not None and token.tenant.slug != slug:
         raise Http404("No such tenant.")
     membership = (
         Membership.objects.select_related("tenant").filter(user=user, tenant__slug=slug).first()
@@ -64,7 +64,9 @@ class TenantScopedMixin:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
         token = request.auth if isinstance(request.auth, ApiToken) else None
         try:
-            self.access = resolve_tenant_access(user=request.user, slug=kwargs["tenant"], token=token)
+            self.access = resolve_tenant_access(
+                user=request.user, slug=kwargs["tenant"], token=token
+            )
         except Http404 as exc:
             raise exceptions.NotFound("No such tenant.") from exc
         method = request.method or "GET"
@@ -83,4 +85,4 @@ class TenantScopedMixin:
         context = super().get_serializer_context()  # type: ignore[misc]
         if hasattr(self, "access"):
             context["tenant"] = self.access.tenant
-        return context  # type: ignore[no-any-return]
+        return context

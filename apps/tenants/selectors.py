@@ -19,7 +19,9 @@ def memberships_for_user(*, user: Any) -> QuerySet[Membership]:
 
 
 def members_of(*, tenant: Tenant) -> QuerySet[Membership]:
-    return Membership.objects.filter(tenant=tenant).select_related("user").order_by("user__username")
+    return (
+        Membership.objects.filter(tenant=tenant).select_related("user").order_by("user__username")
+    )
 
 
 def tokens_of(*, user: Any) -> QuerySet[ApiToken]:

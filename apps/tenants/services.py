@@ -21,8 +21,14 @@ def tenant_create(*, actor: Any, slug: str, name: str, domain: str = "", via: st
     if Tenant.objects.filter(slug=slug).exists():
         raise DomainError(f"A tenant with slug '{slug}' already exists.", code="exists")
     tenant = Tenant.objects.create(slug=slug, name=name, domain=domain)
-    audit_record(actor=actor, tenant=tenant, verb="tenant.create", obj=tenant,
-                 after={"slug": slug, "name": name, "domain": domain}, via=via)
+    audit_record(
+        actor=actor,
+        tenant=tenant,
+        verb="tenant.create",
+        obj=tenant,
+        after={"slug": slug, "name": name, "domain": domain},
+        via=via,
+    )
     return tenant
 
 
@@ -31,17 +37,29 @@ def _admins(tenant: Tenant) -> int:
 
 
 @transaction.atomic
-def membership_add(*, actor: Any, tenant: Tenant, user: Any, role: Role, via: str = "") -> Membership:
+def membership_add(
+    *, actor: Any, tenant: Tenant, user: Any, role: Role, via: str = ""
+) -> Membership:
     if Membership.objects.filter(tenant=tenant, user=user).exists():
-        raise DomainError(f"'{user.get_username()}' is already a member of '{tenant.slug}'.", code="exists")
+        raise DomainError(
+            f"'{user.get_username()}' is already a member of '{tenant.slug}'.", code="exists"
+        )
     membership = Membership.objects.create(tenant=tenant, user=user, role=role)
-    audit_record(actor=actor, tenant=tenant, verb="member.add", obj=membership,
-                 after={"username": user.get_username(), "role": role.value}, via=via)
+    audit_record(
+        actor=actor,
+        tenant=tenant,
+        verb="member.add",
+        obj=membership,
+        after={"username": user.get_username(), "role": role.value},
+        via=via,
+    )
     return membership
 
 
 @transaction.atomic
-def membership_change_role(*, actor: Any, membership: Membership, role: Role, via: str = "") -> Membership:
+def membership_change_role(
+    *, actor: Any, membership: Membership, role: Role, via: str = ""
+) -> Membership:
     # Lock the tenant's admin rows so two admins demoting each other cannot leave none.
     locked = Membership.objects.select_for_update().get(pk=membership.pk)
     list(Membership.objects.select_for_update().filter(tenant_id=locked.tenant_id, role=Role.ADMIN))
@@ -49,12 +67,20 @@ def membership_change_role(*, actor: Any, membership: Membership, role: Role, vi
     if before == role:
         return locked
     if before == Role.ADMIN and _admins(locked.tenant) <= 1:
-        raise DomainError("A tenant needs at least one admin; make someone else admin first.",
-                          code="last_admin")
+        raise DomainError(
+            "A tenant needs at least one admin; make someone else admin first.", code="last_admin"
+        )
     locked.role = role
     locked.save(update_fields=["role"])
-    audit_record(actor=actor, tenant=locked.tenant, verb="member.change_role", obj=locked,
-                 before={"role": before}, after={"role": role.value}, via=via)
+    audit_record(
+        actor=actor,
+        tenant=locked.tenant,
+        verb="member.change_role",
+        obj=locked,
+        before={"role": before},
+        after={"role": role.value},
+        via=via,
+    )
     return locked
 
 
@@ -63,10 +89,17 @@ def membership_remove(*, actor: Any, membership: Membership, via: str = "") -> N
     locked = Membership.objects.select_for_update().get(pk=membership.pk)
     list(Membership.objects.select_for_update().filter(tenant_id=locked.tenant_id, role=Role.ADMIN))
     if locked.role == Role.ADMIN and _admins(locked.tenant) <= 1:
-        raise DomainError("A tenant needs at least one admin; the last one cannot be removed.",
-                          code="last_admin")
-    audit_record(actor=actor, tenant=locked.tenant, verb="member.remove", obj=locked,
-                 before={"username": locked.user.get_username(), "role": locked.role}, via=via)
+        raise DomainError(
+            "A tenant needs at least one admin; the last one cannot be removed.", code="last_admin"
+        )
+    audit_record(
+        actor=actor,
+        tenant=locked.tenant,
+        verb="member.remove",
+        obj=locked,
+        before={"username": locked.user.get_username(), "role": locked.role},
+        via=via,
+    )
     # Tokens limited to this tenant stop working with the membership.
     ApiToken.objects.filter(user=locked.user, tenant=locked.tenant, revoked_at__isnull=True).update(
         revoked_at=timezone.now()
@@ -81,19 +114,40 @@ class IssuedToken:
 
 
 @transaction.atomic
-def token_create(*, user: Any, name: str, tenant: Tenant | None = None,
-                 expires_at: datetime | None = None, via: str = "") -> IssuedToken:
+def token_create(
+    *,
+    user: Any,
+    name: str,
+    tenant: Tenant | None = None,
+    expires_at: datetime | None = None,
+    via: str = "",
+) -> IssuedToken:
     """Issue a token; the secret is returned once and only its hash is stored."""
     if expires_at is not None and expires_at <= timezone.now():
         raise DomainError("expires_at must be in the future.", code="invalid_expiry")
     if tenant is not None and not Membership.objects.filter(user=user, tenant=tenant).exists():
         raise DomainError("You are not a member of that tenant.", code="not_member")
     secret = "wb_" + secrets.token_urlsafe(32)
-    token = ApiToken.objects.create(user=user, name=name, prefix=secret[:10], token_hash=hash_token(secret),
-                                    tenant=tenant, expires_at=expires_at)
-    audit_record(actor=user, tenant=tenant, verb="token.create", obj=token,
-                 after={"name": name, "tenant": tenant.slug if tenant else None,
-                        "expires_at": expires_at.isoformat() if expires_at else None}, via=via)
+    token = ApiToken.objects.create(
+        user=user,
+        name=name,
+        prefix=secret[:10],
+        token_hash=hash_token(secret),
+        tenant=tenant,
+        expires_at=expires_at,
+    )
+    audit_record(
+        actor=user,
+        tenant=tenant,
+        verb="token.create",
+        obj=token,
+        after={
+            "name": name,
+            "tenant": tenant.slug if tenant else None,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
+        via=via,
+    )
     return IssuedToken(token=token, secret=secret)
 
 
@@ -104,12 +158,20 @@ def token_revoke(*, actor: Any, token: ApiToken, via: str = "") -> ApiToken:
         return locked
     locked.revoked_at = timezone.now()
     locked.save(update_fields=["revoked_at"])
-    audit_record(actor=actor, tenant=locked.tenant, verb="token.revoke", obj=locked,
-                 before={"revoked_at": None}, after={"revoked_at": locked.revoked_at.isoformat()}, via=via)
+    audit_record(
+        actor=actor,
+        tenant=locked.tenant,
+        verb="token.revoke",
+        obj=locked,
+        before={"revoked_at": None},
+        after={"revoked_at": locked.revoked_at.isoformat()},
+        via=via,
+    )
     return locked
 
 
 def user_create(*, username: str, password: str, email: str = "", is_staff: bool = False) -> Any:
     user_model = get_user_model()
-    return user_model.objects.create_user(username=username, password=password, email=email,
-                                          is_staff=is_staff)
+    return user_model.objects.create_user(
+        username=username, password=password, email=email, is_staff=is_staff
+    )

@@ -29,6 +29,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 # --- members ----------------------------------------------------------------------------
 
+
 def _member_or_404(access: TenantAccess, username: str) -> Membership:
     membership = members_of(tenant=access.tenant).filter(user__username=username).first()
     if membership is None:
@@ -48,21 +49,35 @@ def members_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         if form.is_valid():
             user = form.cleaned_data["username"]
             try:
-                services.membership_add(actor=request.user, tenant=access.tenant, user=user,
-                                        role=form.cleaned_data["role"], via=VIA)
+                services.membership_add(
+                    actor=request.user,
+                    tenant=access.tenant,
+                    user=user,
+                    role=form.cleaned_data["role"],
+                    via=VIA,
+                )
             except DomainError as exc:
                 messages.error(request, exc.message)
             else:
-                messages.success(request, f"Added '{user.get_username()}' as "
-                                          f"{form.cleaned_data['role'].label.lower()}.")
+                messages.success(
+                    request,
+                    f"Added '{user.get_username()}' as {form.cleaned_data['role'].label.lower()}.",
+                )
             return redirect("members-page", tenant=access.tenant.slug)
         status = 400
-    return render_tenant(request, access, "tenants/members.html", {
-        "members": members_of(tenant=access.tenant),
-        "form": form,
-        "is_admin": is_admin,
-        "roles": Role.choices,
-    }, section=SECTION, status=status)
+    return render_tenant(
+        request,
+        access,
+        "tenants/members.html",
+        {
+            "members": members_of(tenant=access.tenant),
+            "form": form,
+            "is_admin": is_admin,
+            "roles": Role.choices,
+        },
+        section=SECTION,
+        status=status,
+    )
 
 
 @require_POST
@@ -76,8 +91,9 @@ def member_change_role(request: HttpRequest, access: TenantAccess, username: str
         return redirect("members-page", tenant=access.tenant.slug)
     role: Role = form.cleaned_data["role"]
     try:
-        services.membership_change_role(actor=request.user, membership=membership, role=role,
-                                        via=VIA)
+        services.membership_change_role(
+            actor=request.user, membership=membership, role=role, via=VIA
+        )
     except DomainError as exc:
         messages.error(request, exc.message)
     else:
@@ -103,6 +119,7 @@ def member_remove(request: HttpRequest, access: TenantAccess, username: str) -> 
 
 # --- API tokens -------------------------------------------------------------------------
 
+
 @login_required
 @require_http_methods(["GET", "HEAD", "POST"])
 def tokens_page(request: HttpRequest) -> HttpResponse:
@@ -112,20 +129,31 @@ def tokens_page(request: HttpRequest) -> HttpResponse:
         form = TokenCreateForm(request.POST, user=request.user)
         if form.is_valid():
             try:
-                issued = services.token_create(user=request.user, name=form.cleaned_data["name"],
-                                               tenant=form.cleaned_data["tenant"],
-                                               expires_at=form.expires_at(), via=VIA)
+                issued = services.token_create(
+                    user=request.user,
+                    name=form.cleaned_data["name"],
+                    tenant=form.cleaned_data["tenant"],
+                    expires_at=form.expires_at(),
+                    via=VIA,
+                )
             except DomainError as exc:
                 form.add_error(None, exc.message)
             else:
                 # Rendered, not redirected: the secret exists only in this one response.
-                response = render(request, "tenants/token_created.html",
-                                  {"token": issued.token, "secret": issued.secret})
+                response = render(
+                    request,
+                    "tenants/token_created.html",
+                    {"token": issued.token, "secret": issued.secret},
+                )
                 response["Cache-Control"] = "no-store"
                 return response
         status = 400
-    return render(request, "tenants/tokens.html",
-                  {"tokens": tokens_of(user=request.user), "form": form}, status=status)
+    return render(
+        request,
+        "tenants/tokens.html",
+        {"tokens": tokens_of(user=request.user), "form": form},
+        status=status,
+    )
 
 
 @login_required

@@ -28,12 +28,15 @@ class Command(BaseCommand):
         if options["tenant"]:
             tenant = Tenant.objects.filter(slug=options["tenant"], memberships__user=user).first()
             if tenant is None:
-                raise CommandError(f"'{user.get_username()}' is not a member of a tenant '{options['tenant']}'.")
+                raise CommandError(
+                    f"'{user.get_username()}' is not a member of a tenant '{options['tenant']}'."
+                )
         expires_at = None
         if options["expires_days"] is not None:
             if options["expires_days"] < 1:
                 raise CommandError("--expires-days must be at least 1.")
             expires_at = timezone.now() + timedelta(days=options["expires_days"])
-        issued = services.token_create(user=user, name=options["name"], tenant=tenant,
-                                       expires_at=expires_at, via="cli")
+        issued = services.token_create(
+            user=user, name=options["name"], tenant=tenant, expires_at=expires_at, via="cli"
+        )
         self.stdout.write(issued.secret)

@@ -24,38 +24,54 @@ def _default_data_dir() -> Path:
 
 
 class Command(BaseCommand):
-    help = "Create the demo tenant, its scientist/reviewer/admin users and demo datasets (idempotent)."
+    help = (
+        "Create the demo tenant, its scientist/reviewer/admin users and demo datasets (idempotent)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--data-dir", type=Path, default=None,
-                            help="folder with banking77 train.csv and test.csv")
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="folder with banking77 train.csv and test.csv",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         tenant = Tenant.objects.filter(slug="demo").first()
         if tenant is None:
-            tenant = services.tenant_create(actor=None, slug="demo", name="Demo Bank", domain="banking",
-                                            via="cli")
+            tenant = services.tenant_create(
+                actor=None, slug="demo", name="Demo Bank", domain="banking", via="cli"
+            )
         user_model = get_user_model()
         users = {}
         for username, role in DEMO_USERS:
             user = user_model.objects.filter(username=username).first()
             if user is None:
-                user = services.user_create(username=username, password=DEMO_PASSWORD,
-                                            email=f"{username}@demo.local")
+                user = services.user_create(
+                    username=username, password=DEMO_PASSWORD, email=f"{username}@demo.local"
+                )
             if not Membership.objects.filter(tenant=tenant, user=user).exists():
                 services.membership_add(actor=None, tenant=tenant, user=user, role=role, via="cli")
             users[username] = user
 
         data_dir: Path = options["data_dir"] or _default_data_dir()
-        seeds = [("banking77-train", "training", "train.csv"), ("banking77-golden", "golden", "test.csv")]
+        seeds = [
+            ("banking77-train", "training", "train.csv"),
+            ("banking77-golden", "golden", "test.csv"),
+        ]
         for name, kind, filename in seeds:
             source = data_dir / filename
             dataset = Dataset.objects.filter(tenant=tenant, name=name).first()
             if dataset is None:
                 dataset = dataset_services.dataset_create(
-                    actor=users["scientist"], tenant=tenant, name=name, kind=kind,
-                    task="text-classification", domain="banking",
-                    description=f"banking77 {filename}: customer-support queries, 77 intents", via="cli",
+                    actor=users["scientist"],
+                    tenant=tenant,
+                    name=name,
+                    kind=kind,
+                    task="text-classification",
+                    domain="banking",
+                    description=f"banking77 {filename}: customer-support queries, 77 intents",
+                    via="cli",
                 )
             if dataset.versions.exists():
                 continue
@@ -67,9 +83,17 @@ class Command(BaseCommand):
                 shutil.copyfile(source, copy)
                 data = copy.read_bytes()
                 dataset_services.dataset_version_create(
-                    actor=users["scientist"], dataset=dataset, path=copy,
-                    sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), filename=filename,
-                    text_column="text", label_column="category", via="cli",
+                    actor=users["scientist"],
+                    dataset=dataset,
+                    path=copy,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    size_bytes=len(data),
+                    filename=filename,
+                    text_column="text",
+                    label_column="category",
+                    via="cli",
                 )
-        self.stdout.write("demo tenant 'demo' ready; logins (password '%s'): %s"
-                          % (DEMO_PASSWORD, ", ".join(u for u, _ in DEMO_USERS)))
+        self.stdout.write(
+            f"demo tenant 'demo' ready; logins (password '{DEMO_PASSWORD}'): "
+            + ", ".join(u for u, _ in DEMO_USERS)
+        )
