@@ -61,7 +61,6 @@ def test_apps_do_not_import_the_project_package_except_for_celery():
                 isinstance(node, ast.ImportFrom)
                 and node.module
                 and node.module.startswith("workbench")
-            ):
-                if node.module not in {"workbench.celery"}:
-                    offenders.append(f"{path}: {node.module}")
+            ) and node.module not in {"workbench.celery"}:
+                offenders.append(f"{path}: {node.module}")
     assert offenders == []
