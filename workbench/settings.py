@@ -62,6 +62,8 @@ INSTALLED_APPS = [
 TESTING = env_bool("WORKBENCH_TESTING", "pytest" in sys.modules)
 if TESTING:
     INSTALLED_APPS.append("tests.refapp")
+    # Test users are made by the hundred; a slow password hash would dominate the suite.
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 MIDDLEWARE = [
     "apps.core.middleware.RequestIdMiddleware",
