@@ -21,7 +21,9 @@ def audit_record(
     via: str = "",
 ) -> AuditEvent:
     """Append one audit event; call it inside the transaction of the change it records."""
-    real_actor: Any = actor if actor is not None and getattr(actor, "is_authenticated", False) else None
+    real_actor: Any = (
+        actor if actor is not None and getattr(actor, "is_authenticated", False) else None
+    )
     if obj is not None:
         object_type = object_type or obj._meta.model_name
         object_id = object_id or str(obj.pk)

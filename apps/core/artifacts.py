@@ -92,11 +92,17 @@ class LocalArtifactStore:
 class S3ArtifactStore:
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None) -> None:
         import boto3
+        from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url)
+        # botocore's defaults (60 s connect timeout, retried) would hang /readyz for
+        # minutes on an S3 host that never answers.
+        config = Config(
+            connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 3}
+        )
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
     def _key(self, key: str) -> str:
         _check_key(key)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 ROW_HEIGHT = 18
 BAR_HEIGHT = 13
-CHART_WIDTH = 760
+CHART_WIDTH = 880
 COUNT_WIDTH = 64  # room right of the longest bar for its count
-CHAR_WIDTH = 6.6  # average glyph width of the 12px UI font, to size the label column
+CHAR_WIDTH = 7.2  # average glyph width of the 12px UI font, to size the label column
 MAX_LABEL_CHARS = 40
 TOP = 4
 

@@ -2,10 +2,13 @@
 
 Two passes over the file on local disk:
 
-1. ``scan_bytes``: UTF-8 validity and the longest physical line, in 4 MiB chunks with
-   numpy (C speed, any size).
+1. ``scan_bytes``: UTF-8 validity and the longest physical line, in 4 MiB chunks at C
+   speed (pure-ASCII chunks skip decoding; ``bytes.rfind`` jumps a line-length window
+   along, numpy names the line when one is too long), any size.
 2. Parse and profile: CSV through pyarrow's multi-threaded streaming reader, JSONL line by
    line. The result is the row count, label counts, duplicate texts and a preview.
+   pyarrow reads up to 32 blocks ahead, so the blocks are small (memory stays flat); a
+   file whose quoted rows outgrow a small block is read again with large blocks.
 
 When the fast CSV path meets anything wrong, ``reference_check_csv`` (the stdlib ``csv``
 module, row by row) re-reads the file to name the first problem with its line number, so
@@ -28,6 +31,12 @@ import numpy as np
 from apps.core.errors import InvalidInput
 
 CHUNK = 4 * 1024 * 1024
+# pyarrow's streaming CSV reader keeps up to 32 blocks in flight: 256 KiB blocks hold the
+# reader near 50 MB where 16 MiB blocks took ~500 MB. A row that does not fit in one block
+# (quoted newlines) makes pyarrow stop with "straddling object"; that file is read again
+# with the large blocks.
+CSV_BLOCK_SIZE = 256 * 1024
+CSV_LARGE_BLOCK_SIZE = 16 * 1024 * 1024
 PREVIEW_ROWS = 5
 BOM = codecs.BOM_UTF8
 
@@ -65,6 +74,42 @@ def line_of_offset(path: Path, offset: int) -> int:
     return lines
 
 
+def _has_long_line(chunk: bytes, open_len: int, max_line_bytes: int) -> bool:
+    """Whether a line in ``chunk`` (the first one ``open_len`` bytes long already) is too long.
+
+    Jumps from line start to the last newline within ``max_line_bytes`` + 1 bytes: short
+    lines cost one ``rfind`` per ``max_line_bytes``, not one step each.
+    """
+    start = -open_len  # where the line that is open at the chunk's start began
+    while start + max_line_bytes < len(chunk):
+        newline = chunk.rfind(b"\n", max(start, 0), start + max_line_bytes + 1)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return False
+
+
+def _raise_longest_line(chunk: bytes, open_len: int, max_line_bytes: int, line: int) -> None:
+    """Name the longest line of a chunk known to hold one over the limit."""
+    newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+    if newlines.size == 0:
+        longest_len, longest_idx = open_len + len(chunk), 0
+    else:
+        lengths = np.diff(newlines, prepend=-1)  # line bytes incl. the newline
+        lengths[0] += open_len
+        longest_idx = int(lengths.argmax())
+        longest_len = int(lengths[longest_idx]) - 1
+        tail = len(chunk) - int(newlines[-1]) - 1
+        if tail > longest_len:
+            longest_len, longest_idx = tail, int(newlines.size)
+    if longest_len > max_line_bytes:
+        raise _bad(
+            f"the line is longer than the limit of {max_line_bytes:,} bytes",
+            code="line_too_long",
+            line=line + longest_idx,
+        )
+
+
 def scan_bytes(path: Path, *, max_line_bytes: int, first_nul: int | None = None) -> None:
     """Refuse binary files, invalid UTF-8 and over-long lines, naming the line."""
     if first_nul is not None:
@@ -74,42 +119,31 @@ def scan_bytes(path: Path, *, max_line_bytes: int, first_nul: int | None = None)
             line=line_of_offset(path, first_nul),
         )
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
     line = 1
     current_line_len = 0  # bytes of the line still open at the end of the previous chunk
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                bad_at = exc.start
-                line_no = line + chunk.count(b"\n", 0, bad_at)
-                raise _bad(
-                    "the file is not valid UTF-8 text (re-save it as UTF-8)",
-                    code="encoding",
-                    line=line_no,
-                ) from None
-            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
-            if newlines.size == 0:
+            # ASCII is valid UTF-8: decode only other chunks, or one that must finish a
+            # character the previous chunk started.
+            if not chunk.isascii() or decoder.getstate()[0]:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    bad_at = exc.start
+                    line_no = line + chunk.count(b"\n", 0, bad_at)
+                    raise _bad(
+                        "the file is not valid UTF-8 text (re-save it as UTF-8)",
+                        code="encoding",
+                        line=line_no,
+                    ) from None
+            if _has_long_line(chunk, current_line_len, max_line_bytes):
+                _raise_longest_line(chunk, current_line_len, max_line_bytes, line)
+            last_newline = chunk.rfind(b"\n")
+            if last_newline < 0:
                 current_line_len += len(chunk)
-                longest_len, longest_idx = current_line_len, 0
             else:
-                lengths = np.diff(newlines, prepend=-1)  # line bytes incl. the newline
-                lengths[0] += current_line_len
-                longest_idx = int(lengths.argmax())
-                longest_len = int(lengths[longest_idx]) - 1
-                tail = len(chunk) - int(newlines[-1]) - 1
-                if tail > longest_len:
-                    longest_len, longest_idx = tail, int(newlines.size)
-                current_line_len = tail
-            if longest_len > max_line_bytes:
-                raise _bad(
-                    f"the line is longer than the limit of {max_line_bytes:,} bytes",
-                    code="line_too_long",
-                    line=line + longest_idx,
-                )
-            line += int(newlines.size)
-            offset += len(chunk)
+                current_line_len = len(chunk) - last_newline - 1
+            line += chunk.count(b"\n")
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
@@ -143,9 +177,17 @@ def _check_labels(labels: dict[str, int], *, need_two_labels: bool) -> None:
 
 
 def _duplicates(hash_chunks: list[np.ndarray[Any, Any]]) -> int:
+    """Rows whose text hash appeared before. Empties ``hash_chunks`` as it copies them, so
+    the hashes are held once, not twice."""
     if not hash_chunks:
         return 0
-    hashes = np.concatenate(hash_chunks)
+    hashes = np.empty(sum(len(c) for c in hash_chunks), dtype=np.int64)
+    at = 0
+    hash_chunks.reverse()
+    while hash_chunks:
+        chunk = hash_chunks.pop()
+        hashes[at : at + len(chunk)] = chunk
+        at += len(chunk)
     hashes.sort()
     return int(np.count_nonzero(hashes[1:] == hashes[:-1]))
 
@@ -234,10 +276,19 @@ def profile_csv(
     )
     labels: Counter[str] = Counter()
     hash_chunks: list[np.ndarray[Any, Any]] = []
-    try:
+
+    def is_blank(values: Any) -> bool:
+        # Same as "length of the whitespace-trimmed value is 0" (checked for every code
+        # point), without building the trimmed copy of every text.
+        return bool(
+            pc.any(pc.utf8_is_space(values)).as_py()
+            or pc.min(pc.binary_length(values)).as_py() == 0
+        )
+
+    def read(block_size: int) -> None:
         reader = pacsv.open_csv(
             str(path),
-            read_options=pacsv.ReadOptions(block_size=16 * 1024 * 1024, use_threads=True),
+            read_options=pacsv.ReadOptions(block_size=block_size, use_threads=True),
             parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=True),
             convert_options=pacsv.ConvertOptions(
                 include_columns=[text_raw, label_raw],
@@ -251,9 +302,9 @@ def profile_csv(
                 continue
             texts = batch.column(text_raw)
             batch_labels = batch.column(label_raw)
-            if pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py():
+            if is_blank(texts):
                 raise fail_precisely("a text is empty")
-            if pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(batch_labels)), 0)).as_py():
+            if is_blank(batch_labels):
                 raise fail_precisely("a label is empty")
             counts = pc.value_counts(batch_labels)
             for value, count in zip(
@@ -274,6 +325,19 @@ def profile_csv(
                     )
                 )
             profile.rows += batch.num_rows
+
+    try:
+        try:
+            read(CSV_BLOCK_SIZE)
+        except pa.ArrowInvalid as exc:
+            if "straddling" not in str(exc):
+                raise
+            # A row longer than a small block: start again with the large ones.
+            labels.clear()
+            hash_chunks.clear()
+            profile.preview.clear()
+            profile.rows = 0
+            read(CSV_LARGE_BLOCK_SIZE)
     except pa.ArrowInvalid as exc:
         raise fail_precisely(f"not valid CSV ({str(exc).splitlines()[0]})") from None
     if profile.rows == 0:

@@ -198,7 +198,9 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
     url = reverse(
         "dataset-detail-page", kwargs={"tenant": access.tenant.slug, "dataset_id": dataset.pk}
     )
-    return redirect(f"{url}?v={version.number}")
+    # "#main" scrolls back to the top, where the message is: without a fragment of its own
+    # the redirect would inherit the form's "#upload".
+    return redirect(f"{url}?v={version.number}#main")
 
 
 @require_http_methods(["GET", "HEAD", "POST"])

@@ -143,7 +143,7 @@ def tokens_page(request: HttpRequest) -> HttpResponse:
                 response = render(
                     request,
                     "tenants/token_created.html",
-                    {"token": issued.token, "secret": issued.secret},
+                    {"token": issued.token, "secret": issued.secret, "nav_section": "tokens-page"},
                 )
                 response["Cache-Control"] = "no-store"
                 return response
@@ -151,7 +151,7 @@ def tokens_page(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "tenants/tokens.html",
-        {"tokens": tokens_of(user=request.user), "form": form},
+        {"tokens": tokens_of(user=request.user), "form": form, "nav_section": "tokens-page"},
         status=status,
     )
 

@@ -1,0 +1,176 @@
+"""Settings come from the environment, checked: production refuses unsafe or unreadable values.
+
+Each case starts ``manage.py`` in a fresh process with an environment built from nothing,
+because settings are read once, at import, and the test process has its own already.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY_CHECK = ["check", "--deploy", "--fail-level", "WARNING"]
+HOST = "workbench.example.com"
+
+
+def random_key(length: int = 60) -> str:
+    alphabet = string.ascii_letters + string.digits + "!@#%^&*(-_=+)"
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def manage(tmp_path: Path, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``manage.py`` with only the given variables (plus PATH), in a private var dir."""
+    var_dir = tmp_path / "var"
+    base = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "WORKBENCH_VAR_DIR": str(var_dir),
+        # Multiprocess metrics files of this test run must not be shared with the child.
+        "PROMETHEUS_MULTIPROC_DIR": str(var_dir / "prometheus"),
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def last_line(output: str) -> str:
+    # `manage.py shell` may print a line about its automatic imports first.
+    return output.strip().splitlines()[-1] if output.strip() else ""
+
+
+def production(**env: str) -> dict[str, str]:
+    return {
+        "WORKBENCH_MODE": "production",
+        "SECRET_KEY": random_key(),
+        "ALLOWED_HOSTS": HOST,
+        **env,
+    }
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode != 0, result.stdout
+    assert "ImproperlyConfigured" in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    for name in names:
+        assert name in message, message
+
+
+def test_production_settings_pass_the_deploy_check_with_no_issues(tmp_path: Path) -> None:
+    result = manage(tmp_path, DEPLOY_CHECK, **production())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout, result.stdout
+    assert "WARNING" not in result.stdout + result.stderr
+
+
+def test_development_defaults_pass_the_plain_check(tmp_path: Path) -> None:
+    result = manage(tmp_path, ["check", "--fail-level", "WARNING"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_production_without_secret_key_is_refused(tmp_path: Path) -> None:
+    env = production()
+    del env["SECRET_KEY"]
+    assert_refused(manage(tmp_path, DEPLOY_CHECK, **env), "SECRET_KEY")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [random_key(49), "dev-only-insecure-key-do-not-use-in-production"],
+    ids=["too-short", "development-default"],
+)
+def test_production_refuses_a_weak_secret_key(tmp_path: Path, key: str) -> None:
+    assert_refused(manage(tmp_path, DEPLOY_CHECK, **production(SECRET_KEY=key)), "SECRET_KEY")
+
+
+@pytest.mark.parametrize("value", ["true", "1", "yes", "on", "TRUE"])
+def test_debug_in_production_is_refused(tmp_path: Path, value: str) -> None:
+    assert_refused(manage(tmp_path, DEPLOY_CHECK, **production(DEBUG=value)), "DEBUG")
+
+
+@pytest.mark.parametrize("mode", ["production", "development"])
+def test_debug_that_is_not_a_boolean_is_refused(tmp_path: Path, mode: str) -> None:
+    env = production(DEBUG="maybe") if mode == "production" else {"DEBUG": "maybe"}
+    result = manage(tmp_path, ["check"], **env)
+    assert_refused(result, "DEBUG", "'maybe'")
+
+
+def test_debug_false_in_production_is_accepted(tmp_path: Path) -> None:
+    result = manage(tmp_path, ["check"], **production(DEBUG="false"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_production_without_allowed_hosts_is_refused(tmp_path: Path) -> None:
+    env = production()
+    del env["ALLOWED_HOSTS"]
+    assert_refused(manage(tmp_path, ["check"], **env), "ALLOWED_HOSTS")
+
+
+def test_unknown_mode_is_refused(tmp_path: Path) -> None:
+    assert_refused(manage(tmp_path, ["check"], WORKBENCH_MODE="staging"), "WORKBENCH_MODE")
+
+
+def test_secret_key_is_read_from_secret_key_file(tmp_path: Path) -> None:
+    key = random_key()
+    key_file = tmp_path / "secret_key"
+    key_file.write_text(key + "\n")  # as `echo` or an editor writes it: the newline is not the key
+    env = production(SECRET_KEY_FILE=str(key_file))
+    del env["SECRET_KEY"]
+
+    checked = manage(tmp_path, ["check"], **env)
+    assert checked.returncode == 0, checked.stderr
+
+    compare = manage(
+        tmp_path,
+        [
+            "shell",
+            "-c",
+            "import os; from django.conf import settings;"
+            " print(settings.SECRET_KEY == open(os.environ['SECRET_KEY_FILE'])"
+            ".read().strip())",
+        ],
+        **env,
+    )
+    assert last_line(compare.stdout) == "True", compare.stdout + compare.stderr
+
+
+def test_unreadable_secret_key_file_is_refused(tmp_path: Path) -> None:
+    env = production(SECRET_KEY_FILE=str(tmp_path / "missing"))
+    del env["SECRET_KEY"]
+    assert_refused(manage(tmp_path, ["check"], **env), "SECRET_KEY_FILE")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"), [("abc", "is not an integer"), ("0", "below the minimum")]
+)
+def test_bad_upload_limit_is_refused(tmp_path: Path, value: str, problem: str) -> None:
+    result = manage(tmp_path, ["check"], DATASET_MAX_UPLOAD_BYTES=value)
+    assert_refused(result, "DATASET_MAX_UPLOAD_BYTES", problem)
+
+
+def test_upload_limit_from_the_environment_is_used(tmp_path: Path) -> None:
+    result = manage(
+        tmp_path,
+        [
+            "shell",
+            "-c",
+            "from django.conf import settings; print(settings.DATASET_MAX_UPLOAD_BYTES)",
+        ],
+        DATASET_MAX_UPLOAD_BYTES="1_000_000",
+    )
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "1000000"
