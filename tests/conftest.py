@@ -152,6 +152,7 @@ class WorkerProcess:
     process: Any
     log_path: Path
     artifacts_root: Path
+    start_kwargs: dict[str, Any] | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -169,9 +170,72 @@ def _database_url_for_subprocess() -> str:
     return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: Any):
-    """``celery -A workbench worker -Q default,gpu`` against the test database and broker."""
+def mlflow_server(tmp_path_factory: Any):
+    """A real MLflow tracking server on loopback (SQLite store, served artifacts)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log_path = tmp / "mlflow.log"
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+             "--artifacts-destination", f"file://{tmp / 'artifacts'}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def start_worker(
+    *,
+    tmp: Path,
+    database_url: str,
+    mlflow_url: str,
+    artifacts_root: Path,
+    queues: str = "default,gpu",
+    name: str = "test",
+    extra_env: dict[str, str] | None = None,
+    beat: bool = False,
+) -> WorkerProcess:
+    """Start ``celery -A workbench worker`` on the test database and broker; wait for it."""
     import os
     import subprocess
     import sys
@@ -179,55 +243,80 @@ def celery_worker_process(django_db_setup: Any, django_db_blocker: Any, tmp_path
 
     from django.conf import settings as dj_settings
 
-    tmp = tmp_path_factory.mktemp("worker")
-    artifacts_root = tmp / "artifacts"
-    log_path = tmp / "worker.log"
-    with django_db_blocker.unblock():
-        database_url = _database_url_for_subprocess()
+    log_path = tmp / f"{name}.log"
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
         "ARTIFACT_STORE": f"file://{artifacts_root}",
         "CELERY_BROKER_URL": dj_settings.CELERY_BROKER_URL,
         "PROMETHEUS_MULTIPROC_DIR": os.environ["PROMETHEUS_MULTIPROC_DIR"],
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "TRAINING_WORK_DIR": str(tmp / f"{name}-work"),
+        **(extra_env or {}),
     }
-    # Start from an empty queue: leftovers of earlier runs would run against this test DB.
-    from workbench.celery import app
-
-    app.control.purge()
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workbench",
-            "worker",
-            "-Q",
-            "default,gpu",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "-n",
-            f"test-{os.getpid()}@%h",
-        ],
-        cwd=str(dj_settings.BASE_DIR),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
+    node = f"{name}-{os.getpid()}@%h"
+    command = [sys.executable, "-m", "celery", "-A", "workbench", "worker", "-Q", queues,
+               "--concurrency", "1", "--loglevel", "INFO", "-n", node]  # fmt: skip
+    if beat:
+        command += ["-B", "-s", str(tmp / f"{name}-beat-schedule")]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=str(dj_settings.BASE_DIR), env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 90
     while "ready." not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"celery worker did not start:\n{log_path.read_text()}")
         time.sleep(0.2)
-    yield WorkerProcess(process=process, log_path=log_path, artifacts_root=artifacts_root)
-    process.terminate()
+    return WorkerProcess(
+        process=process,
+        log_path=log_path,
+        artifacts_root=artifacts_root,
+        start_kwargs={"tmp": tmp, "database_url": database_url, "mlflow_url": mlflow_url,
+                      "artifacts_root": artifacts_root, "queues": queues,
+                      "extra_env": extra_env},
+    )  # fmt: skip
+
+
+def stop_worker(worker: WorkerProcess, *, kill: bool = False) -> None:
+    import os
+    import signal
+    import subprocess
+
     try:
-        process.wait(timeout=20)
+        os.killpg(worker.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        worker.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def worker_database_url(django_db_setup: Any, django_db_blocker: Any) -> str:
+    with django_db_blocker.unblock():
+        return _database_url_for_subprocess()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(worker_database_url: str, mlflow_server: str, tmp_path_factory: Any):
+    """``celery -A workbench worker -Q default,gpu`` against the test database and broker."""
+    from workbench.celery import app
+
+    # Start from an empty queue: leftovers of earlier runs would run against this test DB.
+    app.control.purge()
+    tmp = tmp_path_factory.mktemp("worker")
+    worker = start_worker(
+        tmp=tmp,
+        database_url=worker_database_url,
+        mlflow_url=mlflow_server,
+        artifacts_root=tmp / "artifacts",
+        # Heartbeats come every 2 s; a run silent for 5 s has lost its worker.
+        extra_env={"TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5"},
+    )
+    yield worker
+    stop_worker(worker)

@@ -3,7 +3,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.audit.api import AuditEventListApi
 from apps.datasets import api as datasets_api
+from apps.registry import api as registry_api
 from apps.tenants import api as tenants_api
+from apps.training import api as training_api
 
 tenant_patterns = [
     path("", tenants_api.TenantDetailApi.as_view(), name="tenant-detail"),
@@ -29,11 +31,25 @@ tenant_patterns = [
         name="dataset-version-download",
     ),
     path("audit/", AuditEventListApi.as_view(), name="audit-list"),
+    path("runs/", training_api.RunListCreateApi.as_view(), name="run-list"),
+    path("runs/<str:run_id>/", training_api.RunDetailApi.as_view(), name="run-detail"),
+    path("runs/<str:run_id>/cancel", training_api.RunCancelApi.as_view(), name="run-cancel"),
+    path("runs/<str:run_id>/rerun", training_api.RunRerunApi.as_view(), name="run-rerun"),
+    path("runs/<str:run_id>/metrics/", training_api.RunMetricsApi.as_view(), name="run-metrics"),
+    path("sweeps/", training_api.SweepListCreateApi.as_view(), name="sweep-list"),
+    path("sweeps/<str:sweep_id>/", training_api.SweepDetailApi.as_view(), name="sweep-detail"),
+    path("models/", registry_api.ModelListApi.as_view(), name="model-list"),
+    path("models/<str:name>/", registry_api.ModelDetailApi.as_view(), name="model-detail"),
+    path("models/<str:name>/versions/", registry_api.ModelVersionListApi.as_view(),
+         name="model-version-list"),
+    path("models/<str:name>/versions/<int:number>/", registry_api.ModelVersionDetailApi.as_view(),
+         name="model-version-detail"),
 ]
 
 urlpatterns = [
     path("tenants/", tenants_api.TenantListCreateApi.as_view(), name="tenant-list"),
     path("tenants/<slug:tenant>/", include(tenant_patterns)),
+    path("base-models/", training_api.BaseModelListApi.as_view(), name="base-model-list"),
     path("tokens/", tenants_api.TokenListCreateApi.as_view(), name="token-list"),
     path("tokens/<str:token_id>/", tenants_api.TokenDetailApi.as_view(), name="token-detail"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -3,7 +3,9 @@ from django.urls import include, path
 
 from apps.audit import views as audit_views
 from apps.datasets import views as dataset_views
+from apps.registry import views as registry_views
 from apps.tenants import views as tenant_views
+from apps.training import views as training_views
 
 # Pages inside one tenant: /t/<slug>/... (the tenant is resolved per request, 404 for others).
 tenant_patterns = [
@@ -19,6 +21,14 @@ tenant_patterns = [
         dataset_views.dataset_delete,
         name="dataset-delete-page",
     ),
+    path("runs/", training_views.run_list, name="run-list-page"),
+    # Before runs/<run_id>/, which would otherwise take "compare" for a run id.
+    path("runs/compare/", training_views.run_compare, name="run-compare-page"),
+    path("runs/<str:run_id>/", training_views.run_detail, name="run-detail-page"),
+    path("runs/<str:run_id>/cancel/", training_views.run_cancel, name="run-cancel-page"),
+    path("runs/<str:run_id>/rerun/", training_views.run_rerun, name="run-rerun-page"),
+    path("models/", registry_views.model_list, name="model-list-page"),
+    path("models/<str:name>/", registry_views.model_detail, name="model-detail-page"),
     path("members/", tenant_views.members_page, name="members-page"),
     path("members/<str:username>/role/", tenant_views.member_change_role, name="member-role-page"),
     path("members/<str:username>/remove/", tenant_views.member_remove, name="member-remove-page"),

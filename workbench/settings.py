@@ -55,6 +55,8 @@ INSTALLED_APPS = [
     "apps.audit",
     "apps.tenants",
     "apps.datasets",
+    "apps.training",
+    "apps.registry",
 ]
 
 # The test suite adds a small app whose rows reference dataset versions the way training
@@ -153,6 +155,23 @@ DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_BYTES", 2 * 1024**3, mini
 DATASET_MAX_LINE_BYTES = env_int("DATASET_MAX_LINE_BYTES", 64 * 1024, minimum=16)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 
+# --- training -------------------------------------------------------------------------
+TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT = env_int(
+    "TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT", 2, minimum=1
+)
+TRAINING_MIN_ROWS_PER_LABEL = env_int("TRAINING_MIN_ROWS_PER_LABEL", 5, minimum=1)
+TRAINING_HEARTBEAT_TIMEOUT_SECONDS = env_int("TRAINING_HEARTBEAT_TIMEOUT_SECONDS", 30, minimum=5)
+TRAINING_MAX_SWEEP_POINTS = env_int("TRAINING_MAX_SWEEP_POINTS", 50, minimum=1)
+TRAINING_SOFT_TIME_LIMIT = env_int("TRAINING_SOFT_TIME_LIMIT", 6 * 3600, minimum=60)
+# The Celery queue training runs go to: GPU hosts consume it (`-Q gpu`), one task per GPU.
+TRAINING_QUEUE = env_str("TRAINING_QUEUE", "gpu")
+TRAINING_WORK_DIR = Path(env_str("TRAINING_WORK_DIR", str(VAR_DIR / "training")))
+MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{VAR_DIR / 'mlflow.sqlite3'}")
+MLFLOW_ARTIFACT_ROOT = env_str("MLFLOW_ARTIFACT_ROOT", f"file://{VAR_DIR / 'mlartifacts'}")
+MLFLOW_UI_URL = env_str("MLFLOW_UI_URL", "")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 # --- celery ---------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str(
     "CELERY_BROKER_URL", f"sqla+sqlite:///{VAR_DIR / 'celery-broker.sqlite3'}"
@@ -166,7 +185,13 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "cleanup-stale-uploads": {"task": "core.cleanup_stale_uploads", "schedule": 3600.0},
+    # A worker killed mid-run stops heartbeating; this puts its run back in the queue.
+    "requeue-stale-runs": {"task": "training.requeue_stale", "schedule": 10.0},
+    "dispatch-runs": {"task": "training.dispatch", "schedule": 30.0},
 }
+CELERY_TASK_ROUTES = {"training.execute_run": {"queue": TRAINING_QUEUE}}
+# One training task at a time per worker process slot; do not prefetch a second run.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 
 # --- metrics --------------------------------------------------------------------------
 # Web and worker processes write their samples into one directory so /metrics shows

@@ -32,3 +32,19 @@ def new_dataset_id() -> str:
 
 def new_dataset_version_id() -> str:
     return new_id("dv")
+
+
+def new_run_id() -> str:
+    return new_id("run")
+
+
+def new_sweep_id() -> str:
+    return new_id("sw")
+
+
+def new_registered_model_id() -> str:
+    return new_id("rm")
+
+
+def new_model_version_id() -> str:
+    return new_id("mv")

@@ -35,6 +35,9 @@ class Tenant(models.Model):
     slug = models.CharField(max_length=50, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
     domain = models.CharField(max_length=50, blank=True, help_text="vertical, e.g. retail")
+    max_concurrent_runs = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="training runs at once; empty: the site default"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404
+from rest_framework import generics, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apps.registry import selectors
+from apps.registry.models import ModelVersion, RegisteredModel
+from apps.tenants.scoping import TenantScopedMixin
+
+
+class ModelOutputSerializer(serializers.ModelSerializer[RegisteredModel]):
+    version_count = serializers.IntegerField(read_only=True, default=0)
+    latest_version = serializers.IntegerField(read_only=True, allow_null=True, default=None)
+    mlflow_name = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = RegisteredModel
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "description",
+            "mlflow_name",
+            "version_count",
+            "latest_version",
+            "created_at",
+        ]
+
+
+class ModelVersionOutputSerializer(serializers.ModelSerializer[ModelVersion]):
+    model = serializers.CharField(source="registered_model.name", read_only=True)
+    run = serializers.CharField(source="run_id", read_only=True)
+    dataset_version = serializers.CharField(source="run.dataset_version_id", read_only=True)
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "id",
+            "model",
+            "number",
+            "sha256",
+            "size_bytes",
+            "memory_bytes",
+            "run",
+            "dataset_version",
+            "stage",
+            "aliases",
+            "labels",
+            "metrics",
+            "mlflow_version",
+            "created_at",
+        ]
+
+
+class ModelScopedMixin(TenantScopedMixin):
+    kwargs: dict[str, Any]
+
+    def get_model(self) -> RegisteredModel:
+        found = (
+            selectors.models_for_tenant(tenant=self.tenant).filter(name=self.kwargs["name"]).first()
+        )
+        if found is None:
+            raise Http404("No such model.")
+        return found
+
+
+class ModelListApi(TenantScopedMixin, generics.ListAPIView[RegisteredModel]):
+    serializer_class = ModelOutputSerializer
+
+    def get_queryset(self) -> Any:
+        return selectors.models_for_tenant(tenant=self.tenant)
+
+
+class ModelDetailApi(ModelScopedMixin, generics.GenericAPIView[RegisteredModel]):
+    serializer_class = ModelOutputSerializer
+
+    def get(self, request: Request, tenant: str, name: str) -> Response:
+        return Response(ModelOutputSerializer(self.get_model()).data)
+
+
+class ModelVersionListApi(ModelScopedMixin, generics.ListAPIView[ModelVersion]):
+    serializer_class = ModelVersionOutputSerializer
+
+    def get_queryset(self) -> Any:
+        if getattr(self, "swagger_fake_view", False):
+            return ModelVersion.objects.none()
+        return selectors.versions_of_model(model=self.get_model())
+
+
+class ModelVersionDetailApi(ModelScopedMixin, generics.GenericAPIView[ModelVersion]):
+    serializer_class = ModelVersionOutputSerializer
+
+    def get(self, request: Request, tenant: str, name: str, number: int) -> Response:
+        version = selectors.versions_of_model(model=self.get_model()).filter(number=number).first()
+        if version is None:
+            raise Http404("No such version.")
+        return Response(ModelVersionOutputSerializer(version).data)

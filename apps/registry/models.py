@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from django.db import models
+
+from apps.core import ids
+
+
+class ModelKind(models.TextChoices):
+    CLASSIFIER = "classifier", "Classifier"
+    EMBEDDING = "embedding", "Embedding"
+    AUTOCOMPLETE = "autocomplete", "Autocomplete"
+
+
+class Stage(models.TextChoices):
+    NONE = "none", "None"
+    STAGING = "staging", "Staging"
+    PRODUCTION = "production", "Production"
+    ARCHIVED = "archived", "Archived"
+
+
+class RegisteredModel(models.Model):
+    """A tenant's named model (e.g. ``support-intents``); its versions come from runs.
+
+    Registered in MLflow as ``<tenant slug>.<name>``.
+    """
+
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_registered_model_id, editable=False
+    )
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="models")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=16, choices=ModelKind.choices, default=ModelKind.CLASSIFIER)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="model_name_unique_in_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def mlflow_name(self) -> str:
+        return f"{self.tenant.slug}.{self.name}"
+
+
+class ModelVersion(models.Model):
+    """One trained model: an immutable artifact (a tar of safetensors weights, tokenizer and
+    config) with its sha256, produced by exactly one training run."""
+
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_model_version_id, editable=False
+    )
+    registered_model = models.ForeignKey(
+        RegisteredModel, on_delete=models.CASCADE, related_name="versions"
+    )
+    number = models.PositiveIntegerField()
+    run = models.OneToOneField(
+        "training.TrainingRun", on_delete=models.PROTECT, related_name="model_version"
+    )
+    artifact_key = models.CharField(max_length=300)
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField()
+    memory_bytes = models.BigIntegerField(help_text="measured by loading it and running a batch")
+    predictions_key = models.CharField(max_length=300, help_text="validation predictions, JSONL")
+    labels = models.JSONField(help_text="class index -> label")
+    metrics = models.JSONField(default=dict)
+    stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.NONE)
+    aliases = models.JSONField(default=list)
+    mlflow_version = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["registered_model", "-number"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["registered_model", "number"], name="model_version_number_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.registered_model.name} v{self.number}"

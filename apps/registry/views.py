@@ -1,0 +1,49 @@
+"""Dashboard pages for the model registry: the tenant's models and one model's versions."""
+
+from __future__ import annotations
+
+from django.http import Http404, HttpRequest, HttpResponse
+from django.views.decorators.http import require_http_methods
+
+from apps.registry import selectors
+from apps.tenants.dashboard import paginate, render_tenant, tenant_view
+from apps.tenants.scoping import TenantAccess
+
+MODELS_PER_PAGE = 50
+VERSIONS_PER_PAGE = 50
+SECTION = "model-list-page"
+# The metrics a version row shows, in this order (a version may record more).
+SHOWN_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")
+
+
+@require_http_methods(["GET", "HEAD"])
+@tenant_view
+def model_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
+    page = paginate(request, selectors.models_for_tenant(tenant=access.tenant), MODELS_PER_PAGE)
+    return render_tenant(request, access, "registry/model_list.html", {"page": page}, section=SECTION)
+
+
+@require_http_methods(["GET", "HEAD"])
+@tenant_view
+def model_detail(request: HttpRequest, access: TenantAccess, name: str) -> HttpResponse:
+    model = selectors.models_for_tenant(tenant=access.tenant).filter(name=name).first()
+    if model is None:
+        raise Http404("No such model.")
+    page = paginate(request, selectors.versions_of_model(model=model), VERSIONS_PER_PAGE)
+    versions = [
+        {
+            "version": version,
+            "metrics": [
+                (metric, version.metrics.get(metric) if isinstance(version.metrics, dict) else None)
+                for metric in SHOWN_METRICS
+            ],
+        }
+        for version in page.object_list
+    ]
+    return render_tenant(
+        request,
+        access,
+        "registry/model_detail.html",
+        {"model": model, "page": page, "versions": versions, "shown_metrics": SHOWN_METRICS},
+        section=SECTION,
+    )

@@ -1,0 +1,288 @@
+"""Run one claimed training run on this worker: data in, model version out.
+
+The glue between the database, the artifact store, MLflow and ``worker.training`` (which
+knows none of them). Every write about the run is fenced by the claim's ``attempt``: if
+this worker lost the run (its heartbeat went stale and another worker took it over), its
+writes do nothing and it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from apps.core.artifacts import get_store
+from apps.training import services
+from apps.training.models import TrainingRun
+from apps.training.packaging import pack_dir, unpack
+from apps.training.tracking import Tracking
+
+log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 2.0
+PROGRESS_SECONDS = 1.0
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _git_commit() -> str:
+    if os.environ.get("WORKBENCH_COMMIT"):
+        return os.environ["WORKBENCH_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=settings.BASE_DIR,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(run: TrainingRun, device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "workbench_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dataset_sha256": run.dataset_version.sha256,
+        "validation_sha256": run.validation_version.sha256 if run.validation_version else None,
+        "device": device,
+        "worker": worker_name(),
+    }
+
+
+class RunCallbacks:
+    """``worker.training`` callbacks that report to the database, MLflow and the store."""
+
+    def __init__(self, run: TrainingRun, tracking: Tracking, work_dir: Path) -> None:
+        self.run_id = run.pk
+        self.attempt = run.attempt
+        self.tenant_id = run.tenant_id
+        self.tracking = tracking
+        self.work_dir = work_dir
+        self.lost = False
+        self.cancel = False
+        self.progress: dict[str, Any] = {}
+        self._last_progress = 0.0
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_forever, daemon=True)
+
+    # A heartbeat thread, so long phases without progress (loading, saving, measuring)
+    # still prove the worker is alive.
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat_forever(self) -> None:
+        try:
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                self._beat()
+        finally:
+            connection.close()
+
+    def _beat(self, progress: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+        beat = services.run_heartbeat(
+            run_id=self.run_id, attempt=self.attempt, progress=progress, log_lines=lines
+        )
+        if not beat.held:
+            self.lost = True
+        self.cancel = self.cancel or beat.cancel
+
+    def log_line(self, line: str) -> None:
+        log.info(line, extra={"run": self.run_id})
+        with self._lock:
+            self._lines.append(f"{time.strftime('%H:%M:%S')} {line}")
+
+    # --- worker.training.Callbacks ------------------------------------------------------
+    def on_progress(self, progress: Any) -> None:
+        self.progress = {k: v for k, v in asdict(progress).items()}
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_SECONDS or progress.phase != "training":
+            self._last_progress = now
+            self._beat(self.progress)
+
+    def on_metrics(self, points: list[Any]) -> None:
+        rows = [asdict(p) for p in points]
+        services.run_record_metrics(run_id=self.run_id, points=rows)
+        self.tracking.log_metrics(rows)
+        for row in rows:
+            if row["name"].startswith("val_"):
+                self.log_line(f"epoch {row.get('epoch')}: {row['name']}={row['value']:.4f}")
+
+    def should_stop(self) -> bool:
+        return self.cancel or self.lost
+
+    def on_checkpoint(self, local_dir: Path, step: int) -> None:
+        archive = self.work_dir / "checkpoint.tar"
+        pack_dir(local_dir, archive)
+        key = f"runs/{self.tenant_id}/{self.run_id}/checkpoint.tar"
+        get_store().put_file(key, archive, move=True)
+        if not services.run_record_checkpoint(
+            run_id=self.run_id, attempt=self.attempt, key=key, step=step
+        ):
+            self.lost = True
+        self.log_line(f"checkpoint at step {step}")
+
+
+def _download(key: str, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        for chunk in get_store().iter_bytes(key):
+            out.write(chunk)
+    return target
+
+
+def execute(run_id: str, worker: str | None = None) -> str:
+    """Claim and run ``run_id``; returns the run's status afterwards (or 'skipped')."""
+    from worker.footprint import measure_memory_bytes
+    from worker.training.config import DataSpec, TrainConfig
+    from worker.training.loop import train
+
+    close_old_connections()
+    run = services.run_claim(run_id=run_id, worker=worker or worker_name())
+    if run is None:
+        return "skipped"
+    run = TrainingRun.objects.select_related(
+        "tenant", "dataset_version__dataset", "validation_version__dataset"
+    ).get(pk=run.pk)
+    work = Path(settings.TRAINING_WORK_DIR) / f"{run.pk}-a{run.attempt}-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    tracking = Tracking()
+    callbacks = RunCallbacks(run, tracking, work)
+    callbacks.start()
+    try:
+        version = run.dataset_version
+        train_spec = DataSpec(
+            path=_download(version.storage_key, work / f"train.{version.format}"),
+            text_column=version.text_column,
+            label_column=version.label_column,
+            format=version.format,
+        )
+        validation_spec = None
+        if run.validation_version is not None:
+            vv = run.validation_version
+            validation_spec = DataSpec(
+                path=_download(vv.storage_key, work / f"validation.{vv.format}"),
+                text_column=vv.text_column,
+                label_column=vv.label_column,
+                format=vv.format,
+            )
+        resume_dir = None
+        if run.checkpoint_key:
+            archive = _download(run.checkpoint_key, work / "resume.tar")
+            resume_dir = unpack(archive, work / "resume")
+            callbacks.log_line(f"resuming from the checkpoint at step {run.checkpoint_step}")
+        config = TrainConfig.from_dict({**run.params, "base_model": run.base_model})
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mlflow_run_id = tracking.start(
+            existing_run_id=run.mlflow_run_id,
+            tenant_slug=run.tenant.slug,
+            run_name=run.pk,
+            params={**config.to_dict(), "dataset_version": version.pk},
+            tags={"workbench.run_id": run.pk, "workbench.tenant": run.tenant.slug},
+        )
+        services.run_set_tracking(
+            run_id=run.pk,
+            attempt=run.attempt,
+            mlflow_run_id=mlflow_run_id,
+            environment=environment(run, device),
+        )
+        callbacks.log_line(f"attempt {run.attempt} on {worker_name()} ({device})")
+        result = train(
+            config,
+            train_spec,
+            validation_data=validation_spec,
+            work_dir=work,
+            callbacks=callbacks,
+            resume_dir=resume_dir,
+        )
+        if callbacks.lost:
+            log.warning("run taken over by another worker; stopping", extra={"run": run.pk})
+            return "lost"
+        if result.stop_reason == "cancelled":
+            services.run_mark_cancelled(
+                run_id=run.pk, attempt=run.attempt, progress=callbacks.progress
+            )
+            tracking.end("KILLED")
+            return "cancelled"
+        callbacks.log_line(f"stopped: {result.stop_detail}")
+        store = get_store()
+        prefix = f"models/{run.tenant_id}/{run.pk}"
+        sha256, size = pack_dir(result.model_dir, work / "model.tar")
+        store.put_file(f"{prefix}/model.tar", work / "model.tar", move=True)
+        predictions = work / "predictions.jsonl"
+        predictions.write_text("".join(json.dumps(p) + "\n" for p in result.validation_predictions))
+        store.put_file(f"{prefix}/predictions.jsonl", predictions, move=True)
+        samples = [p["text"] for p in result.validation_predictions[:32]] or ["hello"]
+        memory = measure_memory_bytes(result.model_dir, samples)
+        mlflow_version = tracking.log_model(result.model_dir, f"{run.tenant.slug}.{run.model_name}")
+        labels = json.loads((result.model_dir / "labels.json").read_text())
+        if isinstance(labels, dict):
+            labels = [labels[str(i)] for i in range(len(labels))]
+        finished = services.run_succeed(
+            run_id=run.pk,
+            attempt=run.attempt,
+            metrics=result.metrics,
+            stop_reason=result.stop_reason,
+            stop_detail=result.stop_detail,
+            progress=callbacks.progress,
+            version_fields={
+                "artifact_key": f"{prefix}/model.tar",
+                "sha256": sha256,
+                "size_bytes": size,
+                "memory_bytes": memory,
+                "predictions_key": f"{prefix}/predictions.jsonl",
+                "labels": labels,
+                "metrics": result.metrics,
+                "mlflow_version": mlflow_version,
+            },
+        )
+        tracking.end("FINISHED")
+        return "succeeded" if finished is not None else "lost"
+    except Exception as exc:
+        log.exception("training run failed", extra={"run": run.pk})
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        services.run_fail(
+            run_id=run.pk,
+            attempt=run.attempt,
+            error=f"{detail}\n\n{traceback.format_exc()[-3000:]}",
+        )
+        try:
+            tracking.end("FAILED")
+        except Exception:
+            log.warning("could not mark the MLflow run failed", exc_info=True)
+        return "failed"
+    finally:
+        callbacks.close()
+        shutil.rmtree(work, ignore_errors=True)

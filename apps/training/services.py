@@ -1,0 +1,507 @@
+"""Writes for training runs and sweeps.
+
+A run's life: ``run_launch`` (queued) -> ``runs_dispatch`` hands it to the broker when its
+tenant is under its concurrency limit -> a worker's ``run_claim`` (running; ``attempt`` +1)
+-> heartbeats, metrics and checkpoints, each fenced by the attempt -> ``run_succeed`` /
+``run_fail`` / ``run_mark_cancelled``. ``runs_requeue_stale`` puts a run whose worker
+vanished back in the queue; the next claim resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.audit.services import audit_record
+from apps.core.errors import DomainError, InvalidInput
+from apps.datasets.models import DatasetKind, DatasetVersion
+from apps.tenants.models import Tenant
+from apps.training.models import FINISHED, RunMetric, RunStatus, Sweep, TrainingRun
+
+log = logging.getLogger(__name__)
+LOG_TAIL_LINES = 200
+
+
+def _state(run: TrainingRun) -> dict[str, Any]:
+    return {"status": run.status, "attempt": run.attempt}
+
+
+def _enqueue_dispatch() -> None:
+    from apps.training.tasks import dispatch_runs
+
+    dispatch_runs.delay()
+
+
+def check_training_data(
+    *, tenant: Tenant, dataset_version: DatasetVersion, validation_version: DatasetVersion | None
+) -> None:
+    """Refuse data a run cannot train on, naming each field (400)."""
+    fields: dict[str, list[str]] = {}
+    if dataset_version.dataset.tenant_id != tenant.pk:
+        fields["dataset_version"] = ["No such dataset version."]
+    elif dataset_version.dataset.kind != DatasetKind.TRAINING:
+        fields["dataset_version"] = [
+            f"'{dataset_version.dataset.name}' is a {dataset_version.dataset.kind} dataset; "
+            "train on a training dataset (golden sets are for evaluation only)."
+        ]
+    else:
+        minimum = settings.TRAINING_MIN_ROWS_PER_LABEL
+        thin = sorted(label for label, n in dataset_version.labels.items() if n < minimum)
+        if thin:
+            shown = ", ".join(repr(x) for x in thin[:5]) + (" ..." if len(thin) > 5 else "")
+            fields["dataset_version"] = [
+                f"{len(thin)} label(s) have fewer than {minimum} rows: {shown}"
+            ]
+    if validation_version is not None and validation_version.dataset.tenant_id != tenant.pk:
+        fields["validation_version"] = ["No such dataset version."]
+    if fields:
+        raise InvalidInput(next(iter(fields.values()))[0], fields=fields)
+
+
+@transaction.atomic
+def run_launch(
+    *,
+    actor: Any,
+    tenant: Tenant,
+    dataset_version: DatasetVersion,
+    base_model: str,
+    params: dict[str, Any],
+    validation_version: DatasetVersion | None = None,
+    model_name: str = "",
+    sweep: Sweep | None = None,
+    rerun_of: TrainingRun | None = None,
+    via: str = "",
+) -> TrainingRun:
+    check_training_data(
+        tenant=tenant, dataset_version=dataset_version, validation_version=validation_version
+    )
+    run = TrainingRun.objects.create(
+        tenant=tenant,
+        dataset_version=dataset_version,
+        validation_version=validation_version,
+        model_name=model_name or dataset_version.dataset.name,
+        base_model=base_model,
+        params=params,
+        sweep=sweep,
+        rerun_of=rerun_of,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    audit_record(
+        actor=actor,
+        tenant=tenant,
+        verb="run.launch",
+        obj=run,
+        after={"base_model": base_model, "params": params, "dataset_version": dataset_version.pk},
+        via=via,
+    )
+    transaction.on_commit(_enqueue_dispatch)
+    return run
+
+
+def tenant_run_limit(tenant: Tenant) -> int:
+    return int(tenant.max_concurrent_runs or settings.TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT)
+
+
+def _send_run(run_id: str) -> None:
+    from apps.training.tasks import execute_run
+
+    execute_run.apply_async((run_id,), queue=settings.TRAINING_QUEUE)
+
+
+def runs_dispatch() -> list[str]:
+    """Hand queued runs to the broker, oldest first, up to each tenant's limit.
+
+    A run counts against its tenant from dispatch until it finishes, so one tenant's sweep
+    of 50 points occupies at most its limit of GPUs while other tenants' runs still go.
+    """
+    sent: list[str] = []
+    waiting = (
+        TrainingRun.objects.filter(status=RunStatus.QUEUED, dispatched_at__isnull=True)
+        .values_list("tenant_id", flat=True)
+        .distinct()
+    )
+    for tenant_id in list(waiting):
+        with transaction.atomic():
+            tenant = Tenant.objects.select_for_update().get(pk=tenant_id)
+            busy = TrainingRun.objects.filter(tenant=tenant).filter(
+                Q(status=RunStatus.RUNNING)
+                | Q(status=RunStatus.QUEUED, dispatched_at__isnull=False)
+            )
+            free = tenant_run_limit(tenant) - busy.count()
+            if free <= 0:
+                continue
+            candidates = list(
+                TrainingRun.objects.filter(
+                    tenant=tenant, status=RunStatus.QUEUED, dispatched_at__isnull=True
+                )
+                .order_by("created_at", "id")
+                .values_list("pk", flat=True)[:free]
+            )
+            now = timezone.now()
+            for run_id in candidates:
+                claimed = TrainingRun.objects.filter(
+                    pk=run_id, status=RunStatus.QUEUED, dispatched_at__isnull=True
+                ).update(dispatched_at=now)
+                if claimed:
+                    sent.append(run_id)
+                    transaction.on_commit(functools.partial(_send_run, run_id))
+    return sent
+
+
+def run_claim(*, run_id: str, worker: str) -> TrainingRun | None:
+    """Take a dispatched run for this worker; None if another worker has it or it ended."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = TrainingRun.objects.select_for_update().filter(pk=run_id).first()
+        if run is None or run.status != RunStatus.QUEUED:
+            return None
+        if run.cancel_requested:
+            run.status = RunStatus.CANCELLED
+            run.stop_reason = "cancelled"
+            run.finished_at = now
+            run.save(update_fields=["status", "stop_reason", "finished_at"])
+            transaction.on_commit(_enqueue_dispatch)
+            return None
+        before = _state(run)
+        run.status = RunStatus.RUNNING
+        run.attempt += 1
+        run.claimed_by = worker
+        run.heartbeat_at = now
+        run.started_at = run.started_at or now
+        run.dispatched_at = run.dispatched_at or now
+        run.save(
+            update_fields=[
+                "status",
+                "attempt",
+                "claimed_by",
+                "heartbeat_at",
+                "started_at",
+                "dispatched_at",
+            ]
+        )
+        audit_record(
+            actor=None,
+            tenant=run.tenant,
+            verb="run.start" if run.attempt == 1 else "run.resume",
+            obj=run,
+            before=before,
+            after={**_state(run), "worker": worker, "checkpoint_step": run.checkpoint_step},
+            via="task",
+        )
+    return run
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat learnt: whether this worker still holds the run, and cancel."""
+
+    held: bool
+    cancel: bool
+
+
+def _fenced(run_id: str, attempt: int) -> Any:
+    return TrainingRun.objects.filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING)
+
+
+def run_heartbeat(
+    *,
+    run_id: str,
+    attempt: int,
+    progress: dict[str, Any] | None = None,
+    log_lines: Iterable[str] = (),
+) -> Beat:
+    changes: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if progress is not None:
+        changes["progress"] = progress
+    lines = list(log_lines)
+    with transaction.atomic():
+        if lines:
+            current = _fenced(run_id, attempt).values_list("log_tail", flat=True).first()
+            if current is not None:
+                changes["log_tail"] = (list(current) + lines)[-LOG_TAIL_LINES:]
+        updated = _fenced(run_id, attempt).update(**changes)
+    if not updated:
+        return Beat(held=False, cancel=False)
+    cancel = TrainingRun.objects.filter(pk=run_id).values_list("cancel_requested", flat=True)
+    return Beat(held=True, cancel=bool(cancel.first()))
+
+
+def run_record_metrics(*, run_id: str, points: Iterable[dict[str, Any]]) -> None:
+    RunMetric.objects.bulk_create(
+        [
+            RunMetric(
+                run_id=run_id,
+                name=p["name"],
+                step=p["step"],
+                epoch=p.get("epoch"),
+                value=p["value"],
+            )
+            for p in points
+        ],
+        ignore_conflicts=True,
+    )
+
+
+def run_record_checkpoint(*, run_id: str, attempt: int, key: str, step: int) -> bool:
+    return bool(
+        _fenced(run_id, attempt).update(
+            checkpoint_key=key, checkpoint_step=step, heartbeat_at=timezone.now()
+        )
+    )
+
+
+def run_set_tracking(
+    *, run_id: str, attempt: int, mlflow_run_id: str, environment: dict[str, Any]
+) -> bool:
+    return bool(
+        _fenced(run_id, attempt).update(mlflow_run_id=mlflow_run_id, environment=environment)
+    )
+
+
+def _finish(run: TrainingRun, status: RunStatus, **fields: Any) -> None:
+    before = _state(run)
+    run.status = status
+    run.finished_at = timezone.now()
+    for name, value in fields.items():
+        setattr(run, name, value)
+    run.save()
+    audit_record(
+        actor=None,
+        tenant=run.tenant,
+        verb=f"run.{status.value}",
+        obj=run,
+        before=before,
+        after={"status": status.value, **{k: v for k, v in fields.items() if k != "progress"}},
+        via="task",
+    )
+    transaction.on_commit(_enqueue_dispatch)
+
+
+def _lock_fenced(run_id: str, attempt: int) -> TrainingRun | None:
+    return (
+        TrainingRun.objects.select_for_update()
+        .filter(pk=run_id, attempt=attempt, status=RunStatus.RUNNING)
+        .first()
+    )
+
+
+@transaction.atomic
+def run_succeed(
+    *,
+    run_id: str,
+    attempt: int,
+    metrics: dict[str, Any],
+    stop_reason: str,
+    stop_detail: str,
+    progress: dict[str, Any],
+    version_fields: dict[str, Any],
+) -> TrainingRun | None:
+    """Finish a run and register its model version, both or neither (one transaction)."""
+    from apps.registry.services import model_version_create
+
+    run = _lock_fenced(run_id, attempt)
+    if run is None:
+        return None
+    model_version_create(run=run, **version_fields)
+    _finish(
+        run,
+        RunStatus.SUCCEEDED,
+        metrics=metrics,
+        stop_reason=stop_reason,
+        stop_detail=stop_detail,
+        progress=progress,
+    )
+    return run
+
+
+@transaction.atomic
+def run_fail(*, run_id: str, attempt: int, error: str) -> TrainingRun | None:
+    run = _lock_fenced(run_id, attempt)
+    if run is None:
+        return None
+    _finish(run, RunStatus.FAILED, error=error[-4000:], stop_reason="error")
+    return run
+
+
+@transaction.atomic
+def run_mark_cancelled(
+    *, run_id: str, attempt: int, progress: dict[str, Any]
+) -> TrainingRun | None:
+    run = _lock_fenced(run_id, attempt)
+    if run is None:
+        return None
+    _finish(
+        run,
+        RunStatus.CANCELLED,
+        stop_reason="cancelled",
+        stop_detail="cancelled by a user",
+        progress=progress,
+    )
+    return run
+
+
+@transaction.atomic
+def run_cancel(*, actor: Any, run: TrainingRun, via: str = "") -> TrainingRun:
+    """Cancel a queued run at once; ask a running one to stop (it does within seconds)."""
+    locked = TrainingRun.objects.select_for_update().get(pk=run.pk)
+    if locked.status in FINISHED:
+        raise DomainError(
+            f"The run is already {locked.status}; only queued or running runs can be cancelled.",
+            code="illegal_transition",
+            status=locked.status,
+        )
+    before = _state(locked)
+    locked.cancel_requested = True
+    fields = ["cancel_requested"]
+    if locked.status == RunStatus.QUEUED:
+        locked.status = RunStatus.CANCELLED
+        locked.stop_reason = "cancelled"
+        locked.stop_detail = "cancelled by a user before it started"
+        locked.finished_at = timezone.now()
+        fields += ["status", "stop_reason", "stop_detail", "finished_at"]
+        transaction.on_commit(_enqueue_dispatch)
+    locked.save(update_fields=fields)
+    audit_record(
+        actor=actor,
+        tenant=locked.tenant,
+        verb="run.cancel",
+        obj=locked,
+        before=before,
+        after={**_state(locked), "cancel_requested": True},
+        via=via,
+    )
+    return locked
+
+
+def runs_requeue_stale(*, timeout: timedelta | None = None) -> list[str]:
+    """Put running runs whose heartbeat went stale back in the queue (worker lost).
+
+    Redis hands an unacked task back only after its visibility timeout (an hour by
+    default), so the database, not the broker, notices a dead worker within seconds.
+    """
+    timeout = timeout or timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_SECONDS)
+    cutoff = timezone.now() - timeout
+    requeued: list[str] = []
+    stale = TrainingRun.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
+    for run_id in list(stale.values_list("pk", flat=True)):
+        with transaction.atomic():
+            run = (
+                TrainingRun.objects.select_for_update()
+                .filter(pk=run_id, status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
+                .first()
+            )
+            if run is None:
+                continue
+            before = {**_state(run), "worker": run.claimed_by}
+            run.status = RunStatus.QUEUED
+            run.dispatched_at = None
+            run.claimed_by = ""
+            run.save(update_fields=["status", "dispatched_at", "claimed_by"])
+            audit_record(
+                actor=None,
+                tenant=run.tenant,
+                verb="run.requeue",
+                obj=run,
+                before=before,
+                after={
+                    **_state(run),
+                    "reason": "heartbeat stale",
+                    "checkpoint_step": run.checkpoint_step,
+                },
+                via="task",
+            )
+            requeued.append(run_id)
+    if requeued:
+        transaction.on_commit(_enqueue_dispatch)
+    return requeued
+
+
+def run_rerun(*, actor: Any, run: TrainingRun, via: str = "") -> TrainingRun:
+    return run_launch(
+        actor=actor,
+        tenant=run.tenant,
+        dataset_version=run.dataset_version,
+        validation_version=run.validation_version,
+        base_model=run.base_model,
+        params=dict(run.params),
+        model_name=run.model_name,
+        rerun_of=run,
+        via=via,
+    )
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = sorted(grid)
+    return [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(grid[n] for n in names))
+    ]
+
+
+@transaction.atomic
+def sweep_launch(
+    *,
+    actor: Any,
+    tenant: Tenant,
+    dataset_version: DatasetVersion,
+    base_model: str,
+    base_params: dict[str, Any],
+    grid: dict[str, list[Any]],
+    metric: str,
+    goal: str,
+    model_name: str = "",
+    validation_version: DatasetVersion | None = None,
+    via: str = "",
+) -> Sweep:
+    points = grid_points(grid)
+    if len(points) > settings.TRAINING_MAX_SWEEP_POINTS:
+        raise InvalidInput(
+            f"the grid has {len(points)} points; the limit is {settings.TRAINING_MAX_SWEEP_POINTS}",
+            fields={
+                "grid": [
+                    f"{len(points)} points is over the limit of "
+                    f"{settings.TRAINING_MAX_SWEEP_POINTS}"
+                ]
+            },
+        )
+    sweep = Sweep.objects.create(
+        tenant=tenant,
+        dataset_version=dataset_version,
+        base_model=base_model,
+        grid=grid,
+        base_params=base_params,
+        metric=metric,
+        goal=goal,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    audit_record(
+        actor=actor,
+        tenant=tenant,
+        verb="sweep.launch",
+        obj=sweep,
+        after={"grid": grid, "metric": metric, "goal": goal, "points": len(points)},
+        via=via,
+    )
+    for point in points:
+        run_launch(
+            actor=actor,
+            tenant=tenant,
+            dataset_version=dataset_version,
+            validation_version=validation_version,
+            base_model=base_model,
+            params={**base_params, **point},
+            model_name=model_name,
+            sweep=sweep,
+            via=via,
+        )
+    return sweep

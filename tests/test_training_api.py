@@ -1,0 +1,200 @@
+"""Launching runs and sweeps through the API: validation, queueing, fairness, cancel."""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.tenants.models import Role
+from apps.training import services
+from apps.training.models import RunStatus, TrainingRun
+from tests.conftest import make_actor
+from tests.training_helpers import banking_slice, make_training_version
+
+pytestmark = pytest.mark.django_db
+RUNS = "/api/v1/tenants/acme/runs/"
+
+
+@pytest.fixture
+def version_id(scientist, artifacts_dir) -> str:
+    return make_training_version(scientist)
+
+
+def launch(actor, version_id: str, **extra):
+    body = {
+        "dataset_version": version_id,
+        "base_model": "tiny-bert",
+        "params": {"epochs": 1, "batch_size": 8},
+        **extra,
+    }
+    return actor.api("post", RUNS, body)
+
+
+def test_base_model_catalogue_lists_both_models(scientist):
+    body = scientist.api("get", "/api/v1/base-models/").json()
+    ids = {m["id"]: m for m in body}
+    assert {"tiny-bert", "minilm-l6"} <= set(ids)
+    assert all(m["size_bytes"] > 0 and m["kind"] == "classifier" for m in body)
+
+
+def test_launch_returns_202_queued_with_the_resolved_config(
+    scientist, version_id, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = launch(scientist, version_id)
+    assert response.status_code == 202, response.content
+    run = response.json()
+    assert run["status"] == "queued"
+    assert run["params"]["epochs"] == 1 and run["params"]["learning_rate"] > 0
+    assert run["params"]["seed"] == 0  # defaults are resolved and recorded
+    assert run["model_name"] == "intents"
+    assert len(callbacks) == 1  # the dispatch is enqueued after commit, not before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"base_model": "gpt-17"}, "base_model"),
+        ({"params": {"epochs": 0}}, "params"),
+        ({"params": {"learning_rate": -1}}, "params"),
+        ({"params": {"batch_size": 100000}}, "params"),
+        ({"params": {"warp_speed": 9}}, "params"),
+        ({"dataset_version": "dv_doesnotexist"}, "dataset_version"),
+    ],
+)
+def test_bad_launch_input_names_the_field_and_creates_nothing(scientist, version_id, body, field):
+    payload = {"dataset_version": version_id, "base_model": "tiny-bert", "params": {}, **body}
+    response = scientist.api("post", RUNS, payload)
+    assert response.status_code == 400, response.content
+    assert field in response.json()["error"]["fields"]
+    assert not TrainingRun.objects.exists()
+
+
+def test_golden_dataset_cannot_be_trained_on(scientist, artifacts_dir):
+    golden = make_training_version(scientist, name="golden", kind="golden")
+    response = launch(scientist, golden)
+    assert response.status_code == 400
+    assert "golden" in response.json()["error"]["fields"]["dataset_version"][0]
+    assert not TrainingRun.objects.exists()
+
+
+def test_too_few_rows_per_label_is_refused(scientist, artifacts_dir):
+    thin = make_training_version(scientist, name="thin", content=banking_slice(per_label=3))
+    response = launch(scientist, thin)
+    assert response.status_code == 400
+    assert "fewer than 5 rows" in response.json()["error"]["message"]
+    assert not TrainingRun.objects.exists()
+
+
+def test_another_tenants_dataset_version_reads_as_unknown(scientist, version_id, outsider):
+    response = outsider.api(
+        "post",
+        "/api/v1/tenants/globex/runs/",
+        {"dataset_version": version_id, "base_model": "tiny-bert"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"]["dataset_version"] == ["No such dataset version."]
+    assert not TrainingRun.objects.exists()
+
+
+def test_viewer_cannot_launch(viewer, version_id):
+    assert launch(viewer, version_id).status_code == 403
+
+
+def test_tenant_limit_keeps_extra_runs_queued_with_their_position(
+    scientist, version_id, tenant, other_tenant
+):
+    ids = [launch(scientist, version_id).json()["id"] for _ in range(4)]
+    other = make_actor("olga", other_tenant, Role.SCIENTIST)
+    other_version = make_training_version_for(other)
+    other_run = other.api(
+        "post",
+        "/api/v1/tenants/globex/runs/",
+        {"dataset_version": other_version, "base_model": "tiny-bert"},
+    ).json()
+    sent = services.runs_dispatch()
+    # acme's limit is 2: its first two go; globex is not starved by acme's backlog.
+    assert set(sent) == {ids[0], ids[1], other_run["id"]}
+    listed = {r["id"]: r for r in scientist.api("get", RUNS).json()["results"]}
+    assert listed[ids[2]]["queue_position"] == 1
+    assert listed[ids[3]]["queue_position"] == 2
+    assert listed[ids[0]]["queue_position"] is None
+    assert services.runs_dispatch() == []  # nothing more until one finishes
+
+
+def make_training_version_for(actor) -> str:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    dataset = actor.api(
+        "post", "/api/v1/tenants/globex/datasets/", {"name": "theirs", "kind": "training"}
+    ).json()["id"]
+    response = actor.client.post(
+        f"/api/v1/tenants/globex/datasets/{dataset}/versions/",
+        {"file": SimpleUploadedFile("t.csv", banking_slice())},
+    )
+    return str(response.json()["id"])
+
+
+def test_cancel_a_queued_run_at_once_and_refuse_a_second_cancel(scientist, version_id):
+    run_id = launch(scientist, version_id).json()["id"]
+    response = scientist.api("post", f"{RUNS}{run_id}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    again = scientist.api("post", f"{RUNS}{run_id}/cancel")
+    assert again.status_code == 409
+    assert again.json()["error"]["status"] == "cancelled"
+
+
+def test_claim_is_exclusive_and_a_stale_run_is_requeued(scientist, version_id):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run_id = launch(scientist, version_id).json()["id"]
+    services.runs_dispatch()
+    first = services.run_claim(run_id=run_id, worker="a")
+    second = services.run_claim(run_id=run_id, worker="b")
+    assert first is not None and first.attempt == 1
+    assert second is None  # a redelivered task finds the run taken
+    TrainingRun.objects.filter(pk=run_id).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    assert services.runs_requeue_stale(timeout=timedelta(seconds=30)) == [run_id]
+    # The old worker's writes are fenced off once it lost the run.
+    assert not services.run_heartbeat(run_id=run_id, attempt=1).held
+    services.runs_dispatch()
+    resumed = services.run_claim(run_id=run_id, worker="b")
+    assert resumed is not None and resumed.attempt == 2
+    assert TrainingRun.objects.get(pk=run_id).status == RunStatus.RUNNING
+
+
+def test_rerun_launches_the_same_config(scientist, version_id):
+    original = launch(scientist, version_id, params={"epochs": 2, "seed": 7}).json()
+    response = scientist.api("post", f"{RUNS}{original['id']}/rerun")
+    assert response.status_code == 202
+    rerun = response.json()
+    assert rerun["params"] == original["params"] and rerun["rerun_of"] == original["id"]
+
+
+def test_sweep_launches_one_run_per_grid_point(scientist, version_id):
+    response = scientist.api(
+        "post",
+        "/api/v1/tenants/acme/sweeps/",
+        {
+            "dataset_version": version_id,
+            "base_model": "tiny-bert",
+            "params": {"epochs": 1},
+            "grid": {"learning_rate": [1e-4, 5e-4], "batch_size": [8, 16]},
+            "metric": "val_macro_f1",
+            "goal": "max",
+        },
+    )
+    assert response.status_code == 202, response.content
+    sweep = response.json()
+    assert len(sweep["runs"]) == 4
+    combos = {(r["params"]["learning_rate"], r["params"]["batch_size"]) for r in sweep["runs"]}
+    assert combos == {(1e-4, 8), (1e-4, 16), (5e-4, 8), (5e-4, 16)}
+    bad = scientist.api(
+        "post",
+        "/api/v1/tenants/acme/sweeps/",
+        {"dataset_version": version_id, "base_model": "tiny-bert", "grid": {"epochs": [0, 1]}},
+    )
+    assert bad.status_code == 400 and "grid" in bad.json()["error"]["fields"]
+    assert TrainingRun.objects.count() == 4

