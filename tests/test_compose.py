@@ -145,7 +145,9 @@ def test_app_services_build_from_the_repository_dockerfile(config: dict[str, Any
 
 
 def test_each_process_runs_its_own_command(config: dict[str, Any]) -> None:
-    assert command(config, "web")[:2] == ["gunicorn", "workbench.wsgi"]
+    web = command(config, "web")
+    assert web[0] == "gunicorn" and "workbench.wsgi" in web
+    assert "--config=workbench/gunicorn_conf.py" in web  # the body-read fix and timeouts
     assert command(config, "worker-cpu")[:4] == ["celery", "-A", "workbench", "worker"]
     assert "-Q" in command(config, "worker-cpu")
     assert command(config, "worker-cpu")[command(config, "worker-cpu").index("-Q") + 1] == "default"
