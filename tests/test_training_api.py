@@ -36,6 +36,13 @@ def test_base_model_catalogue_lists_both_models(scientist):
     assert all(m["size_bytes"] > 0 and m["kind"] == "classifier" for m in body)
 
 
+def test_minilm_defaults_to_a_fine_tuning_learning_rate(scientist, version_id):
+    run = launch(scientist, version_id, base_model="minilm-l6").json()
+    assert run["params"]["learning_rate"] == 5e-5
+    explicit = launch(scientist, version_id, params={"learning_rate": 0.01}).json()
+    assert explicit["params"]["learning_rate"] == 0.01
+
+
 def test_launch_returns_202_queued_with_the_resolved_config(
     scientist, version_id, django_capture_on_commit_callbacks
 ):
@@ -44,7 +51,8 @@ def test_launch_returns_202_queued_with_the_resolved_config(
     assert response.status_code == 202, response.content
     run = response.json()
     assert run["status"] == "queued"
-    assert run["params"]["epochs"] == 1 and run["params"]["learning_rate"] > 0
+    assert run["params"]["epochs"] == 1
+    assert run["params"]["learning_rate"] == 1e-3  # tiny-bert's default: it trains from scratch
     assert run["params"]["seed"] == 0  # defaults are resolved and recorded
     assert run["model_name"] == "intents"
     assert len(callbacks) == 1  # the dispatch is enqueued after commit, not before

@@ -40,10 +40,16 @@ tenant_patterns = [
     path("sweeps/<str:sweep_id>/", training_api.SweepDetailApi.as_view(), name="sweep-detail"),
     path("models/", registry_api.ModelListApi.as_view(), name="model-list"),
     path("models/<str:name>/", registry_api.ModelDetailApi.as_view(), name="model-detail"),
-    path("models/<str:name>/versions/", registry_api.ModelVersionListApi.as_view(),
-         name="model-version-list"),
-    path("models/<str:name>/versions/<int:number>/", registry_api.ModelVersionDetailApi.as_view(),
-         name="model-version-detail"),
+    path(
+        "models/<str:name>/versions/",
+        registry_api.ModelVersionListApi.as_view(),
+        name="model-version-list",
+    ),
+    path(
+        "models/<str:name>/versions/<int:number>/",
+        registry_api.ModelVersionDetailApi.as_view(),
+        name="model-version-detail",
+    ),
 ]
 
 urlpatterns = [

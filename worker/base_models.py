@@ -48,6 +48,9 @@ class BaseModel:
     name: str
     kind: str = "classifier"
     description: str = ""
+    # Hyper-parameters a run gets when it names none: a model trained from scratch wants
+    # a far larger learning rate than a pretrained encoder being fine-tuned.
+    default_learning_rate: float = 5e-5
 
 
 _CATALOGUE = (
@@ -58,6 +61,9 @@ _CATALOGUE = (
             "A 2-layer BERT (hidden size 128) with a WordPiece vocabulary trained on the "
             "run's own training texts. Fast on CPU; good for small, narrow label sets."
         ),
+        # Measured on banking77 (77 intents, 3 epochs, batch 32): 1e-3 -> 0.62 accuracy,
+        # 3e-4 -> 0.31, 3e-3 with batch 16 -> no learning at all.
+        default_learning_rate=1e-3,
     ),
     BaseModel(
         id=MINILM_L6,

@@ -20,7 +20,9 @@ SHOWN_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")
 @tenant_view
 def model_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
     page = paginate(request, selectors.models_for_tenant(tenant=access.tenant), MODELS_PER_PAGE)
-    return render_tenant(request, access, "registry/model_list.html", {"page": page}, section=SECTION)
+    return render_tenant(
+        request, access, "registry/model_list.html", {"page": page}, section=SECTION
+    )
 
 
 @require_http_methods(["GET", "HEAD"])

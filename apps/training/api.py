@@ -82,6 +82,13 @@ class RunInputSerializer(serializers.Serializer[Any]):
             )
         return value
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        from worker.base_models import get
+
+        if "learning_rate" not in self.initial_data.get("params", {}):
+            attrs["params"]["learning_rate"] = get(attrs["base_model"]).default_learning_rate
+        return attrs
+
     def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
         from worker.training.config import TrainConfig
 

@@ -14,6 +14,7 @@ from typing import Any
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -27,7 +28,7 @@ from apps.tenants.scoping import TenantAccess
 from apps.training import charts, selectors, services
 from apps.training.filters import RunFilter
 from apps.training.forms import RunLaunchForm
-from apps.training.models import FINISHED, RunStatus, TrainingRun
+from apps.training.models import RunStatus, TrainingRun
 from apps.training.tracking import mlflow_run_url
 from worker.base_models import catalogue
 
@@ -120,9 +121,14 @@ def run_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         run = _launch(request, access, form)
         if run is not None:
             messages.success(request, f"Run {run.pk} queued.")
-            return redirect("run-detail-page", tenant=access.tenant.slug, run_id=run.pk)
+            url = reverse(
+                "run-detail-page", kwargs={"tenant": access.tenant.slug, "run_id": run.pk}
+            )
+            # "#main": without a fragment of its own the redirect would keep the form's
+            # "#launch", which the run's page does not have.
+            return redirect(f"{url}#main")
         status = 400
-    elif can_write:
+    elif can_write and not _partial(request):
         form = RunLaunchForm(tenant=access.tenant)
 
     filterset = RunFilter(
@@ -147,9 +153,7 @@ def run_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
             "filter": filterset,
             "form": form,
             "status_choices": RunStatus.choices,
-            "datasets": datasets_for_tenant(tenant=access.tenant).filter(
-                kind=DatasetKind.TRAINING
-            ),
+            "datasets": datasets_for_tenant(tenant=access.tenant).filter(kind=DatasetKind.TRAINING),
             "base_models": catalogue(),
             "model_names": models_for_tenant(tenant=access.tenant).values_list("name", flat=True),
             "compare_min": COMPARE_MIN,
@@ -182,10 +186,10 @@ def run_detail(request: HttpRequest, access: TenantAccess, run_id: str) -> HttpR
         "can_write": access.allows(Role.SCIENTIST),
         "loss_chart": loss_chart,
         "val_chart": val_chart,
-        "params": sorted(run.params.items()) if isinstance(run.params, dict) else [],
-        "environment": sorted(run.environment.items())
-        if isinstance(run.environment, dict)
+        "params": [(k, _shown(v)) for k, v in sorted(run.params.items())]
+        if isinstance(run.params, dict)
         else [],
+        "environment": sorted(run.environment.items()) if isinstance(run.environment, dict) else [],
         "final_metrics": sorted(run.metrics.items()) if isinstance(run.metrics, dict) else [],
         "mlflow_url": mlflow_run_url(run.mlflow_run_id),
         "model_version": getattr(run, "model_version", None),
@@ -290,11 +294,18 @@ def _final_metrics(run: TrainingRun, points: dict[str, list[charts.MetricRow]]) 
     return {name: rows[-1][3] for name, rows in points.items() if name.startswith("val_")}
 
 
+def _rounded(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(f"{value:.6g}")
+    return value
+
+
 def _metric_rows_compared(finals: Sequence[dict[str, Any]]) -> list[CompareRow]:
     rows: list[CompareRow] = []
     for name in sorted({name for final in finals for name in final}):
-        values = [final.get(name) for final in finals]
-        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        # Compared as shown (6 significant digits), so 0.65 and 0.6499999999 tie.
+        values = [_rounded(final.get(name)) for final in finals]
+        numbers = [v for v in values if isinstance(v, float)]
         best = None
         if len(numbers) > 1 and len(set(numbers)) > 1:
             best = max(numbers) if name in HIGHER_IS_BETTER else min(numbers)
@@ -363,7 +374,6 @@ def run_compare(request: HttpRequest, access: TenantAccess) -> HttpResponse:
             "metric_rows": _metric_rows_compared(
                 [_final_metrics(run, p) for run, p in zip(runs, points, strict=True)]
             ),
-            "finished": FINISHED,
         }
     )
     return render_tenant(request, access, "training/run_compare.html", context, section=SECTION)

@@ -39,3 +39,54 @@
     });
   });
 })();
+
+// Live regions: <div id="..." data-live-url="?partial=1" data-live-active="true"> is
+// replaced by a fresh copy from the server every data-live-every ms for as long as the
+// copy says it is still active (runs queued or running). Ticked checkboxes survive.
+(function () {
+  "use strict";
+
+  function schedule(id, delay) {
+    window.setTimeout(function () { refresh(id); }, delay);
+  }
+
+  function refresh(id) {
+    var region = document.getElementById(id);
+    if (!region || region.getAttribute("data-live-active") !== "true") { return; }
+    var every = parseInt(region.getAttribute("data-live-every"), 10) || 2000;
+    if (document.hidden) { schedule(id, every); return; }
+    fetch(region.getAttribute("data-live-url"), {
+      credentials: "same-origin",
+      headers: { "X-Requested-With": "XMLHttpRequest" }
+    }).then(function (response) {
+      if (!response.ok) { throw new Error("HTTP " + response.status); }
+      return response.text();
+    }).then(function (html) {
+      var current = document.getElementById(id);
+      if (!current) { return; }
+      var template = document.createElement("template");
+      template.innerHTML = html;
+      var fresh = template.content.getElementById(id);
+      if (!fresh) { return; }
+      var ticked = {};
+      current.querySelectorAll("input[type=checkbox]:checked").forEach(function (box) {
+        ticked[box.name + "=" + box.value] = true;
+      });
+      fresh.querySelectorAll("input[type=checkbox]").forEach(function (box) {
+        if (ticked[box.name + "=" + box.value]) { box.checked = true; }
+      });
+      current.replaceWith(fresh);
+      schedule(id, every);
+    }).catch(function () {
+      schedule(id, every * 5);  // the server is busy or restarting: back off, keep trying
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-live-url][data-live-active=true]").forEach(function (region) {
+      if (region.id) {
+        schedule(region.id, parseInt(region.getAttribute("data-live-every"), 10) || 2000);
+      }
+    });
+  });
+})();
