@@ -15,12 +15,14 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.tenants.models import ApiToken, Membership
+from apps.training.models import TrainingRun
 
 pytestmark = pytest.mark.django_db
 
 GOOD_CSV = b"text,label\nwhere is my card,card_arrival\nI lost my card,lost_card\n"
 GLOBAL_ROUTES = {
     "api/v1/tenants/",
+    "api/v1/base-models/",
     "api/v1/tokens/",
     "api/v1/tokens/<str:token_id>/",
     "api/v1/schema/",
@@ -51,16 +53,37 @@ def allowed_methods(callback: Any) -> list[str]:
 
 @pytest.fixture
 def victim_objects(admin, scientist, training_dataset, upload) -> dict[str, str]:
-    response = upload(scientist, training_dataset, "a.csv", GOOD_CSV)
+    from apps.datasets.models import DatasetVersion as Version
+    from apps.registry.services import model_version_create
+    from apps.training import services as training
+    from tests.training_helpers import banking_slice
+
+    response = upload(scientist, training_dataset, "a.csv", banking_slice())
     assert response.status_code == 201
+    version = Version.objects.get(pk=response.json()["id"])
     token = ApiToken.objects.filter(user=admin.user).first()
     assert token is not None
+    run = training.run_launch(actor=scientist.user, tenant=version.dataset.tenant,
+                              dataset_version=version, base_model="tiny-bert",
+                              params={"epochs": 1}, model_name="secret-model")  # fmt: skip
+    model_version = model_version_create(
+        run=run, artifact_key="models/x/model.tar", sha256="0" * 64, size_bytes=1,
+        memory_bytes=1, predictions_key="models/x/p.jsonl", labels=["a"], metrics={},
+    )  # fmt: skip
+    sweep = training.sweep_launch(actor=scientist.user, tenant=version.dataset.tenant,
+                                  dataset_version=version, base_model="tiny-bert",
+                                  base_params={}, grid={"epochs": [1]}, metric="val_macro_f1",
+                                  goal="max")  # fmt: skip
     return {
         "tenant": "acme",
         "dataset_id": training_dataset,
         "version": "1",
         "username": "ada",
         "token_id": token.pk,
+        "run_id": run.pk,
+        "sweep_id": sweep.pk,
+        "name": model_version.registered_model.name,
+        "number": str(model_version.number),
     }
 
 
@@ -77,6 +100,8 @@ def snapshot() -> tuple[int, ...]:
         DatasetVersion.objects.count(),
         Membership.objects.count(),
         ApiToken.objects.filter(revoked_at__isnull=True).count(),
+        TrainingRun.objects.count(),
+        TrainingRun.objects.filter(cancel_requested=True).count(),
     )
 
 
@@ -114,6 +139,8 @@ def test_global_routes_show_an_outsider_nothing_of_other_tenants(victim_objects,
     assert outsider.api("get", token_path).status_code == 404
     assert outsider.api("delete", token_path).status_code == 404
     assert ApiToken.objects.get(pk=victim_objects["token_id"]).revoked_at is None
+    catalogue = outsider.api("get", "/api/v1/base-models/").json()
+    assert {m["id"] for m in catalogue} >= {"tiny-bert"}  # shared catalogue, no tenant data
     for path in ("/api/v1/schema/", "/api/v1/docs/"):
         assert outsider.client.get(path).status_code == 200
         assert victim_objects["dataset_id"] not in outsider.client.get(path).content.decode()

@@ -224,6 +224,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "DatasetKindEnum": "apps.datasets.models.DatasetKind",
+        "ModelKindEnum": "apps.registry.models.ModelKind",
+    },
 }
 
 # --- logging --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from apps.core.api import Pagination
 from apps.datasets.models import DatasetVersion
@@ -33,9 +34,8 @@ class BaseModelSerializer(serializers.Serializer[Any]):
     description = serializers.CharField()
 
 
-class BaseModelListApi(generics.GenericAPIView[Any]):
-    serializer_class = BaseModelSerializer
-    pagination_class = None
+class BaseModelListApi(APIView):
+    """The catalogue of base models: the same for every tenant, not tenant data."""
 
     @extend_schema(responses=BaseModelSerializer(many=True))
     def get(self, request: Request) -> Response:

@@ -232,7 +232,9 @@ def execute(run_id: str, worker: str | None = None) -> str:
             return "lost"
         if result.stop_reason == "cancelled":
             services.run_mark_cancelled(
-                run_id=run.pk, attempt=run.attempt, progress=callbacks.progress
+                run_id=run.pk,
+                attempt=run.attempt,
+                progress={**callbacks.progress, "phase": "cancelled"},
             )
             tracking.end("KILLED")
             return "cancelled"
@@ -256,7 +258,7 @@ def execute(run_id: str, worker: str | None = None) -> str:
             metrics=result.metrics,
             stop_reason=result.stop_reason,
             stop_detail=result.stop_detail,
-            progress=callbacks.progress,
+            progress={**callbacks.progress, "phase": "done"},
             version_fields={
                 "artifact_key": f"{prefix}/model.tar",
                 "sha256": sha256,
