@@ -14,6 +14,8 @@ import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.datasets.models import Dataset, DatasetVersion
+from apps.evaluation.models import Evaluation, PromotionPolicy
+from apps.promotions.models import PromotionRequest
 from apps.tenants.models import ApiToken, Membership
 from apps.training.models import TrainingRun
 
@@ -74,7 +76,18 @@ def victim_objects(admin, scientist, training_dataset, upload) -> dict[str, str]
                                   dataset_version=version, base_model="tiny-bert",
                                   base_params={}, grid={"epochs": [1]}, metric="val_macro_f1",
                                   goal="max")  # fmt: skip
+    evaluation = Evaluation.objects.create(
+        tenant=version.dataset.tenant, model_version=model_version, dataset_version=version,
+        artifact_sha256=model_version.sha256,
+    )  # fmt: skip
+    promotion = PromotionRequest.objects.create(
+        tenant=version.dataset.tenant, model_version=model_version, target="staging",
+        artifact_sha256=model_version.sha256, status="awaiting_approval",
+    )  # fmt: skip
     return {
+        "promotion_id": promotion.pk,
+        "evaluation_id": evaluation.pk,
+        "model_kind": "classifier",
         "tenant": "acme",
         "dataset_id": training_dataset,
         "version": "1",
@@ -102,6 +115,10 @@ def snapshot() -> tuple[int, ...]:
         ApiToken.objects.filter(revoked_at__isnull=True).count(),
         TrainingRun.objects.count(),
         TrainingRun.objects.filter(cancel_requested=True).count(),
+        Evaluation.objects.count(),
+        PromotionPolicy.objects.count(),
+        PromotionRequest.objects.count(),
+        PromotionRequest.objects.filter(status="awaiting_approval").count(),
     )
 
 

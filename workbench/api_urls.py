@@ -3,6 +3,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.audit.api import AuditEventListApi
 from apps.datasets import api as datasets_api
+from apps.evaluation import api as evaluation_api
+from apps.promotions import api as promotions_api
 from apps.registry import api as registry_api
 from apps.tenants import api as tenants_api
 from apps.training import api as training_api
@@ -38,6 +40,32 @@ tenant_patterns = [
     path("runs/<str:run_id>/metrics/", training_api.RunMetricsApi.as_view(), name="run-metrics"),
     path("sweeps/", training_api.SweepListCreateApi.as_view(), name="sweep-list"),
     path("sweeps/<str:sweep_id>/", training_api.SweepDetailApi.as_view(), name="sweep-detail"),
+    path("evaluations/", evaluation_api.EvaluationListCreateApi.as_view(), name="evaluation-list"),
+    path(
+        "evaluations/<str:evaluation_id>/",
+        evaluation_api.EvaluationDetailApi.as_view(),
+        name="evaluation-detail",
+    ),
+    path("policies/", evaluation_api.PolicyListApi.as_view(), name="policy-list"),
+    path(
+        "policies/<str:model_kind>/", evaluation_api.PolicyDetailApi.as_view(), name="policy-detail"
+    ),
+    path("promotions/", promotions_api.PromotionListCreateApi.as_view(), name="promotion-list"),
+    path(
+        "promotions/<str:promotion_id>/",
+        promotions_api.PromotionDetailApi.as_view(),
+        name="promotion-detail",
+    ),
+    path(
+        "promotions/<str:promotion_id>/approve",
+        promotions_api.PromotionApproveApi.as_view(),
+        name="promotion-approve",
+    ),
+    path(
+        "promotions/<str:promotion_id>/reject",
+        promotions_api.PromotionRejectApi.as_view(),
+        name="promotion-reject",
+    ),
     path("models/", registry_api.ModelListApi.as_view(), name="model-list"),
     path("models/<str:name>/", registry_api.ModelDetailApi.as_view(), name="model-detail"),
     path(

@@ -57,6 +57,8 @@ INSTALLED_APPS = [
     "apps.datasets",
     "apps.training",
     "apps.registry",
+    "apps.evaluation",
+    "apps.promotions",
 ]
 
 # The test suite adds a small app whose rows reference dataset versions the way training
@@ -166,6 +168,7 @@ TRAINING_SOFT_TIME_LIMIT = env_int("TRAINING_SOFT_TIME_LIMIT", 6 * 3600, minimum
 # The Celery queue training runs go to: GPU hosts consume it (`-Q gpu`), one task per GPU.
 TRAINING_QUEUE = env_str("TRAINING_QUEUE", "gpu")
 TRAINING_WORK_DIR = Path(env_str("TRAINING_WORK_DIR", str(VAR_DIR / "training")))
+EVALUATION_SAMPLE_ROWS = env_int("EVALUATION_SAMPLE_ROWS", 500, minimum=1)
 MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{VAR_DIR / 'mlflow.sqlite3'}")
 MLFLOW_ARTIFACT_ROOT = env_str("MLFLOW_ARTIFACT_ROOT", f"file://{VAR_DIR / 'mlartifacts'}")
 MLFLOW_UI_URL = env_str("MLFLOW_UI_URL", "")
@@ -188,8 +191,12 @@ CELERY_BEAT_SCHEDULE = {
     # A worker killed mid-run stops heartbeating; this puts its run back in the queue.
     "requeue-stale-runs": {"task": "training.requeue_stale", "schedule": 10.0},
     "dispatch-runs": {"task": "training.dispatch", "schedule": 30.0},
+    "check-waiting-promotions": {"task": "promotions.check_waiting", "schedule": 30.0},
 }
-CELERY_TASK_ROUTES = {"training.execute_run": {"queue": TRAINING_QUEUE}}
+CELERY_TASK_ROUTES = {
+    "training.execute_run": {"queue": TRAINING_QUEUE},
+    "evaluation.run": {"queue": TRAINING_QUEUE},
+}
 # One training task at a time per worker process slot; do not prefetch a second run.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 

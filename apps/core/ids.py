@@ -48,3 +48,11 @@ def new_registered_model_id() -> str:
 
 def new_model_version_id() -> str:
     return new_id("mv")
+
+
+def new_evaluation_id() -> str:
+    return new_id("eval")
+
+
+def new_promotion_id() -> str:
+    return new_id("pr")

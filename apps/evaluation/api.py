@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apps.datasets.selectors import versions_for_tenant
+from apps.evaluation import services
+from apps.evaluation.models import Evaluation, PromotionPolicy
+from apps.registry.models import ModelKind, ModelVersion
+from apps.tenants.auth import request_via
+from apps.tenants.models import Role
+from apps.tenants.scoping import TenantScopedMixin
+
+
+class EvaluationOutputSerializer(serializers.ModelSerializer[Evaluation]):
+    model_version = serializers.CharField(source="model_version_id", read_only=True)
+    dataset_version = serializers.CharField(source="dataset_version_id", read_only=True)
+    dataset = serializers.CharField(source="dataset_version.dataset.name", read_only=True)
+    dataset_kind = serializers.CharField(source="dataset_version.dataset.kind", read_only=True)
+
+    class Meta:
+        model = Evaluation
+        fields = [
+            "id",
+            "model_version",
+            "dataset_version",
+            "dataset",
+            "dataset_kind",
+            "status",
+            "artifact_sha256",
+            "max_rows",
+            "metrics",
+            "error",
+            "created_at",
+            "finished_at",
+        ]
+
+
+class EvaluationInputSerializer(serializers.Serializer[Any]):
+    model_version = serializers.CharField()
+    dataset_versions = serializers.ListField(
+        child=serializers.CharField(), required=False, default=list, max_length=50
+    )
+
+    def validate_model_version(self, value: str) -> ModelVersion:
+        found = ModelVersion.objects.filter(
+            pk=value, registered_model__tenant=self.context["tenant"]
+        ).first()
+        if found is None:
+            raise serializers.ValidationError("No such model version.")
+        return found
+
+    def validate_dataset_versions(self, value: list[str]) -> list[Any]:
+        versions = {
+            v.pk: v for v in versions_for_tenant(tenant=self.context["tenant"]).filter(pk__in=value)
+        }
+        missing = [v for v in value if v not in versions]
+        if missing:
+            raise serializers.ValidationError(f"No such dataset version: {', '.join(missing)}.")
+        return [versions[v] for v in value]
+
+
+def _evaluations(tenant: Any) -> Any:
+    return Evaluation.objects.filter(tenant=tenant).select_related("dataset_version__dataset")
+
+
+class EvaluationListCreateApi(TenantScopedMixin, generics.ListAPIView[Evaluation]):
+    serializer_class = EvaluationOutputSerializer
+    filterset_fields = ["status", "model_version", "dataset_version"]
+
+    def get_queryset(self) -> Any:
+        return _evaluations(self.tenant)
+
+    @extend_schema(
+        request=EvaluationInputSerializer, responses={202: EvaluationOutputSerializer(many=True)}
+    )
+    def post(self, request: Request, tenant: str) -> Response:
+        data = EvaluationInputSerializer(data=request.data, context={"tenant": self.tenant})
+        data.is_valid(raise_exception=True)
+        created = services.evaluation_request(
+            actor=request.user,
+            tenant=self.tenant,
+            model_version=data.validated_data["model_version"],
+            dataset_versions=data.validated_data["dataset_versions"] or None,
+            via=request_via(request),
+        )
+        rows = _evaluations(self.tenant).filter(pk__in=[e.pk for e in created])
+        return Response(
+            {"evaluations": EvaluationOutputSerializer(rows, many=True).data},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+
+class EvaluationDetailApi(TenantScopedMixin, generics.GenericAPIView[Evaluation]):
+    serializer_class = EvaluationOutputSerializer
+
+    def get(self, request: Request, tenant: str, evaluation_id: str) -> Response:
+        found = _evaluations(self.tenant).filter(pk=evaluation_id).first()
+        if found is None:
+            raise Http404("No such evaluation.")
+        return Response(EvaluationOutputSerializer(found).data)
+
+
+class GateSerializer(serializers.Serializer[Any]):
+    metric = serializers.ChoiceField(choices=services.GATE_METRICS)
+    op = serializers.ChoiceField(choices=services.GATE_OPS)
+    value = serializers.FloatField()
+    dataset = serializers.CharField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="a dataset id; empty: every evaluated dataset",
+    )
+
+
+class PolicySerializer(serializers.Serializer[Any]):
+    model_kind = serializers.CharField(read_only=True)
+    gates = GateSerializer(many=True)
+    max_regression_vs_champion = serializers.FloatField(
+        required=False, allow_null=True, default=None, min_value=0
+    )
+    latency_budget_ms = serializers.FloatField(
+        required=False, allow_null=True, default=None, min_value=0
+    )
+    require_staging_before_production = serializers.BooleanField(required=False, default=False)
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    def validate_gates(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        tenant = self.context["tenant"]
+        for gate in value:
+            dataset = gate.get("dataset")
+            if (
+                dataset
+                and not versions_for_tenant(tenant=tenant).filter(dataset_id=dataset).exists()
+            ):
+                raise serializers.ValidationError(f"No such dataset: {dataset}.")
+        return [dict(g) for g in value]
+
+
+def _policy_data(policy: PromotionPolicy) -> dict[str, Any]:
+    return {
+        "model_kind": policy.model_kind,
+        "gates": policy.gates,
+        "max_regression_vs_champion": policy.max_regression_vs_champion,
+        "latency_budget_ms": policy.latency_budget_ms,
+        "require_staging_before_production": policy.require_staging_before_production,
+        "updated_at": policy.updated_at,
+    }
+
+
+class PolicyListApi(TenantScopedMixin, generics.GenericAPIView[PromotionPolicy]):
+    serializer_class = PolicySerializer
+    pagination_class = None
+
+    @extend_schema(responses=PolicySerializer(many=True))
+    def get(self, request: Request, tenant: str) -> Response:
+        rows = [
+            _policy_data(services.policy_for(tenant=self.tenant, model_kind=kind))
+            for kind in ModelKind.values
+        ]
+        return Response(PolicySerializer(rows, many=True).data)
+
+
+class PolicyDetailApi(TenantScopedMixin, generics.GenericAPIView[PromotionPolicy]):
+    serializer_class = PolicySerializer
+    required_roles = {"PUT": Role.ADMIN}
+    kwargs: dict[str, Any]
+
+    def _kind(self) -> str:
+        if self.kwargs["model_kind"] not in ModelKind.values:
+            raise Http404("No such model kind.")
+        return str(self.kwargs["model_kind"])
+
+    def get(self, request: Request, tenant: str, model_kind: str) -> Response:
+        policy = services.policy_for(tenant=self.tenant, model_kind=self._kind())
+        return Response(PolicySerializer(_policy_data(policy)).data)
+
+    def put(self, request: Request, tenant: str, model_kind: str) -> Response:
+        kind = self._kind()
+        data = PolicySerializer(data=request.data, context={"tenant": self.tenant})
+        data.is_valid(raise_exception=True)
+        policy = services.policy_update(
+            actor=request.user,
+            tenant=self.tenant,
+            model_kind=kind,
+            via=request_via(request),
+            **data.validated_data,
+        )
+        return Response(PolicySerializer(_policy_data(policy)).data)

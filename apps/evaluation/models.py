@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from apps.core import ids
+
+
+class EvalStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+class Evaluation(models.Model):
+    """One model version measured on one dataset version, bound to the artifact's sha256."""
+
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_evaluation_id, editable=False
+    )
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.CASCADE, related_name="evaluations"
+    )
+    dataset_version = models.ForeignKey(
+        "datasets.DatasetVersion", on_delete=models.PROTECT, related_name="evaluations"
+    )
+    status = models.CharField(
+        max_length=16, choices=EvalStatus.choices, default=EvalStatus.QUEUED, db_index=True
+    )
+    artifact_sha256 = models.CharField(max_length=64, help_text="the bytes that were evaluated")
+    max_rows = models.PositiveIntegerField(null=True, blank=True, help_text="sample size")
+    metrics = models.JSONField(default=dict)
+    error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"evaluation {self.id}"
+
+
+class PromotionPolicy(models.Model):
+    """What a tenant's model of one kind must pass before it moves up.
+
+    ``gates``: ``[{"metric": "macro_f1", "op": ">=", "value": 0.8, "dataset": <id or null>}]``
+    — a gate without a dataset applies to every evaluated dataset.
+    """
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    model_kind = models.CharField(max_length=16)
+    gates = models.JSONField(default=list)
+    max_regression_vs_champion = models.FloatField(null=True, blank=True)
+    latency_budget_ms = models.FloatField(null=True, blank=True)
+    require_staging_before_production = models.BooleanField(default=False)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "model_kind"], name="one_policy_per_kind")
+        ]
+
+    def __str__(self) -> str:
+        return f"policy {self.tenant_id}/{self.model_kind}"

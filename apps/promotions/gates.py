@@ -1,0 +1,72 @@
+"""Checking a policy's gates against evaluation results: plain functions, easy to test."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+}
+
+
+def check_gates(
+    *,
+    gates: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    latency_budget_ms: float | None = None,
+    max_regression: float | None = None,
+    champion: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per gate and dataset: ``{gate, dataset, metric, op, threshold, value, passed}``.
+
+    ``results`` maps dataset id -> evaluation metrics (``{"dataset_name", "macro_f1", ...}``).
+    A gate without a dataset applies to every evaluated dataset; a gate naming a dataset that
+    was not evaluated fails (a missing measurement never passes).
+    """
+    rows: list[dict[str, Any]] = []
+    effective = [dict(g) for g in gates]
+    if latency_budget_ms is not None:
+        effective.append(
+            {
+                "metric": "latency_ms_p95",
+                "op": "<=",
+                "value": latency_budget_ms,
+                "dataset": None,
+                "source": "latency budget",
+            }
+        )
+    for gate in effective:
+        datasets = [gate["dataset"]] if gate.get("dataset") else sorted(results)
+        for dataset in datasets:
+            metrics = results.get(dataset)
+            value = metrics.get(gate["metric"]) if metrics else None
+            passed = value is not None and OPS[gate["op"]](float(value), float(gate["value"]))
+            rows.append({
+                "gate": gate.get("source", "policy"),
+                "dataset": dataset,
+                "dataset_name": (metrics or {}).get("dataset_name", dataset),
+                "metric": gate["metric"], "op": gate["op"], "threshold": float(gate["value"]),
+                "value": None if value is None else float(value), "passed": passed,
+            })  # fmt: skip
+    if max_regression is not None and champion:
+        for dataset, theirs in sorted(champion.items()):
+            ours = results.get(dataset, {}).get("macro_f1")
+            best = theirs.get("macro_f1")
+            if best is None:
+                continue
+            threshold = float(best) - max_regression
+            rows.append({
+                "gate": "regression vs champion", "dataset": dataset,
+                "dataset_name": results.get(dataset, {}).get("dataset_name", dataset),
+                "metric": "macro_f1", "op": ">=", "threshold": threshold,
+                "value": None if ours is None else float(ours),
+                "passed": ours is not None and float(ours) >= threshold,
+                "champion_value": float(best),
+            })  # fmt: skip
+    return rows

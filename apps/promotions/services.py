@@ -1,0 +1,333 @@
+"""Promotion requests: evaluations, gates, then a reviewer who is not the requester.
+
+checking -> gates_failed | awaiting_approval | failed; awaiting_approval -> approved |
+rejected. Every transition locks the row, so a double click or two reviewers at once
+produce exactly one decision; an illegal one is a 409 naming the current status.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.utils import timezone
+
+from apps.audit.services import audit_record
+from apps.core.errors import DomainError
+from apps.evaluation import services as evaluation_services
+from apps.evaluation.models import EvalStatus, Evaluation
+from apps.promotions.gates import check_gates
+from apps.promotions.models import OPEN, PromotionRequest, PromotionStatus, Target
+from apps.registry.models import ModelVersion, Stage
+from apps.tenants.models import ROLE_RANK, Membership, Role, Tenant
+
+log = logging.getLogger(__name__)
+
+
+def _enqueue_check(promotion_id: str) -> None:
+    from apps.promotions.tasks import check_promotion
+
+    check_promotion.delay(promotion_id)
+
+
+def _reusable_evaluations(version: ModelVersion) -> dict[str, Evaluation]:
+    """Finished or running evaluations of exactly these bytes, by dataset version id."""
+    found: dict[str, Evaluation] = {}
+    for evaluation in (
+        Evaluation.objects.filter(model_version=version, artifact_sha256=version.sha256)
+        .exclude(status=EvalStatus.FAILED)
+        .order_by("created_at")
+    ):
+        found[evaluation.dataset_version_id] = evaluation
+    return found
+
+
+@transaction.atomic
+def promotion_request(
+    *, actor: Any, tenant: Tenant, model_version: ModelVersion, target: str, via: str = ""
+) -> PromotionRequest:
+    ModelVersion.objects.select_for_update().get(pk=model_version.pk)
+    open_one = PromotionRequest.objects.filter(
+        model_version=model_version, target=target, status__in=OPEN
+    ).first()
+    if open_one is not None:
+        raise DomainError(
+            f"This version already has an open {target} request ({open_one.pk}).",
+            code="already_requested",
+            status=open_one.status,
+        )
+    policy = evaluation_services.policy_for(
+        tenant=tenant, model_kind=model_version.registered_model.kind
+    )
+    if target == Target.PRODUCTION and policy.require_staging_before_production:
+        staged = PromotionRequest.objects.filter(
+            model_version=model_version,
+            target=Target.STAGING,
+            status__in=[PromotionStatus.APPROVED, PromotionStatus.DEPLOYING, PromotionStatus.DONE],
+        ).exists()
+        if not staged:
+            raise DomainError(
+                "The policy requires this version to be approved to staging "
+                "before it can be requested for production.",
+                code="needs_staging",
+            )
+    promotion = PromotionRequest.objects.create(
+        tenant=tenant,
+        model_version=model_version,
+        target=target,
+        artifact_sha256=model_version.sha256,
+        requested_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    reusable = _reusable_evaluations(model_version)
+    wanted = evaluation_services.default_evaluation_versions(tenant=tenant)
+    missing = [v for v, _ in wanted if v.pk not in reusable]
+    created: list[Evaluation] = []
+    if missing:
+        created = evaluation_services.evaluation_request(
+            actor=actor,
+            tenant=tenant,
+            model_version=model_version,
+            dataset_versions=missing,
+            via=via,
+        )
+    promotion.evaluation_ids = [reusable[v.pk].pk for v, _ in wanted if v.pk in reusable] + [
+        e.pk for e in created
+    ]
+    promotion.save(update_fields=["evaluation_ids"])
+    audit_record(
+        actor=actor,
+        tenant=tenant,
+        verb="promotion.request",
+        obj=promotion,
+        after={
+            "model_version": model_version.pk,
+            "target": target,
+            "evaluations": promotion.evaluation_ids,
+        },
+        via=via,
+    )
+    transaction.on_commit(lambda: _enqueue_check(promotion.pk))
+    return promotion
+
+
+def _champion(version: ModelVersion) -> ModelVersion | None:
+    return (
+        ModelVersion.objects.filter(
+            registered_model=version.registered_model, stage=Stage.PRODUCTION
+        )
+        .exclude(pk=version.pk)
+        .order_by("-number")
+        .first()
+    )
+
+
+def _results(evaluations: list[Evaluation]) -> dict[str, dict[str, Any]]:
+    return {
+        e.dataset_version.dataset_id: {**e.metrics, "dataset_name": e.dataset_version.dataset.name}
+        for e in evaluations
+    }
+
+
+def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
+    """Move a checking request on once all its evaluations have finished."""
+    with transaction.atomic():
+        promotion = (
+            PromotionRequest.objects.select_for_update()
+            .filter(pk=promotion_id, status=PromotionStatus.CHECKING)
+            .first()
+        )
+        if promotion is None:
+            return None
+        evaluations = list(
+            Evaluation.objects.filter(pk__in=promotion.evaluation_ids).select_related(
+                "dataset_version__dataset"
+            )
+        )
+        if any(e.status in (EvalStatus.QUEUED, EvalStatus.RUNNING) for e in evaluations):
+            return promotion
+        failed = [e for e in evaluations if e.status == EvalStatus.FAILED]
+        if failed or not evaluations:
+            promotion.status = PromotionStatus.FAILED
+            promotion.failure = (
+                "no golden or sample dataset to evaluate on"
+                if not evaluations
+                else f"evaluation {failed[0].pk} failed: {failed[0].error}"
+            )
+        else:
+            version = promotion.model_version
+            policy = evaluation_services.policy_for(
+                tenant=promotion.tenant, model_kind=version.registered_model.kind
+            )
+            champion = _champion(version)
+            champion_results = None
+            if champion is not None:
+                theirs = (
+                    Evaluation.objects.filter(
+                        model_version=champion,
+                        status=EvalStatus.SUCCEEDED,
+                        dataset_version_id__in=[e.dataset_version_id for e in evaluations],
+                    )
+                    .select_related("dataset_version__dataset")
+                    .order_by("created_at")
+                )
+                champion_results = _results(list(theirs))
+            promotion.champion = champion
+            promotion.gate_results = check_gates(
+                gates=policy.gates,
+                results=_results(evaluations),
+                latency_budget_ms=policy.latency_budget_ms,
+                max_regression=policy.max_regression_vs_champion,
+                champion=champion_results,
+            )
+            passed = all(row["passed"] for row in promotion.gate_results)
+            promotion.status = (
+                PromotionStatus.AWAITING_APPROVAL if passed else PromotionStatus.GATES_FAILED
+            )
+        promotion.save()
+        audit_record(
+            actor=None,
+            tenant=promotion.tenant,
+            verb=f"promotion.{promotion.status}",
+            obj=promotion,
+            before={"status": PromotionStatus.CHECKING},
+            after={
+                "status": promotion.status,
+                "failing_gates": [r for r in promotion.gate_results if not r["passed"]],
+            },
+            via="task",
+        )
+        if promotion.status == PromotionStatus.AWAITING_APPROVAL:
+            transaction.on_commit(lambda: _notify_reviewers(promotion))
+    return promotion
+
+
+def _can_review(user: Any, tenant: Tenant) -> bool:
+    membership = Membership.objects.filter(user=user, tenant=tenant).first()
+    return membership is not None and ROLE_RANK[Role(membership.role)] >= ROLE_RANK[Role.REVIEWER]
+
+
+def _decide(
+    *, actor: Any, promotion: PromotionRequest, approve: bool, comment: str, via: str
+) -> PromotionRequest:
+    with transaction.atomic():
+        locked = (
+            PromotionRequest.objects.select_for_update()
+            .select_related("model_version__registered_model", "tenant")
+            .get(pk=promotion.pk)
+        )
+        if locked.status != PromotionStatus.AWAITING_APPROVAL:
+            raise DomainError(
+                f"This request is {locked.status}; only a request awaiting "
+                "approval can be decided.",
+                code="illegal_transition",
+                status=locked.status,
+            )
+        if locked.requested_by_id is not None and locked.requested_by_id == actor.pk:
+            raise DomainError(
+                "You requested this promotion; another reviewer must decide it.",
+                code="four_eyes",
+                status=locked.status,
+            )
+        if not _can_review(actor, locked.tenant):
+            raise DomainError(
+                "Only reviewers and admins of this tenant decide promotions.",
+                code="not_reviewer",
+                status=locked.status,
+            )
+        version = locked.model_version
+        if approve and version.sha256 != locked.artifact_sha256:
+            raise DomainError(
+                "The model's bytes changed since they were evaluated.",
+                code="artifact_mismatch",
+                status=locked.status,
+            )
+        locked.status = PromotionStatus.APPROVED if approve else PromotionStatus.REJECTED
+        locked.decided_by = actor
+        locked.decision_comment = comment
+        locked.decided_at = timezone.now()
+        locked.save()
+        if approve:
+            ModelVersion.objects.filter(
+                registered_model=version.registered_model, stage=locked.target
+            ).exclude(pk=version.pk).update(
+                stage=Stage.ARCHIVED if locked.target == Target.PRODUCTION else Stage.NONE
+            )
+            version.stage = locked.target
+            version.aliases = sorted({*version.aliases, locked.target})
+            version.save(update_fields=["stage", "aliases"])
+            transaction.on_commit(lambda: _set_mlflow_alias(version, locked.target))
+        audit_record(
+            actor=actor,
+            tenant=locked.tenant,
+            verb=f"promotion.{locked.status}",
+            obj=locked,
+            before={"status": PromotionStatus.AWAITING_APPROVAL},
+            after={
+                "status": locked.status,
+                "comment": comment,
+                "artifact_sha256": locked.artifact_sha256,
+            },
+            via=via,
+        )
+        transaction.on_commit(lambda: _notify_requester(locked))
+    return locked
+
+
+def promotion_approve(
+    *, actor: Any, promotion: PromotionRequest, comment: str = "", via: str = ""
+) -> PromotionRequest:
+    return _decide(actor=actor, promotion=promotion, approve=True, comment=comment, via=via)
+
+
+def promotion_reject(
+    *, actor: Any, promotion: PromotionRequest, comment: str = "", via: str = ""
+) -> PromotionRequest:
+    return _decide(actor=actor, promotion=promotion, approve=False, comment=comment, via=via)
+
+
+def _set_mlflow_alias(version: ModelVersion, alias: str) -> None:
+    if not version.mlflow_version:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=settings.MLFLOW_TRACKING_URI).set_registered_model_alias(
+            version.registered_model.mlflow_name, alias, version.mlflow_version
+        )
+    except Exception:
+        log.warning("could not move the MLflow alias", exc_info=True)
+
+
+def _notify_reviewers(promotion: PromotionRequest) -> None:
+    reviewers = (
+        Membership.objects.filter(tenant=promotion.tenant, role__in=[Role.REVIEWER, Role.ADMIN])
+        .exclude(user=promotion.requested_by)
+        .select_related("user")
+    )
+    emails = sorted({m.user.email for m in reviewers if m.user.email})
+    if emails:
+        version = promotion.model_version
+        send_mail(
+            f"[workbench] {version} awaits your approval for {promotion.target}",
+            f"{version} passed every gate of {promotion.tenant.slug}'s policy and awaits a "
+            f"reviewer's decision (request {promotion.pk}).",
+            settings.DEFAULT_FROM_EMAIL,
+            emails,
+            fail_silently=True,
+        )
+
+
+def _notify_requester(promotion: PromotionRequest) -> None:
+    user = promotion.requested_by
+    if user is not None and user.email:
+        send_mail(
+            f"[workbench] your {promotion.target} request was {promotion.status}",
+            f"{promotion.model_version}: {promotion.status} by {promotion.decided_by}."
+            f"\n\n{promotion.decision_comment}",
+            settings.DEFAULT_FROM_EMAIL,
+            [user.email],
+            fail_silently=True,
+        )
