@@ -234,6 +234,9 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "DatasetKindEnum": "apps.datasets.models.DatasetKind",
         "ModelKindEnum": "apps.registry.models.ModelKind",
+        "RunStatusEnum": "apps.training.models.RunStatus",
+        "EvaluationStatusEnum": "apps.evaluation.models.EvalStatus",
+        "PromotionStatusEnum": "apps.promotions.models.PromotionStatus",
     },
 }
 

@@ -156,6 +156,7 @@ def _policy_data(policy: PromotionPolicy) -> dict[str, Any]:
 class PolicyListApi(TenantScopedMixin, generics.GenericAPIView[PromotionPolicy]):
     serializer_class = PolicySerializer
     pagination_class = None
+    queryset = PromotionPolicy.objects.none()  # for the schema; rows come from policy_for
 
     @extend_schema(responses=PolicySerializer(many=True))
     def get(self, request: Request, tenant: str) -> Response:
@@ -168,6 +169,7 @@ class PolicyListApi(TenantScopedMixin, generics.GenericAPIView[PromotionPolicy])
 
 class PolicyDetailApi(TenantScopedMixin, generics.GenericAPIView[PromotionPolicy]):
     serializer_class = PolicySerializer
+    queryset = PromotionPolicy.objects.none()  # for the schema; rows come from policy_for
     required_roles = {"PUT": Role.ADMIN}
     kwargs: dict[str, Any]
 
