@@ -1,0 +1,70 @@
+"""Train, evaluate on a golden set on a real worker, pass the gates, approve: the MLflow
+registry alias moves to the approved version."""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.evaluation.models import Evaluation
+from apps.registry.models import ModelVersion
+from apps.training.models import TrainingRun
+from tests.training_helpers import banking_slice, make_training_version, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.celery_worker]
+API = "/api/v1/tenants/acme"
+
+
+def test_promotion_end_to_end_moves_the_mlflow_alias(
+    celery_worker_process, mlflow_server, scientist, reviewer, admin, settings
+):
+    settings.ARTIFACT_STORE = f"file://{celery_worker_process.artifacts_root}"
+    settings.MLFLOW_TRACKING_URI = mlflow_server
+    train_version = make_training_version(scientist, content=banking_slice(per_label=40))
+    make_training_version(scientist, name="golden", kind="golden",
+                          content=banking_slice(per_label=10, offset=40))  # fmt: skip
+    policy = {"gates": [{"metric": "macro_f1", "op": ">=", "value": 0.2}],
+              "latency_budget_ms": 5000}  # fmt: skip
+    assert admin.api("put", f"{API}/policies/classifier/", policy).status_code == 200
+    launch = {"dataset_version": train_version, "base_model": "tiny-bert", "model_name": "promoted",
+              "params": {"epochs": 3, "learning_rate": 0.003, "max_length": 32}}  # fmt: skip
+    run_id = scientist.api("post", f"{API}/runs/", launch).json()["id"]
+    wait_for(lambda: TrainingRun.objects.get(pk=run_id).status in ("succeeded", "failed"),
+             timeout=240)  # fmt: skip
+    version = ModelVersion.objects.get(run_id=run_id)
+
+    response = scientist.api("post", f"{API}/promotions/",
+                             {"model_version": version.pk, "target": "staging"})  # fmt: skip
+    assert response.status_code == 202, response.content
+    promotion_id = response.json()["id"]
+
+    def decided_by_gates() -> str | None:
+        status = scientist.api("get", f"{API}/promotions/{promotion_id}/").json()["status"]
+        return status if status != "checking" else None
+
+    status = wait_for(decided_by_gates, timeout=180)
+    body = scientist.api("get", f"{API}/promotions/{promotion_id}/").json()
+    assert status == "awaiting_approval", body
+    evaluation = Evaluation.objects.get(pk=body["evaluation_ids"][0])
+    assert evaluation.artifact_sha256 == version.sha256
+    metrics = evaluation.metrics
+    assert metrics["rows"] == 60 and len(metrics["confusion"]) >= 6
+    assert 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p95"]
+    assert metrics["mlflow_logged"] is True
+
+    approved = reviewer.api("post", f"{API}/promotions/{promotion_id}/approve", {"comment": "ok"})
+    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    aliased = wait_for(lambda: _alias_version(client, "acme.promoted", "staging"), timeout=20)
+    assert aliased == version.mlflow_version
+    mlflow_run = client.get_run(TrainingRun.objects.get(pk=run_id).mlflow_run_id)
+    assert "eval.golden.macro_f1" in mlflow_run.data.metrics
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        return None
