@@ -99,3 +99,31 @@ def test_foreign_model_version_reads_as_unknown(outsider, model_version):
     )
     assert response.status_code == 400
     assert response.json()["error"]["fields"]["model_version"] == ["No such model version."]
+
+
+def test_shared_domain_golden_sets_join_every_evaluation_of_that_domain(
+    staff, scientist, model_version, django_capture_on_commit_callbacks
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.training_helpers import banking_slice
+
+    created = staff.api("post", "/api/v1/shared-datasets/",
+                        {"name": "banking-golden", "domain": "banking"})  # fmt: skip
+    assert created.status_code == 201, created.content
+    other = staff.api("post", "/api/v1/shared-datasets/", {"name": "retail-golden",
+                                                           "domain": "retail"}).json()  # fmt: skip
+    for dataset in (created.json()["id"], other["id"]):
+        files = {"file": SimpleUploadedFile("g.csv", banking_slice())}
+        upload = staff.client.post(f"/api/v1/shared-datasets/{dataset}/versions/", files)
+        assert upload.status_code == 201, upload.content
+    make_training_version(scientist, name="own-golden", kind="golden")
+    with django_capture_on_commit_callbacks(execute=False):
+        response = scientist.api("post", f"{API}/evaluations/", {"model_version": model_version.pk})
+    names = sorted(e["dataset"] for e in response.json()["evaluations"])
+    # acme is a banking tenant: its own golden set plus banking's shared one, not retail's.
+    assert names == ["banking-golden", "own-golden"]
+    # Tenants cannot read shared sets through their dataset endpoints.
+    listed = scientist.api("get", f"{API}/datasets/?kind=golden").json()
+    assert [d["name"] for d in listed["results"]] == ["own-golden"]
+    assert scientist.api("get", "/api/v1/shared-datasets/").status_code == 403

@@ -25,6 +25,8 @@ GOOD_CSV = b"text,label\nwhere is my card,card_arrival\nI lost my card,lost_card
 GLOBAL_ROUTES = {
     "api/v1/tenants/",
     "api/v1/base-models/",
+    "api/v1/shared-datasets/",
+    "api/v1/shared-datasets/<str:dataset_id>/versions/",
     "api/v1/tokens/",
     "api/v1/tokens/<str:token_id>/",
     "api/v1/schema/",
@@ -156,6 +158,10 @@ def test_global_routes_show_an_outsider_nothing_of_other_tenants(victim_objects,
     assert outsider.api("get", token_path).status_code == 404
     assert outsider.api("delete", token_path).status_code == 404
     assert ApiToken.objects.get(pk=victim_objects["token_id"]).revoked_at is None
+    # Shared golden sets are staff business: a tenant admin can neither list nor add to them.
+    assert outsider.api("get", "/api/v1/shared-datasets/").status_code == 403
+    assert outsider.api("post", "/api/v1/shared-datasets/", {"name": "x", "domain": "banking"}
+                        ).status_code == 403  # fmt: skip
     catalogue = outsider.api("get", "/api/v1/base-models/").json()
     assert {m["id"] for m in catalogue} >= {"tiny-bert"}  # shared catalogue, no tenant data
     for path in ("/api/v1/schema/", "/api/v1/docs/"):

@@ -84,6 +84,16 @@ urlpatterns = [
     path("tenants/", tenants_api.TenantListCreateApi.as_view(), name="tenant-list"),
     path("tenants/<slug:tenant>/", include(tenant_patterns)),
     path("base-models/", training_api.BaseModelListApi.as_view(), name="base-model-list"),
+    path(
+        "shared-datasets/",
+        datasets_api.SharedDatasetListCreateApi.as_view(),
+        name="shared-dataset-list",
+    ),
+    path(
+        "shared-datasets/<str:dataset_id>/versions/",
+        datasets_api.SharedDatasetVersionListCreateApi.as_view(),
+        name="shared-dataset-version-list",
+    ),
     path("tokens/", tenants_api.TokenListCreateApi.as_view(), name="token-list"),
     path("tokens/<str:token_id>/", tenants_api.TokenDetailApi.as_view(), name="token-detail"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -5,7 +5,7 @@ from typing import Any
 from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, parsers, serializers, status
+from rest_framework import generics, parsers, permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -177,35 +177,36 @@ class DatasetVersionListCreateApi(DatasetScopedMixin, generics.ListAPIView[Datas
         responses={201: DatasetVersionOutputSerializer, 200: DatasetVersionOutputSerializer},
     )
     def post(self, request: Request, tenant: str, dataset_id: str) -> Response:
-        dataset = self.get_dataset()
-        data = DatasetVersionUploadSerializer(data=request.data)
-        try:
-            data.is_valid(raise_exception=True)
-            upload = data.validated_data["file"]
-            if not isinstance(upload, HashedUploadedFile):
-                raise serializers.ValidationError(
-                    {"file": ["Upload the file as multipart/form-data."]}
-                )
-            result = services.dataset_version_create(
-                actor=request.user,
-                dataset=dataset,
-                path=upload.path,
-                sha256=upload.sha256,
-                size_bytes=upload.size or 0,
-                filename=upload.name or "",
-                fmt=data.validated_data["format"],
-                text_column=data.validated_data["text_column"].strip(),
-                label_column=data.validated_data["label_column"].strip(),
-                first_nul=upload.first_nul,
-                via=request_via(request),
-            )
-        finally:
-            for uploaded in request.FILES.values():
-                uploaded.close()
-        return Response(
-            DatasetVersionOutputSerializer(result.version).data,
-            status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK,
+        return _upload_version(request, self.get_dataset())
+
+
+def _upload_version(request: Request, dataset: Dataset) -> Response:
+    data = DatasetVersionUploadSerializer(data=request.data)
+    try:
+        data.is_valid(raise_exception=True)
+        upload = data.validated_data["file"]
+        if not isinstance(upload, HashedUploadedFile):
+            raise serializers.ValidationError({"file": ["Upload the file as multipart/form-data."]})
+        result = services.dataset_version_create(
+            actor=request.user,
+            dataset=dataset,
+            path=upload.path,
+            sha256=upload.sha256,
+            size_bytes=upload.size or 0,
+            filename=upload.name or "",
+            fmt=data.validated_data["format"],
+            text_column=data.validated_data["text_column"].strip(),
+            label_column=data.validated_data["label_column"].strip(),
+            first_nul=upload.first_nul,
+            via=request_via(request),
         )
+    finally:
+        for uploaded in request.FILES.values():
+            uploaded.close()
+    return Response(
+        DatasetVersionOutputSerializer(result.version).data,
+        status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK,
+    )
 
 
 class DatasetVersionDetailApi(DatasetScopedMixin, generics.GenericAPIView[DatasetVersion]):
@@ -236,3 +237,68 @@ class DatasetVersionDownloadApi(DatasetVersionDetailApi):
         response["ETag"] = f'"{found.sha256}"'
         response["X-Content-SHA256"] = found.sha256
         return response
+
+
+# --- shared domain golden sets (staff) --------------------------------------------------
+
+
+class SharedDatasetInputSerializer(serializers.Serializer[Any]):
+    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", max_length=100)
+    domain = serializers.RegexField(
+        r"^[a-z0-9-]{1,50}$", help_text="the vertical whose tenants are evaluated on it"
+    )
+    task = serializers.ChoiceField(choices=Task.choices, default=Task.TEXT_CLASSIFICATION)
+    description = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=5000
+    )
+
+
+class SharedDatasetListCreateApi(generics.ListAPIView[Dataset]):
+    """Golden sets owned by no tenant, one domain vertical each; staff manage them and every
+    tenant of that domain is evaluated on them (tenants cannot read them)."""
+
+    serializer_class = DatasetOutputSerializer
+    permission_classes = [permissions.IsAdminUser]
+
+    def get_queryset(self) -> Any:
+        return selectors.shared_datasets()
+
+    @extend_schema(request=SharedDatasetInputSerializer, responses={201: DatasetOutputSerializer})
+    def post(self, request: Request) -> Response:
+        data = SharedDatasetInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset = services.dataset_create(
+            actor=request.user,
+            tenant=None,
+            kind=DatasetKind.GOLDEN,
+            via=request_via(request),
+            **data.validated_data,
+        )
+        return Response(
+            DatasetOutputSerializer(selectors.shared_datasets().get(pk=dataset.pk)).data,
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class SharedDatasetVersionListCreateApi(generics.ListAPIView[DatasetVersion]):
+    serializer_class = DatasetVersionOutputSerializer
+    permission_classes = [permissions.IsAdminUser]
+    parser_classes = [parsers.MultiPartParser, parsers.FormParser]
+    kwargs: dict[str, Any]
+
+    def get_dataset(self) -> Dataset:
+        dataset = selectors.shared_datasets().filter(pk=self.kwargs["dataset_id"]).first()
+        if dataset is None:
+            raise Http404("No such shared dataset.")
+        return dataset
+
+    def get_queryset(self) -> Any:
+        if getattr(self, "swagger_fake_view", False):
+            return DatasetVersion.objects.none()
+        return selectors.versions_of(dataset=self.get_dataset())
+
+    @extend_schema(
+        request=DatasetVersionUploadSerializer, responses={201: DatasetVersionOutputSerializer}
+    )
+    def post(self, request: Request, dataset_id: str) -> Response:
+        return _upload_version(request, self.get_dataset())

@@ -22,7 +22,11 @@ class Dataset(models.Model):
     id = models.CharField(
         primary_key=True, max_length=32, default=ids.new_dataset_id, editable=False
     )
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="datasets")
+    # No tenant: a shared golden set of a domain vertical, managed by staff, that every
+    # tenant of that domain is evaluated on (and none can read).
+    tenant = models.ForeignKey(
+        "tenants.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="datasets"
+    )
     name = models.CharField(max_length=100)
     kind = models.CharField(max_length=16, choices=DatasetKind.choices)
     task = models.CharField(max_length=32, choices=Task.choices, default=Task.TEXT_CLASSIFICATION)
@@ -36,7 +40,14 @@ class Dataset(models.Model):
     class Meta:
         ordering = ["-created_at", "id"]
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "name"], name="dataset_name_unique_in_tenant")
+            models.UniqueConstraint(
+                fields=["tenant", "name"], name="dataset_name_unique_in_tenant"
+            ),
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=models.Q(tenant__isnull=True),
+                name="shared_dataset_name_unique",
+            ),
         ]
 
     def __str__(self) -> str:

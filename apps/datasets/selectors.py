@@ -15,6 +15,15 @@ def datasets_for_tenant(*, tenant: Tenant) -> QuerySet[Dataset]:
     )
 
 
+def shared_datasets() -> QuerySet[Dataset]:
+    """Golden sets owned by no tenant (one domain vertical each)."""
+    return (
+        Dataset.objects.filter(tenant__isnull=True)
+        .annotate(version_count=Count("versions"), latest_version=Max("versions__number"))
+        .order_by("domain", "name")
+    )
+
+
 def versions_of(*, dataset: Dataset) -> QuerySet[DatasetVersion]:
     return (
         DatasetVersion.objects.filter(dataset=dataset)

@@ -35,7 +35,7 @@ def _dataset_state(dataset: Dataset) -> dict[str, Any]:
 def dataset_create(
     *,
     actor: Any,
-    tenant: Tenant,
+    tenant: Tenant | None,
     name: str,
     kind: str,
     task: str,
@@ -166,7 +166,7 @@ def dataset_version_create(
     if existing is not None:
         return VersionResult(existing, created=False)
 
-    key = f"datasets/{dataset.tenant_id}/{dataset.pk}/{sha256}"
+    key = f"datasets/{dataset.tenant_id or 'shared'}/{dataset.pk}/{sha256}"
     store = get_store()
     store.put_file(key, path, move=True)
     try:

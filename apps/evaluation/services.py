@@ -32,8 +32,9 @@ GATE_OPS = (">=", ">", "<=", "<", "==")
 
 
 def default_evaluation_versions(*, tenant: Tenant) -> list[tuple[DatasetVersion, int | None]]:
-    """The latest version of each of the tenant's golden sets (all rows) and sample sets
-    (a random sample of ``EVALUATION_SAMPLE_ROWS``)."""
+    """The n+1 kinds of datasets a model must pass: the latest version of each of the
+    tenant's golden sets (all rows), of each shared golden set of the tenant's domain
+    vertical, and of each of its sample sets (a random ``EVALUATION_SAMPLE_ROWS`` rows)."""
     chosen: list[tuple[DatasetVersion, int | None]] = []
     latest = (
         DatasetVersion.objects.filter(
@@ -50,6 +51,21 @@ def default_evaluation_versions(*, tenant: Tenant) -> list[tuple[DatasetVersion,
             settings.EVALUATION_SAMPLE_ROWS if version.dataset.kind == DatasetKind.SAMPLE else None
         )
         chosen.append((version, sample))
+    if tenant.domain:
+        shared = (
+            DatasetVersion.objects.filter(
+                dataset__tenant__isnull=True,
+                dataset__domain=tenant.domain,
+                dataset__kind=DatasetKind.GOLDEN,
+            )
+            .values("dataset_id")
+            .annotate(n=Max("number"))
+        )
+        for row in shared:
+            version = DatasetVersion.objects.select_related("dataset").get(
+                dataset_id=row["dataset_id"], number=row["n"]
+            )
+            chosen.append((version, None))
     return sorted(chosen, key=lambda item: item[0].dataset.name)
 
 
