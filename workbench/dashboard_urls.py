@@ -3,6 +3,8 @@ from django.urls import include, path
 
 from apps.audit import views as audit_views
 from apps.datasets import views as dataset_views
+from apps.evaluation import views as evaluation_views
+from apps.promotions import views as promotion_views
 from apps.registry import views as registry_views
 from apps.tenants import views as tenant_views
 from apps.training import views as training_views
@@ -33,6 +35,19 @@ tenant_patterns = [
     path("members/<str:username>/role/", tenant_views.member_change_role, name="member-role-page"),
     path("members/<str:username>/remove/", tenant_views.member_remove, name="member-remove-page"),
     path("audit/", audit_views.audit_page, name="audit-page"),
+    path("reviews/", promotion_views.review_queue, name="review-queue-page"),
+    path("reviews/<str:promotion_id>/", promotion_views.review_detail, name="review-detail-page"),
+    path(
+        "reviews/<str:promotion_id>/approve/",
+        promotion_views.review_approve,
+        name="review-approve-page",
+    ),
+    path(
+        "reviews/<str:promotion_id>/reject/",
+        promotion_views.review_reject,
+        name="review-reject-page",
+    ),
+    path("policies/", evaluation_views.policies_page, name="policies-page"),
 ]
 
 urlpatterns = [

@@ -163,14 +163,16 @@ def _download(key: str, target: Path) -> Path:
 
 def execute(run_id: str, worker: str | None = None) -> str:
     """Claim and run ``run_id``; returns the run's status afterwards (or 'skipped')."""
+    close_old_connections()
+    # Claim first: importing torch and transformers takes seconds on a cold worker, and
+    # the run should show `running` (and stop looking queued) at once.
+    run = services.run_claim(run_id=run_id, worker=worker or worker_name())
+    if run is None:
+        return "skipped"
     from worker.footprint import measure_memory_bytes
     from worker.training.config import DataSpec, TrainConfig
     from worker.training.loop import train
 
-    close_old_connections()
-    run = services.run_claim(run_id=run_id, worker=worker or worker_name())
-    if run is None:
-        return "skipped"
     run = TrainingRun.objects.select_related(
         "tenant", "dataset_version__dataset", "validation_version__dataset"
     ).get(pk=run.pk)
