@@ -47,7 +47,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,17 +59,28 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from celery import shared_task
+
+from benchmarks._common import (
+    README,
+    commit,
+    cpu_model,
+    free_port,
+    gpu,
+    mem_total_gib,
+    process_tree,
+    record,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-README = ROOT / "benchmarks" / "README.md"
 BANKING77 = Path(
     os.environ.get(
         "BANKING77_TRAIN_CSV", ROOT.parent / "shared" / "datasets" / "banking77" / "train.csv"
     )
 )
-RESULTS_MARKER = "<!-- results: newest first; the benchmark inserts new entries below -->"
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 TARGET_S = 1.0  # POST runs/ -> running, p95
@@ -107,30 +117,6 @@ def probe(path: str, token: str) -> None:
 
 
 # --- the processes ------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                kids.extend(int(k) for k in fh.read().split())
-    return kids
-
-
-def process_tree(root: int) -> list[int]:
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(_children(pid))
-    return tree
 
 
 class Process:
@@ -291,7 +277,7 @@ class Stack:
         self.env = django_env(var_dir)
         self.env["CELERY_BROKER_URL"] = broker_url
         self.env["TRAINING_WORK_DIR"] = str(work / f"training-{broker}")
-        self.port = _free_port()
+        self.port = free_port()
         self.probe_file = work / f"probe-{broker}.log"
         self.probe_file.touch()
         self.web = Process(
@@ -527,61 +513,13 @@ def breakdown(results: Sequence[BrokerResults]) -> str:
     return "\n".join(rows)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total_gib() -> float:
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
-def _gpu() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "none"
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return "; ".join(out.stdout.strip().splitlines()) or "none"
-
-
-def _commit() -> str:
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if head.returncode != 0:
-        return "uncommitted"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
-
-
 def machine_facts() -> list[str]:
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return [
-        f"CPU: {_cpu_model()}, {usable} usable of {cores} cores",
-        f"memory: {_mem_total_gib():.1f} GiB",
-        f"GPU: {_gpu()} (the runs train on the CPU; they are cancelled once running)",
+        f"CPU: {cpu_model()}, {usable} usable of {cores} cores",
+        f"memory: {mem_total_gib():.1f} GiB",
+        f"GPU: {gpu()} (the runs train on the CPU; they are cancelled once running)",
         f"OS: {platform.platform()}; Python {platform.python_version()}",
     ]
 
@@ -633,19 +571,6 @@ def report(results: Sequence[BrokerResults], *, commit: str, when: str) -> tuple
     return text, ok
 
 
-def record(entry: str) -> None:
-    text = README.read_text(encoding="utf-8")
-    if RESULTS_MARKER not in text:
-        text = text.rstrip("\n") + f"\n\n## Results\n\n{RESULTS_MARKER}\n"
-    head, _, rest = text.partition(RESULTS_MARKER)
-    README.write_text(
-        f"{head}{RESULTS_MARKER}\n\n{entry}\n{rest.lstrip(chr(10))}", encoding="utf-8"
-    )
-
-
-# --- main ---------------------------------------------------------------------------------
-
-
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that clean up
 
@@ -694,7 +619,7 @@ def run(args: argparse.Namespace) -> int:
             stack = None
         entry, _ = report(
             results,
-            commit=_commit(),
+            commit=commit(),
             when=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         )
         print("\n" + entry)

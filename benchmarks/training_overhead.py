@@ -51,7 +51,6 @@ first); ``--quick`` records only with ``--record``. The temp dir is removed at e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import csv
 import datetime as dt
@@ -67,7 +66,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -79,14 +77,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import (
+    README,
+    commit,
+    cpu_model,
+    gpu,
+    mem_total_gib,
+    record,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "benchmarks" / "README.md"
 BANKING77 = Path(
     os.environ.get(
         "BANKING77_TRAIN_CSV", ROOT.parent / "shared" / "datasets" / "banking77" / "train.csv"
     )
 )
-RESULTS_MARKER = "<!-- results: newest first; the benchmark inserts new entries below -->"
 
 OVERHEAD_TARGET = 0.05  # project samples/s >= 0.95 x bare loop samples/s
 BASE_MODEL = "tiny-bert"
@@ -317,7 +324,7 @@ class Workbench:
                 "MLFLOW_TRACKING_URI": f"sqlite:///{self.var_dir / 'mlflow.db'}",
                 "PROMETHEUS_MULTIPROC_DIR": str(self.var_dir / "prometheus"),
                 "LOG_LEVEL": "WARNING",
-                "WORKBENCH_COMMIT": _commit(),  # not a git call per run
+                "WORKBENCH_COMMIT": commit(),  # not a git call per run
             }
         )
         sys.path.insert(0, str(ROOT))
@@ -769,66 +776,18 @@ def table(res: Results) -> tuple[str, bool]:
     return "\n".join(rows), ok
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total_gib() -> float:
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
-def _gpu() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "none"
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return "; ".join(out.stdout.strip().splitlines()) or "none"
-
-
-def _commit() -> str:
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if head.returncode != 0:
-        return "uncommitted"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
-
-
 def machine_facts(device: str) -> list[str]:
     import torch
 
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    gpu = _gpu()
+    gpus = gpu()
     where = "trained on the GPU" if device == "cuda" else "trained on the CPU"
     return [
-        f"CPU: {_cpu_model()}, {usable} usable of {cores} cores; torch threads: "
+        f"CPU: {cpu_model()}, {usable} usable of {cores} cores; torch threads: "
         f"{torch.get_num_threads()}",
-        f"memory: {_mem_total_gib():.1f} GiB",
-        f"GPU: {gpu} ({where})",
+        f"memory: {mem_total_gib():.1f} GiB",
+        f"GPU: {gpus} ({where})",
         f"OS: {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}",
     ]
 
@@ -897,16 +856,6 @@ def report(res: Results, *, commit: str, when: str, device: str, threads: int) -
         f"\nFixed costs per run (not in the throughput):\n\n{fixed_table(res.project, res.bare)}\n"
     )
     return text, ok
-
-
-def record(entry: str) -> None:
-    text = README.read_text(encoding="utf-8")
-    if RESULTS_MARKER not in text:
-        text = text.rstrip("\n") + f"\n\n## Results\n\n{RESULTS_MARKER}\n"
-    head, _, rest = text.partition(RESULTS_MARKER)
-    README.write_text(
-        f"{head}{RESULTS_MARKER}\n\n{entry}\n{rest.lstrip(chr(10))}", encoding="utf-8"
-    )
 
 
 def profile_callbacks(bench: Workbench, version: Any, params: dict[str, Any]) -> str:
@@ -990,7 +939,7 @@ def run(args: argparse.Namespace) -> int:
         res.load = (load_start, os.getloadavg()[0])
         entry, ok = report(
             res,
-            commit=_commit(),
+            commit=commit(),
             when=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             device=device,
             threads=args.threads,

@@ -38,7 +38,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,10 +49,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import (
+    README,
+    RESULTS_MARKER,
+    commit,
+    cpu_model,
+    free_port,
+    gpu,
+    mem_total_gib,
+    process_tree,
+    record,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OUT = ROOT / "benchmarks" / "out"
-README = ROOT / "benchmarks" / "README.md"
 STAGES_CONFIG = ROOT / "benchmarks" / "upload_stages_gunicorn.py"
 WEB_CONFIG = ROOT / "workbench" / "gunicorn_conf.py"
 BANKING77 = Path(
@@ -61,7 +73,6 @@ BANKING77 = Path(
         "BANKING77_TRAIN_CSV", ROOT.parent / "shared" / "datasets" / "banking77" / "train.csv"
     )
 )
-RESULTS_MARKER = "<!-- results: newest first; the benchmark inserts new entries below -->"
 
 MB = 1_000_000
 CHUNK = 1024 * 1024
@@ -170,12 +181,6 @@ print("BENCH-SETUP " + json.dumps({{"tenant": tenant.slug, "dataset": str(datase
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     """gunicorn with one sync worker on a private var dir, stopped with its whole group."""
 
@@ -219,7 +224,7 @@ class Server:
                 break
         else:
             raise RuntimeError("the setup script printed no BENCH-SETUP line")
-        self.port = _free_port()
+        self.port = free_port()
         return Target(self.port, facts["tenant"], facts["dataset"], facts["token"])
 
     def start(self) -> None:
@@ -286,37 +291,6 @@ class Server:
 
 
 # --- memory -------------------------------------------------------------------------------
-
-
-def _children(pid: int) -> list[int]:
-    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # kernel without the file
-        return _children_by_scan(pid)
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                kids.extend(int(k) for k in fh.read().split())
-    return kids
-
-
-def _children_by_scan(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as fh:
-                # the parent pid is the 2nd field after the ")" that closes the command name
-                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(entry))
-    return kids
-
-
-def process_tree(root: int) -> list[int]:
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(_children(pid))
-    return tree
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -504,61 +478,13 @@ def stage_table(res: Results) -> str:
     return "\n".join(rows)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total_gib() -> float:
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
-def _gpu() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "none"
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return "; ".join(out.stdout.strip().splitlines()) or "none"
-
-
-def _commit() -> str:
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if head.returncode != 0:
-        return "uncommitted"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
-
-
 def machine_facts() -> list[str]:
     cores = os.cpu_count() or 0
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return [
-        f"CPU: {_cpu_model()}, {usable} usable of {cores} cores",
-        f"memory: {_mem_total_gib():.1f} GiB",
-        f"GPU: {_gpu()} (this benchmark is CPU-only)",
+        f"CPU: {cpu_model()}, {usable} usable of {cores} cores",
+        f"memory: {mem_total_gib():.1f} GiB",
+        f"GPU: {gpu()} (this benchmark is CPU-only)",
         f"OS: {platform.platform()}; Python {platform.python_version()}",
     ]
 
@@ -609,19 +535,6 @@ sha256sum) and the peak RSS of the server's process tree (target < 300 MB) |
 
 {RESULTS_MARKER}
 """
-
-
-def record(entry: str) -> None:
-    text = README.read_text(encoding="utf-8") if README.exists() else README_INTRO
-    if RESULTS_MARKER not in text:
-        text = text.rstrip("\n") + f"\n\n## Results\n\n{RESULTS_MARKER}\n"
-    head, _, rest = text.partition(RESULTS_MARKER)
-    README.write_text(
-        f"{head}{RESULTS_MARKER}\n\n{entry}\n{rest.lstrip(chr(10))}", encoding="utf-8"
-    )
-
-
-# --- main ---------------------------------------------------------------------------------
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -686,12 +599,12 @@ def run(args: argparse.Namespace) -> int:
         entry, ok = report(
             res,
             reps=args.reps,
-            commit=_commit(),
+            commit=commit(),
             when=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         )
         print("\n" + entry)
         if args.record:
-            record(entry)
+            record(entry, intro=README_INTRO)
             print(f"recorded in {README.relative_to(ROOT)}")
         print("targets met" if ok else "target NOT met")
         return 0

@@ -1,0 +1,112 @@
+"""What every benchmark here shares: machine facts, process trees, the README entry."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "benchmarks" / "README.md"
+RESULTS_MARKER = "<!-- results: newest first; the benchmark inserts new entries below -->"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # kernel without the file
+        return _children_by_scan(pid)
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                kids.extend(int(k) for k in fh.read().split())
+    return kids
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as fh:
+                # the parent pid is the 2nd field after the ")" that closes the command name
+                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it."""
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(_children(pid))
+    return tree
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mem_total_gib() -> float:
+    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def gpu() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "none"
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "; ".join(out.stdout.strip().splitlines()) or "none"
+
+
+def commit() -> str:
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if head.returncode != 0:
+        return "uncommitted"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
+def record(entry: str, *, intro: str = "# Benchmarks\n") -> None:
+    """Insert ``entry`` at the top of the results in README.md (newest first)."""
+    text = README.read_text(encoding="utf-8") if README.exists() else intro
+    if RESULTS_MARKER not in text:
+        text = text.rstrip("\n") + f"\n\n## Results\n\n{RESULTS_MARKER}\n"
+    head, _, rest = text.partition(RESULTS_MARKER)
+    README.write_text(
+        f"{head}{RESULTS_MARKER}\n\n{entry}\n{rest.lstrip(chr(10))}", encoding="utf-8"
+    )
