@@ -25,30 +25,12 @@ from apps.registry.services import model_version_create
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services as training
-from tests.browser.test_datasets_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import PASSWORD, make_actor
 from tests.training_helpers import make_training_version
 
 pytestmark = pytest.mark.browser
 
 LABELS = ["card_lost", "balance", "refund"]
-
-
-@pytest.fixture
-def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """As in the datasets browser test: Playwright's sync API runs an event loop in this
-    thread, where Django's ORM would otherwise refuse to run."""
-    if not CHROMIUM.exists():
-        pytest.skip("needs Chromium at /usr/bin/chromium (Debian package 'chromium')")
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services
 from apps.training.models import RunStatus, TrainingRun
-from tests.browser.test_datasets_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import PASSWORD, make_actor
 from tests.training_helpers import make_training_version
 
@@ -29,23 +28,6 @@ pytestmark = pytest.mark.browser
 
 TRAIN_LOSS_STEPS = [5, 10, 15, 20, 25, 30]
 EPOCH_END_STEPS = [15, 30]
-
-
-@pytest.fixture
-def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """As in the datasets browser test: Playwright's sync API runs an event loop in this
-    thread, where Django's ORM would otherwise refuse to run."""
-    if not CHROMIUM.exists():
-        pytest.skip("needs Chromium at /usr/bin/chromium (Debian package 'chromium')")
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture
