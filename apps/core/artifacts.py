@@ -8,6 +8,7 @@ a user; ``_check_key`` still refuses anything that could escape the store's root
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -157,6 +158,17 @@ def store_from_url(url: str, endpoint_url: str | None = None) -> ArtifactStore:
             raise ImproperlyConfigured(f"ARTIFACT_STORE={url!r} names no bucket")
         return S3ArtifactStore(parsed.netloc, parsed.path, endpoint_url)
     raise ImproperlyConfigured(f"ARTIFACT_STORE={url!r}: use file:///path or s3://bucket/prefix")
+
+
+def download(key: str, target: Path) -> str:
+    """Copy the object at ``key`` to the local file ``target``; returns its sha256."""
+    digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        for chunk in get_store().iter_bytes(key):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
 
 
 @lru_cache(maxsize=4)

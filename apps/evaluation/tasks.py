@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import traceback
@@ -11,19 +10,10 @@ from pathlib import Path
 from celery import shared_task
 from django.conf import settings
 
-from apps.core.artifacts import get_store
+from apps.core.artifacts import download
 from apps.evaluation import services
 
 log = logging.getLogger(__name__)
-
-
-def _download(key: str, target: Path) -> str:
-    digest = hashlib.sha256()
-    with target.open("wb") as out:
-        for chunk in get_store().iter_bytes(key):
-            digest.update(chunk)
-            out.write(chunk)
-    return digest.hexdigest()
 
 
 @shared_task(
@@ -46,7 +36,7 @@ def run_evaluation(evaluation_id: str) -> str:
     work.mkdir(parents=True, exist_ok=True)
     try:
         version = evaluation.model_version
-        digest = _download(version.artifact_key, work / "model.tar")
+        digest = download(version.artifact_key, work / "model.tar")
         if digest != evaluation.artifact_sha256:
             raise RuntimeError(
                 f"the stored model's sha256 is {digest}, not the {evaluation.artifact_sha256} "
@@ -55,7 +45,7 @@ def run_evaluation(evaluation_id: str) -> str:
         model_dir = unpack(work / "model.tar", work / "model")
         data = evaluation.dataset_version
         path = work / f"data.{data.format}"
-        _download(data.storage_key, path)
+        download(data.storage_key, path)
         result = evaluate(
             model_dir,
             DataSpec(

@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from apps.core.artifacts import get_store
+from apps.core.artifacts import download, get_store
 from apps.training import services
 from apps.training.models import TrainingRun
 from apps.training.packaging import pack_dir, unpack
@@ -153,11 +153,8 @@ class RunCallbacks:
         self.log_line(f"checkpoint at step {step}")
 
 
-def _download(key: str, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("wb") as out:
-        for chunk in get_store().iter_bytes(key):
-            out.write(chunk)
+def _fetch(key: str, target: Path) -> Path:
+    download(key, target)
     return target
 
 
@@ -184,7 +181,7 @@ def execute(run_id: str, worker: str | None = None) -> str:
     try:
         version = run.dataset_version
         train_spec = DataSpec(
-            path=_download(version.storage_key, work / f"train.{version.format}"),
+            path=_fetch(version.storage_key, work / f"train.{version.format}"),
             text_column=version.text_column,
             label_column=version.label_column,
             format=version.format,
@@ -193,14 +190,14 @@ def execute(run_id: str, worker: str | None = None) -> str:
         if run.validation_version is not None:
             vv = run.validation_version
             validation_spec = DataSpec(
-                path=_download(vv.storage_key, work / f"validation.{vv.format}"),
+                path=_fetch(vv.storage_key, work / f"validation.{vv.format}"),
                 text_column=vv.text_column,
                 label_column=vv.label_column,
                 format=vv.format,
             )
         resume_dir = None
         if run.checkpoint_key:
-            archive = _download(run.checkpoint_key, work / "resume.tar")
+            archive = _fetch(run.checkpoint_key, work / "resume.tar")
             resume_dir = unpack(archive, work / "resume")
             callbacks.log_line(f"resuming from the checkpoint at step {run.checkpoint_step}")
         config = TrainConfig.from_dict({**run.params, "base_model": run.base_model})
