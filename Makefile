@@ -5,10 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# JupyterHub's proxy, from npm (package-lock.json pins it and what it needs).
+PROXY := node_modules/.bin/configurable-http-proxy
 
 .PHONY: install run test lint typecheck benchmark clean
 
-install: $(STAMP)
+install: $(STAMP) $(PROXY)
 
 # torch goes in first, pinned: pip then takes the CPU build from local disk, where an
 # unpinned torch (asked for by transformers or mlflow) would pull a multi-GB CUDA build.
@@ -18,6 +20,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(PROXY): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(PROXY)
 
 run: install
 	bash scripts/run.sh
@@ -38,4 +44,4 @@ benchmark: install
 	$(PY) benchmarks/upload_throughput.py
 
 clean:
-	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var/ node_modules/ .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,9 @@ from django.test import Client
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role, Tenant
 
+# A real JupyterHub on loopback (session fixture ``jupyterhub``, per test ``hub_settings``).
+pytest_plugins = ["tests.hub"]
+
 BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "banking77"
 PASSWORD = "correct-horse-battery-staple"
 
@@ -303,8 +306,12 @@ def worker_database_url(django_db_setup: Any, django_db_blocker: Any) -> str:
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(worker_database_url: str, mlflow_server: str, tmp_path_factory: Any):
-    """``celery -A workbench worker -Q default,gpu`` against the test database and broker."""
+def celery_worker_process(
+    worker_database_url: str, mlflow_server: str, ray_address: str, tmp_path_factory: Any
+):
+    """``celery -A workbench worker -Q default,gpu`` against the test database and broker,
+    deploying to the session's Ray (without RAY_ADDRESS a deployment task would start an
+    embedded Ray of its own)."""
     from workbench.celery import app
 
     # Start from an empty queue: leftovers of earlier runs would run against this test DB.
@@ -316,7 +323,42 @@ def celery_worker_process(worker_database_url: str, mlflow_server: str, tmp_path
         mlflow_url=mlflow_server,
         artifacts_root=tmp / "artifacts",
         # Heartbeats come every 2 s; a run silent for 5 s has lost its worker.
-        extra_env={"TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5"},
+        extra_env={"TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5", "RAY_ADDRESS": ray_address},
     )
     yield worker
     stop_worker(worker)
+
+
+# --- a real Ray head ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: Any):
+    """One private Ray head for the whole test session (``ray start --head --block`` in its
+    own session, with its own short temp dir); torn down by stopping only the processes it
+    started. Never ``ray stop``: that stops every Ray on the machine. Starting Ray takes
+    ~20 s and ~1 GB, hence one per session."""
+    import os
+    import uuid
+
+    from worker.serving import local_ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    head = local_ray.start_head(
+        temp_dir=local_ray.short_temp_dir(f"pytest-{os.getpid()}-{uuid.uuid4()}"),
+        log_path=tmp_path_factory.mktemp("ray") / "ray-head.log",
+        num_cpus=4,
+    )
+    local_ray.use_head_auth(head)  # this process and the workers it starts
+    yield head.address
+    import ray
+    from ray._private import auto_init_hook
+
+    # Serve's driver threads outlive the test; without this they would start a new Ray.
+    auto_init_hook.enable_auto_connect = False
+    if ray.is_initialized():
+        ray.shutdown()
+    local_ray.stop_head(head.pid)
+    import shutil
+
+    shutil.rmtree(head.temp_dir, ignore_errors=True)

@@ -114,7 +114,7 @@ def test_app_services_use_the_stack_postgres_redis_and_s3(
     assert urlparse(env["AWS_ENDPOINT_URL"]).hostname == "minio"
     assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
     assert urlparse(env["MLFLOW_TRACKING_URI"]).hostname == "mlflow"
-    assert urlparse(env["RAY_ADDRESS"]).hostname == "ray-head"
+    assert env["RAY_ADDRESS"] == "ray-head:6379"  # drivers join the cluster's GCS
     assert env["WORKBENCH_MODE"] == "production"
     assert env["ALLOWED_HOSTS"]
 
@@ -176,10 +176,11 @@ def test_cpu_services_reserve_no_gpu(config: dict[str, Any]) -> None:
         assert not gpu_reservation(config, service)
 
 
-def test_ray_services_use_the_ray_image_and_join_the_head(config: dict[str, Any]) -> None:
+def test_ray_services_run_the_workbench_image_and_join_the_head(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert services["ray-head"]["image"].startswith("rayproject/ray:")
-    assert services["ray-gpu-worker"]["image"].startswith("rayproject/ray:")
+    # Serve replicas import worker.serving; drivers need the cluster's Ray version.
+    assert services["ray-head"]["image"] == services["web"]["image"]
+    assert services["ray-gpu-worker"]["image"] == services["web"]["image"]
     assert "--head" in command(config, "ray-head")
     assert "--address=ray-head:6379" in command(config, "ray-gpu-worker")
 
@@ -234,8 +235,20 @@ def test_settings_accept_the_environment_compose_gives(
     # exactly what the container gets. Nothing connects to postgres, redis or minio here.
     key_file = tmp_path / "secret_key"
     key_file.write_text("k" * 20 + "-" + "s3cr3t-" * 8 + "\n")
+    given = environment(config, service)
+    secrets = {}  # every other docker secret (notebooks' hub token, OAuth secret), locally
+    for name, value in given.items():
+        if (
+            name.endswith("_FILE")
+            and value.startswith("/run/secrets/")
+            and name != "SECRET_KEY_FILE"
+        ):
+            local = tmp_path / value.rsplit("/", 1)[1]
+            local.write_text("ab" * 32 + "\n")
+            secrets[name] = str(local)
     env = {
-        **environment(config, service),
+        **given,
+        **secrets,
         "SECRET_KEY_FILE": str(key_file),
         "WORKBENCH_VAR_DIR": str(tmp_path / "var"),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),

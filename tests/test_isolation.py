@@ -14,7 +14,9 @@ import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from apps.datasets.models import Dataset, DatasetVersion
+from apps.deployments.models import Deployment
 from apps.evaluation.models import Evaluation, PromotionPolicy
+from apps.notebooks.models import DataAccessRequest, NotebookServer
 from apps.promotions.models import PromotionRequest
 from apps.tenants.models import ApiToken, Membership
 from apps.training.models import TrainingRun
@@ -28,6 +30,8 @@ GLOBAL_ROUTES = {
     "api/v1/shared-datasets/",
     "api/v1/shared-datasets/<str:dataset_id>/versions/",
     "api/v1/tokens/",
+    # Fleet-wide; another tenant's models are counted, never named (test_deployments_api).
+    "api/v1/fleet/",
     "api/v1/tokens/<str:token_id>/",
     "api/v1/schema/",
     "api/v1/docs/",
@@ -86,7 +90,22 @@ def victim_objects(admin, scientist, training_dataset, upload) -> dict[str, str]
         tenant=version.dataset.tenant, model_version=model_version, target="staging",
         artifact_sha256=model_version.sha256, status="awaiting_approval",
     )  # fmt: skip
+    deployment = Deployment.objects.create(
+        tenant=version.dataset.tenant, model_version=model_version, environment="staging",
+        artifact_sha256=model_version.sha256, status="warm",
+    )  # fmt: skip
+    access_request = DataAccessRequest.objects.create(
+        tenant=version.dataset.tenant, dataset=version.dataset, requested_by=scientist.user,
+        purpose="explore",
+    )  # fmt: skip
+    notebook = NotebookServer.objects.create(
+        tenant=version.dataset.tenant, user=scientist.user, hub_user="sam", server_name="nb-x"
+    )
     return {
+        "deployment_id": deployment.pk,
+        "notebook_id": notebook.pk,
+        "request_id": access_request.pk,
+        "version_id": version.pk,
         "promotion_id": promotion.pk,
         "evaluation_id": evaluation.pk,
         "model_kind": "classifier",
@@ -121,6 +140,10 @@ def snapshot() -> tuple[int, ...]:
         PromotionPolicy.objects.count(),
         PromotionRequest.objects.count(),
         PromotionRequest.objects.filter(status="awaiting_approval").count(),
+        Deployment.objects.count(),
+        Deployment.objects.filter(status="warm").count(),
+        NotebookServer.objects.filter(status="starting").count(),
+        DataAccessRequest.objects.filter(status="requested").count(),
     )
 
 

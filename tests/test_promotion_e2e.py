@@ -1,5 +1,6 @@
 """Train, evaluate on a golden set on a real worker, pass the gates, approve: the MLflow
-registry alias moves to the approved version."""
+registry alias moves to the approved version, and the worker deploys it onto the real Ray
+fleet, where it answers the REST API's predict like the evaluation said it would."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.celery_worker
 API = "/api/v1/tenants/acme"
 
 
-def test_promotion_end_to_end_moves_the_mlflow_alias(
-    celery_worker_process, mlflow_server, scientist, reviewer, admin, settings
+def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
+    celery_worker_process, mlflow_server, ray_address, scientist, reviewer, admin, settings
 ):
+    from apps.deployments.backends import reset_backend
+
     settings.ARTIFACT_STORE = f"file://{celery_worker_process.artifacts_root}"
     settings.MLFLOW_TRACKING_URI = mlflow_server
+    settings.RAY_ADDRESS = ray_address
+    reset_backend()
     train_version = make_training_version(scientist, content=banking_slice(per_label=40))
     make_training_version(scientist, name="golden", kind="golden",
                           content=banking_slice(per_label=10, offset=40))  # fmt: skip
@@ -52,7 +57,7 @@ def test_promotion_end_to_end_moves_the_mlflow_alias(
     assert metrics["mlflow_logged"] is True
 
     approved = reviewer.api("post", f"{API}/promotions/{promotion_id}/approve", {"comment": "ok"})
-    assert approved.status_code == 200 and approved.json()["status"] == "approved"
+    assert approved.status_code == 200 and approved.json()["status"] == "deploying"
 
     from mlflow.tracking import MlflowClient
 
@@ -61,6 +66,26 @@ def test_promotion_end_to_end_moves_the_mlflow_alias(
     assert aliased == version.mlflow_version
     mlflow_run = client.get_run(TrainingRun.objects.get(pk=run_id).mlflow_run_id)
     assert "eval.golden.macro_f1" in mlflow_run.data.metrics
+
+    # The worker deploys it: loaded on the fleet, warmed up with the golden samples.
+    def deployed() -> str | None:
+        status = scientist.api("get", f"{API}/promotions/{promotion_id}/").json()["status"]
+        return status if status != "deploying" else None
+
+    outcome = wait_for(deployed, timeout=240)
+    assert outcome == "done", scientist.api("get", f"{API}/deployments/").json()
+    (deployment,) = scientist.api("get", f"{API}/deployments/").json()["results"]
+    assert deployment["status"] == "warm" and deployment["environment"] == "staging"
+    detail = scientist.api("get", f"{API}/deployments/{deployment['id']}/").json()
+    (warmup,) = detail["warmups"]
+    assert warmup["ok"] and warmup["samples"] == len(evaluation.samples) > 0
+    samples = evaluation.samples[:5]
+    body = {"inputs": [s["text"] for s in samples], "environment": "staging"}
+    answer = scientist.api("post", f"{API}/models/promoted/predict", body)
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["model_version"] == version.pk
+    assert [o["label"] for o in answer.json()["outputs"]] == [s["predicted"] for s in samples]
+    reset_backend()
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:

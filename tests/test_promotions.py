@@ -10,6 +10,7 @@ from django.db import connection
 
 from apps.audit.models import AuditEvent
 from apps.datasets.models import DatasetVersion
+from apps.deployments.models import Deployment
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.promotions import services
 from apps.promotions.gates import check_gates
@@ -139,14 +140,20 @@ def test_approval_sets_the_stage_and_a_second_decision_is_409(
         response = reviewer.api("post", f"{API}/promotions/{requested}/approve", {"comment": "ok"})
     assert response.status_code == 200, response.content
     body = response.json()
-    assert body["status"] == "approved" and body["decided_by"] == "rita"
+    # Approved, and on its way to the fleet: the request follows its deployment.
+    assert body["status"] == "deploying" and body["decided_by"] == "rita"
     assert body["artifact_sha256"] == candidate.sha256
+    deployment = Deployment.objects.get(promotion_id=requested)
+    assert deployment.status == "pending" and deployment.environment == "staging"
+    assert deployment.artifact_sha256 == candidate.sha256
     candidate.refresh_from_db()
     assert candidate.stage == "staging" and "staging" in candidate.aliases
     again = admin.api("post", f"{API}/promotions/{requested}/reject", {"comment": "no"})
-    assert again.status_code == 409 and again.json()["error"]["status"] == "approved"
+    assert again.status_code == 409 and again.json()["error"]["status"] == "deploying"
     assert AuditEvent.objects.filter(object_id=requested, verb="promotion.approved").count() == 1
-    assert any("sam@example.com" in m.to for m in mail.outbox), [m.to for m in mail.outbox]
+    (told,) = [m for m in mail.outbox if "sam@example.com" in m.to]
+    assert told.subject == "[workbench] your staging request was approved"
+    assert "being deployed to staging" in told.body
 
 
 @pytest.mark.django_db

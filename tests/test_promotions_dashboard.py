@@ -155,6 +155,9 @@ def test_queue_counts_and_filter(awaiting, scientist, tenant, reviewer):
         "awaiting_approval": 1,
         "checking": 1,
         "gates_failed": 1,
+        "deploying": 0,
+        "done": 0,
+        "failed": 0,
         "approved": 0,
         "rejected": 0,
     }
@@ -190,12 +193,12 @@ def test_reviewer_approves_from_the_queue(awaiting, reviewer, candidate):
     assert response.redirect_chain[-1][0] == f"{BASE}/reviews/"
     assert any("approved for staging" in m for m in messages_of(response))
     promotion = PromotionRequest.objects.get(pk=awaiting.pk)
-    assert promotion.status == "approved" and promotion.decided_by == reviewer.user
+    assert promotion.status == "deploying" and promotion.decided_by == reviewer.user
     assert promotion.decision_comment == "ship it"
     candidate.refresh_from_db()
     assert candidate.stage == "staging"
     assert AuditEvent.objects.filter(object_id=awaiting.pk, verb="promotion.approved").exists()
-    assert response.context["counts"]["approved"] == 1
+    assert response.context["counts"]["deploying"] == 1
 
 
 @pytest.mark.django_db
@@ -242,7 +245,7 @@ def test_a_second_decision_shows_the_conflict(awaiting, reviewer, admin):
     assert login(reviewer).post(url, {}).status_code == 302
     response = login(admin).post(url, {}, follow=True)
     errors = messages_of(response)
-    assert any("This request is approved" in m for m in errors), errors
+    assert any("This request is deploying" in m for m in errors), errors
     assert AuditEvent.objects.filter(object_id=awaiting.pk, verb="promotion.approved").count() == 1
 
 

@@ -174,3 +174,44 @@ def test_upload_limit_from_the_environment_is_used(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert last_line(result.stdout) == "1000000"
+
+
+def test_sagemaker_backend_without_its_settings_is_refused(tmp_path: Path) -> None:
+    result = manage(tmp_path, ["check"], SERVING_BACKEND="sagemaker", SAGEMAKER_BUCKET="models")
+    assert_refused(result, "SAGEMAKER_ROLE_ARN", "SAGEMAKER_IMAGE_URI")
+
+
+def test_unknown_serving_backend_is_refused(tmp_path: Path) -> None:
+    assert_refused(manage(tmp_path, ["check"], SERVING_BACKEND="triton"), "SERVING_BACKEND")
+
+
+def test_sagemaker_backend_is_built_from_the_settings(tmp_path: Path) -> None:
+    code = (
+        "from apps.deployments.backends import get_backend; b = get_backend(); "
+        "print(type(b).__name__, b.endpoint_name('classifier'))"
+    )
+    result = manage(
+        tmp_path,
+        ["shell", "-c", code],
+        SERVING_BACKEND="sagemaker",
+        SAGEMAKER_BUCKET="models",
+        SAGEMAKER_ROLE_ARN="arn:aws:iam::123456789012:role/sm",
+        SAGEMAKER_IMAGE_URI="123456789012.dkr.ecr.us-east-1.amazonaws.com/wb:1",
+        SAGEMAKER_ENDPOINT_PREFIX="acme-prod",
+    )
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "SageMakerFleet acme-prod-classifier"
+
+
+def test_the_embedded_broker_takes_a_task(tmp_path: Path) -> None:
+    """No CELERY_BROKER_URL: tasks go to the SQLite-backed broker under the var dir."""
+    code = (
+        "from workbench.celery import app; "
+        "app.send_task('core.cleanup_stale_uploads'); "
+        "import sqlite3; from django.conf import settings; "
+        "db = settings.CELERY_BROKER_URL.removeprefix('sqla+sqlite:///'); "
+        "print(sqlite3.connect(db).execute('select count(*) from kombu_message').fetchone()[0])"
+    )
+    result = manage(tmp_path, ["shell", "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "1"

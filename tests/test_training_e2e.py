@@ -22,6 +22,14 @@ def run_status(run_id: str) -> str:
     return TrainingRun.objects.get(pk=run_id).status
 
 
+def launch(actor, version_id: str, **params) -> str:
+    """POST a tiny-bert run with these params; its id."""
+    body = {"dataset_version": version_id, "base_model": "tiny-bert", "params": params}
+    response = actor.api("post", RUNS, body)
+    assert response.status_code == 202, response.content
+    return str(response.json()["id"])
+
+
 def test_a_run_trains_on_a_worker_and_registers_one_model_version(
     celery_worker_process, mlflow_server, scientist, settings, tmp_path
 ):
@@ -42,6 +50,7 @@ def test_a_run_trains_on_a_worker_and_registers_one_model_version(
                 "max_length": 32,
                 "learning_rate": 0.003,
                 "checkpoint_every_steps": 5,
+                "checkpoint_min_seconds": 0,
             },
         },
     )
@@ -102,15 +111,7 @@ def test_a_run_trains_on_a_worker_and_registers_one_model_version(
 def test_cancel_stops_a_running_run_within_seconds(celery_worker_process, scientist, settings):
     settings.ARTIFACT_STORE = f"file://{celery_worker_process.artifacts_root}"
     version_id = make_training_version(scientist)
-    run_id = scientist.api(
-        "post",
-        RUNS,
-        {
-            "dataset_version": version_id,
-            "base_model": "tiny-bert",
-            "params": {"epochs": 100, "batch_size": 4},
-        },
-    ).json()["id"]
+    run_id = launch(scientist, version_id, epochs=100, batch_size=4)
     wait_for(lambda: TrainingRun.objects.get(pk=run_id).progress.get("step", 0) > 2, timeout=120)
     response = scientist.api("post", f"{RUNS}{run_id}/cancel")
     assert response.status_code == 200
@@ -124,15 +125,15 @@ def test_a_killed_worker_resumes_from_its_checkpoint_on_another(
     root = celery_worker_process.artifacts_root
     settings.ARTIFACT_STORE = f"file://{root}"
     version_id = make_training_version(scientist)
-    run_id = scientist.api(
-        "post",
-        RUNS,
-        {
-            "dataset_version": version_id,
-            "base_model": "tiny-bert",
-            "params": {"epochs": 8, "batch_size": 8, "checkpoint_every_steps": 4},
-        },
-    ).json()["id"]
+    # Every 4 steps however fast they go: the kill must find a mid-run checkpoint.
+    run_id = launch(
+        scientist,
+        version_id,
+        epochs=8,
+        batch_size=8,
+        checkpoint_every_steps=4,
+        checkpoint_min_seconds=0,
+    )
     wait_for(lambda: (TrainingRun.objects.get(pk=run_id).checkpoint_step or 0) >= 8, timeout=180)
     # SIGKILL the whole worker (main process and pool), as a spot reclaim would.
     stop_worker(celery_worker_process, kill=True)
@@ -159,3 +160,36 @@ def test_a_killed_worker_resumes_from_its_checkpoint_on_another(
     assert AuditEvent.objects.filter(object_id=run_id, verb="run.requeue").count() == 1
     assert ModelVersion.objects.filter(run_id=run_id).count() == 1
     assert run.progress["step"] == run.progress["total_steps"]
+
+
+def test_a_checkpoint_that_cannot_be_stored_fails_the_run_with_the_reason(
+    celery_worker_process, scientist, settings, tenant
+):
+    root = celery_worker_process.artifacts_root
+    settings.ARTIFACT_STORE = f"file://{root}"
+    version_id = make_training_version(scientist)
+    # A real failure of the worker's store: where this tenant's checkpoints go, a file.
+    blocker = root / "runs" / tenant.pk
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")
+    try:
+        run_id = launch(
+            scientist,
+            version_id,
+            epochs=3,
+            batch_size=8,
+            checkpoint_every_steps=5,
+            checkpoint_min_seconds=0,
+        )
+        wait_for(lambda: run_status(run_id) in ("succeeded", "failed"), timeout=180)
+    finally:
+        blocker.unlink()
+    run = TrainingRun.objects.get(pk=run_id)
+    assert run.status == "failed", celery_worker_process.log()[-3000:]
+    first_line = run.error.splitlines()[0]
+    assert "ReportingError: the checkpoint at step 5 failed: NotADirectoryError" in first_line, (
+        run.error
+    )
+    # Nothing half-done was recorded: no checkpoint to resume from, no model version.
+    assert not run.checkpoint_key and run.checkpoint_step is None
+    assert not ModelVersion.objects.filter(run_id=run_id).exists()

@@ -3,7 +3,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.audit.api import AuditEventListApi
 from apps.datasets import api as datasets_api
+from apps.deployments import api as deployments_api
 from apps.evaluation import api as evaluation_api
+from apps.notebooks.urls import api_tenant_patterns as notebook_patterns
 from apps.promotions import api as promotions_api
 from apps.registry import api as registry_api
 from apps.tenants import api as tenants_api
@@ -78,6 +80,29 @@ tenant_patterns = [
         registry_api.ModelVersionDetailApi.as_view(),
         name="model-version-detail",
     ),
+    path("models/<str:name>/predict", deployments_api.ModelPredictApi.as_view(), name="predict"),
+    path("deployments/", deployments_api.DeploymentListApi.as_view(), name="deployment-list"),
+    path(
+        "deployments/<str:deployment_id>/",
+        deployments_api.DeploymentDetailApi.as_view(),
+        name="deployment-detail",
+    ),
+    path(
+        "deployments/<str:deployment_id>/warmup",
+        deployments_api.DeploymentWarmupApi.as_view(),
+        name="deployment-warmup",
+    ),
+    path(
+        "deployments/<str:deployment_id>/rollback",
+        deployments_api.DeploymentRollbackApi.as_view(),
+        name="deployment-rollback",
+    ),
+    path(
+        "deployments/<str:deployment_id>/retire",
+        deployments_api.DeploymentRetireApi.as_view(),
+        name="deployment-retire",
+    ),
+    *notebook_patterns,
 ]
 
 urlpatterns = [
@@ -94,6 +119,7 @@ urlpatterns = [
         datasets_api.SharedDatasetVersionListCreateApi.as_view(),
         name="shared-dataset-version-list",
     ),
+    path("fleet/", deployments_api.FleetApi.as_view(), name="fleet"),
     path("tokens/", tenants_api.TokenListCreateApi.as_view(), name="token-list"),
     path("tokens/<str:token_id>/", tenants_api.TokenDetailApi.as_view(), name="token-detail"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -3,7 +3,9 @@ from django.urls import include, path
 
 from apps.audit import views as audit_views
 from apps.datasets import views as dataset_views
+from apps.deployments import views as deployment_views
 from apps.evaluation import views as evaluation_views
+from apps.notebooks.urls import dashboard_tenant_patterns as notebook_pages
 from apps.promotions import views as promotion_views
 from apps.registry import views as registry_views
 from apps.tenants import views as tenant_views
@@ -48,6 +50,28 @@ tenant_patterns = [
         name="review-reject-page",
     ),
     path("policies/", evaluation_views.policies_page, name="policies-page"),
+    path("deployments/", deployment_views.deployment_list, name="deployment-list-page"),
+    path(
+        "deployments/<str:deployment_id>/",
+        deployment_views.deployment_detail,
+        name="deployment-detail-page",
+    ),
+    path(
+        "deployments/<str:deployment_id>/warmup/",
+        deployment_views.deployment_warmup,
+        name="deployment-warmup-page",
+    ),
+    path(
+        "deployments/<str:deployment_id>/rollback/",
+        deployment_views.deployment_rollback,
+        name="deployment-rollback-page",
+    ),
+    path(
+        "deployments/<str:deployment_id>/retire/",
+        deployment_views.deployment_retire,
+        name="deployment-retire-page",
+    ),
+    *notebook_pages,
 ]
 
 urlpatterns = [
@@ -55,6 +79,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("tokens/", tenant_views.tokens_page, name="tokens-page"),
     path("tokens/<str:token_id>/revoke/", tenant_views.token_revoke, name="token-revoke-page"),
+    path("fleet/", deployment_views.fleet_page, name="fleet-page"),
     path("t/<slug:tenant>/", include(tenant_patterns)),
     path("", tenant_views.home, name="home"),
 ]

@@ -59,6 +59,9 @@ INSTALLED_APPS = [
     "apps.registry",
     "apps.evaluation",
     "apps.promotions",
+    "apps.deployments",
+    "oauth2_provider",
+    "apps.notebooks",
 ]
 
 # The test suite adds a small app whose rows reference dataset versions the way training
@@ -175,19 +178,122 @@ MLFLOW_UI_URL = env_str("MLFLOW_UI_URL", "")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# --- serving fleet --------------------------------------------------------------------
+# "ray": Ray Serve, on the cluster at RAY_ADDRESS, or (blank) a local Ray the first
+# deployment starts in the background under SERVING_LOCAL_DIR. "sagemaker": SageMaker
+# multi-model endpoints (the SAGEMAKER_* settings).
+SERVING_BACKEND = env_choice("SERVING_BACKEND", "ray", ("ray", "sagemaker"))
+RAY_ADDRESS = env_str("RAY_ADDRESS", "")
+RAY_NAMESPACE = env_str("RAY_NAMESPACE", "workbench")
+SERVING_LOCAL_DIR = Path(env_str("SERVING_LOCAL_DIR", str(VAR_DIR / "ray")))
+# Capacity of a pool when it is first used (then edited per pool).
+SERVING_REPLICA_MEMORY_BYTES = env_int("SERVING_REPLICA_MEMORY_BYTES", 512 * 1024**2, minimum=1)
+SERVING_MAX_SETS = env_int("SERVING_MAX_SETS", 4, minimum=1)
+SERVING_TAIL_MEMORY_BYTES = env_int("SERVING_TAIL_MEMORY_BYTES", 256 * 1024**2, minimum=1)
+SERVING_MIN_REPLICAS = env_int("SERVING_MIN_REPLICAS", 1, minimum=1)
+SERVING_MAX_REPLICAS = env_int("SERVING_MAX_REPLICAS", 2, minimum=1)
+# SageMaker multi-model endpoints (SERVING_BACKEND=sagemaker): one endpoint per model kind,
+# named <SAGEMAKER_ENDPOINT_PREFIX>-<kind>, its models under s3://<bucket>/<prefix>/<kind>/.
+SAGEMAKER_OPTIONS = {
+    "region": env_str("SAGEMAKER_REGION", "us-east-1"),
+    "bucket": env_str("SAGEMAKER_BUCKET", ""),
+    "prefix": env_str("SAGEMAKER_PREFIX", "serving"),
+    "role_arn": env_str("SAGEMAKER_ROLE_ARN", ""),
+    "image_uri": env_str("SAGEMAKER_IMAGE_URI", ""),
+    "instance_type": env_str("SAGEMAKER_INSTANCE_TYPE", "ml.m5.large"),
+    "endpoint_prefix": env_str("SAGEMAKER_ENDPOINT_PREFIX", "workbench"),
+    "endpoint_url": env_str("SAGEMAKER_ENDPOINT_URL", "") or None,
+    # The workbench's own artifact store (e.g. MinIO) may not be AWS's S3.
+    "artifact_endpoint_url": AWS_ENDPOINT_URL,
+    "predict_timeout_s": env_int("SAGEMAKER_PREDICT_TIMEOUT_SECONDS", 120, minimum=1),
+}
+if SERVING_BACKEND == "sagemaker":
+    _missing = [
+        f"SAGEMAKER_{k.upper()}"
+        for k in ("bucket", "role_arn", "image_uri")
+        if not SAGEMAKER_OPTIONS[k]
+    ]
+    if _missing:
+        raise ImproperlyConfigured(f"SERVING_BACKEND=sagemaker needs {', '.join(_missing)}")
+DEPLOYMENT_WARMUP_SAMPLES = env_int("DEPLOYMENT_WARMUP_SAMPLES", 16, minimum=1)
+DEPLOYMENT_LOAD_TIMEOUT_SECONDS = env_int("DEPLOYMENT_LOAD_TIMEOUT_SECONDS", 300, minimum=1)
+# A deployment task killed mid-load is taken up again once its lease has run out.
+DEPLOYMENT_LEASE_SECONDS = env_int("DEPLOYMENT_LEASE_SECONDS", 600, minimum=10)
+DEPLOYMENT_REWARM_SECONDS = env_int("DEPLOYMENT_REWARM_SECONDS", 3600, minimum=10)
+FLEET_CHECK_SECONDS = env_int("FLEET_CHECK_SECONDS", 30, minimum=1)
+# A replica restarting this many times within an hour raises an alert.
+FLEET_RESTART_ALERT_COUNT = env_int("FLEET_RESTART_ALERT_COUNT", 3, minimum=1)
+PREDICT_MAX_INPUTS = env_int("PREDICT_MAX_INPUTS", 64, minimum=1)
+PREDICT_MAX_INPUT_CHARS = env_int("PREDICT_MAX_INPUT_CHARS", 2000, minimum=1)
+
+# --- notebooks (JupyterHub) -----------------------------------------------------------
+# Where the workbench calls JupyterHub's REST API, and where users' browsers open it.
+JUPYTERHUB_URL = env_str("JUPYTERHUB_URL", "http://127.0.0.1:8001").rstrip("/")
+JUPYTERHUB_PUBLIC_URL = env_str("JUPYTERHUB_PUBLIC_URL", JUPYTERHUB_URL).rstrip("/")
+# The workbench's token as a JupyterHub service (the hub reads the same value); empty:
+# notebooks are off and starting one answers 503.
+JUPYTERHUB_API_TOKEN = env_str("JUPYTERHUB_API_TOKEN", "")
+# Hex, 32 bytes or more; empty: the hub keeps its own in a file next to its database.
+JUPYTERHUB_COOKIE_SECRET = env_str("JUPYTERHUB_COOKIE_SECRET", "")
+try:
+    _cookie_secret_bytes = len(bytes.fromhex(JUPYTERHUB_COOKIE_SECRET))
+except ValueError:
+    _cookie_secret_bytes = -1
+if JUPYTERHUB_COOKIE_SECRET and _cookie_secret_bytes < 32:
+    raise ImproperlyConfigured("JUPYTERHUB_COOKIE_SECRET must be 32 or more bytes, hex-encoded")
+# The hub signs users in through the workbench (OAuth 2): its client id and secret.
+JUPYTERHUB_OAUTH_CLIENT_ID = env_str("JUPYTERHUB_OAUTH_CLIENT_ID", "jupyterhub")
+JUPYTERHUB_OAUTH_CLIENT_SECRET = env_str("JUPYTERHUB_OAUTH_CLIENT_SECRET", "")
+# How notebook servers and the hub reach the workbench (its public URL).
+WORKBENCH_URL = env_str("WORKBENCH_URL", "http://127.0.0.1:8000").rstrip("/")
+NOTEBOOK_IDLE_TIMEOUT_SECONDS = env_int("NOTEBOOK_IDLE_TIMEOUT_SECONDS", 3600, minimum=60)
+NOTEBOOK_MAX_AGE_SECONDS = env_int("NOTEBOOK_MAX_AGE_SECONDS", 8 * 3600, minimum=300)
+NOTEBOOK_MAX_SERVERS_PER_USER = env_int("NOTEBOOK_MAX_SERVERS_PER_USER", 2, minimum=1)
+# A server's API token outlives the server's maximum age a little, never much more: the
+# token is revoked when the server stops, and expiry covers a stop the workbench missed.
+NOTEBOOK_TOKEN_LIFETIME_SECONDS = env_int(
+    "NOTEBOOK_TOKEN_LIFETIME_SECONDS", NOTEBOOK_MAX_AGE_SECONDS + 900, minimum=60
+)
+# Redirect URIs the OAuth provider accepts: https only in production (RFC 9700).
+OAUTH_REDIRECT_SCHEMES = env_list(
+    "OAUTH_REDIRECT_SCHEMES", ["https"] if PRODUCTION else ["http", "https"]
+)
+if not OAUTH_REDIRECT_SCHEMES or set(OAUTH_REDIRECT_SCHEMES) - {"http", "https"}:
+    raise ImproperlyConfigured("OAUTH_REDIRECT_SCHEMES must list http and/or https")
+OAUTH2_PROVIDER = {
+    "SCOPES": {"profile": "Your username, e-mail address and tenants"},
+    "DEFAULT_SCOPES": ["profile"],
+    "ACCESS_TOKEN_EXPIRE_SECONDS": 3600,
+    "PKCE_REQUIRED": True,
+    "ALLOWED_REDIRECT_URI_SCHEMES": OAUTH_REDIRECT_SCHEMES,
+    "REFRESH_TOKEN_REUSE_PROTECTION": True,
+    # The secure behaviours of RFC 9700 (OAuth 2.0 security BCP), ahead of their default.
+    **{
+        f"COMPLIANT_BCP_RFC9700_{name}": True
+        for name in (
+            "IMPLICIT_GRANT",
+            "PASSWORD_GRANT",
+            "PKCE_METHOD",
+            "ACCESS_TOKEN_TRANSPORT",
+            "AUTHZ_RESPONSE_ISS",
+            "TOKEN_STORAGE",
+        )
+    },
+}
+
 # --- celery ---------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str(
     "CELERY_BROKER_URL", f"sqla+sqlite:///{VAR_DIR / 'celery-broker.sqlite3'}"
 )
-if CELERY_BROKER_URL.startswith("sqla+"):
-    # The embedded broker polls its table; kombu's default of once a second put a second
-    # on every hop (measured: POST runs/ -> running 1.4 s p50, against 0.1 s on Redis).
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"polling_interval": 0.1}
+# (The embedded sqla broker's polling interval is set in workbench/celery.py.)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 300, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 360, minimum=1)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Keep the real stdout/stderr in worker processes: Ray's driver (deployment tasks) enables
+# faulthandler on sys.stderr, which Celery's logging proxy cannot give a file number.
+CELERY_WORKER_REDIRECT_STDOUTS = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
@@ -196,6 +302,15 @@ CELERY_BEAT_SCHEDULE = {
     "requeue-stale-runs": {"task": "training.requeue_stale", "schedule": 10.0},
     "dispatch-runs": {"task": "training.dispatch", "schedule": 30.0},
     "check-waiting-promotions": {"task": "promotions.check_waiting", "schedule": 30.0},
+    # Re-warm every warm deployment on a schedule, and watch the fleet for restarted
+    # replicas (re-warmed at once) and deployments whose loading task died.
+    "rewarm-deployments": {
+        "task": "deployments.rewarm_all",
+        "schedule": float(DEPLOYMENT_REWARM_SECONDS),
+    },
+    "check-fleet": {"task": "deployments.check_fleet", "schedule": float(FLEET_CHECK_SECONDS)},
+    # Servers stopped by the hub (idle culler, maximum age) lose their API token here.
+    "sync-notebooks": {"task": "notebooks.sync", "schedule": 30.0},
 }
 CELERY_TASK_ROUTES = {
     "training.execute_run": {"queue": TRAINING_QUEUE},
@@ -218,7 +333,10 @@ REST_FRAMEWORK = {
         "apps.tenants.auth.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "apps.notebooks.permissions.NotebookTokenLimits",
+    ],
     "DEFAULT_PAGINATION_CLASS": "apps.core.api.Pagination",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -241,6 +359,11 @@ SPECTACULAR_SETTINGS = {
         "RunStatusEnum": "apps.training.models.RunStatus",
         "EvaluationStatusEnum": "apps.evaluation.models.EvalStatus",
         "PromotionStatusEnum": "apps.promotions.models.PromotionStatus",
+        "DeploymentStatusEnum": "apps.deployments.models.DeploymentStatus",
+        # Promotion targets and deployment environments are the same two names.
+        "EnvironmentEnum": "apps.deployments.models.Environment",
+        "NotebookStatusEnum": "apps.notebooks.models.NotebookStatus",
+        "AccessRequestStatusEnum": "apps.notebooks.models.AccessStatus",
     },
 }
 

@@ -12,7 +12,7 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from apps.core.errors import DomainError, InvalidInput
+from apps.core.errors import DomainError, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger("workbench.api")
 
@@ -72,6 +72,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return error_response(
             exc.code, exc.message, status.HTTP_400_BAD_REQUEST, exc.fields, line=exc.line
         )
+    if isinstance(exc, ServiceUnavailable):
+        return error_response(exc.code, exc.message, status.HTTP_503_SERVICE_UNAVAILABLE)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

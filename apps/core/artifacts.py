@@ -41,6 +41,7 @@ class ArtifactStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def ping(self) -> None: ...
+    def uri(self, key: str) -> str: ...
 
 
 class LocalArtifactStore:
@@ -88,6 +89,10 @@ class LocalArtifactStore:
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise OSError(f"artifact root {self.root} is not writable")
+
+    def uri(self, key: str) -> str:
+        """Where a process without Django (a fleet replica) reads the object."""
+        return self._path(key).as_uri()
 
 
 class S3ArtifactStore:
@@ -144,6 +149,10 @@ class S3ArtifactStore:
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def uri(self, key: str) -> str:
+        """Where a process without Django (a fleet replica) reads the object."""
+        return f"s3://{self.bucket}/{self._key(key)}"
 
 
 def store_from_url(url: str, endpoint_url: str | None = None) -> ArtifactStore:

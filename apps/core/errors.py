@@ -32,3 +32,13 @@ class InvalidInput(Exception):
         self.code = code
         self.fields = fields or {}
         self.line = line
+
+
+class ServiceUnavailable(Exception):
+    """A service the request depends on (e.g. JupyterHub) does not answer: a 503, and the
+    request changed nothing."""
+
+    def __init__(self, message: str, *, code: str = "unavailable") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code

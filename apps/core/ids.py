@@ -56,3 +56,23 @@ def new_evaluation_id() -> str:
 
 def new_promotion_id() -> str:
     return new_id("pr")
+
+
+def new_deployment_id() -> str:
+    return new_id("dep")
+
+
+def new_warmup_id() -> str:
+    return new_id("wu")
+
+
+def new_alert_id() -> str:
+    return new_id("al")
+
+
+def new_notebook_id() -> str:
+    return new_id("nb")
+
+
+def new_access_request_id() -> str:
+    return new_id("dar")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.registry import Collector
 
 HTTP_REQUEST_SECONDS = Histogram(
     "workbench_http_request_duration_seconds",
@@ -21,7 +22,14 @@ TASK_SECONDS = Histogram(
 )
 
 
+# Collectors that read their figures at scrape time (e.g. open fleet alerts from the
+# database); apps add theirs in AppConfig.ready().
+SCRAPE_TIME_COLLECTORS: list[Collector] = []
+
+
 def render() -> bytes:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    for collector in SCRAPE_TIME_COLLECTORS:
+        registry.register(collector)
     return generate_latest(registry)

@@ -225,18 +225,22 @@ class DatasetVersionDetailApi(DatasetScopedMixin, generics.GenericAPIView[Datase
 class DatasetVersionDownloadApi(DatasetVersionDetailApi):
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
     def get(self, request: Request, tenant: str, dataset_id: str, version: str) -> Any:
-        found = self.get_version()
-        store = get_store()
-        response = StreamingHttpResponse(
-            store.iter_bytes(found.storage_key), content_type="application/octet-stream"
-        )
-        extension = "jsonl" if found.format == DatasetVersion.Format.JSONL else "csv"
-        filename = f"{found.dataset.name}-v{found.number}.{extension}".replace('"', "")
-        response["Content-Disposition"] = f'attachment; filename="{filename}"'
-        response["Content-Length"] = str(found.size_bytes)
-        response["ETag"] = f'"{found.sha256}"'
-        response["X-Content-SHA256"] = found.sha256
-        return response
+        return download_response(self.get_version())
+
+
+def download_response(found: DatasetVersion) -> StreamingHttpResponse:
+    """A version's bytes, streamed from the artifact store, with their sha256."""
+    store = get_store()
+    response = StreamingHttpResponse(
+        store.iter_bytes(found.storage_key), content_type="application/octet-stream"
+    )
+    extension = "jsonl" if found.format == DatasetVersion.Format.JSONL else "csv"
+    filename = f"{found.dataset.name}-v{found.number}.{extension}".replace('"', "")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Content-Length"] = str(found.size_bytes)
+    response["ETag"] = f'"{found.sha256}"'
+    response["X-Content-SHA256"] = found.sha256
+    return response
 
 
 # --- shared domain golden sets (staff) --------------------------------------------------

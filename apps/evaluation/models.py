@@ -32,6 +32,9 @@ class Evaluation(models.Model):
     artifact_sha256 = models.CharField(max_length=64, help_text="the bytes that were evaluated")
     max_rows = models.PositiveIntegerField(null=True, blank=True, help_text="sample size")
     metrics = models.JSONField(default=dict)
+    # The first rows' inputs and predictions ({text, label, predicted, score}): what a
+    # deployment's warm-up sends through the fleet and must get back unchanged.
+    samples = models.JSONField(default=list)
     error = models.TextField(blank=True)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"

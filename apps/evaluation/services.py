@@ -133,7 +133,11 @@ def evaluation_claim(*, evaluation_id: str) -> Evaluation | None:
 
 @transaction.atomic
 def evaluation_finish(
-    *, evaluation_id: str, metrics: dict[str, Any] | None = None, error: str = ""
+    *,
+    evaluation_id: str,
+    metrics: dict[str, Any] | None = None,
+    samples: list[dict[str, Any]] | None = None,
+    error: str = "",
 ) -> Evaluation | None:
     evaluation = (
         Evaluation.objects.select_for_update()
@@ -144,6 +148,7 @@ def evaluation_finish(
         return None
     evaluation.status = EvalStatus.FAILED if error else EvalStatus.SUCCEEDED
     evaluation.metrics = metrics or {}
+    evaluation.samples = samples or []
     evaluation.error = error[-4000:]
     evaluation.finished_at = timezone.now()
     evaluation.save()

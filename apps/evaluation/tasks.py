@@ -58,7 +58,11 @@ def run_evaluation(evaluation_id: str) -> str:
         )
         metrics = result.to_dict()
         metrics["mlflow_logged"] = _log_to_mlflow(evaluation, metrics)
-        services.evaluation_finish(evaluation_id=evaluation.pk, metrics=metrics)
+        services.evaluation_finish(
+            evaluation_id=evaluation.pk,
+            metrics=metrics,
+            samples=[dict(p) for p in result.predictions[: settings.DEPLOYMENT_WARMUP_SAMPLES]],
+        )
         return "succeeded"
     except Exception as exc:
         log.exception("evaluation failed", extra={"evaluation": evaluation_id})

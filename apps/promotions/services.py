@@ -1,8 +1,10 @@
 """Promotion requests: evaluations, gates, then a reviewer who is not the requester.
 
 checking -> gates_failed | awaiting_approval | failed; awaiting_approval -> approved |
-rejected. Every transition locks the row, so a double click or two reviewers at once
-produce exactly one decision; an illegal one is a 409 naming the current status.
+rejected; approved -> deploying (a deployment is created with the approval) -> done |
+failed, as the deployment becomes warm or fails (apps.deployments). Every transition
+locks the row, so a double click or two reviewers at once produce exactly one decision;
+an illegal one is a 409 naming the current status.
 """
 
 from __future__ import annotations
@@ -272,6 +274,12 @@ def _decide(
             },
             via=via,
         )
+        if approve:
+            # The approved bytes go live through a deployment; the request follows it
+            # (deploying -> done | failed).
+            from apps.deployments.services import deployment_create
+
+            deployment_create(actor=actor, promotion=locked, via=via)
         transaction.on_commit(lambda: _notify_requester(locked))
     return locked
 
@@ -323,9 +331,12 @@ def _notify_reviewers(promotion: PromotionRequest) -> None:
 def _notify_requester(promotion: PromotionRequest) -> None:
     user = promotion.requested_by
     if user is not None and user.email:
+        rejected = promotion.status == PromotionStatus.REJECTED
+        verdict = "rejected" if rejected else "approved"
+        then = "" if rejected else f" It is being deployed to {promotion.target} now."
         send_mail(
-            f"[workbench] your {promotion.target} request was {promotion.status}",
-            f"{promotion.model_version}: {promotion.status} by {promotion.decided_by}."
+            f"[workbench] your {promotion.target} request was {verdict}",
+            f"{promotion.model_version}: {verdict} by {promotion.decided_by}.{then}"
             f"\n\n{promotion.decision_comment}",
             settings.DEFAULT_FROM_EMAIL,
             [user.email],

@@ -35,6 +35,9 @@ QUEUE_STATUSES = (
     PromotionStatus.AWAITING_APPROVAL,
     PromotionStatus.CHECKING,
     PromotionStatus.GATES_FAILED,
+    PromotionStatus.DEPLOYING,
+    PromotionStatus.DONE,
+    PromotionStatus.FAILED,
     PromotionStatus.APPROVED,
     PromotionStatus.REJECTED,
 )
@@ -361,7 +364,7 @@ def _decide(
         messages.error(request, exc.message)
     else:
         verb = "approved" if approve else "rejected"
-        extra = f"; it is now in {decided.target}" if approve else ""
+        extra = f"; it is being deployed to {decided.target}" if approve else ""
         messages.success(request, f"{decided.model_version} {verb} for {decided.target}{extra}.")
     return redirect(_back(request, access, promotion))
 

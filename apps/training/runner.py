@@ -4,6 +4,11 @@ The glue between the database, the artifact store, MLflow and ``worker.training`
 knows none of them). Every write about the run is fenced by the claim's ``attempt``: if
 this worker lost the run (its heartbeat went stale and another worker took it over), its
 writes do nothing and it stops.
+
+Nothing here runs long on the training thread: ``should_stop`` and ``on_progress`` only
+read and note; the heartbeat thread writes progress (once a second, at once on a phase
+change) and learns of a cancel; metric rows, MLflow and checkpoint uploads run on the
+loop's reporting thread (``worker.training.reporting.Background``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from apps.training.packaging import pack_dir, unpack
 from apps.training.tracking import Tracking
 
 log = logging.getLogger(__name__)
-HEARTBEAT_SECONDS = 2.0
-PROGRESS_SECONDS = 1.0
+# Each beat writes the latest progress, if any, and reads the cancel flag.
+HEARTBEAT_SECONDS = 1.0
 
 
 def worker_name() -> str:
@@ -85,25 +90,34 @@ class RunCallbacks:
         self.lost = False
         self.cancel = False
         self.progress: dict[str, Any] = {}
-        self._last_progress = 0.0
+        self._unsent: dict[str, Any] | None = None  # progress not yet written
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._beat_forever, daemon=True)
 
-    # A heartbeat thread, so long phases without progress (loading, saving, measuring)
-    # still prove the worker is alive.
+    # A heartbeat thread: it proves the worker alive through long phases without steps
+    # (loading, saving, measuring), writes the progress the loop notes, and hears of a
+    # cancel within a second. Uploads run elsewhere, so a slow one never stalls a beat.
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10)
 
     def _beat_forever(self) -> None:
         try:
-            while not self._stop.wait(HEARTBEAT_SECONDS):
-                self._beat()
+            while True:
+                self._wake.wait(HEARTBEAT_SECONDS)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                with self._lock:
+                    progress, self._unsent = self._unsent, None
+                self._beat(progress)
         finally:
             connection.close()
 
@@ -124,11 +138,13 @@ class RunCallbacks:
 
     # --- worker.training.Callbacks ------------------------------------------------------
     def on_progress(self, progress: Any) -> None:
-        self.progress = {k: v for k, v in asdict(progress).items()}
-        now = time.monotonic()
-        if now - self._last_progress >= PROGRESS_SECONDS or progress.phase != "training":
-            self._last_progress = now
-            self._beat(self.progress)
+        # On the training thread: note it for the heartbeat thread, woken at a phase change.
+        changed = progress.phase != self.progress.get("phase")
+        self.progress = asdict(progress)
+        with self._lock:
+            self._unsent = self.progress
+        if changed:
+            self._wake.set()
 
     def on_metrics(self, points: list[Any]) -> None:
         rows = [asdict(p) for p in points]
@@ -151,6 +167,9 @@ class RunCallbacks:
         ):
             self.lost = True
         self.log_line(f"checkpoint at step {step}")
+
+    def on_reporting_thread_exit(self) -> None:
+        connection.close()  # the one on_metrics and on_checkpoint used there
 
 
 def _fetch(key: str, target: Path) -> Path:

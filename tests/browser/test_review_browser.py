@@ -3,8 +3,8 @@
 A scientist's promotion request has passed its gates (its evaluations are recorded as a
 worker would, through the same service the worker's check calls). A reviewer signs in,
 opens the review queue, sees the request awaiting approval, clicks Approve, accepts the
-confirmation dialog, and the page shows the request approved. No Celery worker runs:
-nothing consumes the messages the request sends.
+confirmation dialog, and the page shows the request approved and on its way to the fleet
+(``deploying``). No Celery worker runs: nothing consumes the messages the request sends.
 """
 
 from __future__ import annotations
@@ -103,24 +103,24 @@ def test_reviewer_approves_from_the_queue(
         row.locator(".approve-form button[type=submit]").click()
         expect(page.locator(".message-success")).to_contain_text("approved for staging")
         assert questions and questions[0].startswith("Approve intents-clf v1")
-        expect(page.locator("#count-approved")).to_have_text("1")
+        expect(page.locator("#count-deploying")).to_have_text("1")
         expect(page.locator("#count-awaiting_approval")).to_have_text("0")
 
-        # The approved tab lists it with its new status.
-        page.click("a.status-tab[data-status=approved]")
+        # The deploying tab lists it with its new status.
+        page.click("a.status-tab[data-status=deploying]")
         approved = page.locator(f"#review-table tr[data-promotion='{awaiting.pk}']")
-        expect(approved).to_have_attribute("data-status", "approved")
-        expect(approved.locator(".promotion-status")).to_have_text("approved")
+        expect(approved).to_have_attribute("data-status", "deploying")
+        expect(approved.locator(".promotion-status")).to_have_text("deploying")
 
         promotion = PromotionRequest.objects.get(pk=awaiting.pk)
-        assert promotion.status == PromotionStatus.APPROVED
+        assert promotion.status == PromotionStatus.DEPLOYING
         assert promotion.decided_by is not None and promotion.decided_by.username == "rita"
         assert promotion.decision_comment == "looks good"
         assert ModelVersion.objects.get(pk=promotion.model_version_id).stage == "staging"
 
         # The request's page: gates, the heat map, and the decision.
         approved.locator("a").first.click()
-        expect(page.locator("#promotion-status")).to_have_text("approved")
+        expect(page.locator("#promotion-status")).to_have_text("deploying")
         expect(page.locator("#decision")).to_contain_text("approved by rita")
         (evaluation_id,) = promotion.evaluation_ids
         expect(page.locator(f"#confusion-{evaluation_id} rect.cell")).to_have_count(9)

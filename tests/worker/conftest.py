@@ -63,6 +63,8 @@ def tiny_config(**overrides: Any) -> TrainConfig:
         "batch_size": 8,
         "validation_split": 0.2,
         "checkpoint_every_steps": 1000,
+        # Checkpoints where the step count says, however fast the steps: tests count them.
+        "checkpoint_min_seconds": 0,
         "seed": 7,
     }
     return TrainConfig(**{**values, **overrides})
@@ -71,7 +73,8 @@ def tiny_config(**overrides: Any) -> TrainConfig:
 @dataclass
 class Recorder:
     """Callbacks that record everything; ``stop_after_steps`` cancels, ``crash_at_checkpoint``
-    raises from the n-th ``on_checkpoint`` as a dying worker would."""
+    raises from the n-th ``on_checkpoint`` as a dying worker would (the loop then raises a
+    ``ReportingError`` caused by it)."""
 
     stop_after_steps: int | None = None
     crash_at_checkpoint: int | None = None
@@ -79,6 +82,7 @@ class Recorder:
     metrics: list[MetricPoint] = field(default_factory=list)
     checkpoints: list[tuple[Path, int]] = field(default_factory=list)
     stop_checks: int = 0
+    reporting_thread_exits: int = 0
 
     def on_progress(self, progress: Progress) -> None:
         self.progress.append(progress)
@@ -97,6 +101,9 @@ class Recorder:
             and len(self.checkpoints) == self.crash_at_checkpoint
         ):
             raise SimulatedCrash(f"worker died after the checkpoint at step {step}")
+
+    def on_reporting_thread_exit(self) -> None:
+        self.reporting_thread_exits += 1
 
     def values(self, name: str) -> list[float]:
         return [point.value for point in self.metrics if point.name == name]

@@ -50,6 +50,8 @@ def test_out_of_range_values_are_named_field_by_field() -> None:
         ("patience", 51),
         ("validation_split", 0.0),
         ("epochs", True),
+        ("checkpoint_min_seconds", -1.0),
+        ("checkpoint_min_seconds", 86_401),
     ],
 )
 def test_each_bound_is_checked(field: str, value: object) -> None:

@@ -9,7 +9,12 @@ import pytest
 
 from tests.worker.conftest import Recorder, SimulatedCrash, tiny_config
 from worker.training.config import DataSpec
-from worker.training.loop import train
+from worker.training.loop import ReportingError, train
+
+
+def crashes(*, at_step: int) -> pytest.RaisesExc[ReportingError]:
+    """The loop fails with the worker's crash as the cause, naming the checkpoint."""
+    return pytest.raises(ReportingError, match=f"the checkpoint at step {at_step} failed")
 
 
 def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(
@@ -26,7 +31,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(
     )
 
     crashing = Recorder(crash_at_checkpoint=2)
-    with pytest.raises(SimulatedCrash):
+    with crashes(at_step=20) as crash:
         train(
             config,
             banking_slice,
@@ -34,6 +39,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_an_uninterrupted_run(
             work_dir=tmp_path / "crashed",
             callbacks=crashing,
         )
+    assert isinstance(crash.value.__cause__, SimulatedCrash)
     checkpoint_dir, step = crashing.checkpoints[-1]
     assert step == 20 and (checkpoint_dir / "training_state.pt").is_file()
 
@@ -67,7 +73,7 @@ def test_resume_from_an_epoch_end_checkpoint_in_the_same_work_dir(
         config, banking_slice, validation_data=None, work_dir=tmp_path / "a", callbacks=Recorder()
     )
     crashing = Recorder(crash_at_checkpoint=1)
-    with pytest.raises(SimulatedCrash):
+    with crashes(at_step=24):
         train(
             config, banking_slice, validation_data=None, work_dir=tmp_path / "b", callbacks=crashing
         )
@@ -86,7 +92,7 @@ def test_resume_from_an_epoch_end_checkpoint_in_the_same_work_dir(
 
 def test_resume_refuses_a_different_run(banking_slice: DataSpec, tmp_path: Path) -> None:
     crashing = Recorder(crash_at_checkpoint=1)
-    with pytest.raises(SimulatedCrash):
+    with crashes(at_step=24):
         train(
             tiny_config(epochs=1),
             banking_slice,

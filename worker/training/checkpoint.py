@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,24 +70,68 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def write(
-    work_dir: Path, *, save_model: Any, best_dir: Path, training_state: dict[str, Any]
-) -> Path:
-    """Write a checkpoint to ``work_dir/checkpoint`` and return that path.
+class Schedule:
+    """When the loop writes a mid-epoch checkpoint.
 
-    ``save_model(directory)`` writes the current model directory. The checkpoint is built
-    beside the old one and swapped in by rename, so a crash mid-write leaves the previous
-    checkpoint whole.
+    At every ``every_steps``-th global step, once ``min_seconds`` have passed since the
+    previous checkpoint (or since training started in this process). ``clock`` is injectable
+    so tests need not sleep.
     """
-    final, building, old = (
-        work_dir / name for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")
-    )
+
+    def __init__(
+        self, every_steps: int, min_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every_steps, self.min_seconds, self.clock = every_steps, min_seconds, clock
+        self.last = clock()
+
+    def due(self, step: int) -> bool:
+        return step % self.every_steps == 0 and self.clock() - self.last >= self.min_seconds
+
+    def written(self) -> None:
+        self.last = self.clock()
+
+
+def detached_copy(value: Any) -> Any:
+    """``value`` (nested dicts, lists, tuples) with every tensor copied to the CPU.
+
+    A state dict holds the live tensors the next optimizer step overwrites; the copy is
+    what the checkpoint's writer, on another thread, serialises.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: detached_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(detached_copy(item) for item in value)
+    return value
+
+
+def stage(work_dir: Path, *, step: int, best_dir: Path) -> Path:
+    """Start the checkpoint of ``step``: a fresh directory with ``best/`` linked in.
+
+    Runs on the training thread, which replaces ``best_dir`` at epoch ends: the links pin
+    the best model of this moment. :func:`complete` fills in the rest, on any thread.
+    """
+    building = work_dir / f"checkpoint.{step}.tmp"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
-    save_model(building / "model")
     if best_dir.is_dir():
         copy_tree(best_dir, building / "best")
-    torch.save({"format": FORMAT, **training_state}, building / STATE_FILE)
+    return building
+
+
+def complete(
+    work_dir: Path, building: Path, *, save_model: Callable[[Path], None], state: dict[str, Any]
+) -> Path:
+    """Write the model and ``state`` into ``building`` and swap it in as ``work_dir/checkpoint``.
+
+    ``save_model(directory)`` writes the model directory. The checkpoint is built beside
+    the old one and swapped in by rename, so a crash mid-write leaves the previous checkpoint
+    whole. Returns the checkpoint's path.
+    """
+    final, old = work_dir / "checkpoint", work_dir / "checkpoint.old"
+    save_model(building / "model")
+    torch.save({"format": FORMAT, **state}, building / STATE_FILE)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

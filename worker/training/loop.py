@@ -9,16 +9,24 @@ Determinism (CPU): python, numpy and torch are seeded; the validation split is a
 the rows and the seed; each epoch's order comes from a ``torch.Generator`` seeded with
 (seed, epoch), so a resume recomputes it instead of storing it; deterministic algorithms are
 switched on for the duration of the run. Same seed, same data, same metrics.
+
+Off the training thread: metric points and checkpoints go to the reporting thread
+(:class:`~worker.training.reporting.Background`). A checkpoint is a snapshot taken between
+steps (the weights into a CPU copy of the model, the optimizer state copied to the CPU),
+which the reporting thread writes and hands to ``on_checkpoint`` while training goes on.
+One checkpoint is in flight at a time, and the loop returns only once the reporting thread
+is done: nothing is lost, and its first failure fails the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,10 +43,26 @@ from worker.training.checkpoint import LoopState
 from worker.training.config import DataSpec, TrainConfig
 from worker.training.data import DataError, Example, read_examples, split_validation
 from worker.training.metrics import accuracy, macro_f1
-from worker.training.reporting import Callbacks, MetricPoint, Phase, Progress, Reporter
+from worker.training.reporting import (
+    Background,
+    Callbacks,
+    MetricPoint,
+    Phase,
+    Progress,
+    Reporter,
+    ReportingError,
+)
 
-# Progress, MetricPoint and Callbacks live in reporting; the loop's callers find them here.
-__all__ = ["Callbacks", "MetricPoint", "Phase", "Progress", "TrainResult", "train"]
+# These live in reporting; the loop's callers find them here.
+__all__ = [
+    "Callbacks",
+    "MetricPoint",
+    "Phase",
+    "Progress",
+    "ReportingError",
+    "TrainResult",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +112,9 @@ def train(
     ``work_dir`` receives ``checkpoint/`` (see :mod:`worker.training.checkpoint`) and
     ``model/`` (the best model). With ``resume_dir`` (a checkpoint directory) the run
     continues from that checkpoint's step. Raises ``ValueError`` for a bad config, a
-    :class:`DataError` for unusable data; exceptions from callbacks propagate.
+    :class:`DataError` for unusable data, a :class:`ReportingError` (caused by the original)
+    when ``on_metrics`` or ``on_checkpoint`` raised; other exceptions from callbacks
+    propagate.
     """
     errors = config.validate()
     if errors:
@@ -96,8 +122,13 @@ def train(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work_dir.mkdir(parents=True, exist_ok=True)
     logger.info("training on %s: %s", device, config.to_dict())
-    with _deterministic_algorithms(enabled=device == "cpu"):
-        return _train(config, train_data, validation_data, work_dir, callbacks, resume_dir, device)
+    with (
+        _deterministic_algorithms(enabled=device == "cpu"),
+        Background(callbacks.on_reporting_thread_exit) as background,
+    ):
+        return _train(
+            config, train_data, validation_data, work_dir, callbacks, resume_dir, device, background
+        )
 
 
 def _train(
@@ -108,8 +139,9 @@ def _train(
     callbacks: Callbacks,
     resume_dir: Path | None,
     device: str,
+    background: Background,
 ) -> TrainResult:
-    reporter = Reporter(callbacks, config)
+    reporter = Reporter(callbacks, config, background)
     saved = checkpoint.read_state(resume_dir) if resume_dir is not None else None
     # Even this first report carries the checkpoint's step: a resume never shows step 0.
     reporter.phase("loading", LoopState(**saved["loop"]) if saved is not None else LoopState())
@@ -176,13 +208,17 @@ def _train(
     resumed_from_step = state.step if saved is not None else None
     reporter.total_steps = total_steps
 
+    snapshots = _Snapshots(model, tokenizer, labels, work_dir, best_dir)
+    schedule = checkpoint.Schedule(config.checkpoint_every_steps, config.checkpoint_min_seconds)
+
     def save_checkpoint() -> None:
         reporter.flush_losses(state)
-        path = checkpoint.write(
-            work_dir,
-            save_model=lambda d: save_model_dir(d, model=model, tokenizer=tokenizer, labels=labels),
-            best_dir=best_dir,
-            training_state={
+        # One checkpoint in flight: the snapshot's copies are free again, memory is bounded.
+        background.drain()
+        step = state.step
+        write = snapshots.take(
+            step,
+            {
                 "loop": asdict(state),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -192,7 +228,14 @@ def _train(
                 "labels": labels,
             },
         )
-        callbacks.on_checkpoint(path, state.step)
+
+        def write_and_hand_over() -> None:
+            callbacks.on_checkpoint(write(), step)
+
+        background.submit(
+            f"the checkpoint at step {step}", write_and_hand_over, skip_when_stopping=True
+        )
+        schedule.written()
 
     try:
         while state.epoch < config.epochs and not state.stop_reason:
@@ -206,6 +249,7 @@ def _train(
             for batch_index in range(state.step_in_epoch, steps_per_epoch):
                 if callbacks.should_stop():
                     raise _Cancelled
+                background.check()
                 rows = order[
                     batch_index * config.batch_size : (batch_index + 1) * config.batch_size
                 ]
@@ -230,8 +274,8 @@ def _train(
                 state.step_in_epoch += 1
 
                 reporter.step_done(state, loss.detach(), len(rows))
-                last_of_epoch = state.step_in_epoch == steps_per_epoch
-                if state.step % config.checkpoint_every_steps == 0 and not last_of_epoch:
+                # An epoch's last step is checkpointed after its validation, below.
+                if state.step_in_epoch < steps_per_epoch and schedule.due(state.step):
                     save_checkpoint()
 
             # -- epoch end: validate, keep the best, decide on early stopping, checkpoint ----
@@ -260,7 +304,10 @@ def _train(
                     )
             save_checkpoint()
     except _Cancelled:
+        # Promptly: a checkpoint not yet written is dropped, nobody resumes a cancelled run.
+        background.stopping = True
         reporter.flush_metrics()
+        background.drain()
         return TrainResult(
             stop_reason="cancelled",
             stop_detail=f"cancelled at step {state.step} (epoch {state.epoch + 1})",
@@ -281,6 +328,7 @@ def _train(
     classifier = load_classifier(best_dir, device=device)
     predictions = classifier.predict([e.text for e in val_examples])
     reporter.flush_metrics()
+    background.drain()  # the last checkpoint and metric points are in before the run ends
     stop_reason: StopReason = "early_stopping" if state.stop_reason else "completed"
     return TrainResult(
         stop_reason=stop_reason,
@@ -301,6 +349,48 @@ def _train(
         train_rows=len(train_examples),
         validation_rows=len(val_examples),
     )
+
+
+class _Snapshots:
+    """Consistent copies of the training state, taken between steps on the training thread.
+
+    The weights go into a second model on the CPU (made once, at the first checkpoint, by
+    copying the live one: a GPU model is briefly held twice on the GPU), the rest into CPU
+    tensor copies. Writing them out is left to the function :meth:`take` returns, which the
+    reporting thread runs while the live model trains on; the next ``take`` must wait for it.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        labels: list[str],
+        work_dir: Path,
+        best_dir: Path,
+    ) -> None:
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.work_dir, self.best_dir = work_dir, best_dir
+        self.copy: PreTrainedModel | None = None
+
+    def take(self, step: int, training_state: dict[str, Any]) -> Callable[[], Path]:
+        if self.copy is None:
+            self.copy = copy.deepcopy(self.model).to("cpu")  # type: ignore[arg-type]
+        self.copy.load_state_dict(self.model.state_dict())
+        building = checkpoint.stage(self.work_dir, step=step, best_dir=self.best_dir)
+        state = checkpoint.detached_copy(training_state)
+        model, tokenizer, labels = self.copy, self.tokenizer, list(self.labels)
+
+        def write() -> Path:
+            return checkpoint.complete(
+                self.work_dir,
+                building,
+                save_model=lambda d: save_model_dir(
+                    d, model=model, tokenizer=tokenizer, labels=labels
+                ),
+                state=state,
+            )
+
+        return write
 
 
 @torch.no_grad()
@@ -414,10 +504,16 @@ def _deterministic_algorithms(*, enabled: bool) -> Iterator[None]:
     """Deterministic kernels for the run, the process's previous setting restored after."""
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     if enabled:
         # warn_only: an op without a deterministic kernel warns rather than failing a run.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # With deterministic algorithms on, torch also fills every new tensor with NaN, a
+        # guard against kernels reading memory they never wrote; that cost ~2 % of a tiny
+        # model's CPU step, and the results are the same bit for bit without it.
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill  # type: ignore[attr-defined]

@@ -1,12 +1,23 @@
-"""What the loop tells its caller: progress, metric points, and the callbacks that get them."""
+"""What the loop tells its caller: progress, metric points, and the callbacks that get them.
+
+Two threads call back. The training thread asks ``should_stop`` before each step and hands
+over ``on_progress``; both must be cheap. Everything that writes somewhere slow, the metric
+points and the checkpoints, goes to the loop's reporting thread (:class:`Background`), in
+order, so a database round trip or an upload never holds up a step.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+import queue
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Literal, Protocol
 
 import torch
@@ -16,7 +27,13 @@ from worker.training.config import TrainConfig
 
 Phase = Literal["loading", "training", "validating", "saving"]
 
+logger = logging.getLogger(__name__)
+
 PROGRESS_INTERVAL_S = 1.0
+# Metric points are sent in batches this far apart while training (at once in the other
+# phases, and at each epoch end): each batch is a database write and an MLflow call whatever
+# its size, and the reporting thread's Python competes with the training thread's for the GIL.
+METRICS_INTERVAL_S = 5.0
 RUNNING_LOSS_STEPS = 50
 
 
@@ -45,19 +62,108 @@ class MetricPoint:
 
 class Callbacks(Protocol):
     def on_progress(self, progress: Progress) -> None:
-        """About once a second, and at every phase change."""
+        """About once a second, and at every phase change; on the training thread: keep it
+        cheap (note the progress, report it from elsewhere)."""
 
     def on_metrics(self, points: list[MetricPoint]) -> None:
-        """New metric points, batched (about once a second and at each epoch end)."""
+        """New metric points, batched (every few seconds while training, and at each epoch
+        end); on the reporting thread."""
 
     def should_stop(self) -> bool:
-        """Asked before every step and validation batch: keep it cheap. True cancels."""
+        """Asked before every step and validation batch, on the training thread: keep it
+        cheap. True cancels."""
 
     def on_checkpoint(self, local_dir: Path, step: int) -> None:
-        """A checkpoint was written to ``local_dir`` after ``step``; upload it now.
+        """A checkpoint was written to ``local_dir`` after ``step``; upload it now. On the
+        reporting thread; the loop returns only after it did (a raise fails the run).
 
         The directory is replaced by the next checkpoint.
         """
+
+    def on_reporting_thread_exit(self) -> None:
+        """Last call on the reporting thread: release what the calls there opened (the
+        runner closes that thread's database connection)."""
+
+
+class ReportingError(RuntimeError):
+    """A side effect run on the reporting thread failed; its exception is the cause."""
+
+
+class Background:
+    """The loop's reporting thread: runs jobs in the order given, off the training thread.
+
+    The first job to raise is kept as a :class:`ReportingError`, which the training thread
+    gets from its next :meth:`check`, :meth:`submit` or :meth:`drain`; the jobs after it are
+    skipped. Jobs submitted with ``skip_when_stopping`` are skipped once :attr:`stopping` is
+    set (a cancelled run does not wait for a checkpoint upload nobody will resume from). Use
+    it as a context manager: leaving the block lets the thread finish what was submitted and
+    stop, and a failure that left the block skips the pending skippable jobs.
+    """
+
+    def __init__(self, on_exit: Callable[[], None]) -> None:
+        self.on_exit = on_exit
+        self.stopping = False
+        self.failure: ReportingError | None = None
+        self._jobs: queue.SimpleQueue[tuple[str, Callable[[], None], bool] | None] = (
+            queue.SimpleQueue()
+        )
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name="training-reporting", daemon=True)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.stopping = True
+        self._jobs.put(None)
+        self._thread.join()
+
+    def submit(
+        self, what: str, job: Callable[[], None], *, skip_when_stopping: bool = False
+    ) -> None:
+        """Run ``job`` on the reporting thread; ``what`` names it in a failure's message."""
+        self.check()
+        with self._idle:
+            self._pending += 1
+        self._jobs.put((what, job, skip_when_stopping))
+
+    def check(self) -> None:
+        """Raise the reporting thread's failure, if it had one."""
+        if self.failure is not None:
+            raise self.failure
+
+    def drain(self) -> None:
+        """Wait until every job submitted so far has run; then :meth:`check`."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
+        self.check()
+
+    def _work(self) -> None:
+        try:
+            while (item := self._jobs.get()) is not None:
+                what, job, skippable = item
+                try:
+                    if self.failure is None and not (skippable and self.stopping):
+                        job()
+                except BaseException as exc:  # whatever it was, the run must hear of it
+                    logger.exception("%s failed on the reporting thread", what)
+                    failure = ReportingError(f"{what} failed: {type(exc).__name__}: {exc}")
+                    failure.__cause__ = exc
+                    self.failure = failure
+                finally:
+                    with self._idle:
+                        self._pending -= 1
+                        self._idle.notify_all()
+        finally:
+            self.on_exit()
 
 
 class Reporter:
@@ -65,10 +171,11 @@ class Reporter:
 
     Step losses stay on the device until a flush (once a second, every ``log_every_steps``,
     at epoch end and before a checkpoint), so the GPU is not synchronised on every step.
+    ``on_metrics`` runs on ``background``.
     """
 
-    def __init__(self, callbacks: Callbacks, config: TrainConfig) -> None:
-        self.callbacks, self.config = callbacks, config
+    def __init__(self, callbacks: Callbacks, config: TrainConfig, background: Background) -> None:
+        self.callbacks, self.config, self.background = callbacks, config, background
         self.total_steps = 0
         self.current_phase: Phase = "loading"
         self.last_progress = -math.inf
@@ -76,6 +183,7 @@ class Reporter:
         self.recent_losses: deque[float] = deque(maxlen=RUNNING_LOSS_STEPS)
         self.window_sum, self.window_steps = 0.0, 0  # since the last train_loss point
         self.points: list[MetricPoint] = []
+        self.last_metrics = -math.inf
         # (time, step, samples) at recent steps of this training phase, for speed and ETA.
         self.clock: deque[tuple[float, int, int]] = deque(maxlen=RUNNING_LOSS_STEPS)
         self.samples = 0
@@ -126,9 +234,13 @@ class Reporter:
         self.flush_metrics()
 
     def flush_metrics(self) -> None:
+        self.last_metrics = time.monotonic()
         if self.points:
             points, self.points = self.points, []
-            self.callbacks.on_metrics(points)
+            on_metrics = self.callbacks.on_metrics
+            self.background.submit(
+                f"recording {len(points)} metric points", lambda: on_metrics(points)
+            )
 
     def progress(self, state: LoopState) -> None:
         self.flush_losses(state)
@@ -159,4 +271,8 @@ class Reporter:
                 eta_seconds=eta,
             )
         )
-        self.flush_metrics()
+        if (
+            self.current_phase != "training"
+            or self.last_progress - self.last_metrics >= METRICS_INTERVAL_S
+        ):
+            self.flush_metrics()

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import Http404
+from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
+from rest_framework import generics, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.deployments import fleet, selectors, services
+from apps.deployments.models import Deployment, Environment, FleetAlert, Warmup
+from apps.registry.models import RegisteredModel
+from apps.tenants.auth import request_via
+from apps.tenants.models import Role
+from apps.tenants.scoping import TenantScopedMixin
+
+
+class WarmupOutputSerializer(serializers.ModelSerializer[Warmup]):
+    class Meta:
+        model = Warmup
+        fields = [
+            "id",
+            "trigger",
+            "ok",
+            "samples",
+            "mismatches",
+            "latency_ms_p50",
+            "latency_ms_max",
+            "latency_budget_ms",
+            "error",
+            "started_at",
+            "finished_at",
+        ]
+
+
+class AlertOutputSerializer(serializers.ModelSerializer[FleetAlert]):
+    class Meta:
+        model = FleetAlert
+        fields = ["id", "kind", "message", "created_at", "resolved_at"]
+
+
+class DeploymentOutputSerializer(serializers.ModelSerializer[Deployment]):
+    model = serializers.CharField(source="model_version.registered_model.name", read_only=True)
+    model_version = serializers.CharField(source="model_version_id", read_only=True)
+    version = serializers.IntegerField(source="model_version.number", read_only=True)
+    promotion = serializers.CharField(source="promotion_id", read_only=True, allow_null=True)
+    replaces = serializers.CharField(source="replaces_id", read_only=True, allow_null=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)  # type: ignore[var-annotated]
+
+    class Meta:
+        model = Deployment
+        fields = [
+            "id",
+            "model",
+            "model_version",
+            "version",
+            "environment",
+            "status",
+            "artifact_sha256",
+            "promotion",
+            "replaces",
+            "is_rollback",
+            "standby",
+            "replica_set",
+            "failure",
+            "created_by",
+            "created_at",
+            "warm_at",
+            "retired_at",
+            "last_warmup_at",
+            "last_warmup_ms",
+        ]
+
+
+class DeploymentDetailSerializer(DeploymentOutputSerializer):
+    warmups = serializers.SerializerMethodField()
+    alerts = AlertOutputSerializer(many=True, read_only=True)
+
+    class Meta(DeploymentOutputSerializer.Meta):
+        fields = [*DeploymentOutputSerializer.Meta.fields, "warmups", "alerts"]
+
+    @extend_schema_field(WarmupOutputSerializer(many=True))
+    def get_warmups(self, deployment: Deployment) -> list[dict[str, Any]]:
+        recent = deployment.warmups.all()[:20]
+        return list(WarmupOutputSerializer(recent, many=True).data)
+
+
+class DeploymentListApi(TenantScopedMixin, generics.ListAPIView[Deployment]):
+    serializer_class = DeploymentOutputSerializer
+    filterset_fields = ["environment", "status", "model_version"]
+    queryset = Deployment.objects.none()
+
+    def get_queryset(self) -> Any:
+        if getattr(self, "swagger_fake_view", False):
+            return Deployment.objects.none()
+        rows = selectors.deployments_for(self.tenant)
+        model = self.request.query_params.get("model")
+        return rows.filter(model_version__registered_model__name=model) if model else rows
+
+
+class DeploymentScopedMixin(TenantScopedMixin):
+    kwargs: dict[str, Any]
+
+    def get_deployment(self) -> Deployment:
+        found = selectors.deployments_for(self.tenant).filter(pk=self.kwargs["deployment_id"])
+        deployment = found.first()
+        if deployment is None:
+            raise Http404("No such deployment.")
+        return deployment
+
+
+class DeploymentDetailApi(DeploymentScopedMixin, generics.GenericAPIView[Deployment]):
+    serializer_class = DeploymentDetailSerializer
+
+    def get(self, request: Request, tenant: str, deployment_id: str) -> Response:
+        return Response(DeploymentDetailSerializer(self.get_deployment()).data)
+
+
+class DeploymentWarmupApi(DeploymentScopedMixin, generics.GenericAPIView[Deployment]):
+    """Re-warm a warm deployment now (202; the warm-up shows in the detail's ``warmups``)."""
+
+    serializer_class = DeploymentOutputSerializer
+
+    @extend_schema(request=None, responses={202: DeploymentOutputSerializer})
+    def post(self, request: Request, tenant: str, deployment_id: str) -> Response:
+        deployment = services.deployment_warmup_request(
+            actor=request.user, deployment=self.get_deployment(), via=request_via(request)
+        )
+        return Response(
+            DeploymentOutputSerializer(deployment).data, status=status.HTTP_202_ACCEPTED
+        )
+
+
+class DeploymentRollbackApi(DeploymentScopedMixin, generics.GenericAPIView[Deployment]):
+    """Roll a warm deployment back to the version it replaced: returns the new deployment
+    (202); the current one serves until it is warm."""
+
+    serializer_class = DeploymentOutputSerializer
+    required_roles = {"POST": Role.REVIEWER}
+
+    @extend_schema(request=None, responses={202: DeploymentOutputSerializer})
+    def post(self, request: Request, tenant: str, deployment_id: str) -> Response:
+        rollback = services.deployment_rollback(
+            actor=request.user, deployment=self.get_deployment(), via=request_via(request)
+        )
+        fresh = selectors.deployments_for(self.tenant).get(pk=rollback.pk)
+        return Response(DeploymentOutputSerializer(fresh).data, status=status.HTTP_202_ACCEPTED)
+
+
+class DeploymentRetireApi(DeploymentScopedMixin, generics.GenericAPIView[Deployment]):
+    """Take a deployment's version off the fleet (it stops serving and is unloaded)."""
+
+    serializer_class = DeploymentOutputSerializer
+    required_roles = {"POST": Role.REVIEWER}
+
+    @extend_schema(request=None, responses=DeploymentOutputSerializer)
+    def post(self, request: Request, tenant: str, deployment_id: str) -> Response:
+        retired = services.deployment_retire(
+            actor=request.user, deployment=self.get_deployment(), via=request_via(request)
+        )
+        fresh = selectors.deployments_for(self.tenant).get(pk=retired.pk)
+        return Response(DeploymentOutputSerializer(fresh).data)
+
+
+class PredictInputSerializer(serializers.Serializer[Any]):
+    inputs = serializers.ListField(
+        child=serializers.CharField(
+            allow_blank=False, trim_whitespace=False, max_length=settings.PREDICT_MAX_INPUT_CHARS
+        ),
+        min_length=1,
+        max_length=settings.PREDICT_MAX_INPUTS,
+    )
+    environment = serializers.ChoiceField(
+        choices=Environment.choices, default=Environment.PRODUCTION
+    )
+
+
+PredictOutputSerializer = inline_serializer(
+    "PredictOutput",
+    {
+        "model_version": serializers.CharField(),
+        "version": serializers.IntegerField(),
+        "environment": serializers.CharField(),
+        "outputs": serializers.ListField(
+            child=inline_serializer(
+                "PredictOutputItem",
+                {"label": serializers.CharField(), "score": serializers.FloatField()},
+            )
+        ),
+        "latency_ms": serializers.FloatField(),
+    },
+)
+
+
+class ModelPredictApi(TenantScopedMixin, APIView):
+    """Predict with the tenant's model as served by its environment's warm deployment.
+    A model with no warm deployment is a 409 naming the latest deployment's status."""
+
+    # Automation reads predictions with any role; a viewer token is enough.
+    required_roles = {"POST": Role.VIEWER}
+
+    @extend_schema(request=PredictInputSerializer, responses=PredictOutputSerializer)
+    def post(self, request: Request, tenant: str, name: str) -> Response:
+        model = RegisteredModel.objects.filter(tenant=self.tenant, name=name).first()
+        if model is None:
+            raise Http404("No such model.")
+        data = PredictInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return Response(
+            fleet.predict(
+                tenant=self.tenant,
+                model=model,
+                inputs=data.validated_data["inputs"],
+                environment=data.validated_data["environment"],
+            )
+        )
+
+
+class FleetApi(APIView):
+    """The serving fleet: pools, replica sets, replicas, the models on each with their
+    memory, load time, cache hits/misses, request counts and latency percentiles. Other
+    tenants' models are counted, not named."""
+
+    @extend_schema(
+        responses=inline_serializer(
+            "Fleet", {"pools": serializers.ListField(child=serializers.DictField())}
+        )
+    )
+    def get(self, request: Request) -> Response:
+        return Response(fleet.fleet_status_for(request.user))

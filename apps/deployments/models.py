@@ -1,0 +1,178 @@
+"""Serving pools, deployments of model versions onto them, warm-ups and fleet alerts.
+
+A deployment's life: pending -> loading -> warm | failed; warm -> retired (replaced by a
+newer deployment, or retired by hand). The workbench holds the desired state of the fleet
+here and pushes it to the serving backend declaratively (apps.deployments.services).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from apps.core import ids
+
+
+class Environment(models.TextChoices):
+    STAGING = "staging", "Staging"
+    PRODUCTION = "production", "Production"
+
+
+class DeploymentStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    LOADING = "loading", "Loading"
+    WARM = "warm", "Warm"
+    FAILED = "failed", "Failed"
+    RETIRED = "retired", "Retired"
+
+
+# Statuses whose model the fleet must hold.
+ACTIVE = (DeploymentStatus.PENDING, DeploymentStatus.LOADING, DeploymentStatus.WARM)
+
+
+class ServingPool(models.Model):
+    """The fleet's pool for one model kind, with its capacity settings and the placement of
+    its pinned models that was last pushed to the backend."""
+
+    kind = models.CharField(primary_key=True, max_length=16)
+    replica_memory_bytes = models.BigIntegerField()
+    max_sets = models.PositiveIntegerField()
+    tail_memory_bytes = models.BigIntegerField()
+    min_replicas = models.PositiveIntegerField()
+    max_replicas = models.PositiveIntegerField()
+    # model version id -> replica set index, as last applied.
+    placement = models.JSONField(default=dict)
+    # replica id -> started_at of the replicas seen by the last fleet check, to notice
+    # restarts (a replica that came back must be re-warmed).
+    replicas_seen = models.JSONField(default=dict)
+    applied_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"pool {self.kind}"
+
+
+class Deployment(models.Model):
+    """One model version made live (or being made live) in one environment of its tenant.
+
+    Bound to the artifact's sha256 approved by the promotion: the fleet refuses other bytes.
+    ``standby``: a deployment replaced by a newer one keeps its model loaded in the pool's
+    long-tail tier so that a rollback is a warm-up, not a cold load.
+    """
+
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_deployment_id, editable=False
+    )
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="deployments"
+    )
+    environment = models.CharField(max_length=16, choices=Environment.choices)
+    status = models.CharField(
+        max_length=16,
+        choices=DeploymentStatus.choices,
+        default=DeploymentStatus.PENDING,
+        db_index=True,
+    )
+    artifact_sha256 = models.CharField(max_length=64)
+    promotion = models.ForeignKey(
+        "promotions.PromotionRequest",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="deployments",
+    )
+    replaces = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    is_rollback = models.BooleanField(default=False)
+    standby = models.BooleanField(default=False)
+    replica_set = models.IntegerField(null=True, blank=True)
+    failure = models.TextField(blank=True)
+    # Lease of the task loading it: a task killed mid-load is picked up again after this.
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    warm_at = models.DateTimeField(null=True, blank=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+    last_warmup_at = models.DateTimeField(null=True, blank=True)
+    last_warmup_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "id"]
+        constraints = [
+            # At most one deployment serves a model's environment at a time.
+            models.UniqueConstraint(
+                fields=["tenant", "model_version", "environment"],
+                condition=models.Q(status__in=["pending", "loading", "warm"]),
+                name="one_active_deployment_per_version_env",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"deployment {self.id}"
+
+    @property
+    def pinned(self) -> bool:
+        return self.environment == Environment.PRODUCTION and self.status in ACTIVE
+
+
+class WarmupTrigger(models.TextChoices):
+    DEPLOY = "deploy", "Deploy"
+    SCHEDULE = "schedule", "Schedule"
+    REPLICA_RESTART = "replica_restart", "Replica restart"
+    MANUAL = "manual", "Manual"
+
+
+class Warmup(models.Model):
+    """One warm-up: golden-set samples sent through the fleet, compared with the
+    predictions the evaluation recorded, timed against the policy's latency budget."""
+
+    id = models.CharField(
+        primary_key=True, max_length=32, default=ids.new_warmup_id, editable=False
+    )
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="warmups")
+    trigger = models.CharField(max_length=20, choices=WarmupTrigger.choices)
+    ok = models.BooleanField(default=False)
+    samples = models.PositiveIntegerField(default=0)
+    mismatches = models.JSONField(default=list)
+    latency_ms_p50 = models.FloatField(null=True, blank=True)
+    latency_ms_max = models.FloatField(null=True, blank=True)
+    latency_budget_ms = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "id"]
+
+    def __str__(self) -> str:
+        return f"warm-up {self.id}"
+
+
+class AlertKind(models.TextChoices):
+    WARMUP_FAILED = "warmup_failed", "Warm-up failed"
+    REPLICA_RESTARTING = "replica_restarting", "Replica keeps restarting"
+    LOAD_FAILING = "load_failing", "Model keeps failing to load"
+
+
+class FleetAlert(models.Model):
+    """Something about a tenant's live model that a person must look at; open until
+    resolved (the next good warm-up resolves a warm-up alert)."""
+
+    id = models.CharField(primary_key=True, max_length=32, default=ids.new_alert_id, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    deployment = models.ForeignKey(
+        Deployment, null=True, on_delete=models.CASCADE, related_name="alerts"
+    )
+    kind = models.CharField(max_length=24, choices=AlertKind.choices)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"alert {self.kind} {self.id}"

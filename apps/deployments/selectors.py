@@ -1,0 +1,125 @@
+"""Reads: what the fleet should hold, what serves a tenant's model, warm-up samples."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.db.models import Q, QuerySet
+
+from apps.core.artifacts import get_store
+from apps.deployments.models import ACTIVE, Deployment, DeploymentStatus
+from apps.evaluation.models import EvalStatus, Evaluation
+from apps.registry.models import ModelVersion, RegisteredModel
+from apps.tenants.models import Tenant
+from worker.serving.specs import ModelSpec
+
+
+def deployments_for(tenant: Tenant) -> QuerySet[Deployment]:
+    return Deployment.objects.filter(tenant=tenant).select_related(
+        "model_version__registered_model", "created_by", "promotion"
+    )
+
+
+def fleet_deployments(kind: str) -> QuerySet[Deployment]:
+    """Every deployment whose model the pool of ``kind`` must hold: the active ones, and
+    the standbys kept loaded for a quick rollback."""
+    return Deployment.objects.filter(
+        Q(status__in=ACTIVE) | Q(status=DeploymentStatus.RETIRED, standby=True),
+        model_version__registered_model__kind=kind,
+    )
+
+
+def desired_models(kind: str) -> list[ModelSpec]:
+    """The whole desired content of a pool, as the backend gets it: production models are
+    pinned (placed and preloaded); staging models and standbys live in the long tail."""
+    rows = fleet_deployments(kind).select_related("model_version")
+    store = get_store()
+    by_version: dict[str, ModelSpec] = {}
+    for deployment in rows.order_by("created_at"):
+        version = deployment.model_version
+        earlier = by_version.get(version.pk)
+        pinned = deployment.pinned or (earlier is not None and earlier.pinned)
+        by_version[version.pk] = ModelSpec(
+            model_id=version.pk,
+            artifact_uri=store.uri(version.artifact_key),
+            sha256=deployment.artifact_sha256,
+            memory_bytes=version.memory_bytes,
+            pinned=pinned,
+        )
+    return sorted(by_version.values(), key=lambda spec: spec.model_id)
+
+
+def serving_deployment(
+    *, tenant: Tenant, model: RegisteredModel, environment: str
+) -> tuple[Deployment | None, Deployment | None]:
+    """(the warm deployment that serves the model's environment, the latest deployment of
+    it whatever its status) — the second one explains a 409 when nothing is warm.
+
+    On every predict: one query when the warm deployment is among the latest ten."""
+    latest = (
+        Deployment.objects.filter(
+            tenant=tenant, model_version__registered_model=model, environment=environment
+        )
+        .select_related("model_version")
+        .order_by("-created_at")
+    )
+    recent = list(latest[:10])
+    warm = next((d for d in recent if d.status == DeploymentStatus.WARM), None)
+    if warm is None and len(recent) == 10:
+        warm = latest.filter(status=DeploymentStatus.WARM).first()
+    return warm, (recent[0] if recent else None)
+
+
+def current_deployment(version: ModelVersion, environment: str) -> Deployment | None:
+    """The warm deployment of the version's model in ``environment``, if any."""
+    return (
+        Deployment.objects.filter(
+            model_version__registered_model=version.registered_model_id,
+            environment=environment,
+            status=DeploymentStatus.WARM,
+        )
+        .order_by("-warm_at")
+        .first()
+    )
+
+
+def rollback_target(deployment: Deployment) -> Deployment | None:
+    """The deployment this one replaced, or the latest earlier one of another version."""
+    earlier = Deployment.objects.filter(
+        model_version__registered_model=deployment.model_version.registered_model_id,
+        environment=deployment.environment,
+        warm_at__isnull=False,
+        created_at__lt=deployment.created_at,
+    ).exclude(model_version=deployment.model_version_id)
+    if deployment.replaces_id is not None:
+        replaced = earlier.filter(pk=deployment.replaces_id).first()
+        if replaced is not None:
+            return replaced
+    return earlier.order_by("-created_at").first()
+
+
+def warmup_samples(version: ModelVersion, limit: int) -> list[dict[str, Any]]:
+    """Golden-set inputs and the predictions the evaluation recorded for them; for a
+    version evaluated before samples were kept, its validation predictions."""
+    evaluation = (
+        Evaluation.objects.filter(
+            model_version=version, status=EvalStatus.SUCCEEDED, artifact_sha256=version.sha256
+        )
+        .exclude(samples=[])
+        .order_by("-finished_at")
+        .first()
+    )
+    if evaluation is not None:
+        return list(evaluation.samples[:limit])
+    samples: list[dict[str, Any]] = []
+    if version.predictions_key:
+        with get_store().open(version.predictions_key) as fh:
+            for line in fh:
+                if len(samples) >= limit:
+                    break
+                row = json.loads(line)
+                samples.append(
+                    {"text": row["text"], "predicted": row["predicted"], "score": row["score"]}
+                )
+    return samples

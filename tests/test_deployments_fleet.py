@@ -1,0 +1,200 @@
+"""Deployments on a real local Ray Serve fleet: approve -> deploy -> warm -> predict through
+the REST API, three tenants sharing the fleet, blue/green and rollback, a killed replica
+re-warmed, and a deployment that does not fit leaving the previous version serving.
+
+Celery runs tasks eagerly here (the tasks are thin wrappers of the services under test;
+test_promotion_e2e drives the same flow through a real worker process)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from apps.deployments import fleet
+from apps.deployments.backends import get_backend, reset_backend
+from apps.deployments.models import Deployment, ServingPool, Warmup
+from apps.tenants.models import Role
+from tests.conftest import Actor, make_actor
+from tests.deploy_helpers import GOLDEN_TEXTS, approve, eager_tasks, register
+from tests.training_helpers import wait_for
+from tests.worker.serving.models import PackedModel, pack, train_tiny, variant
+from worker.inference import load_classifier
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> dict[str, PackedModel]:
+    """Four distinct tiny models: one trained, three variants (other tenants, a v2)."""
+    root = tmp_path_factory.mktemp("models")
+    base = train_tiny(root / "base", seed=7)
+    models = {"base": pack(base, root / "base.tar")}
+    for i, name in enumerate(["v2", "globex", "initech"], start=1):
+        models[name] = pack(variant(base, root / name, seed=i, noise=0.2), root / f"{name}.tar")
+    return models
+
+
+@pytest.fixture
+def fleet_settings(settings, ray_address, artifacts_dir) -> Any:
+    settings.RAY_ADDRESS = ray_address
+    settings.SERVING_BACKEND = "ray"
+    reset_backend()
+    yield settings
+    for pool in ServingPool.objects.all():  # leave the shared Ray empty for the next test
+        Deployment.objects.update(status="retired", standby=False)
+        fleet.pool_apply(kind=pool.kind)
+    reset_backend()
+
+
+def predict(actor: Actor, slug: str, name: str, texts: list[str], **extra: Any) -> Any:
+    return actor.api("post", f"/api/v1/tenants/{slug}/models/{name}/predict",
+                     {"inputs": texts, **extra})  # fmt: skip
+
+
+def expected(model: PackedModel, texts: list[str]) -> list[str]:
+    return [p["label"] for p in load_classifier(model.model_dir, device="cpu").predict(texts)]
+
+
+def test_three_tenants_models_are_deployed_warm_and_predict_like_their_evaluation(
+    fleet_settings, packed, tenant, scientist, reviewer, other_tenant, outsider
+):
+    from apps.tenants import services as tenant_services
+
+    third = tenant_services.tenant_create(actor=None, slug="initech", name="Initech")
+    globex_reviewer = make_actor("gina", other_tenant, Role.REVIEWER)
+    initech_sci = make_actor("ivan", third, Role.SCIENTIST)
+    initech_rev = make_actor("iris", third, Role.REVIEWER)
+    versions = {
+        "acme": register(scientist, tenant, "intents", packed["base"]),
+        "globex": register(outsider, other_tenant, "intents", packed["globex"]),
+        "initech": register(initech_sci, third, "intents", packed["initech"]),
+    }
+    deployments = {
+        "acme": approve(scientist, reviewer, versions["acme"], "production"),
+        "globex": approve(outsider, globex_reviewer, versions["globex"], "production"),
+        "initech": approve(initech_sci, initech_rev, versions["initech"], "production"),
+    }
+    for slug, deployment in deployments.items():
+        deployment.refresh_from_db()
+        assert deployment.status == "warm", (slug, deployment.failure)
+        assert deployment.promotion.status == "done"
+        warmup = Warmup.objects.get(deployment=deployment)
+        assert warmup.ok and warmup.samples == len(GOLDEN_TEXTS) and warmup.mismatches == []
+        assert warmup.latency_ms_p50 is not None and warmup.latency_ms_p50 > 0
+    texts = ["my card has not arrived yet", "why was I charged twice?"]
+    callers = {"acme": scientist, "globex": outsider, "initech": initech_sci}
+    models = {"acme": "base", "globex": "globex", "initech": "initech"}
+    for slug, caller in callers.items():
+        response = predict(caller, slug, "intents", texts)
+        assert response.status_code == 200, response.content
+        body = response.json()
+        assert body["model_version"] == versions[slug].pk and body["latency_ms"] > 0
+        assert [o["label"] for o in body["outputs"]] == expected(packed[models[slug]], texts)
+    # Three tenants, one fleet: the fleet reports each model once per replica that holds it.
+    status = get_backend().status()
+    loaded = {
+        m["model_id"]
+        for pool in status["pools"]
+        for s in pool["sets"]
+        for r in s["replicas"]
+        for m in r["models"]
+    }
+    assert {v.pk for v in versions.values()} <= loaded
+    # The fleet API names only the caller's own models.
+    seen = outsider.api("get", "/api/v1/fleet/").json()
+    names = json.dumps(seen)
+    assert versions["globex"].pk in names and versions["acme"].pk not in names
+    assert "other_tenants_models" in names
+
+
+def test_blue_green_then_rollback_to_the_standby(
+    fleet_settings, packed, tenant, scientist, reviewer
+):
+    v1 = register(scientist, tenant, "intents", packed["base"])
+    first = approve(scientist, reviewer, v1, "production")
+    v2 = register(scientist, tenant, "intents", packed["v2"])
+    assert v2.registered_model_id == v1.registered_model_id and v2.number == 2
+    second = approve(scientist, reviewer, v2, "production")
+    second.refresh_from_db()
+    first.refresh_from_db()
+    assert second.status == "warm" and second.replaces_id == first.pk
+    assert first.status == "retired" and first.standby is True  # still loaded, in the tail
+    texts = ["my card has not arrived yet"]
+    body = predict(scientist, "acme", "intents", texts).json()
+    assert body["model_version"] == v2.pk
+    assert [o["label"] for o in body["outputs"]] == expected(packed["v2"], texts)
+
+    with eager_tasks():
+        response = reviewer.api("post", f"/api/v1/tenants/acme/deployments/{second.pk}/rollback")
+    assert response.status_code == 202, response.content
+    rollback = Deployment.objects.get(pk=response.json()["id"])
+    assert rollback.status == "warm" and rollback.model_version_id == v1.pk
+    body = predict(scientist, "acme", "intents", texts).json()
+    assert body["model_version"] == v1.pk
+    assert [o["label"] for o in body["outputs"]] == expected(packed["base"], texts)
+    second.refresh_from_db()
+    assert second.status == "retired" and second.standby is True
+
+
+def test_a_deployment_that_does_not_fit_fails_and_the_previous_version_keeps_serving(
+    fleet_settings, packed, tenant, scientist, reviewer
+):
+    v1 = register(scientist, tenant, "intents", packed["base"])
+    first = approve(scientist, reviewer, v1, "production")
+    first.refresh_from_db()
+    assert first.status == "warm"
+    # Shrink the pool: one set, room for one model only.
+    ServingPool.objects.filter(kind="classifier").update(
+        max_sets=1, replica_memory_bytes=v1.memory_bytes + 10
+    )
+    v2 = register(scientist, tenant, "intents", packed["v2"])
+    second = approve(scientist, reviewer, v2, "production")
+    second.refresh_from_db()
+    assert second.status == "failed"
+    assert second.failure.startswith("insufficient capacity: need ")
+    assert second.promotion.status == "failed" and "insufficient capacity" in (
+        second.promotion.failure
+    )
+    body = predict(scientist, "acme", "intents", ["my card has not arrived yet"]).json()
+    assert body["model_version"] == v1.pk
+
+
+def test_a_killed_replica_comes_back_and_is_rewarmed(
+    fleet_settings, packed, tenant, scientist, reviewer
+):
+    import ray
+
+    version = register(scientist, tenant, "intents", packed["base"])
+    deployment = approve(scientist, reviewer, version, "production")
+    deployment.refresh_from_db()
+    assert deployment.status == "warm" and deployment.replica_set is not None
+    set_name = f"classifier-set-{deployment.replica_set}"
+
+    def holders() -> set[str]:
+        return {
+            r["replica_id"]
+            for pool in get_backend().status()["pools"]
+            for s in pool["sets"]
+            if s["name"] == set_name
+            for r in s["replicas"]
+            if any(m["model_id"] == version.pk and m["loaded"] for m in r["models"])
+        }
+
+    before = wait_for(holders, timeout=30)
+    fleet.fleet_check()  # the first look remembers the replicas
+    warmups = Warmup.objects.filter(deployment=deployment).count()
+    backend: Any = get_backend()
+    (victim, *_) = backend.replica_actors("classifier", set_name)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    # Serve replaces the dead replica; the new one loads the set's models by itself.
+    wait_for(lambda: (holders() - before) or None, timeout=120)
+    with eager_tasks():
+        result = fleet.fleet_check()
+    assert result["rewarmed"] >= 1
+    assert Warmup.objects.filter(deployment=deployment).count() == warmups + 1
+    rewarm = Warmup.objects.filter(deployment=deployment).order_by("-started_at").first()
+    assert rewarm is not None and rewarm.trigger == "replica_restart" and rewarm.ok
+    body = predict(scientist, "acme", "intents", ["my card has not arrived yet"]).json()
+    assert body["model_version"] == version.pk

@@ -1,0 +1,252 @@
+"""The workbench from inside a notebook: granted data, training runs, uploads.
+
+    from workbench.client import Workbench
+    wb = Workbench()                      # URL, token and tenant from the server's env
+    wb.datasets()                         # the dataset versions you were granted
+    rows = wb.load("dv_...")              # download (sha256 checked) and parse
+    run = wb.launch_run("dv_...", base_model="tiny-bert", params={"epochs": 1})
+
+Standard library only, and no Django: this module runs in notebook kernels, which may not
+have the workbench installed (copy this file next to the notebook). Every refusal by the
+workbench becomes a ``WorkbenchError`` carrying its status and message.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FINISHED_RUN = ("succeeded", "failed", "cancelled")
+
+
+class WorkbenchError(Exception):
+    """The workbench refused a call (``status`` is the HTTP status) or could not be reached
+    (``status`` 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{message} (HTTP {status}, {code})" if status else message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GrantedDataset:
+    id: str
+    dataset: str
+    name: str
+    number: int
+    sha256: str
+    rows: int
+    size_bytes: int
+    format: str
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.number} ({self.id}, {self.rows} rows)"
+
+
+class Workbench:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        tenant: str | None = None,
+        *,
+        timeout: float = 60.0,
+    ) -> None:
+        self.url = (url or os.environ.get("WORKBENCH_URL", "")).rstrip("/")
+        self.token = token or os.environ.get("WORKBENCH_TOKEN", "")
+        self.tenant = tenant or os.environ.get("WORKBENCH_TENANT", "")
+        self.timeout = timeout
+        missing = [
+            name
+            for name, value in (
+                ("WORKBENCH_URL", self.url),
+                ("WORKBENCH_TOKEN", self.token),
+                ("WORKBENCH_TENANT", self.tenant),
+            )
+            if not value
+        ]
+        if missing:
+            raise WorkbenchError(
+                0,
+                "not_configured",
+                f"{', '.join(missing)} not set: start the notebook from the workbench, or pass "
+                "url=, token= and tenant=.",
+            )
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _tenant_path(self, path: str) -> str:
+        return f"/api/v1/tenants/{urllib.parse.quote(self.tenant)}/{path}"
+
+    def _open(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = ""
+    ) -> Any:
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method=method)  # noqa: S310 - the workbench URL
+        request.add_header("Authorization", f"Bearer {self.token}")
+        request.add_header("Accept", "application/json")
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310
+        except urllib.error.HTTPError as exc:
+            raise _error(exc) from None
+        except urllib.error.URLError as exc:
+            raise WorkbenchError(
+                0, "unreachable", f"The workbench at {self.url} does not answer: {exc.reason}"
+            ) from None
+
+    def _json(self, method: str, path: str, payload: Any = None) -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        with self._open(method, path, body, "application/json" if body else "") as response:
+            return json.loads(response.read() or b"null")
+
+    def _pages(self, path: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            sep = "&" if "?" in path else "?"
+            data = self._json("GET", f"{path}{sep}page={page}")
+            found.extend(data["results"])
+            if not data.get("next"):
+                return found
+            page += 1
+
+    # --- data ------------------------------------------------------------------------------
+
+    def datasets(self) -> list[GrantedDataset]:
+        """The dataset versions a reviewer granted you in this tenant."""
+        return [
+            GrantedDataset(
+                id=row["id"],
+                dataset=row["dataset"],
+                name=row["dataset_name"],
+                number=row["number"],
+                sha256=row["sha256"],
+                rows=row["rows"],
+                size_bytes=row["size_bytes"],
+                format=row["format"],
+            )
+            for row in self._pages(self._tenant_path("granted-data/"))
+        ]
+
+    def attached(self) -> list[str]:
+        """The dataset version ids this notebook was started with."""
+        return [v for v in os.environ.get("WORKBENCH_DATASETS", "").split(",") if v]
+
+    def download(self, version_id: str, path: str | os.PathLike[str] | None = None) -> Path:
+        """Save a granted version's file and check its sha256; refused if not granted."""
+        target = Path(path) if path is not None else Path(tempfile.gettempdir()) / version_id
+        digest = hashlib.sha256()
+        quoted = urllib.parse.quote(version_id)
+        with self._open("GET", self._tenant_path(f"granted-data/{quoted}/download")) as response:
+            expected = response.headers.get("X-Content-SHA256", "")
+            partial = target.with_name(target.name + ".partial")
+            with partial.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if expected and digest.hexdigest() != expected:
+            partial.unlink(missing_ok=True)
+            raise WorkbenchError(0, "corrupt", f"{version_id}: the download's sha256 differs")
+        partial.replace(target)
+        return target
+
+    def load(self, version_id: str) -> list[dict[str, str]]:
+        """A granted version's rows, as dicts (CSV or JSON lines)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            data = self.download(version_id, Path(tmp) / "data").read_text(encoding="utf-8")
+        if data.lstrip().startswith("{"):
+            return [json.loads(line) for line in data.splitlines() if line.strip()]
+        return list(csv.DictReader(io.StringIO(data)))
+
+    def request_access(self, dataset_id: str, purpose: str, version: str | None = None) -> Any:
+        """Ask for a dataset (or one version); a reviewer grants or denies it."""
+        payload = {"dataset": dataset_id, "version": version, "purpose": purpose}
+        return self._json("POST", self._tenant_path("data-access/"), payload)
+
+    def upload(
+        self,
+        dataset_id: str,
+        path: str | os.PathLike[str],
+        *,
+        text_column: str = "text",
+        label_column: str = "label",
+    ) -> Any:
+        """Upload a file as a new (immutable) version of one of the tenant's datasets."""
+        source = Path(path)
+        boundary = uuid.uuid4().hex
+        fields = {"text_column": text_column, "label_column": label_column}
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in fields.items()
+        ]
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{source.name}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + source.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        path_ = self._tenant_path(f"datasets/{urllib.parse.quote(dataset_id)}/versions/")
+        with self._open(
+            "POST", path_, b"".join(parts), f"multipart/form-data; boundary={boundary}"
+        ) as response:
+            return json.loads(response.read())
+
+    # --- training --------------------------------------------------------------------------
+
+    def launch_run(
+        self,
+        dataset_version: str,
+        *,
+        base_model: str = "tiny-bert",
+        params: dict[str, Any] | None = None,
+        validation_version: str | None = None,
+        model_name: str = "",
+    ) -> Any:
+        """Queue a training run on granted data (202); follow it with ``run``/``wait``."""
+        payload: dict[str, Any] = {
+            "dataset_version": dataset_version,
+            "base_model": base_model,
+            "params": params or {},
+            "model_name": model_name,
+        }
+        if validation_version:
+            payload["validation_version"] = validation_version
+        return self._json("POST", self._tenant_path("runs/"), payload)
+
+    def run(self, run_id: str) -> Any:
+        return self._json("GET", self._tenant_path(f"runs/{urllib.parse.quote(run_id)}/"))
+
+    def wait(self, run_id: str, *, timeout: float = 3600, every: float = 5) -> Any:
+        """Poll a run until it finishes; its final state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.run(run_id)
+            if state["status"] in FINISHED_RUN or time.monotonic() > deadline:
+                return state
+            time.sleep(every)
+
+
+def _error(exc: urllib.error.HTTPError) -> WorkbenchError:
+    try:
+        body = json.loads(exc.read() or b"{}")
+        error = body.get("error") or {}
+        return WorkbenchError(
+            exc.code, str(error.get("code", "error")), str(error.get("message", exc.reason))
+        )
+    except ValueError:
+        return WorkbenchError(exc.code, "error", str(exc.reason))

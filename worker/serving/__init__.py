@@ -1,0 +1,1 @@
+"""The serving fleet: what runs on fleet hosts (Ray Serve replicas) and drives them."""

@@ -1,0 +1,326 @@
+"""The Ray Serve deployment behind every replica set and tail tier of a serving pool.
+
+One class, two roles, told apart by the ``user_config`` the driver pushes
+(:class:`worker.serving.routing.ReplicaConfig`):
+
+- **set** (pinned models): :meth:`ModelReplica.reconfigure` loads every model of the config
+  that is not loaded yet and unloads the ones that left it, in the running replica (Serve
+  calls ``reconfigure`` on a config change without restarting the replica, and on every
+  replica start, so a restarted replica reloads its models by itself).
+- **tail** (deployed but unpinned models): models load on first use and stay while the
+  tier's policy (:class:`worker.serving.cache.FrequencyCache`) keeps them within the
+  budget. ``@serve.multiplexed`` registers the models a tail replica holds, so Serve routes
+  a model's requests to a replica that already has it; the eviction decisions are ours
+  (Serve's multiplexing alone is a plain LRU by count). New unpinned models are loaded once
+  on reconfigure to verify them (sha256, files), then left to the policy. The tail is also
+  the pool application's ingress and holds its routing table (:meth:`routes`).
+
+Concurrent requests are batched (``@serve.batch``; the pool's ``max_batch_size`` and
+``batch_wait_timeout_s``): one forward pass per model in a batch. CUDA when present.
+
+Each replica publishes its statistics (see :meth:`ModelReplica.stats`) in Ray's GCS
+key-value store every second and after every reconfigure; the driver reads them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+from ray.experimental import internal_kv
+
+from worker.serving.cache import FrequencyCache
+from worker.serving.loading import FastClassifier, default_device, load_model
+from worker.serving.routing import (
+    STATS_PUSH_INTERVAL_S,
+    ModelEntry,
+    ModelNotHere,
+    ReplicaConfig,
+    Route,
+    stats_key,
+)
+from worker.serving.specs import ModelLoadError, Output
+
+logger = logging.getLogger(__name__)
+
+# Latency percentiles are over each model's last this many requests.
+LATENCY_WINDOW = 1024
+# Upper bound of requests a replica works on at once (queued in its batcher).
+MAX_ONGOING_REQUESTS = 64
+
+
+@dataclass
+class ModelState:
+    """One model on one replica: its spec, the loaded classifier, its counters."""
+
+    entry: ModelEntry
+    classifier: FastClassifier | None = None
+    memory_bytes: int = 0  # of the loaded weights
+    load_ms: float | None = None
+    error: str | None = None
+    hits: int = 0
+    misses: int = 0
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def report(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies_ms)
+        return {
+            "model_id": self.entry["model_id"],
+            "sha256": self.entry["sha256"],
+            "pinned": self.entry["pinned"],
+            "loaded": self.classifier is not None,
+            "memory_bytes": self.memory_bytes,
+            "load_ms": None if self.load_ms is None else round(self.load_ms, 3),
+            "hits": self.hits,
+            "misses": self.misses,
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency_ms_p50": _percentile(ordered, 0.50),
+            "latency_ms_p99": _percentile(ordered, 0.99),
+            "error": self.error,
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def _rss_bytes() -> int:
+    with contextlib.suppress(OSError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
+class ModelReplica:
+    """A replica of a set or of a pool's tail (see the module docstring)."""
+
+    def __init__(self, kind: str, role: str, *_sets: Any) -> None:
+        # ``_sets``: the tail (the ingress) is bound to the set deployments only so that
+        # Serve deploys them as one application; it never calls them.
+        context = serve.get_replica_context()
+        self.app = context.app_name
+        self.deployment = context.deployment
+        self.replica_id = context.replica_id.unique_id
+        self.kind = kind
+        self.role = role
+        self.started_at = time.time()
+        self.device = default_device()
+        self.models: dict[str, ModelState] = {}
+        self.current: ReplicaConfig | None = None
+        self.applied_version = ""
+        self.cache: FrequencyCache | None = None
+        self._pusher: asyncio.Task[None] | None = None
+
+    # --- configuration ---------------------------------------------------------------
+
+    async def reconfigure(self, config: ReplicaConfig) -> None:
+        self.current = config
+        batcher: Any = self._batched  # serve.batch's setters are not in its type
+        batcher.set_max_batch_size(max(1, int(config["max_batch_size"])))
+        batcher.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        wanted = {entry["model_id"]: entry for entry in config["models"]}
+        for model_id, state in list(self.models.items()):
+            kept = wanted.get(model_id)
+            if kept is None or kept["sha256"] != state.entry["sha256"]:
+                self._unload(model_id)
+                del self.models[model_id]
+                if self.cache is not None:
+                    self.cache.remove(model_id)
+        new = [model_id for model_id in wanted if model_id not in self.models]
+        for model_id in new:
+            self.models[model_id] = ModelState(entry=wanted[model_id])
+        if self.role == "tail":
+            self._resize_cache(int(config["budget_bytes"]))
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_forever())
+        for model_id in new:
+            state = self.models[model_id]
+            async with state.lock:
+                # A request may have loaded it meanwhile (sets), or verified it (tail).
+                if state.classifier is None and (self.role == "set" or state.load_ms is None):
+                    classifier = self._load(state)
+                    if classifier is not None and self.role == "set":
+                        self._hold(state, classifier)
+            await asyncio.sleep(0)  # let requests for loaded models through
+        self.applied_version = config["version"]
+        self._push_stats()
+
+    def _resize_cache(self, budget: int) -> None:
+        if self.cache is not None and self.cache.budget == budget:
+            return
+        held = [m for m, s in self.models.items() if s.classifier is not None]
+        self.cache = FrequencyCache(budget)
+        for model_id in held:
+            kept, evicted = self.cache.admit(model_id, self.models[model_id].entry["memory_bytes"])
+            for victim in [*evicted, *([] if kept else [model_id])]:
+                self._unload(victim)
+
+    def _load(self, state: ModelState) -> FastClassifier | None:
+        """Fetch, verify and build; the error is recorded (and the model left out) rather
+        than failing the whole replica: one bad artifact must not take down a set."""
+        entry = state.entry
+        try:
+            loaded = load_model(entry["artifact_uri"], entry["sha256"], device=self.device)
+        except ModelLoadError as error:
+            state.error = str(error)
+            logger.warning("model %s failed to load: %s", entry["model_id"], error)
+            return None
+        state.error = None
+        state.load_ms = loaded.load_ms
+        return loaded.classifier
+
+    @staticmethod
+    def _hold(state: ModelState, classifier: FastClassifier) -> None:
+        state.classifier = classifier
+        state.memory_bytes = classifier.weight_bytes
+
+    def _unload(self, model_id: str) -> None:
+        state = self.models.get(model_id)
+        if state is not None:
+            state.classifier = None
+            state.memory_bytes = 0
+        if self.role == "tail":
+            self._forget_routing(model_id)
+
+    # --- requests --------------------------------------------------------------------
+
+    async def predict(self, model_id: str, texts: list[str]) -> dict[str, Any]:
+        started = time.perf_counter()
+        state = self.models.get(model_id)
+        if state is None:
+            raise ModelNotHere(f"model {model_id} is not on {self.app}/{self.deployment}")
+        try:
+            if self.role == "tail":
+                await self._register_routing(model_id)
+            classifier = await self._classifier(state)
+            outputs = await self._batched((classifier, texts))
+        except BaseException:
+            state.errors += 1
+            raise
+        state.requests += 1
+        state.latencies_ms.append((time.perf_counter() - started) * 1000)
+        return {"outputs": outputs, "replica_id": self.replica_id}
+
+    async def _classifier(self, state: ModelState) -> FastClassifier:
+        model_id = state.entry["model_id"]
+        cached = self.cache.lookup(model_id) if self.cache is not None else True
+        if state.classifier is not None and cached:
+            state.hits += 1
+            return state.classifier
+        state.misses += 1
+        async with state.lock:
+            if state.classifier is not None:  # loaded while this request waited
+                return state.classifier
+            classifier = self._load(state)
+            if classifier is None:
+                raise ModelLoadError(state.error or f"model {model_id} could not be loaded")
+            if self.cache is None:
+                self._hold(state, classifier)
+                return classifier
+            kept, evicted = self.cache.admit(model_id, state.entry["memory_bytes"])
+            for victim in evicted:
+                self._unload(victim)
+            if kept:
+                self._hold(state, classifier)
+            return classifier  # not kept: serves this request, then goes
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _batched(self, items: list[tuple[FastClassifier, list[str]]]) -> list[list[Output]]:
+        """One forward pass per model: the requests for the same model share it."""
+        groups: dict[int, list[int]] = {}
+        for position, (classifier, _) in enumerate(items):
+            groups.setdefault(id(classifier), []).append(position)
+        results: list[list[Output]] = [[] for _ in items]
+        for positions in groups.values():
+            classifier = items[positions[0]][0]
+            texts = [text for p in positions for text in items[p][1]]
+            outputs = classifier.predict(texts)
+            start = 0
+            for p in positions:
+                count = len(items[p][1])
+                results[p] = outputs[start : start + count]
+                start += count
+        return results
+
+    # --- routing (tail) --------------------------------------------------------------
+
+    @serve.multiplexed(max_num_models_per_replica=-1)
+    async def _routing_token(self, model_id: str) -> str:
+        # Registers ``model_id`` with Serve's model-aware routing; holds nothing else.
+        return model_id
+
+    async def _register_routing(self, model_id: str) -> None:
+        await self._routing_token(model_id)
+
+    def _forget_routing(self, model_id: str) -> None:
+        # Tell Serve's router this replica no longer holds the model (its multiplexing
+        # wrapper only forgets models by its own LRU, which never triggers at -1).
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        if wrapper is not None and wrapper.models.pop(model_id, None) is not None:
+            wrapper._push_multiplexed_replica_info = True
+
+    def config(self) -> ReplicaConfig | None:
+        """The configuration this replica was last given."""
+        return self.current
+
+    def routes(self) -> dict[str, Route]:
+        """The pool's routing table: model id -> the deployment serving it (tail only)."""
+        return dict(self.current["routes"]) if self.current is not None else {}
+
+    # --- statistics ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's state: its models and their counters (JSON-able)."""
+        reports = [state.report() for _, state in sorted(self.models.items())]
+        if self.role == "tail":
+            # Only what the tier holds or failed on: the rest is deployed but cold.
+            reports = [
+                r
+                for r in reports
+                if r["loaded"] or r["requests"] or r["error"] or r["load_ms"] is not None
+            ]
+        return {
+            "replica_id": self.replica_id,
+            "app": self.app,
+            "deployment": self.deployment,
+            "role": self.role,
+            "index": self.current["index"] if self.current else -1,
+            "version": self.applied_version,
+            "started_at": self.started_at,
+            "device": self.device,
+            "rss_bytes": _rss_bytes(),
+            "memory_used_bytes": sum(state.memory_bytes for state in self.models.values()),
+            "models": reports,
+            "updated_at": time.time(),
+        }
+
+    def _push_stats(self) -> None:
+        key = stats_key(self.app, self.deployment, self.replica_id)
+        try:
+            internal_kv._internal_kv_put(key, json.dumps(self.stats()), overwrite=True)
+        except Exception:  # the GCS briefly away: the next push will do
+            logger.exception("could not publish replica statistics")
+
+    async def _push_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_PUSH_INTERVAL_S)
+            self._push_stats()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            internal_kv._internal_kv_del(stats_key(self.app, self.deployment, self.replica_id))

@@ -1,0 +1,127 @@
+"""What the workbench tells a serving backend, and what a backend reports back.
+
+The contract between ``apps.deployments`` (which decides what should be live) and a serving
+backend (Ray Serve in :mod:`worker.serving.fleet`, SageMaker multi-model endpoints in
+:mod:`worker.serving.sagemaker`). Plain dataclasses and a Protocol: no Django here, since
+this code runs on fleet hosts too.
+
+The workbench is the source of truth: it sends the *whole* desired set of models of a pool
+with every :meth:`ServingBackend.apply`; a backend makes the fleet match it (load what is
+new, unload what is gone) and never decides on its own what should be live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypedDict
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model version that should be served.
+
+    ``model_id`` is the workbench's ModelVersion id (unique across tenants). ``artifact_uri``
+    is ``file:///abs/path.tar`` or ``s3://bucket/key.tar``: the deterministic tar the
+    training run packed (safetensors weights, tokenizer, config, labels); a replica refuses
+    bytes whose sha256 is not ``sha256``. ``memory_bytes`` is the footprint measured at
+    registration, what placement packs by. ``pinned`` models (production) are placed on a
+    replica set and preloaded; unpinned ones live in the pool's long-tail cache tier and
+    load on first use.
+    """
+
+    model_id: str
+    artifact_uri: str
+    sha256: str
+    memory_bytes: int
+    pinned: bool = True
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Capacity settings of one serving pool (one per model kind)."""
+
+    kind: str = "classifier"
+    # Memory budget of pinned models on one replica; every replica of a set holds all of
+    # its set's models, so this is also the budget of a set.
+    replica_memory_bytes: int = 512 * 1024 * 1024
+    # How many replica sets the pool may have: the pool's capacity is
+    # max_sets * replica_memory_bytes of pinned models.
+    max_sets: int = 4
+    # Memory budget of the long-tail (unpinned) cache tier on each tail replica.
+    tail_memory_bytes: int = 256 * 1024 * 1024
+    # Autoscaling of each replica set on its request load.
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+    # Request batching inside a replica.
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.002
+
+
+class InsufficientCapacity(Exception):
+    """The pool cannot hold every pinned model; nothing was changed."""
+
+    def __init__(self, *, need_bytes: int, have_bytes: int, detail: str = "") -> None:
+        self.need_bytes = need_bytes
+        self.have_bytes = have_bytes
+        message = f"insufficient capacity: need {need_bytes} bytes, have {have_bytes} bytes"
+        super().__init__(f"{message} ({detail})" if detail else message)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which replica set (0-based index) holds each pinned model, and what moved."""
+
+    assignment: dict[str, int]
+    moved: list[str] = field(default_factory=list)  # models that changed set (not new ones)
+    used_bytes: list[int] = field(default_factory=list)  # per set, pinned bytes
+
+
+class Output(TypedDict):
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    outputs: list[Output]
+    latency_ms: float  # as measured by the caller, around the whole round trip
+    replica_id: str
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded (bad bytes, sha256 mismatch, unreadable artifact)."""
+
+
+class ServingBackend(Protocol):
+    """What the workbench needs from a serving backend."""
+
+    def apply(
+        self,
+        pool: PoolSpec,
+        models: Sequence[ModelSpec],
+        *,
+        previous: Mapping[str, int] | None = None,
+    ) -> Placement:
+        """Make the pool serve exactly ``models``; raise InsufficientCapacity before
+        changing anything if the pinned ones do not fit. ``previous`` is the last
+        placement, so as few models as possible move."""
+        ...
+
+    def wait_ready(
+        self, kind: str, model_ids: Sequence[str], *, timeout_s: float
+    ) -> dict[str, str | None]:
+        """Block until every replica that should hold each model has it loaded; returns
+        model id -> None when loaded everywhere, or the load error / "timeout"."""
+        ...
+
+    def predict(self, kind: str, model_id: str, texts: list[str]) -> PredictResult:
+        """Raises ModelLoadError if the model cannot be loaded, KeyError if it is not in
+        the pool."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able fleet state: pools, replicas, models on each, per-model metrics
+        (see the backend's docstring for the exact shape)."""
+        ...
