@@ -150,12 +150,25 @@ def golden_dataset(scientist: Actor) -> str:
 # --- a real Celery worker process ------------------------------------------------------
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """A failed test that used the real worker shows the worker's log tail: what the worker
+    was doing is most of what there is to know about a test that waited in vain."""
+    outcome = yield
+    report = outcome.get_result()
+    worker = getattr(item, "funcargs", {}).get("celery_worker_process")
+    if report.failed and worker is not None:
+        lines = [line[:400] for line in worker.log().splitlines()[-60:]]
+        report.sections.append(("celery worker log (last 60 lines)", "\n".join(lines)))
+
+
 @dataclass
 class WorkerProcess:
     process: Any
     log_path: Path
     artifacts_root: Path
     start_kwargs: dict[str, Any] | None = None
+    node: str = ""  # the worker's node name, for control commands
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -257,7 +270,9 @@ def start_worker(
         "TRAINING_WORK_DIR": str(tmp / f"{name}-work"),
         **(extra_env or {}),
     }
-    node = f"{name}-{os.getpid()}@%h"
+    import socket
+
+    node = f"{name}-{os.getpid()}@{socket.gethostname()}"
     command = [sys.executable, "-m", "celery", "-A", "workbench", "worker", "-Q", queues,
                "--concurrency", "1", "--loglevel", "INFO", "-n", node]  # fmt: skip
     if beat:
@@ -277,6 +292,7 @@ def start_worker(
         process=process,
         log_path=log_path,
         artifacts_root=artifacts_root,
+        node=node,
         start_kwargs={"tmp": tmp, "database_url": database_url, "mlflow_url": mlflow_url,
                       "artifacts_root": artifacts_root, "queues": queues,
                       "extra_env": extra_env},
@@ -297,6 +313,46 @@ def stop_worker(worker: WorkerProcess, *, kill: bool = False) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(worker.process.pid, signal.SIGKILL)
         worker.process.wait(timeout=10)
+
+
+def wait_worker_idle(worker: WorkerProcess, *, timeout: float) -> bool:
+    """Wait until the worker runs and holds no task; False if it still does at ``timeout``
+    (or does not answer)."""
+    import time
+
+    from workbench.celery import app
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            return True  # gone: nothing of it can run into the next test
+        inspect = app.control.inspect(destination=[worker.node], timeout=1.0, limit=1)
+        active = (inspect.active() or {}).get(worker.node)
+        reserved = (inspect.reserved() or {}).get(worker.node)
+        if active == [] and reserved == []:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _worker_settles(request: Any) -> Any:
+    """After a test that used the real worker, wait for the tasks it left (a deployment's
+    follow-up pool update, say) to end, so the next test starts on an idle worker rather
+    than queued behind them. A worker still busy after three minutes is reported with what
+    it was doing."""
+    yield
+    if "celery_worker_process" not in request.fixturenames:
+        return
+    import warnings
+
+    worker = request.getfixturevalue("celery_worker_process")
+    if not wait_worker_idle(worker, timeout=180):
+        tail = [line[:300] for line in worker.log().splitlines()[-30:]]
+        warnings.warn(
+            "the celery worker was still busy 180 s after the test:\n" + "\n".join(tail),
+            stacklevel=1,
+        )
 
 
 @pytest.fixture(scope="session")

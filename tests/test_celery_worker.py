@@ -43,14 +43,17 @@ def test_deleting_a_dataset_removes_its_bytes_on_a_worker_with_the_request_id(
     assert not Dataset.objects.filter(pk=training_dataset).exists()
     assert wait_for(lambda: stored_files(root) == []), celery_worker_process.log()
 
-    # The worker's log lines for that task carry the web request's id.
-    assert wait_for(lambda: "req-delete-42" in celery_worker_process.log())
-    task_lines = [
-        line
-        for line in celery_worker_process.log().splitlines()
-        if "datasets.delete_artifacts" in line and "task finished" in line
-    ]
-    assert any("req-delete-42" in line for line in task_lines), task_lines
+    # The worker's log lines for that task carry the web request's id (the "task finished"
+    # line is written after the bytes are gone, so it is waited for too).
+    def finished_lines() -> list[str]:
+        return [
+            line
+            for line in celery_worker_process.log().splitlines()
+            if "datasets.delete_artifacts" in line and "task finished" in line
+        ]
+
+    assert wait_for(finished_lines), celery_worker_process.log()[-4000:]
+    assert all("req-delete-42" in line for line in finished_lines()), finished_lines()
 
     # ... and /metrics counts the task, recorded by the worker process.
     def counted() -> bool:

@@ -148,6 +148,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_on_another(
     rescuer = start_worker(**kwargs, name="rescuer", beat=True)
     celery_worker_process.process = rescuer.process
     celery_worker_process.log_path = rescuer.log_path
+    celery_worker_process.node = rescuer.node
     wait_for(lambda: run_status(run_id) in ("succeeded", "failed"), timeout=300)
     run = TrainingRun.objects.get(pk=run_id)
     assert run.status == "succeeded", (run.error, rescuer.log()[-3000:])
