@@ -12,7 +12,6 @@ from rest_framework.views import APIView
 
 from apps.deployments import fleet, selectors, services
 from apps.deployments.models import Deployment, Environment, FleetAlert, Warmup
-from apps.registry.models import RegisteredModel
 from apps.tenants.auth import request_via
 from apps.tenants.models import Role
 from apps.tenants.scoping import TenantScopedMixin
@@ -204,7 +203,7 @@ class ModelPredictApi(TenantScopedMixin, APIView):
 
     @extend_schema(request=PredictInputSerializer, responses=PredictOutputSerializer)
     def post(self, request: Request, tenant: str, name: str) -> Response:
-        model = RegisteredModel.objects.filter(tenant=self.tenant, name=name).first()
+        model = selectors.registered_model(tenant=self.tenant, name=name)
         if model is None:
             raise Http404("No such model.")
         data = PredictInputSerializer(data=request.data)

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 
+from apps.core import rawsql
 from apps.core.artifacts import get_store
 from apps.deployments.models import ACTIVE, Deployment, DeploymentStatus
 from apps.evaluation.models import EvalStatus, Evaluation
@@ -56,19 +57,48 @@ def serving_deployment(
     """(the warm deployment that serves the model's environment, the latest deployment of
     it whatever its status) — the second one explains a 409 when nothing is warm.
 
-    On every predict: one query when the warm deployment is among the latest ten."""
-    latest = (
-        Deployment.objects.filter(
-            tenant=tenant, model_version__registered_model=model, environment=environment
-        )
-        .select_related("model_version")
-        .order_by("-created_at")
+    On every predict: one query (written out, see ``apps.core.rawsql``) when the warm
+    deployment is among the latest ten."""
+    d, v = Deployment, ModelVersion
+    rows = rawsql.fetch(
+        [rawsql.Part(d, "d"), rawsql.Part(v, "v", attach=(0, "model_version"))],
+        f"FROM {rawsql.table(d)} d "
+        f"JOIN {rawsql.table(v)} v ON v.{rawsql.column(v, 'id')} = "
+        f"d.{rawsql.column(d, 'model_version')} "
+        f"WHERE d.{rawsql.column(d, 'tenant')} = %s "
+        f"AND v.{rawsql.column(v, 'registered_model')} = %s "
+        f"AND d.{rawsql.column(d, 'environment')} = %s "
+        f"ORDER BY d.{rawsql.column(d, 'created_at')} DESC, d.{rawsql.column(d, 'id')} DESC "
+        "LIMIT 10",
+        [tenant.pk, model.pk, environment],
     )
-    recent = list(latest[:10])
+    recent: list[Deployment] = [row[0] for row in rows]  # type: ignore[misc]
     warm = next((d for d in recent if d.status == DeploymentStatus.WARM), None)
     if warm is None and len(recent) == 10:
-        warm = latest.filter(status=DeploymentStatus.WARM).first()
+        warm = (
+            Deployment.objects.filter(
+                tenant=tenant,
+                model_version__registered_model=model,
+                environment=environment,
+                status=DeploymentStatus.WARM,
+            )
+            .select_related("model_version")
+            .order_by("-created_at")
+            .first()
+        )
     return warm, (recent[0] if recent else None)
+
+
+def registered_model(*, tenant: Tenant, name: str) -> RegisteredModel | None:
+    """The tenant's model called ``name`` (one query, written out: every predict makes it)."""
+    m = RegisteredModel
+    rows = rawsql.fetch(
+        [rawsql.Part(m, "m")],
+        f"FROM {rawsql.table(m)} m WHERE m.{rawsql.column(m, 'tenant')} = %s "
+        f"AND m.{rawsql.column(m, 'name')} = %s",
+        [tenant.pk, name],
+    )
+    return rows[0][0] if rows else None  # type: ignore[return-value]
 
 
 def current_deployment(version: ModelVersion, environment: str) -> Deployment | None:
