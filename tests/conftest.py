@@ -335,19 +335,23 @@ def wait_worker_idle(worker: WorkerProcess, *, timeout: float) -> bool:
     return False
 
 
+# The session's real worker, once started: every test after that shares it.
+_LIVE_WORKERS: list[WorkerProcess] = []
+
+
 @pytest.fixture(autouse=True)
-def _worker_settles(request: Any) -> Any:
-    """After a test that used the real worker, wait for the tasks it left (a deployment's
-    follow-up pool update, say) to end, so the next test starts on an idle worker rather
+def _worker_settles() -> Any:
+    """Once the session's real worker runs, wait after each test for the tasks the test
+    left to end (a deployment's follow-up pool update; a task that any committing test
+    enqueued, which that worker takes too), so the next test starts on an idle worker rather
     than queued behind them. A worker still busy after three minutes is reported with what
     it was doing."""
     yield
-    if "celery_worker_process" not in request.fixturenames:
-        return
     import warnings
 
-    worker = request.getfixturevalue("celery_worker_process")
-    if not wait_worker_idle(worker, timeout=180):
+    for worker in _LIVE_WORKERS:
+        if wait_worker_idle(worker, timeout=180):
+            continue
         tail = [line[:300] for line in worker.log().splitlines()[-30:]]
         warnings.warn(
             "the celery worker was still busy 180 s after the test:\n" + "\n".join(tail),
@@ -381,7 +385,9 @@ def celery_worker_process(
         # Heartbeats come every 2 s; a run silent for 5 s has lost its worker.
         extra_env={"TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5", "RAY_ADDRESS": ray_address},
     )
+    _LIVE_WORKERS.append(worker)
     yield worker
+    _LIVE_WORKERS.remove(worker)
     stop_worker(worker)
 
 

@@ -87,3 +87,18 @@ def table(model: type[models.Model]) -> str:
 def column(model: type[models.Model], name: str) -> str:
     field: Any = model._meta.get_field(name)
     return connection.ops.quote_name(str(field.column))
+
+
+def join(part: Part, owner: Part, field: str, *, outer: bool = False) -> str:
+    """``JOIN <part's table> <alias> ON <alias>.<pk> = <owner alias>.<owner's field>``."""
+    pk = connection.ops.quote_name(str(part.model._meta.pk.column))
+    kind = "LEFT JOIN" if outer else "JOIN"
+    return (
+        f"{kind} {table(part.model)} {part.alias} "
+        f"ON {part.alias}.{pk} = {owner.alias}.{column(owner.model, field)}"
+    )
+
+
+def equals(part: Part, *fields: str) -> str:
+    """``<alias>.<field> = %s AND ...`` for each field."""
+    return " AND ".join(f"{part.alias}.{column(part.model, name)} = %s" for name in fields)

@@ -59,21 +59,19 @@ def serving_deployment(
 
     On every predict: one query (written out, see ``apps.core.rawsql``) when the warm
     deployment is among the latest ten."""
-    d, v = Deployment, ModelVersion
+    d = rawsql.Part(Deployment, "d")
+    v = rawsql.Part(ModelVersion, "v", attach=(0, "model_version"))
+    created = rawsql.column(Deployment, "created_at")
     rows = rawsql.fetch(
-        [rawsql.Part(d, "d"), rawsql.Part(v, "v", attach=(0, "model_version"))],
-        f"FROM {rawsql.table(d)} d "
-        f"JOIN {rawsql.table(v)} v ON v.{rawsql.column(v, 'id')} = "
-        f"d.{rawsql.column(d, 'model_version')} "
-        f"WHERE d.{rawsql.column(d, 'tenant')} = %s "
-        f"AND v.{rawsql.column(v, 'registered_model')} = %s "
-        f"AND d.{rawsql.column(d, 'environment')} = %s "
-        f"ORDER BY d.{rawsql.column(d, 'created_at')} DESC, d.{rawsql.column(d, 'id')} DESC "
-        "LIMIT 10",
-        [tenant.pk, model.pk, environment],
+        [d, v],
+        f"FROM {rawsql.table(Deployment)} d {rawsql.join(v, d, 'model_version')} "
+        f"WHERE {rawsql.equals(d, 'tenant', 'environment')} "
+        f"AND {rawsql.equals(v, 'registered_model')} "
+        f"ORDER BY d.{created} DESC, d.{rawsql.column(Deployment, 'id')} DESC LIMIT 10",
+        [tenant.pk, environment, model.pk],
     )
     recent: list[Deployment] = [row[0] for row in rows]  # type: ignore[misc]
-    warm = next((d for d in recent if d.status == DeploymentStatus.WARM), None)
+    warm = next((dep for dep in recent if dep.status == DeploymentStatus.WARM), None)
     if warm is None and len(recent) == 10:
         warm = (
             Deployment.objects.filter(
@@ -91,11 +89,10 @@ def serving_deployment(
 
 def registered_model(*, tenant: Tenant, name: str) -> RegisteredModel | None:
     """The tenant's model called ``name`` (one query, written out: every predict makes it)."""
-    m = RegisteredModel
+    m = rawsql.Part(RegisteredModel, "m")
     rows = rawsql.fetch(
-        [rawsql.Part(m, "m")],
-        f"FROM {rawsql.table(m)} m WHERE m.{rawsql.column(m, 'tenant')} = %s "
-        f"AND m.{rawsql.column(m, 'name')} = %s",
+        [m],
+        f"FROM {rawsql.table(RegisteredModel)} m WHERE {rawsql.equals(m, 'tenant', 'name')}",
         [tenant.pk, name],
     )
     return rows[0][0] if rows else None  # type: ignore[return-value]

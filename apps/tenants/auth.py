@@ -52,19 +52,14 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
 
 def token_by_hash(token_hash: str) -> ApiToken | None:
     """The token with its user and tenant, in one query (every API request makes it)."""
-    user_model = get_user_model()
+    token = rawsql.Part(ApiToken, "t")
+    user = rawsql.Part(get_user_model(), "u", attach=(0, "user"))
+    tenant = rawsql.Part(Tenant, "n", attach=(0, "tenant"))
     rows = rawsql.fetch(
-        [
-            rawsql.Part(ApiToken, "t"),
-            rawsql.Part(user_model, "u", attach=(0, "user")),
-            rawsql.Part(Tenant, "n", attach=(0, "tenant")),
-        ],
-        f"FROM {rawsql.table(ApiToken)} t "
-        f"JOIN {rawsql.table(user_model)} u ON u.{rawsql.column(user_model, 'id')} = "
-        f"t.{rawsql.column(ApiToken, 'user')} "
-        f"LEFT JOIN {rawsql.table(Tenant)} n ON n.{rawsql.column(Tenant, 'id')} = "
-        f"t.{rawsql.column(ApiToken, 'tenant')} "
-        f"WHERE t.{rawsql.column(ApiToken, 'token_hash')} = %s",
+        [token, user, tenant],
+        f"FROM {rawsql.table(ApiToken)} t {rawsql.join(user, token, 'user')} "
+        f"{rawsql.join(tenant, token, 'tenant', outer=True)} "
+        f"WHERE {rawsql.equals(token, 'token_hash')}",
         [token_hash],
     )
     return rows[0][0] if rows else None  # type: ignore[return-value]

@@ -45,13 +45,12 @@ def resolve_tenant_access(*, user: Any, slug: str, token: ApiToken | None = None
 def membership_by_slug(*, user_id: Any, slug: str) -> Membership | None:
     """The user's membership of the tenant ``slug`` with its tenant, in one query (every
     tenant-scoped request makes it)."""
+    membership = rawsql.Part(Membership, "m")
+    tenant = rawsql.Part(Tenant, "n", attach=(0, "tenant"))
     rows = rawsql.fetch(
-        [rawsql.Part(Membership, "m"), rawsql.Part(Tenant, "n", attach=(0, "tenant"))],
-        f"FROM {rawsql.table(Membership)} m "
-        f"JOIN {rawsql.table(Tenant)} n ON n.{rawsql.column(Tenant, 'id')} = "
-        f"m.{rawsql.column(Membership, 'tenant')} "
-        f"WHERE m.{rawsql.column(Membership, 'user')} = %s "
-        f"AND n.{rawsql.column(Tenant, 'slug')} = %s",
+        [membership, tenant],
+        f"FROM {rawsql.table(Membership)} m {rawsql.join(tenant, membership, 'tenant')} "
+        f"WHERE {rawsql.equals(membership, 'user')} AND {rawsql.equals(tenant, 'slug')}",
         [user_id, slug],
     )
     return rows[0][0] if rows else None  # type: ignore[return-value]

@@ -115,6 +115,9 @@ PREDICT_TIMEOUT_S = 60.0
 # How long apply waits for moved models to load in their new set before the old set
 # lets them go.
 MOVE_TIMEOUT_S = 120.0
+# How long wait_ready lets a model be missing from its pool's routing table (a change
+# still reaching the tail replica) before answering "not in pool".
+NOT_IN_POOL_AFTER_S = 15.0
 # How long the direct path trusts its list of a deployment's replicas.
 DIRECT_REFRESH_S = 2.0
 
@@ -474,11 +477,20 @@ class RayFleet:
         result: dict[str, str | None] = {}
         if not self._connect(start=False):
             return dict.fromkeys(model_ids, "no fleet running")
+        absent_since: dict[str, float] = {}
         while True:
             routes = self._fetch_routes(kind)
             replicas = self._replica_stats(app_name(self.namespace, kind))
             for model_id in sorted(pending):
                 outcome = _readiness(model_id, routes.get(model_id), replicas)
+                if model_id in routes:
+                    absent_since.pop(model_id, None)
+                elif time.monotonic() - absent_since.setdefault(model_id, time.monotonic()) > (
+                    NOT_IN_POOL_AFTER_S
+                ):
+                    # The pool's routing table has gone on without it (the pool was applied
+                    # without it since, or deleted): it will never load.
+                    outcome = "not in pool"
                 if outcome != "pending":
                     result[model_id] = outcome
                     pending.discard(model_id)
@@ -605,7 +617,7 @@ def _public(stats: Mapping[str, Any]) -> dict[str, Any]:
 def _readiness(
     model_id: str, route: Route | None, replicas: Mapping[str, list[dict[str, Any]]]
 ) -> str | None:
-    """None (ready), an error, "not in the pool", or "pending"."""
+    """None (ready), an error, or "pending"."""
     if route is None:
         return "pending"
     running = replicas.get(route["deployment"], [])

@@ -115,7 +115,8 @@ class ServingBackend(Protocol):
         self, kind: str, model_ids: Sequence[str], *, timeout_s: float
     ) -> dict[str, str | None]:
         """Block until every replica that should hold each model has it loaded; returns
-        model id -> None when loaded everywhere, or the load error / "timeout"."""
+        model id -> None when loaded everywhere, or the load error / "timeout" / "not in
+        pool" (the pool was applied without it)."""
         ...
 
     def predict(self, kind: str, model_id: str, texts: list[str]) -> PredictResult:

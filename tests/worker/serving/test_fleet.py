@@ -299,3 +299,18 @@ def test_a_burst_on_one_set_adds_replicas_to_that_set_only(
         assert fleet.apply(pool, specs, previous=placement.assignment).moved == []
     finally:
         fleet.shutdown_pool(KIND)
+
+
+def test_waiting_for_a_model_the_pool_was_applied_without_ends_with_not_in_pool(
+    fleet: RayFleet, tenant_models: list[PackedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loader that applied the pool and then saw it applied again without its model (the
+    # deployment retired meanwhile) must not wait out the whole load timeout.
+    from worker.serving import fleet as fleet_module
+
+    monkeypatch.setattr(fleet_module, "NOT_IN_POOL_AFTER_S", 1.0)
+    fleet.apply(POOL, specs_for(tenant_models[:1]))
+    started = time.monotonic()
+    ready = fleet.wait_ready(KIND, ["mv-0", "mv-gone"], timeout_s=120)
+    assert ready == {"mv-0": None, "mv-gone": "not in pool"}
+    assert time.monotonic() - started < 60
