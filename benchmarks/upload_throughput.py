@@ -54,6 +54,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 from benchmarks._common import (
     README,
     RESULTS_MARKER,
+    Process,
     commit,
     cpu_model,
     free_port,
@@ -199,6 +200,7 @@ class Server:
         )
         if self.stages_path is not None:
             self.env["UPLOAD_STAGES_LOG"] = str(self.stages_path)
+        self.process: Process | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -240,15 +242,10 @@ class Server:
         ]
         # The production config (with its request-body read fix); --stages adds timers to it.
         command += ["-c", str(STAGES_CONFIG if self.stages_path is not None else WEB_CONFIG)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop() ends exactly it
-            )
+        self.process = Process("gunicorn", command, self.env, self.log_path)
+        self.process.start()
+        self.proc = self.process.proc
+        assert self.proc is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -273,21 +270,11 @@ class Server:
         return {k: float(v) for k, v in record.items() if k != "path"}
 
     def log_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        return self.process.log_tail(lines) if self.process is not None else ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.process is not None:
+            self.process.stop()
 
 
 # --- memory -------------------------------------------------------------------------------

@@ -339,14 +339,25 @@ def wait_worker_idle(worker: WorkerProcess, *, timeout: float) -> bool:
 _LIVE_WORKERS: list[WorkerProcess] = []
 
 
+def _commits(request: Any) -> bool:
+    """Whether the test's transactions really commit (so its on-commit tasks are sent)."""
+    names = set(request.fixturenames)
+    if names & {"celery_worker_process", "transactional_db", "live_server"}:
+        return True
+    marker = request.node.get_closest_marker("django_db")
+    return bool(marker and (marker.kwargs.get("transaction") or marker.args[:1] == (True,)))
+
+
 @pytest.fixture(autouse=True)
-def _worker_settles() -> Any:
-    """Once the session's real worker runs, wait after each test for the tasks the test
-    left to end (a deployment's follow-up pool update; a task that any committing test
-    enqueued, which that worker takes too), so the next test starts on an idle worker rather
-    than queued behind them. A worker still busy after three minutes is reported with what
-    it was doing."""
+def _worker_settles(request: Any) -> Any:
+    """Once the session's real worker runs, wait after each committing test for the tasks
+    the test left to end (a deployment's follow-up pool update; any task its commits sent,
+    which that worker takes too), so the next test starts on an idle worker rather than
+    queued behind them. A worker still busy after three minutes is reported with what it
+    was doing."""
     yield
+    if not _LIVE_WORKERS or not _commits(request):
+        return
     import warnings
 
     for worker in _LIVE_WORKERS:
