@@ -5,8 +5,9 @@ the database sees it; a predict request made four of them, more than its model's
 pass. ``fetch`` runs a hand-written ``FROM ... WHERE ...`` over the concrete columns of the
 models named, converts each value exactly as the ORM would (the backend's and the field's
 converters, so SQLite datetimes come back aware) and builds model instances with
-``Model.from_db``, joined ones attached as if by ``select_related``. The column list and the
-converters are worked out once per (model, alias).
+``Model.from_db``, joined ones attached as if by ``select_related``. The column list, the
+converters and the SQL fragments (``table``, ``column``, ``join``, ``equals``) are worked out
+once and cached.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class Part:
 
 
 @functools.cache
-def _layout(model: type[models.Model], alias: str) -> tuple[str, list[str], list[tuple[Any, ...]]]:
+def _layout(
+    model: type[models.Model], alias: str
+) -> tuple[str, list[str], list[tuple[Any, ...]], int]:
+    """(the select list, the attribute names, each column's converters, the pk's index)."""
     quote = connection.ops.quote_name
     fields = list(model._meta.concrete_fields)
     select = ", ".join(f"{quote(alias)}.{quote(str(field.column))}" for field in fields)
@@ -41,7 +45,8 @@ def _layout(model: type[models.Model], alias: str) -> tuple[str, list[str], list
         column = field.get_col(alias)
         found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
         converters.append((column, found))
-    return select, [field.attname for field in fields], converters
+    attnames = [field.attname for field in fields]
+    return select, attnames, converters, attnames.index(model._meta.pk.attname)
 
 
 def fetch(
@@ -58,13 +63,12 @@ def fetch(
     for row in rows:
         instances: list[models.Model | None] = []
         start = 0
-        for part, (_, attnames, converters) in zip(parts, layouts, strict=True):
+        for part, (_, attnames, converters, pk_index) in zip(parts, layouts, strict=True):
             values = list(row[start : start + len(attnames)])
             start += len(attnames)
             for i, (column, found) in enumerate(converters):
                 for convert in found:
                     values[i] = convert(values[i], column, connection)
-            pk_index = attnames.index(part.model._meta.pk.attname)
             instance = (
                 None
                 if values[pk_index] is None
@@ -80,15 +84,18 @@ def fetch(
     return result
 
 
+@functools.cache
 def table(model: type[models.Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
+@functools.cache
 def column(model: type[models.Model], name: str) -> str:
     field: Any = model._meta.get_field(name)
     return connection.ops.quote_name(str(field.column))
 
 
+@functools.cache
 def join(part: Part, owner: Part, field: str, *, outer: bool = False) -> str:
     """``JOIN <part's table> <alias> ON <alias>.<pk> = <owner alias>.<owner's field>``."""
     pk = connection.ops.quote_name(str(part.model._meta.pk.column))
@@ -99,6 +106,7 @@ def join(part: Part, owner: Part, field: str, *, outer: bool = False) -> str:
     )
 
 
+@functools.cache
 def equals(part: Part, *fields: str) -> str:
     """``<alias>.<field> = %s AND ...`` for each field."""
     return " AND ".join(f"{part.alias}.{column(part.model, name)} = %s" for name in fields)

@@ -240,11 +240,11 @@ def deployment_load(*, deployment_id: str) -> Deployment | None:
     errors = get_backend().wait_ready(
         kind, [version.pk], timeout_s=settings.DEPLOYMENT_LOAD_TIMEOUT_SECONDS
     )
-    current = Deployment.objects.filter(pk=deployment.pk).values_list("status", flat=True).first()
-    if current != DeploymentStatus.LOADING:
+    current = Deployment.objects.filter(pk=deployment.pk).first()
+    if current is None or current.status != DeploymentStatus.LOADING:
         # Retired, failed or deleted while the pool changed: not this task's to finish.
         log.info("deployment no longer loading", extra={"deployment": deployment_id})
-        return Deployment.objects.filter(pk=deployment.pk).first()
+        return current
     if errors.get(version.pk):
         alerts.alert_raise(
             tenant=deployment.tenant,
