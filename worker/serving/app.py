@@ -20,6 +20,9 @@ Concurrent requests are batched (``@serve.batch``; the pool's ``max_batch_size``
 
 Each replica publishes its statistics (see :meth:`ModelReplica.stats`) in Ray's GCS
 key-value store every second and after every reconfigure; the driver reads them there.
+They include the address and secret of the replica's own request socket
+(:mod:`worker.serving.fastpath`), which drivers use instead of a Ray actor call; the
+requests it serves are reported to Serve's autoscaler by :meth:`record_autoscaling_stats`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from typing import Any
 from ray import serve
 from ray.experimental import internal_kv
 
+from worker.serving.autoscaling import FAST_ONGOING
 from worker.serving.cache import FrequencyCache
+from worker.serving.fastpath import FastServer
 from worker.serving.loading import FastClassifier, default_device, load_model
 from worker.serving.routing import (
     STATS_PUSH_INTERVAL_S,
@@ -125,6 +130,7 @@ class ModelReplica:
         self.applied_version = ""
         self.cache: FrequencyCache | None = None
         self._pusher: asyncio.Task[None] | None = None
+        self.fast = FastServer(self.predict, replica_id=self.replica_id)
 
     # --- configuration ---------------------------------------------------------------
 
@@ -148,6 +154,7 @@ class ModelReplica:
             self._resize_cache(int(config["budget_bytes"]))
         if self._pusher is None:
             self._pusher = asyncio.get_running_loop().create_task(self._push_forever())
+            await self._start_fast()
         for model_id in new:
             state = self.models[model_id]
             async with state.lock:
@@ -196,6 +203,16 @@ class ModelReplica:
             state.memory_bytes = 0
         if self.role == "tail":
             self._forget_routing(model_id)
+
+    async def _start_fast(self) -> None:
+        """Listen on the node's address (other nodes' drivers connect to it); a replica
+        that cannot is still served through Ray."""
+        import ray
+
+        try:
+            await self.fast.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        except OSError:
+            logger.exception("the replica's request socket could not start")
 
     # --- requests --------------------------------------------------------------------
 
@@ -284,6 +301,11 @@ class ModelReplica:
 
     # --- statistics ------------------------------------------------------------------
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics: the socket's ongoing requests,
+        which Serve does not count (see :mod:`worker.serving.autoscaling`)."""
+        return {FAST_ONGOING: float(self.fast.ongoing)}
+
     def stats(self) -> dict[str, Any]:
         """This replica's state: its models and their counters (JSON-able)."""
         reports = [state.report() for _, state in sorted(self.models.items())]
@@ -306,6 +328,8 @@ class ModelReplica:
             "rss_bytes": _rss_bytes(),
             "memory_used_bytes": sum(state.memory_bytes for state in self.models.values()),
             "models": reports,
+            "fast": self.fast.published(),
+            "socket_requests": self.fast.requests,
             "updated_at": time.time(),
         }
 
@@ -322,5 +346,7 @@ class ModelReplica:
             self._push_stats()
 
     def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.fast.close()
         with contextlib.suppress(Exception):
             internal_kv._internal_kv_del(stats_key(self.app, self.deployment, self.replica_id))

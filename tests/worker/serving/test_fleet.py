@@ -108,6 +108,7 @@ def test_apply_serves_each_model_as_the_reference_classifier_does(
         assert model["requests"] == 1 and model["hits"] == 1 and model["errors"] == 0
         assert 0 < model["latency_ms_p50"] <= model["latency_ms_p99"]
     assert replica["memory_used_bytes"] == sum(m["memory_bytes"] for m in models.values())
+    assert replica["socket_requests"] == 2  # both predicts came through the replica's socket
     assert pool["tail"]["name"] == "classifier-tail"
 
 
@@ -314,3 +315,45 @@ def test_waiting_for_a_model_the_pool_was_applied_without_ends_with_not_in_pool(
     ready = fleet.wait_ready(KIND, ["mv-0", "mv-gone"], timeout_s=120)
     assert ready == {"mv-0": None, "mv-gone": "not in pool"}
     assert time.monotonic() - started < 60
+
+
+def test_predictions_take_the_replicas_socket_and_fall_back_to_ray_when_it_fails(
+    fleet: RayFleet, tenant_models: list[PackedModel]
+) -> None:
+    """The driver reaches a replica through the socket it publishes (no Ray actor call);
+    a socket that cannot be reached costs nothing but the detour through Ray."""
+    import socket
+
+    from worker.serving.fastpath import Endpoint
+
+    apply_three(fleet, tenant_models)
+    reference = [p["label"] for p in load_classifier(tenant_models[2].model_dir).predict(TEXTS)]
+
+    def assert_same(outputs: list[Any], expected: list[str]) -> None:
+        assert [o["label"] for o in outputs] == expected
+
+    def set_1_counts() -> tuple[int, int]:
+        (replica,) = replicas_by_set(fleet)["classifier-set-1"]
+        (model,) = [m for m in replica["models"] if m["model_id"] == "mv-2"]
+        return replica["socket_requests"], model["requests"]
+
+    before_socket, before_total = set_1_counts()
+    for _ in range(5):
+        assert_same(fleet.predict(KIND, "mv-2", TEXTS).outputs, reference)
+    wait_for(lambda: set_1_counts() == (before_socket + 5, before_total + 5), timeout_s=10)
+
+    # Point the driver at a port nobody listens on: the call goes through Ray instead,
+    # and the dead address is not tried again on every call.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    fleet.predict(KIND, "mv-2", TEXTS)  # (re)fills the driver's list of set 1's replicas
+    (known,) = fleet._replicas[(KIND, "classifier-set-1")][1]
+    assert known.endpoint is not None
+    known.endpoint = Endpoint(
+        "127.0.0.1", closed_port, known.endpoint.secret, known.endpoint.replica_id
+    )
+    for _ in range(3):
+        assert_same(fleet.predict(KIND, "mv-2", TEXTS).outputs, reference)
+    wait_for(lambda: set_1_counts() == (before_socket + 6, before_total + 9), timeout_s=10)
+    assert known.endpoint in fleet._fast_failed
