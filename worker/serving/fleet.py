@@ -461,8 +461,9 @@ class RayFleet:
         cached = self._replicas.get(key)
         now = time.monotonic()
         if cached is None or now - cached[0] > DIRECT_REFRESH_S:
-            cached = (now, self._running_replicas(kind, deployment))
-            self._replicas[key] = cached
+            fresh = (now, self._running_replicas(kind, deployment))
+            self._forget_gone(cached[1] if cached else [], fresh[1])
+            cached = self._replicas[key] = fresh
         replicas = cached[1]
         if not replicas:
             return None
@@ -471,6 +472,18 @@ class RayFleet:
             return replicas[int.from_bytes(digest[:4], "big") % len(replicas)]
         self._round_robin = (self._round_robin + 1) % len(replicas)
         return replicas[self._round_robin]
+
+    def _forget_gone(self, before: list[_Replica], now: list[_Replica]) -> None:
+        """Close the connections to replicas that are gone (scaled down, restarted), so a
+        long-lived web worker does not collect dead sockets as the fleet changes."""
+        current = {replica.endpoint for replica in now}
+        for replica in before:
+            if replica.endpoint is not None and replica.endpoint not in current:
+                self._fast.forget(replica.endpoint)
+        expired = time.monotonic() - FAST_RETRY_AFTER_S
+        for endpoint, failed in list(self._fast_failed.items()):
+            if failed < expired:
+                del self._fast_failed[endpoint]
 
     def _running_replicas(self, kind: str, deployment: str) -> list[_Replica]:
         """The replicas that are alive and have applied a configuration (they publish

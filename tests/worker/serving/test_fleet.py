@@ -15,7 +15,7 @@ import pytest
 
 from tests.worker.serving.models import PackedModel
 from worker.inference import load_classifier
-from worker.serving.fleet import RayFleet
+from worker.serving.fleet import DIRECT_REFRESH_S, RayFleet
 from worker.serving.specs import InsufficientCapacity, ModelLoadError, ModelSpec, PoolSpec
 
 TEXTS = [
@@ -205,6 +205,8 @@ def test_a_killed_replica_comes_back_with_its_models(
     apply_three(fleet, tenant_models)
     (name,) = fleet.replica_actors(KIND, "classifier-set-0")
     old_id = name.rsplit("#", 1)[1]
+    fleet.predict(KIND, "mv-0", TEXTS)  # the driver now holds a connection to the replica
+    assert old_id in {endpoint.replica_id for endpoint in fleet._fast._idle}
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
     def replaced() -> dict[str, Any] | None:
@@ -219,6 +221,11 @@ def test_a_killed_replica_comes_back_with_its_models(
     assert result.replica_id == replica["replica_id"]
     reference = load_classifier(tenant_models[1].model_dir).predict(TEXTS)
     assert [o["label"] for o in result.outputs] == [p["label"] for p in reference]
+    # Once the driver's list of replicas refreshes, nothing is kept open to the dead one.
+    time.sleep(DIRECT_REFRESH_S + 0.5)
+    assert fleet.predict(KIND, "mv-0", TEXTS).replica_id == replica["replica_id"]
+    connected = {endpoint.replica_id for endpoint in fleet._fast._idle}
+    assert replica["replica_id"] in connected and old_id not in connected
 
 
 def test_unpinned_models_load_on_first_use_in_the_tail(
