@@ -257,6 +257,9 @@ def main() -> int:
         for process in reversed(processes):
             process.stop()
         if head is not None:
+            from worker.serving.fleet import close_all
+
+            close_all()  # Serve's handle threads would log their failures at exit
             local_ray.stop_head(head.pid)
         shutil.rmtree(var, ignore_errors=True)
 

@@ -264,6 +264,9 @@ def measure_fleet(
     finally:
         import ray
 
+        from worker.serving.fleet import close_all
+
+        close_all()  # Serve's handle threads would log their failures at exit
         with contextlib.suppress(Exception):
             ray.shutdown()
         local_ray.stop_head(head.pid)

@@ -427,8 +427,11 @@ def ray_address(tmp_path_factory: Any):
     import ray
     from ray._private import auto_init_hook
 
+    from worker.serving import fleet
+
     # Serve's driver threads outlive the test; without this they would start a new Ray.
     auto_init_hook.enable_auto_connect = False
+    fleet.close_all()
     if ray.is_initialized():
         ray.shutdown()
     local_ray.stop_head(head.pid)

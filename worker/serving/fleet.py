@@ -85,6 +85,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,7 +141,15 @@ DIRECT_REFRESH_S = 2.0
 # a port this host cannot reach must not cost a connect timeout on every call.
 FAST_RETRY_AFTER_S = 30.0
 
-__all__ = ["InsufficientCapacity", "ModelLoadError", "RayFleet", "code_version"]
+__all__ = ["InsufficientCapacity", "ModelLoadError", "RayFleet", "close_all", "code_version"]
+
+_FLEETS: weakref.WeakSet[RayFleet] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """:meth:`RayFleet.close` every fleet driver of this process (before it leaves Ray)."""
+    for fleet in list(_FLEETS):
+        fleet.close()
 
 
 @dataclass
@@ -197,6 +206,7 @@ class RayFleet:
         self._round_robin = 0
         self._routes: dict[str, dict[str, Route]] = {}
         self._handles: dict[tuple[str, str, str | None], Any] = {}
+        _FLEETS.add(self)
 
     # --- connection ------------------------------------------------------------------
 
@@ -681,9 +691,25 @@ class RayFleet:
         if self._connect(start=False):
             serve.delete(app_name(self.namespace, kind))
         self._routes.pop(kind, None)
+        _shut([h for k, h in self._handles.items() if k[0] == kind])
         self._handles = {k: h for k, h in self._handles.items() if k[0] != kind}
         self._replicas = {k: r for k, r in self._replicas.items() if k[0] != kind}
         self._fast.close()
+
+    def close(self) -> None:
+        """Let go of this driver's Serve handles and replica sockets. Call it before
+        disconnecting from Ray: a handle's threads otherwise keep reporting to a controller
+        they can no longer reach, and log it. The fleet reconnects on its next call."""
+        _shut(list(self._handles.values()))
+        self._handles.clear()
+        self._replicas.clear()
+        self._fast.close()
+
+
+def _shut(handles: list[Any]) -> None:
+    for handle in handles:
+        with contextlib.suppress(Exception):  # already shut, or Ray already gone
+            handle.shutdown()
 
 
 def _public(stats: Mapping[str, Any]) -> dict[str, Any]:
