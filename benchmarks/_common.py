@@ -9,7 +9,10 @@ import shutil
 import signal
 import socket
 import subprocess
+from argparse import ArgumentParser, Namespace
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "benchmarks" / "README.md"
@@ -150,3 +153,35 @@ class Process:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+def add_record_flags(parser: ArgumentParser) -> None:
+    """``--record`` / ``--no-record``: whether the table goes into benchmarks/README.md
+    (default: the full run records, ``--quick`` does not)."""
+    rec = parser.add_mutually_exclusive_group()
+    rec.add_argument(
+        "--record",
+        dest="record",
+        action="store_true",
+        default=None,
+        help="prepend the table to benchmarks/README.md (default for the full run)",
+    )
+    rec.add_argument("--no-record", dest="record", action="store_false")
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that clean up
+
+
+def launch(
+    parser: ArgumentParser, args: Namespace, run: Callable[[Namespace], int], *, data: Path
+) -> int:
+    """The end of a benchmark's ``main``: settle ``--record``, check the data file, make
+    SIGTERM and SIGHUP clean up like Ctrl-C does, run."""
+    if args.record is None:
+        args.record = not args.quick
+    if not data.is_file():
+        parser.error(f"{data} not found (set BANKING77_TRAIN_CSV)")
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
+    return run(args)

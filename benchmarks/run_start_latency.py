@@ -46,7 +46,6 @@ import platform
 import random
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
@@ -65,10 +63,12 @@ from celery import shared_task
 from benchmarks._common import (
     README,
     Process,
+    add_record_flags,
     commit,
     cpu_model,
     free_port,
     gpu,
+    launch,
     mem_total_gib,
     process_tree,
     record,
@@ -532,10 +532,6 @@ def report(results: Sequence[BrokerResults], *, commit: str, when: str) -> tuple
     return text, ok
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that clean up
-
-
 def measure(stack: Stack, setup: Setup, reps: int) -> BrokerResults:
     res = BrokerResults(broker=stack.broker, url=stack.broker_url)
     stack.idle()
@@ -611,26 +607,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         help="runs on the embedded SQLAlchemy broker (default 10; 0 with --quick)",
     )
-    rec = parser.add_mutually_exclusive_group()
-    rec.add_argument(
-        "--record",
-        dest="record",
-        action="store_true",
-        default=None,
-        help="prepend the table to benchmarks/README.md (default for the full run)",
-    )
-    rec.add_argument("--no-record", dest="record", action="store_false")
+    add_record_flags(parser)
     args = parser.parse_args(argv)
     args.redis_reps = args.redis_reps or (3 if args.quick else 20)
     if args.sqla_reps is None:
         args.sqla_reps = 0 if args.quick else 10
-    if args.record is None:
-        args.record = not args.quick
-    if not BANKING77.is_file():
-        parser.error(f"{BANKING77} not found (set BANKING77_TRAIN_CSV)")
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _on_signal)
-    return run(args)
+    return launch(parser, args, run, data=BANKING77)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ import platform
 import pstats
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -79,16 +78,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (
     README,
+    add_record_flags,
     commit,
     cpu_model,
     gpu,
+    launch,
     mem_total_gib,
     record,
 )
@@ -975,10 +975,6 @@ def profile_callbacks(bench: Workbench, version: Any, params: dict[str, Any]) ->
 # --- main ---------------------------------------------------------------------------------
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that clean up
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -1093,15 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="after the reps, one more project run with cProfile inside the callbacks",
     )
-    rec = parser.add_mutually_exclusive_group()
-    rec.add_argument(
-        "--record",
-        dest="record",
-        action="store_true",
-        default=None,
-        help="prepend the table to benchmarks/README.md (default for the full run)",
-    )
-    rec.add_argument("--no-record", dest="record", action="store_false")
+    add_record_flags(parser)
     args = parser.parse_args(argv)
     args.per_label = args.per_label or (10 if args.quick else 120)
     args.reps = args.reps or (1 if args.quick else 4)
@@ -1109,13 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.lockstep_reps = 1 if args.quick else 2
     if args.frequent_checkpoint_reps is None:
         args.frequent_checkpoint_reps = 0 if args.quick else 1
-    if args.record is None:
-        args.record = not args.quick
-    if not BANKING77.is_file():
-        parser.error(f"{BANKING77} not found (set BANKING77_TRAIN_CSV)")
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _on_signal)
-    return run(args)
+    return launch(parser, args, run, data=BANKING77)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,10 +53,12 @@ from benchmarks._common import (
     README,
     RESULTS_MARKER,
     Process,
+    add_record_flags,
     commit,
     cpu_model,
     free_port,
     gpu,
+    launch,
     mem_total_gib,
     process_tree,
     record,
@@ -524,10 +524,6 @@ sha256sum) and the peak RSS of the server's process tree (target < 300 MB) |
 """
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that clean up
-
-
 def run(args: argparse.Namespace) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="upload-throughput-", dir=OUT))
@@ -616,25 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="time the server-side steps of each upload (gunicorn hooks)",
     )
-    rec = parser.add_mutually_exclusive_group()
-    rec.add_argument(
-        "--record",
-        dest="record",
-        action="store_true",
-        default=None,
-        help="prepend the table to benchmarks/README.md (default for the full run)",
-    )
-    rec.add_argument("--no-record", dest="record", action="store_false")
+    add_record_flags(parser)
     args = parser.parse_args(argv)
     args.size_mb = args.size_mb or (20 if args.quick else 500)
     args.reps = args.reps or (1 if args.quick else 3)
-    if args.record is None:
-        args.record = not args.quick
-    if not BANKING77.is_file():
-        parser.error(f"{BANKING77} not found (set BANKING77_TRAIN_CSV)")
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _on_signal)
-    return run(args)
+    return launch(parser, args, run, data=BANKING77)
 
 
 if __name__ == "__main__":
