@@ -10,7 +10,15 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks._common import ROOT, commit, cpu_model, gpu, mem_total_gib, record
+from benchmarks._common import (
+    ROOT,
+    add_record_flags,
+    commit,
+    cpu_model,
+    gpu,
+    mem_total_gib,
+    record,
+)
 
 __all__ = ["ROOT"]
 
@@ -18,15 +26,7 @@ __all__ = ["ROOT"]
 def parser(doc: str, *, quick_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--record",
-        dest="record",
-        action="store_true",
-        default=None,
-        help="prepend the table to benchmarks/README.md (default for the full run)",
-    )
-    group.add_argument("--no-record", dest="record", action="store_false")
+    add_record_flags(parser)
     return parser
 
 
