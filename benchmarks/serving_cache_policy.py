@@ -26,6 +26,10 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _serving
 from worker.serving.cache import FrequencyCache, LRUCache, belady_hits, replay

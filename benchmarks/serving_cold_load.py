@@ -34,6 +34,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks import _serving
 
 TEXTS = ["I lost my phone", "what exchange rate do you use?", "how old must I be"]
