@@ -17,6 +17,7 @@ import pytest
 
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
+from tests.browser.steps import sign_in
 from tests.conftest import BANKING77, PASSWORD
 
 pytestmark = pytest.mark.browser
@@ -42,11 +43,7 @@ def banking77_rows() -> tuple[int, int]:
 
 
 def sign_in_and_create_dataset(page: Any, base_url: str, username: str, name: str) -> None:
-    page.goto(f"{base_url}/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", PASSWORD)
-    page.click("form.stack button[type=submit]")
-    page.wait_for_url(re.compile(r"/t/acme/datasets/$"))
+    sign_in(page, base_url, username)
     assert page.locator("h1").inner_text() == "Datasets"
 
     page.fill("#id_name", name)

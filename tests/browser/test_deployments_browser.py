@@ -9,7 +9,6 @@ and nothing consumes them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +24,8 @@ from apps.registry.services import model_version_create
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services as training
-from tests.conftest import PASSWORD, make_actor
+from tests.browser.steps import open_section, sign_in
+from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
 pytestmark = pytest.mark.browser
@@ -71,13 +71,8 @@ def test_reviewer_warms_up_and_rolls_back_from_the_deployments_page(
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        page.goto(f"{live_server.url}/login/")
-        page.fill("#id_username", "rita")
-        page.fill("#id_password", PASSWORD)
-        page.click("form.stack button[type=submit]")
-        page.wait_for_url(re.compile(r"/t/acme/datasets/$"))
-        page.click("nav a[href='/t/acme/deployments/']")
-        page.wait_for_url(re.compile(r"/t/acme/deployments/$"))
+        sign_in(page, live_server.url, "rita")
+        open_section(page, "deployments")
         expect(page.locator("h1")).to_have_text("Deployments")
 
         live = page.locator("#live-table tr[data-model='intents'][data-environment='production']")

@@ -21,7 +21,8 @@ from apps.notebooks import grants, hubconfig, services
 from apps.notebooks.models import NotebookServer
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
-from tests.conftest import PASSWORD, make_actor
+from tests.browser.steps import open_section, sign_in
+from tests.conftest import make_actor
 from tests.hub import Hub
 from tests.training_helpers import make_training_version
 
@@ -49,13 +50,6 @@ def member_with_grant(transactional_db: Any, artifacts_dir: Path, hub_settings: 
     return "bea"
 
 
-def sign_in(page: Any, base_url: str, username: str) -> None:
-    page.goto(f"{base_url}/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", PASSWORD)
-    page.click("form.stack button[type=submit]")
-
-
 def test_start_from_the_dashboard_then_single_sign_on_into_jupyterlab(
     live_server: Any, chromium: Any, member_with_grant: str, hub_settings: Hub, tmp_path: Path
 ) -> None:
@@ -66,9 +60,7 @@ def test_start_from_the_dashboard_then_single_sign_on_into_jupyterlab(
     page.set_default_timeout(30_000)
     try:
         sign_in(page, live_server.url, member_with_grant)
-        page.wait_for_url(re.compile(r"/t/acme/"))
-        page.click("nav a[href='/t/acme/notebooks/']")
-        page.wait_for_url(re.compile(r"/t/acme/notebooks/$"))
+        open_section(page, "notebooks")
         expect(page.locator("#notebook-empty")).to_be_visible()
         page.check("#notebook-start-form input[name=datasets]")
         page.click("#notebook-start-form button[type=submit]")
@@ -113,7 +105,7 @@ def test_a_user_of_no_tenant_is_turned_away_by_the_hub(
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        sign_in(page, live_server.url, "nobody")
+        sign_in(page, live_server.url, "nobody", lands=False)  # a member of no tenant
         page.wait_for_load_state()
         response = page.goto(f"{hub_settings.url}/hub/login")
         page.wait_for_url(re.compile(r"/hub/oauth_callback"))

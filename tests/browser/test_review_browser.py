@@ -9,7 +9,6 @@ confirmation dialog, and the page shows the request approved and on its way to t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from apps.registry.services import model_version_create
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services as training
-from tests.conftest import PASSWORD, make_actor
+from tests.browser.steps import open_section, sign_in
+from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
 pytestmark = pytest.mark.browser
@@ -76,13 +76,8 @@ def test_reviewer_approves_from_the_queue(
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        page.goto(f"{live_server.url}/login/")
-        page.fill("#id_username", "rita")
-        page.fill("#id_password", PASSWORD)
-        page.click("form.stack button[type=submit]")
-        page.wait_for_url(re.compile(r"/t/acme/datasets/$"))
-        page.click("nav a[href='/t/acme/reviews/']")
-        page.wait_for_url(re.compile(r"/t/acme/reviews/$"))
+        sign_in(page, live_server.url, "rita")
+        open_section(page, "reviews")
         expect(page.locator("h1")).to_have_text("Review queue")
         expect(page.locator("#count-awaiting_approval")).to_have_text("1")
 
@@ -138,11 +133,7 @@ def test_reviewer_cancels_the_confirmation(
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        page.goto(f"{live_server.url}/login/")
-        page.fill("#id_username", "rita")
-        page.fill("#id_password", PASSWORD)
-        page.click("form.stack button[type=submit]")
-        page.wait_for_url(re.compile(r"/t/acme/datasets/$"))
+        sign_in(page, live_server.url, "rita")
         page.goto(f"{live_server.url}/t/acme/reviews/{awaiting.pk}/")
         page.once("dialog", lambda dialog: dialog.dismiss())
         page.click("#review-detail-page .reject-form button[type=submit]")

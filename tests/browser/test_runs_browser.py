@@ -21,7 +21,8 @@ from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services
 from apps.training.models import RunStatus, TrainingRun
-from tests.conftest import PASSWORD, make_actor
+from tests.browser.steps import open_section, sign_in
+from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
 pytestmark = pytest.mark.browser
@@ -41,13 +42,8 @@ def scientist_with_data(transactional_db: Any, artifacts_dir: Path) -> Iterator[
 
 
 def sign_in_and_launch(page: Any, base_url: str, username: str) -> TrainingRun:
-    page.goto(f"{base_url}/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", PASSWORD)
-    page.click("form.stack button[type=submit]")
-    page.wait_for_url(re.compile(r"/t/acme/datasets/$"))
-    page.click("nav a[href='/t/acme/runs/']")
-    page.wait_for_url(re.compile(r"/t/acme/runs/$"))
+    sign_in(page, base_url, username)
+    open_section(page, "runs")
     assert page.locator("h1").inner_text() == "Training runs"
 
     page.select_option("#id_base_model", "tiny-bert")

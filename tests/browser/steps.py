@@ -1,0 +1,27 @@
+"""Steps the browser tests share."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tests.conftest import PASSWORD
+
+# Where the login form sends a member of one tenant.
+LANDING = "/t/acme/datasets/"
+
+
+def sign_in(page: Any, base_url: str, username: str, *, lands: bool = True) -> None:
+    """Sign in through the login form; with ``lands``, wait for the tenant's first page."""
+    page.goto(f"{base_url}/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("form.stack button[type=submit]")
+    if lands:
+        page.wait_for_url(re.compile(f"{re.escape(LANDING)}$"))
+
+
+def open_section(page: Any, section: str) -> None:
+    """Follow the navigation bar's link to one of the tenant's pages."""
+    page.click(f"nav a[href='/t/acme/{section}/']")
+    page.wait_for_url(re.compile(f"/t/acme/{section}/$"))
