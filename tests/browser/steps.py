@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tests.conftest import PASSWORD
 
 # Where the login form sends a member of one tenant.
 LANDING = "/t/acme/datasets/"
+# A desktop window, wide enough for the tables without their scrollbars.
+WIDE = {"width": 1280, "height": 900}
+
+
+@contextmanager
+def browser_page(chromium: Any, *, timeout_ms: int = 30_000, **options: Any) -> Iterator[Any]:
+    """A page in a browser context of its own (its own cookies; ``options`` as Playwright's
+    ``new_context`` takes them), closed afterwards."""
+    context = chromium.new_context(**options)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(timeout_ms)
+        yield page
+    finally:
+        context.close()
 
 
 def sign_in(page: Any, base_url: str, username: str, *, lands: bool = True) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
-from tests.browser.steps import sign_in
+from tests.browser.steps import WIDE, browser_page, sign_in
 from tests.conftest import BANKING77, PASSWORD
 
 pytestmark = pytest.mark.browser
@@ -71,10 +71,7 @@ def test_upload_banking77_see_the_chart_then_an_inline_error(
 
     rows, labels = banking77_rows()
     assert (rows, labels) == (10003, 77)
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    try:
+    with browser_page(chromium, viewport=WIDE, timeout_ms=60_000) as page:
         sign_in_and_create_dataset(page, live_server.url, scientist_login, "banking77")
         assert page.locator("#upload-form").is_visible()
 
@@ -100,8 +97,6 @@ def test_upload_banking77_see_the_chart_then_an_inline_error(
         # Still one version: the chart of version 1 is what the page shows.
         expect(page.locator("#version-table tbody tr")).to_have_count(1)
         page.screenshot(path=str(tmp_path / "upload-error.png"), full_page=True)
-    finally:
-        context.close()
 
 
 def test_the_same_flow_works_without_javascript(
@@ -109,10 +104,7 @@ def test_the_same_flow_works_without_javascript(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context(java_script_enabled=False)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    try:
+    with browser_page(chromium, java_script_enabled=False, timeout_ms=60_000) as page:
         sign_in_and_create_dataset(page, live_server.url, scientist_login, "tiny")
         page.set_input_files(
             "#id_file",
@@ -138,5 +130,3 @@ def test_the_same_flow_works_without_javascript(
         expect(page.locator(".switcher-menu a.current")).to_contain_text("Acme Corp")
         page.click("form[action='/logout/'] button")
         page.wait_for_url(re.compile(r"/login/$"))
-    finally:
-        context.close()

@@ -24,7 +24,7 @@ from apps.registry.services import model_version_create
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services as training
-from tests.browser.steps import open_section, sign_in
+from tests.browser.steps import WIDE, browser_page, open_section, sign_in
 from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
@@ -67,10 +67,7 @@ def test_reviewer_warms_up_and_rolls_back_from_the_deployments_page(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium, viewport=WIDE) as page:
         sign_in(page, live_server.url, "rita")
         open_section(page, "deployments")
         expect(page.locator("h1")).to_have_text("Deployments")
@@ -113,5 +110,3 @@ def test_reviewer_warms_up_and_rolls_back_from_the_deployments_page(
         expect(page.locator("#deployment-status")).to_contain_text("pending")
         expect(page.locator("#timeline .step-current")).to_have_attribute("data-status", "pending")
         page.screenshot(path=str(tmp_path / "deployment-detail.png"), full_page=True)
-    finally:
-        context.close()

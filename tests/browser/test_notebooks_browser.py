@@ -21,7 +21,7 @@ from apps.notebooks import grants, hubconfig, services
 from apps.notebooks.models import NotebookServer
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
-from tests.browser.steps import open_section, sign_in
+from tests.browser.steps import WIDE, browser_page, open_section, sign_in
 from tests.conftest import make_actor
 from tests.hub import Hub
 from tests.training_helpers import make_training_version
@@ -55,10 +55,7 @@ def test_start_from_the_dashboard_then_single_sign_on_into_jupyterlab(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium, viewport=WIDE) as page:
         sign_in(page, live_server.url, member_with_grant)
         open_section(page, "notebooks")
         expect(page.locator("#notebook-empty")).to_be_visible()
@@ -91,8 +88,6 @@ def test_start_from_the_dashboard_then_single_sign_on_into_jupyterlab(
         server.refresh_from_db()
         assert server.status == "stopped" and server.token is not None
         assert server.token.revoked_at is not None
-    finally:
-        context.close()
 
 
 def test_a_user_of_no_tenant_is_turned_away_by_the_hub(
@@ -101,15 +96,10 @@ def test_a_user_of_no_tenant_is_turned_away_by_the_hub(
     from playwright.sync_api import expect
 
     make_actor("nobody", None, None)
-    context = chromium.new_context()
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium) as page:
         sign_in(page, live_server.url, "nobody", lands=False)  # a member of no tenant
         page.wait_for_load_state()
         response = page.goto(f"{hub_settings.url}/hub/login")
         page.wait_for_url(re.compile(r"/hub/oauth_callback"))
         assert response is not None
         expect(page.locator("body")).to_contain_text("not a member of any tenant")
-    finally:
-        context.close()

@@ -24,7 +24,7 @@ from apps.registry.services import model_version_create
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services as training
-from tests.browser.steps import open_section, sign_in
+from tests.browser.steps import WIDE, browser_page, open_section, sign_in
 from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
@@ -72,10 +72,7 @@ def test_reviewer_approves_from_the_queue(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium, viewport=WIDE) as page:
         sign_in(page, live_server.url, "rita")
         open_section(page, "reviews")
         expect(page.locator("h1")).to_have_text("Review queue")
@@ -120,8 +117,6 @@ def test_reviewer_approves_from_the_queue(
         (evaluation_id,) = promotion.evaluation_ids
         expect(page.locator(f"#confusion-{evaluation_id} rect.cell")).to_have_count(9)
         page.screenshot(path=str(tmp_path / "review-detail.png"), full_page=True)
-    finally:
-        context.close()
 
 
 def test_reviewer_cancels_the_confirmation(
@@ -129,15 +124,10 @@ def test_reviewer_cancels_the_confirmation(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context()
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium) as page:
         sign_in(page, live_server.url, "rita")
         page.goto(f"{live_server.url}/t/acme/reviews/{awaiting.pk}/")
         page.once("dialog", lambda dialog: dialog.dismiss())
         page.click("#review-detail-page .reject-form button[type=submit]")
         expect(page.locator("#promotion-status")).to_have_text("awaiting_approval")
         assert PromotionRequest.objects.get(pk=awaiting.pk).status == "awaiting_approval"
-    finally:
-        context.close()

@@ -21,7 +21,7 @@ from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services
 from apps.training.models import RunStatus, TrainingRun
-from tests.browser.steps import open_section, sign_in
+from tests.browser.steps import WIDE, browser_page, open_section, sign_in
 from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
@@ -95,10 +95,7 @@ def test_launch_watch_the_charts_and_cancel(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium, viewport=WIDE) as page:
         run = sign_in_and_launch(page, live_server.url, scientist_with_data)
         expect(page.locator("#run-status")).to_have_text("queued")
         expect(page.locator(".message-success")).to_contain_text(f"Run {run.pk} queued.")
@@ -140,8 +137,6 @@ def test_launch_watch_the_charts_and_cancel(
         row = page.locator(f"#run-table tr[data-run='{run.pk}']")
         expect(row).to_have_attribute("data-status", "cancelled")
         page.screenshot(path=str(tmp_path / "runs-list.png"), full_page=True)
-    finally:
-        context.close()
 
 
 def test_launch_and_cancel_without_javascript(
@@ -149,15 +144,10 @@ def test_launch_and_cancel_without_javascript(
 ) -> None:
     from playwright.sync_api import expect
 
-    context = chromium.new_context(java_script_enabled=False)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    try:
+    with browser_page(chromium, java_script_enabled=False) as page:
         run = sign_in_and_launch(page, live_server.url, scientist_with_data)
         expect(page.locator("#run-status")).to_have_text("queued")
         page.click("#run-cancel-form button[type=submit]")
         expect(page.locator(".message-success")).to_contain_text(f"Run {run.pk} cancelled.")
         expect(page.locator("#run-status")).to_have_text("cancelled")
         assert TrainingRun.objects.get(pk=run.pk).status == RunStatus.CANCELLED
-    finally:
-        context.close()
