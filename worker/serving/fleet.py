@@ -498,26 +498,12 @@ class RayFleet:
     def _running_replicas(self, kind: str, deployment: str) -> list[_Replica]:
         """The replicas that are alive and have applied a configuration (they publish
         statistics only after that), with their sockets."""
-        from ray.experimental import internal_kv
-
         app = app_name(self.namespace, kind)
-        prefix = f"{STATS_KV_PREFIX}{app}/{deployment}/"
-        published = {
-            (k.decode() if isinstance(k, bytes) else str(k))[len(prefix) :]
-            for k in internal_kv._internal_kv_list(prefix)
-        }
-        replicas = []
-        for name in self.replica_actors(kind, deployment):
-            replica_id = name.rsplit("#", 1)[1]
-            if replica_id not in published:
-                continue
-            endpoint = None
-            raw = internal_kv._internal_kv_get(f"{prefix}{replica_id}")
-            if raw is not None:
-                with contextlib.suppress(ValueError):
-                    endpoint = Endpoint.from_stats(json.loads(raw))
-            replicas.append(_Replica(name=name, endpoint=endpoint))
-        return replicas
+        prefix = replica_actor_prefix(app, deployment)
+        return [
+            _Replica(name=f"{prefix}{stats['replica_id']}", endpoint=Endpoint.from_stats(stats))
+            for stats in self._replica_stats(app, deployment).get(deployment, [])
+        ]
 
     def _route(self, kind: str, model_id: str, *, refresh: bool) -> Route:
         routes = self._routes.get(kind)
@@ -641,8 +627,11 @@ class RayFleet:
             return None
         return config
 
-    def _replica_stats(self, app: str) -> dict[str, list[dict[str, Any]]]:
-        """deployment -> the statistics of its live replicas (stale entries removed)."""
+    def _replica_stats(
+        self, app: str, deployment: str | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """deployment -> the statistics of its live replicas (stale entries removed); of
+        one deployment only when it is given."""
         import ray
         from ray.experimental import internal_kv
 
@@ -652,19 +641,20 @@ class RayFleet:
             if actor["namespace"] == SERVE_NAMESPACE and name.startswith(
                 f"{REPLICA_ACTOR_PREFIX}{app}#"
             ):
-                _, deployment, replica_id = name[len(REPLICA_ACTOR_PREFIX) :].split("#")
-                live.add((deployment, replica_id))
+                _, owner, replica_id = name[len(REPLICA_ACTOR_PREFIX) :].split("#")
+                live.add((owner, replica_id))
         found: dict[str, list[dict[str, Any]]] = {}
         prefix = f"{STATS_KV_PREFIX}{app}/"
-        for raw_key in internal_kv._internal_kv_list(prefix):
+        scope = prefix if deployment is None else f"{prefix}{deployment}/"
+        for raw_key in internal_kv._internal_kv_list(scope):
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-            deployment, replica_id = key[len(prefix) :].split("/", 1)
-            if (deployment, replica_id) not in live:
+            owner, replica_id = key[len(prefix) :].split("/", 1)
+            if (owner, replica_id) not in live:
                 internal_kv._internal_kv_del(key)
                 continue
             value = internal_kv._internal_kv_get(key)
             if value is not None:
-                found.setdefault(deployment, []).append(json.loads(value))
+                found.setdefault(owner, []).append(json.loads(value))
         for stats in found.values():
             stats.sort(key=lambda s: s["replica_id"])
         return found
