@@ -167,12 +167,25 @@ TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT = env_int(
 )
 TRAINING_MIN_ROWS_PER_LABEL = env_int("TRAINING_MIN_ROWS_PER_LABEL", 5, minimum=1)
 TRAINING_HEARTBEAT_TIMEOUT_SECONDS = env_int("TRAINING_HEARTBEAT_TIMEOUT_SECONDS", 30, minimum=5)
+# A training worker whose heartbeat fails this many times in a row (database unreachable)
+# stops training and leaves the run to be re-queued; retries back off 1, 2, 4, 5, 5 s.
+TRAINING_HEARTBEAT_MAX_FAILURES = env_int("TRAINING_HEARTBEAT_MAX_FAILURES", 5, minimum=1)
+# A run dispatched but claimed by no worker within this bound, while the training queue is
+# empty, was lost by the broker: it is sent again, and failed after TRAINING_MAX_REDISPATCHES.
+TRAINING_DISPATCH_TIMEOUT_SECONDS = env_int("TRAINING_DISPATCH_TIMEOUT_SECONDS", 300, minimum=5)
+TRAINING_MAX_REDISPATCHES = env_int("TRAINING_MAX_REDISPATCHES", 3, minimum=0)
 TRAINING_MAX_SWEEP_POINTS = env_int("TRAINING_MAX_SWEEP_POINTS", 50, minimum=1)
 TRAINING_SOFT_TIME_LIMIT = env_int("TRAINING_SOFT_TIME_LIMIT", 6 * 3600, minimum=60)
 # The Celery queue training runs go to: GPU hosts consume it (`-Q gpu`), one task per GPU.
 TRAINING_QUEUE = env_str("TRAINING_QUEUE", "gpu")
 TRAINING_WORK_DIR = Path(env_str("TRAINING_WORK_DIR", str(VAR_DIR / "training")))
 EVALUATION_SAMPLE_ROWS = env_int("EVALUATION_SAMPLE_ROWS", 500, minimum=1)
+# A running evaluation whose worker stopped heartbeating this long is re-queued; after
+# EVALUATION_MAX_ATTEMPTS attempts lost that way it fails (and so does its promotion).
+EVALUATION_HEARTBEAT_TIMEOUT_SECONDS = env_int(
+    "EVALUATION_HEARTBEAT_TIMEOUT_SECONDS", 30, minimum=5
+)
+EVALUATION_MAX_ATTEMPTS = env_int("EVALUATION_MAX_ATTEMPTS", 3, minimum=1)
 MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{VAR_DIR / 'mlflow.sqlite3'}")
 MLFLOW_ARTIFACT_ROOT = env_str("MLFLOW_ARTIFACT_ROOT", f"file://{VAR_DIR / 'mlartifacts'}")
 MLFLOW_UI_URL = env_str("MLFLOW_UI_URL", "")
@@ -302,6 +315,10 @@ CELERY_BEAT_SCHEDULE = {
     # A worker killed mid-run stops heartbeating; this puts its run back in the queue.
     "requeue-stale-runs": {"task": "training.requeue_stale", "schedule": 10.0},
     "dispatch-runs": {"task": "training.dispatch", "schedule": 30.0},
+    # Runs dispatched but never claimed (message lost), and evaluations whose worker died
+    # or whose message was lost, are sent again.
+    "redispatch-lost-runs": {"task": "training.redispatch_lost", "schedule": 10.0},
+    "requeue-stale-evaluations": {"task": "evaluation.requeue_stale", "schedule": 10.0},
     "check-waiting-promotions": {"task": "promotions.check_waiting", "schedule": 30.0},
     # Re-warm every warm deployment on a schedule, and watch the fleet for restarted
     # replicas (re-warmed at once) and deployments whose loading task died.

@@ -14,7 +14,12 @@ class EvalStatus(models.TextChoices):
 
 
 class Evaluation(models.Model):
-    """One model version measured on one dataset version, bound to the artifact's sha256."""
+    """One model version measured on one dataset version, bound to the artifact's sha256.
+
+    A running evaluation belongs to the worker whose ``attempt`` it names while that worker
+    renews ``heartbeat_at``; once the heartbeat is stale the reaper re-queues it (a new claim
+    starts the next attempt) and the old worker's writes find it no longer theirs.
+    """
 
     id = models.CharField(
         primary_key=True, max_length=32, default=ids.new_evaluation_id, editable=False
@@ -36,6 +41,12 @@ class Evaluation(models.Model):
     # deployment's warm-up sends through the fleet and must get back unchanged.
     samples = models.JSONField(default=list)
     error = models.TextField(blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+    claimed_by = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # When the task was last sent: a queued evaluation no worker claimed long after it, with
+    # the queue empty, lost its message and is sent again.
+    queued_at = models.DateTimeField(null=True, blank=True)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )

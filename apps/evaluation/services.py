@@ -1,16 +1,26 @@
-"""Evaluations of model versions on golden sets, and promotion policies."""
+"""Evaluations of model versions on golden sets, and promotion policies.
+
+An evaluation's life: ``evaluation_request`` (queued, its task sent) -> a worker's
+``evaluation_claim`` (running; ``attempt`` +1) -> heartbeats, each fenced by the attempt ->
+``evaluation_finish`` (succeeded / failed). ``evaluations_requeue_stale`` is the way out of
+the two waits: a running evaluation whose worker stopped heartbeating is re-queued (and
+failed after ``EVALUATION_MAX_ATTEMPTS``), a queued one whose message was lost is sent again.
+"""
 
 from __future__ import annotations
 
+import functools
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from apps.audit.services import audit_record
 from apps.core.errors import InvalidInput
+from apps.core.leases import queue_depth
 from apps.datasets.models import DatasetKind, DatasetVersion
 from apps.evaluation.models import EvalStatus, Evaluation, PromotionPolicy
 from apps.registry.models import ModelVersion
@@ -79,8 +89,6 @@ def evaluation_request(
     via: str = "",
 ) -> list[Evaluation]:
     """Queue one evaluation per dataset version (default: every golden and sample set)."""
-    from apps.evaluation.tasks import run_evaluation
-
     if dataset_versions:
         targets: list[tuple[DatasetVersion, int | None]] = [(v, None) for v in dataset_versions]
     else:
@@ -99,6 +107,7 @@ def evaluation_request(
             artifact_sha256=model_version.sha256,
             max_rows=max_rows,
             requested_by=actor if getattr(actor, "is_authenticated", False) else None,
+            queued_at=timezone.now(),
         )
         audit_record(
             actor=actor,
@@ -108,21 +117,33 @@ def evaluation_request(
             after={"model_version": model_version.pk, "dataset_version": version.pk},
             via=via,
         )
-        transaction.on_commit(
-            lambda eid=evaluation.pk: run_evaluation.apply_async(  # type: ignore[misc]
-                (eid,), queue=settings.TRAINING_QUEUE
-            )
-        )
+        transaction.on_commit(functools.partial(_send, evaluation.pk))
         created.append(evaluation)
     return created
 
 
-def evaluation_claim(*, evaluation_id: str) -> Evaluation | None:
-    claimed = Evaluation.objects.filter(pk=evaluation_id, status=EvalStatus.QUEUED).update(
-        status=EvalStatus.RUNNING
-    )
-    if not claimed:
-        return None
+def _send(evaluation_id: str) -> None:
+    from apps.evaluation.tasks import run_evaluation
+
+    run_evaluation.apply_async((evaluation_id,), queue=settings.TRAINING_QUEUE)
+
+
+def evaluation_claim(*, evaluation_id: str, worker: str) -> Evaluation | None:
+    """Take a queued evaluation for this worker (the next attempt); None if another worker
+    has it or it has finished, so a redelivered task does nothing."""
+    with transaction.atomic():
+        evaluation = (
+            Evaluation.objects.select_for_update()
+            .filter(pk=evaluation_id, status=EvalStatus.QUEUED)
+            .first()
+        )
+        if evaluation is None:
+            return None
+        evaluation.status = EvalStatus.RUNNING
+        evaluation.attempt += 1
+        evaluation.claimed_by = worker
+        evaluation.heartbeat_at = timezone.now()
+        evaluation.save(update_fields=["status", "attempt", "claimed_by", "heartbeat_at"])
     return Evaluation.objects.select_related(
         "model_version__run",
         "model_version__registered_model",
@@ -131,19 +152,35 @@ def evaluation_claim(*, evaluation_id: str) -> Evaluation | None:
     ).get(pk=evaluation_id)
 
 
+def _fenced(evaluation_id: str, attempt: int) -> Any:
+    return Evaluation.objects.filter(pk=evaluation_id, attempt=attempt, status=EvalStatus.RUNNING)
+
+
+def evaluation_heartbeat(*, evaluation_id: str, attempt: int) -> bool:
+    """Renew the attempt's lease; False once the evaluation is no longer this attempt's."""
+    return bool(_fenced(evaluation_id, attempt).update(heartbeat_at=timezone.now()))
+
+
+def stale_running() -> Q:
+    """Running evaluations whose worker stopped renewing its lease: never reused by a
+    promotion, re-queued by the reaper."""
+    cutoff = timezone.now() - timedelta(seconds=settings.EVALUATION_HEARTBEAT_TIMEOUT_SECONDS)
+    return Q(status=EvalStatus.RUNNING) & (
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
+    )
+
+
 @transaction.atomic
 def evaluation_finish(
     *,
     evaluation_id: str,
+    attempt: int,
     metrics: dict[str, Any] | None = None,
     samples: list[dict[str, Any]] | None = None,
     error: str = "",
 ) -> Evaluation | None:
-    evaluation = (
-        Evaluation.objects.select_for_update()
-        .filter(pk=evaluation_id, status=EvalStatus.RUNNING)
-        .first()
-    )
+    """Record the attempt's result; None (nothing written) if it was superseded."""
+    evaluation = _fenced(evaluation_id, attempt).select_for_update().first()
     if evaluation is None:
         return None
     evaluation.status = EvalStatus.FAILED if error else EvalStatus.SUCCEEDED
@@ -167,6 +204,107 @@ def evaluation_finish(
         via="task",
     )
     return evaluation
+
+
+def evaluations_requeue_stale() -> list[str]:
+    """Give both waits of an evaluation a way out; returns the ids sent again.
+
+    A running evaluation whose heartbeat went stale lost its worker: it is re-queued, its
+    next claim a new attempt (the old worker, should it wake, writes nothing), or failed once
+    ``EVALUATION_MAX_ATTEMPTS`` attempts were lost so, and its promotion moves on either way.
+    The broker hands an unacked task back only after its visibility timeout (an hour on
+    Redis), so the database notices within the lease. A queued evaluation no worker claimed
+    within ``TRAINING_DISPATCH_TIMEOUT_SECONDS`` while the queue is empty lost its message
+    (a broker restart) and is sent again.
+    """
+    stale = Evaluation.objects.filter(stale_running()).values_list("pk", flat=True)
+    sent = [pk for pk in stale if _requeue(pk)]
+    cutoff = timezone.now() - timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
+    unclaimed = Evaluation.objects.filter(status=EvalStatus.QUEUED).filter(
+        Q(queued_at__lt=cutoff) | Q(queued_at__isnull=True, created_at__lt=cutoff)
+    )
+    lost = list(unclaimed.exclude(pk__in=sent).values_list("pk", flat=True))
+    if lost and queue_depth(settings.TRAINING_QUEUE) == 0:
+        sent += [pk for pk in lost if _resend(unclaimed, pk)]
+    return sent
+
+
+@transaction.atomic
+def _requeue(evaluation_id: str) -> bool:
+    evaluation = (
+        Evaluation.objects.select_for_update().filter(stale_running(), pk=evaluation_id).first()
+    )
+    if evaluation is None:
+        return False
+    before = {
+        "status": evaluation.status,
+        "attempt": evaluation.attempt,
+        "worker": evaluation.claimed_by,
+    }
+    if evaluation.attempt >= settings.EVALUATION_MAX_ATTEMPTS:
+        evaluation.status = EvalStatus.FAILED
+        evaluation.error = (
+            f"The worker evaluating it was lost {evaluation.attempt} times (the last: "
+            f"{evaluation.claimed_by or 'unknown'}), so it is not retried again. A model that "
+            "kills its worker (out of memory?) fails this way: see that worker's log."
+        )
+        evaluation.finished_at = timezone.now()
+        evaluation.save(update_fields=["status", "error", "finished_at"])
+        after = {
+            "status": evaluation.status,
+            "reason": "worker lost",
+            "attempts": evaluation.attempt,
+        }
+        audit_record(
+            actor=None,
+            tenant=evaluation.tenant,
+            verb="evaluation.failed",
+            obj=evaluation,
+            before=before,
+            after=after,
+            via="task",
+        )
+        transaction.on_commit(_enqueue_promotion_checks)
+        return False
+    evaluation.status = EvalStatus.QUEUED
+    evaluation.claimed_by = ""
+    evaluation.queued_at = timezone.now()
+    evaluation.save(update_fields=["status", "claimed_by", "queued_at"])
+    after = {
+        "status": evaluation.status,
+        "attempt": evaluation.attempt,
+        "reason": "heartbeat stale",
+    }
+    audit_record(
+        actor=None,
+        tenant=evaluation.tenant,
+        verb="evaluation.requeue",
+        obj=evaluation,
+        before=before,
+        after=after,
+        via="task",
+    )
+    transaction.on_commit(functools.partial(_send, evaluation.pk))
+    return True
+
+
+@transaction.atomic
+def _resend(unclaimed: Any, evaluation_id: str) -> bool:
+    evaluation = unclaimed.select_for_update().filter(pk=evaluation_id).first()
+    if evaluation is None:
+        return False
+    evaluation.queued_at = timezone.now()
+    evaluation.save(update_fields=["queued_at"])
+    audit_record(
+        actor=None,
+        tenant=evaluation.tenant,
+        verb="evaluation.resend",
+        obj=evaluation,
+        after={"status": evaluation.status, "reason": "not claimed"},
+        via="task",
+    )
+    transaction.on_commit(functools.partial(_send, evaluation.pk))
+    return True
 
 
 def _enqueue_promotion_checks() -> None:

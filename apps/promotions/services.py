@@ -36,11 +36,14 @@ def _enqueue_check(promotion_id: str) -> None:
 
 
 def _reusable_evaluations(version: ModelVersion) -> dict[str, Evaluation]:
-    """Finished or running evaluations of exactly these bytes, by dataset version id."""
+    """Finished or live (queued, or running with a fresh heartbeat) evaluations of exactly
+    these bytes, by dataset version id. A running one whose worker went silent is not
+    reused: the request gets a fresh evaluation rather than wait on the reaper."""
     found: dict[str, Evaluation] = {}
     for evaluation in (
         Evaluation.objects.filter(model_version=version, artifact_sha256=version.sha256)
         .exclude(status=EvalStatus.FAILED)
+        .exclude(evaluation_services.stale_running())
         .order_by("created_at")
     ):
         found[evaluation.dataset_version_id] = evaluation

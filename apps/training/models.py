@@ -48,7 +48,8 @@ class TrainingRun(models.Model):
 
     ``attempt`` and ``claimed_by`` fence workers: a worker whose claim was taken over (its
     heartbeat went stale and the run was re-queued) fails its next conditional update and
-    stops.
+    stops; the artifacts an attempt stores are under keys that carry its number, and it
+    checks that it still holds the run before each upload, registration and MLflow write.
     """
 
     id = models.CharField(primary_key=True, max_length=32, default=ids.new_run_id, editable=False)
@@ -73,6 +74,9 @@ class TrainingRun(models.Model):
     log_tail = models.JSONField(default=list)
     environment = models.JSONField(default=dict, help_text="commit, library versions, device")
     dispatched_at = models.DateTimeField(null=True, blank=True)
+    # Times the run was sent to the training queue again because no worker took it within
+    # TRAINING_DISPATCH_TIMEOUT_SECONDS (its message lost); a claim sets it back to 0.
+    redispatches = models.PositiveIntegerField(default=0)
     attempt = models.PositiveIntegerField(default=0)
     claimed_by = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)

@@ -3,7 +3,10 @@
 The glue between the database, the artifact store, MLflow and ``worker.training`` (which
 knows none of them). Every write about the run is fenced by the claim's ``attempt``: if
 this worker lost the run (its heartbeat went stale and another worker took it over), its
-writes do nothing and it stops.
+writes do nothing and it stops. Writes that leave the database cannot be fenced by an
+UPDATE, so they are made safe twice: the keys an attempt stores under carry its number
+(a zombie attempt never overwrites the bytes a registered version names), and each upload,
+MLflow registration and MLflow metric write is preceded by a lease check.
 
 Nothing here runs long on the training thread: ``should_stop`` and ``on_progress`` only
 read and note; the heartbeat thread writes progress (once a second, at once on a phase
@@ -25,20 +28,34 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import close_old_connections, connection
 
 from apps.core.artifacts import download, get_store
+from apps.core.leases import Heartbeat
 from apps.training import services
 from apps.training.models import TrainingRun
 from apps.training.packaging import pack_dir, unpack
 from apps.training.tracking import Tracking
 
+if TYPE_CHECKING:
+    from worker.training.loop import TrainResult
+
 log = logging.getLogger(__name__)
 # Each beat writes the latest progress, if any, and reads the cancel flag.
 HEARTBEAT_SECONDS = 1.0
+
+
+def checkpoint_key(tenant_id: str, run_id: str, attempt: int) -> str:
+    """Where an attempt stores its checkpoint; the next attempt resumes from the key the
+    run's row names (the last checkpoint any attempt recorded)."""
+    return f"runs/{tenant_id}/{run_id}/a{attempt}/checkpoint.tar"
+
+
+def model_prefix(tenant_id: str, run_id: str, attempt: int) -> str:
+    return f"models/{tenant_id}/{run_id}/a{attempt}"
 
 
 def worker_name() -> str:
@@ -87,49 +104,62 @@ class RunCallbacks:
         self.tenant_id = run.tenant_id
         self.tracking = tracking
         self.work_dir = work_dir
-        self.lost = False
+        self.superseded = False  # a fenced write found the run no longer this attempt's
         self.cancel = False
         self.progress: dict[str, Any] = {}
         self._unsent: dict[str, Any] | None = None  # progress not yet written
         self._lines: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._beat_forever, daemon=True)
+        # A heartbeat thread: it proves the worker alive through long phases without steps
+        # (loading, saving, measuring), writes the progress the loop notes, and hears of a
+        # cancel within a second. Uploads run elsewhere, so a slow one never stalls a beat.
+        # It survives database errors (retries with backoff) and, after
+        # TRAINING_HEARTBEAT_MAX_FAILURES in a row, gives the run up: training stops.
+        self.heartbeat = Heartbeat(
+            self._beat,
+            every=HEARTBEAT_SECONDS,
+            lease_seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_SECONDS,
+            max_failures=settings.TRAINING_HEARTBEAT_MAX_FAILURES,
+            name=f"heartbeat-{run.pk}-a{run.attempt}",
+        )
 
-    # A heartbeat thread: it proves the worker alive through long phases without steps
-    # (loading, saving, measuring), writes the progress the loop notes, and hears of a
-    # cancel within a second. Uploads run elsewhere, so a slow one never stalls a beat.
+    @property
+    def lost(self) -> bool:
+        """This attempt no longer holds the run (taken over, or its lease not renewed)."""
+        return self.superseded or not self.heartbeat.held
+
     def start(self) -> None:
-        self._thread.start()
+        self.heartbeat.start()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self.heartbeat.close()
 
-    def _beat_forever(self) -> None:
-        try:
-            while True:
-                self._wake.wait(HEARTBEAT_SECONDS)
-                self._wake.clear()
-                if self._stop.is_set():
-                    break
-                with self._lock:
-                    progress, self._unsent = self._unsent, None
-                self._beat(progress)
-        finally:
-            connection.close()
-
-    def _beat(self, progress: dict[str, Any] | None = None) -> None:
+    def _beat(self) -> bool:
         with self._lock:
+            progress, self._unsent = self._unsent, None
             lines, self._lines = self._lines, []
-        beat = services.run_heartbeat(
-            run_id=self.run_id, attempt=self.attempt, progress=progress, log_lines=lines
-        )
-        if not beat.held:
-            self.lost = True
+        try:
+            beat = services.run_heartbeat(
+                run_id=self.run_id, attempt=self.attempt, progress=progress, log_lines=lines
+            )
+        except Exception:
+            # Not written: keep it for the next beat (newer progress, if any, wins).
+            with self._lock:
+                self._unsent = self._unsent or progress
+                self._lines = lines + self._lines
+            raise
         self.cancel = self.cancel or beat.cancel
+        return beat.held
+
+    def holds(self) -> bool:
+        """Whether this attempt still holds the run, asked of the database (renewing the
+        lease) right before a write that leaves it."""
+        if self.lost:
+            return False
+        if not services.run_lease_check(run_id=self.run_id, attempt=self.attempt):
+            self.superseded = True
+            log.warning("run taken over by another attempt", extra={"run": self.run_id})
+        return not self.superseded
 
     def log_line(self, line: str) -> None:
         log.info(line, extra={"run": self.run_id})
@@ -144,9 +174,11 @@ class RunCallbacks:
         with self._lock:
             self._unsent = self.progress
         if changed:
-            self._wake.set()
+            self.heartbeat.wake()
 
     def on_metrics(self, points: list[Any]) -> None:
+        if not self.holds():
+            return  # a superseded attempt's curve is not the run's
         rows = [asdict(p) for p in points]
         services.run_record_metrics(run_id=self.run_id, points=rows)
         self.tracking.log_metrics(rows)
@@ -158,14 +190,17 @@ class RunCallbacks:
         return self.cancel or self.lost
 
     def on_checkpoint(self, local_dir: Path, step: int) -> None:
+        if not self.holds():
+            return
         archive = self.work_dir / "checkpoint.tar"
         pack_dir(local_dir, archive)
-        key = f"runs/{self.tenant_id}/{self.run_id}/checkpoint.tar"
+        key = checkpoint_key(self.tenant_id, self.run_id, self.attempt)
         get_store().put_file(key, archive, move=True)
         if not services.run_record_checkpoint(
             run_id=self.run_id, attempt=self.attempt, key=key, step=step
         ):
-            self.lost = True
+            self.superseded = True
+            return
         self.log_line(f"checkpoint at step {step}")
 
     def on_reporting_thread_exit(self) -> None:
@@ -178,131 +213,172 @@ def _fetch(key: str, target: Path) -> Path:
 
 
 def execute(run_id: str, worker: str | None = None) -> str:
-    """Claim and run ``run_id``; returns the run's status afterwards (or 'skipped')."""
+    """Claim and run ``run_id``; returns the run's status afterwards (or 'skipped', or
+    'lost' when another attempt took the run over)."""
     close_old_connections()
     # Claim first: importing torch and transformers takes seconds on a cold worker, and
     # the run should show `running` (and stop looking queued) at once.
     run = services.run_claim(run_id=run_id, worker=worker or worker_name())
     if run is None:
         return "skipped"
-    from worker.footprint import measure_memory_bytes
-    from worker.training.config import DataSpec, TrainConfig
-    from worker.training.loop import train
-
     run = TrainingRun.objects.select_related(
         "tenant", "dataset_version__dataset", "validation_version__dataset"
     ).get(pk=run.pk)
     work = Path(settings.TRAINING_WORK_DIR) / f"{run.pk}-a{run.attempt}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
-    tracking = Tracking()
-    callbacks = RunCallbacks(run, tracking, work)
+    callbacks = RunCallbacks(run, Tracking(), work)
     callbacks.start()
     try:
-        version = run.dataset_version
-        train_spec = DataSpec(
-            path=_fetch(version.storage_key, work / f"train.{version.format}"),
-            text_column=version.text_column,
-            label_column=version.label_column,
-            format=version.format,
-        )
-        validation_spec = None
-        if run.validation_version is not None:
-            vv = run.validation_version
-            validation_spec = DataSpec(
-                path=_fetch(vv.storage_key, work / f"validation.{vv.format}"),
-                text_column=vv.text_column,
-                label_column=vv.label_column,
-                format=vv.format,
-            )
-        resume_dir = None
-        if run.checkpoint_key:
-            archive = _fetch(run.checkpoint_key, work / "resume.tar")
-            resume_dir = unpack(archive, work / "resume")
-            callbacks.log_line(f"resuming from the checkpoint at step {run.checkpoint_step}")
-        config = TrainConfig.from_dict({**run.params, "base_model": run.base_model})
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mlflow_run_id = tracking.start(
-            existing_run_id=run.mlflow_run_id,
-            tenant_slug=run.tenant.slug,
-            run_name=run.pk,
-            params={**config.to_dict(), "dataset_version": version.pk},
-            tags={"workbench.run_id": run.pk, "workbench.tenant": run.tenant.slug},
-        )
-        services.run_set_tracking(
-            run_id=run.pk,
-            attempt=run.attempt,
-            mlflow_run_id=mlflow_run_id,
-            environment=environment(run, device),
-        )
-        callbacks.log_line(f"attempt {run.attempt} on {worker_name()} ({device})")
-        result = train(
-            config,
-            train_spec,
-            validation_data=validation_spec,
-            work_dir=work,
-            callbacks=callbacks,
-            resume_dir=resume_dir,
-        )
-        if callbacks.lost:
-            log.warning("run taken over by another worker; stopping", extra={"run": run.pk})
-            return "lost"
-        if result.stop_reason == "cancelled":
-            services.run_mark_cancelled(
-                run_id=run.pk,
-                attempt=run.attempt,
-                progress={**callbacks.progress, "phase": "cancelled"},
-            )
-            tracking.end("KILLED")
-            return "cancelled"
-        callbacks.log_line(f"stopped: {result.stop_detail}")
-        store = get_store()
-        prefix = f"models/{run.tenant_id}/{run.pk}"
-        sha256, size = pack_dir(result.model_dir, work / "model.tar")
-        store.put_file(f"{prefix}/model.tar", work / "model.tar", move=True)
-        predictions = work / "predictions.jsonl"
-        predictions.write_text("".join(json.dumps(p) + "\n" for p in result.validation_predictions))
-        store.put_file(f"{prefix}/predictions.jsonl", predictions, move=True)
-        samples = [p["text"] for p in result.validation_predictions[:32]] or ["hello"]
-        memory = measure_memory_bytes(result.model_dir, samples)
-        mlflow_version = tracking.log_model(result.model_dir, f"{run.tenant.slug}.{run.model_name}")
-        labels = json.loads((result.model_dir / "labels.json").read_text())
-        if isinstance(labels, dict):
-            labels = [labels[str(i)] for i in range(len(labels))]
-        finished = services.run_succeed(
-            run_id=run.pk,
-            attempt=run.attempt,
-            metrics=result.metrics,
-            stop_reason=result.stop_reason,
-            stop_detail=result.stop_detail,
-            progress={**callbacks.progress, "phase": "done"},
-            version_fields={
-                "artifact_key": f"{prefix}/model.tar",
-                "sha256": sha256,
-                "size_bytes": size,
-                "memory_bytes": memory,
-                "predictions_key": f"{prefix}/predictions.jsonl",
-                "labels": labels,
-                "metrics": result.metrics,
-                "mlflow_version": mlflow_version,
-            },
-        )
-        tracking.end("FINISHED")
-        return "succeeded" if finished is not None else "lost"
+        result = train_run(run, callbacks)
+        return publish_run(run, result, callbacks)
     except Exception as exc:
         log.exception("training run failed", extra={"run": run.pk})
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        services.run_fail(
+        failed = services.run_fail(
             run_id=run.pk,
             attempt=run.attempt,
             error=f"{detail}\n\n{traceback.format_exc()[-3000:]}",
         )
+        if failed is None:
+            return "lost"  # the MLflow run is the new attempt's now: leave it alone
         try:
-            tracking.end("FAILED")
+            callbacks.tracking.end("FAILED")
         except Exception:
             log.warning("could not mark the MLflow run failed", exc_info=True)
         return "failed"
     finally:
         callbacks.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def train_run(run: TrainingRun, callbacks: RunCallbacks) -> TrainResult:
+    """Fetch the data (and the last checkpoint, whichever attempt stored it) and train."""
+    from worker.training.config import DataSpec, TrainConfig
+    from worker.training.loop import train
+
+    work = callbacks.work_dir
+    version = run.dataset_version
+    train_spec = DataSpec(
+        path=_fetch(version.storage_key, work / f"train.{version.format}"),
+        text_column=version.text_column,
+        label_column=version.label_column,
+        format=version.format,
+    )
+    validation_spec = None
+    if run.validation_version is not None:
+        vv = run.validation_version
+        validation_spec = DataSpec(
+            path=_fetch(vv.storage_key, work / f"validation.{vv.format}"),
+            text_column=vv.text_column,
+            label_column=vv.label_column,
+            format=vv.format,
+        )
+    resume_dir = None
+    if run.checkpoint_key:
+        archive = _fetch(run.checkpoint_key, work / "resume.tar")
+        resume_dir = unpack(archive, work / "resume")
+        callbacks.log_line(f"resuming from the checkpoint at step {run.checkpoint_step}")
+    config = TrainConfig.from_dict({**run.params, "base_model": run.base_model})
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mlflow_run_id = callbacks.tracking.start(
+        existing_run_id=run.mlflow_run_id,
+        tenant_slug=run.tenant.slug,
+        run_name=run.pk,
+        params={**config.to_dict(), "dataset_version": version.pk},
+        tags={"workbench.run_id": run.pk, "workbench.tenant": run.tenant.slug},
+    )
+    services.run_set_tracking(
+        run_id=run.pk,
+        attempt=run.attempt,
+        mlflow_run_id=mlflow_run_id,
+        environment=environment(run, device),
+    )
+    callbacks.log_line(f"attempt {run.attempt} on {worker_name()} ({device})")
+    return train(
+        config,
+        train_spec,
+        validation_data=validation_spec,
+        work_dir=work,
+        callbacks=callbacks,
+        resume_dir=resume_dir,
+    )
+
+
+def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) -> str:
+    """Store the trained model, register it (MLflow and the registry) and finish the run,
+    or finish it cancelled; 'lost' and nothing written when the attempt was superseded."""
+    from worker.footprint import measure_memory_bytes
+
+    tracking, work = callbacks.tracking, callbacks.work_dir
+    if callbacks.lost:
+        log.warning("run taken over by another worker; stopping", extra={"run": run.pk})
+        return "lost"
+    if result.stop_reason == "cancelled":
+        cancelled = services.run_mark_cancelled(
+            run_id=run.pk,
+            attempt=run.attempt,
+            progress={**callbacks.progress, "phase": "cancelled"},
+        )
+        if cancelled is None:
+            return "lost"
+        tracking.end("KILLED")
+        return "cancelled"
+    callbacks.log_line(f"stopped: {result.stop_detail}")
+    prefix = model_prefix(run.tenant_id, run.pk, run.attempt)
+    keys = {"model": f"{prefix}/model.tar", "predictions": f"{prefix}/predictions.jsonl"}
+    sha256, size = pack_dir(result.model_dir, work / "model.tar")
+    predictions = work / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(p) + "\n" for p in result.validation_predictions))
+    samples = [p["text"] for p in result.validation_predictions[:32]] or ["hello"]
+    memory = measure_memory_bytes(result.model_dir, samples)
+    labels = json.loads((result.model_dir / "labels.json").read_text())
+    if isinstance(labels, dict):
+        labels = [labels[str(i)] for i in range(len(labels))]
+    store = get_store()
+    if not callbacks.holds():
+        return "lost"
+    store.put_file(keys["model"], work / "model.tar", move=True)
+    store.put_file(keys["predictions"], predictions, move=True)
+    registered_name = f"{run.tenant.slug}.{run.model_name}"
+    if not callbacks.holds():
+        _take_back(store, keys)
+        return "lost"
+    mlflow_version = tracking.log_model(
+        result.model_dir, registered_name, artifact_path=f"model-a{run.attempt}"
+    )
+    finished = services.run_succeed(
+        run_id=run.pk,
+        attempt=run.attempt,
+        metrics=result.metrics,
+        stop_reason=result.stop_reason,
+        stop_detail=result.stop_detail,
+        progress={**callbacks.progress, "phase": "done"},
+        version_fields={
+            "artifact_key": keys["model"],
+            "sha256": sha256,
+            "size_bytes": size,
+            "memory_bytes": memory,
+            "predictions_key": keys["predictions"],
+            "labels": labels,
+            "metrics": result.metrics,
+            "mlflow_version": mlflow_version,
+        },
+    )
+    if finished is None:
+        # Taken over between the last check and the commit: take back what this attempt
+        # stored and registered, so the run has only the new attempt's version.
+        _take_back(store, keys)
+        tracking.delete_model_version(registered_name, mlflow_version)
+        return "lost"
+    tracking.end("FINISHED")
+    return "succeeded"
+
+
+def _take_back(store: Any, keys: dict[str, str]) -> None:
+    for key in keys.values():
+        try:
+            store.delete(key)
+        except Exception:
+            log.warning("could not delete %s of a superseded attempt", key, exc_info=True)

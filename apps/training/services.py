@@ -3,8 +3,10 @@
 A run's life: ``run_launch`` (queued) -> ``runs_dispatch`` hands it to the broker when its
 tenant is under its concurrency limit -> a worker's ``run_claim`` (running; ``attempt`` +1)
 -> heartbeats, metrics and checkpoints, each fenced by the attempt -> ``run_succeed`` /
-``run_fail`` / ``run_mark_cancelled``. ``runs_requeue_stale`` puts a run whose worker
-vanished back in the queue; the next claim resumes from its last checkpoint.
+``run_fail`` / ``run_mark_cancelled``. Two reapers give every waiting state a way out:
+``runs_requeue_stale`` puts a run whose worker vanished back in the queue (the next claim
+resumes from its last checkpoint), and ``runs_redispatch_lost`` sends a run again whose
+dispatch no worker ever took (its message lost), failing it after a few tries.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from django.utils import timezone
 
 from apps.audit.services import audit_record
 from apps.core.errors import DomainError, InvalidInput
+from apps.core.leases import queue_depth
 from apps.datasets.models import DatasetKind, DatasetVersion
 from apps.tenants.models import Tenant
 from apps.training.models import FINISHED, RunMetric, RunStatus, Sweep, TrainingRun
@@ -179,6 +182,7 @@ def run_claim(*, run_id: str, worker: str) -> TrainingRun | None:
         run.heartbeat_at = now
         run.started_at = run.started_at or now
         run.dispatched_at = run.dispatched_at or now
+        run.redispatches = 0
         run.save(
             update_fields=[
                 "status",
@@ -187,6 +191,7 @@ def run_claim(*, run_id: str, worker: str) -> TrainingRun | None:
                 "heartbeat_at",
                 "started_at",
                 "dispatched_at",
+                "redispatches",
             ]
         )
         audit_record(
@@ -234,6 +239,16 @@ def run_heartbeat(
         return Beat(held=False, cancel=False)
     cancel = TrainingRun.objects.filter(pk=run_id).values_list("cancel_requested", flat=True)
     return Beat(held=True, cancel=bool(cancel.first()))
+
+
+def run_lease_check(*, run_id: str, attempt: int) -> bool:
+    """Whether ``attempt`` still holds the run, renewing its heartbeat if so.
+
+    Asked right before each write that leaves the database (an upload, an MLflow call), so
+    a superseded attempt stops there; one conditional UPDATE, so it cannot be answered for
+    an attempt the reaper is re-queuing at the same moment.
+    """
+    return bool(_fenced(run_id, attempt).update(heartbeat_at=timezone.now()))
 
 
 def run_record_metrics(*, run_id: str, points: Iterable[dict[str, Any]]) -> None:
@@ -424,6 +439,65 @@ def runs_requeue_stale(*, timeout: timedelta | None = None) -> list[str]:
     if requeued:
         transaction.on_commit(_enqueue_dispatch)
     return requeued
+
+
+def runs_redispatch_lost(*, timeout: timedelta | None = None) -> list[str]:
+    """Send again each run dispatched more than ``timeout`` ago that no worker claimed;
+    fail one already sent again ``TRAINING_MAX_REDISPATCHES`` times. Returns the ids sent.
+
+    A dispatched run holds one of its tenant's slots until it finishes, so a lost message
+    (a broker restarted without persistence, a message dropped) would hold it forever.
+    Nothing is sent while messages wait in the training queue: a run waiting behind others
+    for a free worker is not lost, and a second message would only queue behind the first.
+    Sending again is safe: ``run_claim`` lets one worker take the run, and later copies of
+    the message find it taken.
+    """
+    timeout = timeout or timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
+    cutoff = timezone.now() - timeout
+    unclaimed = TrainingRun.objects.filter(status=RunStatus.QUEUED, dispatched_at__lt=cutoff)
+    run_ids = list(unclaimed.values_list("pk", flat=True))
+    if not run_ids or queue_depth(settings.TRAINING_QUEUE) != 0:
+        return []
+    sent: list[str] = []
+    for run_id in run_ids:
+        with transaction.atomic():
+            run = unclaimed.select_for_update().filter(pk=run_id).first()
+            if run is None:
+                continue
+            before = {**_state(run), "redispatches": run.redispatches}
+            if run.redispatches >= settings.TRAINING_MAX_REDISPATCHES:
+                _finish(
+                    run,
+                    RunStatus.FAILED,
+                    stop_reason="lost",
+                    error=(
+                        f"No worker took the run from the {settings.TRAINING_QUEUE!r} queue: "
+                        f"it was sent {run.redispatches + 1} times and each time no worker "
+                        f"claimed it within {int(timeout.total_seconds())} s. Check that a "
+                        f"worker consumes the {settings.TRAINING_QUEUE!r} queue of this "
+                        "broker, then rerun it."
+                    ),
+                )
+                continue
+            run.redispatches += 1
+            run.dispatched_at = timezone.now()
+            run.save(update_fields=["redispatches", "dispatched_at"])
+            audit_record(
+                actor=None,
+                tenant=run.tenant,
+                verb="run.redispatch",
+                obj=run,
+                before=before,
+                after={
+                    **_state(run),
+                    "redispatches": run.redispatches,
+                    "reason": f"not claimed within {int(timeout.total_seconds())} s",
+                },
+                via="task",
+            )
+            transaction.on_commit(functools.partial(_send_run, run_id))
+            sent.append(run_id)
+    return sent
 
 
 def run_rerun(*, actor: Any, run: TrainingRun, via: str = "") -> TrainingRun:

@@ -31,3 +31,9 @@ def requeue_stale() -> list[str]:
     if requeued:
         services.runs_dispatch()
     return requeued
+
+
+@shared_task(name="training.redispatch_lost", soft_time_limit=60, time_limit=90)
+def redispatch_lost() -> list[str]:
+    # A run whose dispatch message was lost holds its tenant's slot until this sends it again.
+    return services.runs_redispatch_lost()

@@ -68,11 +68,15 @@ class Tracking:
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
-    def log_model(self, model_dir: Path, registered_name: str) -> str:
-        """Log the model files as the run's artifact and register them; returns the version."""
+    def log_model(self, model_dir: Path, registered_name: str, *, artifact_path: str) -> str:
+        """Log the model files as the run's artifact and register them; returns the version.
+
+        ``artifact_path`` is per attempt: the MLflow run is shared by every attempt of the
+        training run, and a superseded one must not overwrite the files a version names.
+        """
         from mlflow.exceptions import MlflowException
 
-        self.client.log_artifacts(self.run_id, str(model_dir), artifact_path="model")
+        self.client.log_artifacts(self.run_id, str(model_dir), artifact_path=artifact_path)
         try:
             self.client.create_registered_model(registered_name)
         except MlflowException as exc:
@@ -80,9 +84,12 @@ class Tracking:
                 exc
             ):
                 raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
         version = self.client.create_model_version(registered_name, source, run_id=self.run_id)
         return str(version.version)
+
+    def delete_model_version(self, registered_name: str, version: str) -> None:
+        self.client.delete_model_version(registered_name, version)
 
     def end(self, status: str) -> None:
         if self.run_id:
