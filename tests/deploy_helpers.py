@@ -1,10 +1,9 @@
 """Deploying a real tiny model through the workbench's services: shared by the fleet
-tests and benchmarks/predict_latency.py."""
+tests and the serving benchmarks. The fleet controller's passes run in this process
+(:func:`settle`); the fault-injection tests run it as its own process."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from apps.core.artifacts import get_store
@@ -61,16 +60,17 @@ def register(actor: Any, tenant: Tenant, name: str, model: PackedModel) -> Model
     return version
 
 
-@contextmanager
-def eager_tasks() -> Iterator[None]:
-    """Run the deployment tasks enqueued inside, in this process, before returning."""
-    from workbench.celery import app
+def settle(*deployment_ids: str, timeout_s: float = 180.0) -> None:
+    """Run fleet controller passes in this process until none of these deployments (or of
+    any, when none is named) is pending or loading, then one more pass for what follows
+    (the replaced version moving to the long tail)."""
+    from apps.deployments.controller import reconcile_until
 
-    app.conf.task_always_eager = True
-    try:
-        yield
-    finally:
-        app.conf.task_always_eager = False
+    busy = Deployment.objects.filter(status__in=["pending", "loading"])
+    if deployment_ids:
+        busy = busy.filter(pk__in=deployment_ids)
+    reconcile_until(lambda: not busy.exists(), timeout_s=timeout_s)
+    reconcile_until(lambda: True)
 
 
 def approve(requester: Any, reviewer: Any, version: ModelVersion, target: str) -> Deployment:
@@ -79,6 +79,7 @@ def approve(requester: Any, reviewer: Any, version: ModelVersion, target: str) -
         tenant=version.registered_model.tenant, model_version=version, target=target,
         artifact_sha256=version.sha256, status="awaiting_approval", requested_by=requester.user,
     )  # fmt: skip
-    with eager_tasks():
-        promotions.promotion_approve(actor=reviewer.user, promotion=promotion, comment="ok")
-    return Deployment.objects.get(promotion=promotion)
+    promotions.promotion_approve(actor=reviewer.user, promotion=promotion, comment="ok")
+    deployment = Deployment.objects.get(promotion=promotion)
+    settle(deployment.pk)
+    return deployment

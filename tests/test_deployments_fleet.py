@@ -2,8 +2,9 @@
 the REST API, three tenants sharing the fleet, blue/green and rollback, a killed replica
 re-warmed, and a deployment that does not fit leaving the previous version serving.
 
-Celery runs tasks eagerly here (the tasks are thin wrappers of the services under test;
-test_promotion_e2e drives the same flow through a real worker process)."""
+The fleet controller's passes run in this process (tests/deploy_helpers.settle);
+tests/test_fleet_faults.py runs the controller as its own process, and test_promotion_e2e
+drives the whole flow through a real worker."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import pytest
 
 from apps.deployments import fleet
 from apps.deployments.backends import get_backend, reset_backend
+from apps.deployments.controller import Controller, inline_holder
+from apps.deployments.dataplane import reset_data_plane
 from apps.deployments.models import Deployment, ServingPool, Warmup
 from apps.tenants.models import Role
 from tests.conftest import Actor, make_actor
-from tests.deploy_helpers import GOLDEN_TEXTS, approve, eager_tasks, register
+from tests.deploy_helpers import GOLDEN_TEXTS, approve, register, settle
 from tests.training_helpers import wait_for
 from tests.worker.serving.models import PackedModel, pack, train_tiny, variant
 from worker.inference import load_classifier
@@ -41,11 +44,13 @@ def fleet_settings(settings, ray_address, artifacts_dir) -> Any:
     settings.RAY_ADDRESS = ray_address
     settings.SERVING_BACKEND = "ray"
     reset_backend()
+    reset_data_plane()
     yield settings
     for pool in ServingPool.objects.all():  # leave the shared Ray empty for the next test
         Deployment.objects.update(status="retired", standby=False)
-        fleet.pool_apply(kind=pool.kind)
+        fleet.pool_apply(kind=pool.kind, backend=get_backend())
     reset_backend()
+    reset_data_plane()
 
 
 def predict(actor: Actor, slug: str, name: str, texts: list[str], **extra: Any) -> Any:
@@ -126,9 +131,9 @@ def test_blue_green_then_rollback_to_the_standby(
     assert body["model_version"] == v2.pk
     assert [o["label"] for o in body["outputs"]] == expected(packed["v2"], texts)
 
-    with eager_tasks():
-        response = reviewer.api("post", f"/api/v1/tenants/acme/deployments/{second.pk}/rollback")
+    response = reviewer.api("post", f"/api/v1/tenants/acme/deployments/{second.pk}/rollback")
     assert response.status_code == 202, response.content
+    settle(response.json()["id"])
     rollback = Deployment.objects.get(pk=response.json()["id"])
     assert rollback.status == "warm" and rollback.model_version_id == v1.pk
     body = predict(scientist, "acme", "intents", texts).json()
@@ -183,16 +188,18 @@ def test_a_killed_replica_comes_back_and_is_rewarmed(
         }
 
     before = wait_for(holders, timeout=30)
-    fleet.fleet_check()  # the first look remembers the replicas
+    controller = Controller(holder=inline_holder())
+    controller.reconcile()  # the first look remembers the replicas
     warmups = Warmup.objects.filter(deployment=deployment).count()
     backend: Any = get_backend()
     (victim, *_) = backend.replica_actors("classifier", set_name)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     # Serve replaces the dead replica; the new one loads the set's models by itself.
     wait_for(lambda: (holders() - before) or None, timeout=120)
-    with eager_tasks():
-        result = fleet.fleet_check()
-    assert result["rewarmed"] >= 1
+    # The controller sees a new replica, re-warms the model on it (and counts one restart,
+    # not an alert).
+    report = controller.reconcile()
+    assert report.warmups >= 1, report
     assert Warmup.objects.filter(deployment=deployment).count() == warmups + 1
     rewarm = Warmup.objects.filter(deployment=deployment).order_by("-started_at").first()
     assert rewarm is not None and rewarm.trigger == "replica_restart" and rewarm.ok

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from workbench.env import env_bool, env_choice, env_int, env_list, env_str
+from workbench.env import env_bool, env_choice, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("WORKBENCH_VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -230,11 +230,20 @@ if SERVING_BACKEND == "sagemaker":
     if _missing:
         raise ImproperlyConfigured(f"SERVING_BACKEND=sagemaker needs {', '.join(_missing)}")
 DEPLOYMENT_WARMUP_SAMPLES = env_int("DEPLOYMENT_WARMUP_SAMPLES", 16, minimum=1)
+# A load attempt without the model loaded after this long is retried (the pool applied
+# again); after DEPLOYMENT_LOAD_ATTEMPTS attempts the deployment fails, naming why.
 DEPLOYMENT_LOAD_TIMEOUT_SECONDS = env_int("DEPLOYMENT_LOAD_TIMEOUT_SECONDS", 300, minimum=1)
-# A deployment task killed mid-load is taken up again once its lease has run out.
-DEPLOYMENT_LEASE_SECONDS = env_int("DEPLOYMENT_LEASE_SECONDS", 600, minimum=10)
+DEPLOYMENT_LOAD_ATTEMPTS = env_int("DEPLOYMENT_LOAD_ATTEMPTS", 3, minimum=1)
 DEPLOYMENT_REWARM_SECONDS = env_int("DEPLOYMENT_REWARM_SECONDS", 3600, minimum=10)
-FLEET_CHECK_SECONDS = env_int("FLEET_CHECK_SECONDS", 30, minimum=1)
+# The fleet controller (manage.py fleet_controller): a full pass this often, and at once
+# on a change; its lease lasts FLEET_LEASE_SECONDS without renewal, then another takes over.
+FLEET_RECONCILE_SECONDS = env_float("FLEET_RECONCILE_SECONDS", 5.0, minimum=0.1)
+FLEET_LEASE_SECONDS = env_int("FLEET_LEASE_SECONDS", 15, minimum=2)
+# Web and worker processes re-read the published routing table this often.
+FLEET_ROUTES_TTL_SECONDS = env_float("FLEET_ROUTES_TTL_SECONDS", 1.0, minimum=0.0)
+# A predict that no replica answers within this long (connecting) is a 503.
+PREDICT_CONNECT_TIMEOUT_SECONDS = env_float("PREDICT_CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.01)
+PREDICT_TIMEOUT_SECONDS = env_float("PREDICT_TIMEOUT_SECONDS", 30.0, minimum=0.1)
 # A replica restarting this many times within an hour raises an alert.
 FLEET_RESTART_ALERT_COUNT = env_int("FLEET_RESTART_ALERT_COUNT", 3, minimum=1)
 PREDICT_MAX_INPUTS = env_int("PREDICT_MAX_INPUTS", 64, minimum=1)
@@ -320,13 +329,7 @@ CELERY_BEAT_SCHEDULE = {
     "redispatch-lost-runs": {"task": "training.redispatch_lost", "schedule": 10.0},
     "requeue-stale-evaluations": {"task": "evaluation.requeue_stale", "schedule": 10.0},
     "check-waiting-promotions": {"task": "promotions.check_waiting", "schedule": 30.0},
-    # Re-warm every warm deployment on a schedule, and watch the fleet for restarted
-    # replicas (re-warmed at once) and deployments whose loading task died.
-    "rewarm-deployments": {
-        "task": "deployments.rewarm_all",
-        "schedule": float(DEPLOYMENT_REWARM_SECONDS),
-    },
-    "check-fleet": {"task": "deployments.check_fleet", "schedule": float(FLEET_CHECK_SECONDS)},
+    # (Deployments, warm-ups and the fleet are the fleet controller's, not beat's.)
     # Servers stopped by the hub (idle culler, maximum age) lose their API token here.
     "sync-notebooks": {"task": "notebooks.sync", "schedule": 30.0},
 }

@@ -73,7 +73,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             exc.code, exc.message, status.HTTP_400_BAD_REQUEST, exc.fields, line=exc.line
         )
     if isinstance(exc, ServiceUnavailable):
-        return error_response(exc.code, exc.message, status.HTTP_503_SERVICE_UNAVAILABLE)
+        unavailable = error_response(exc.code, exc.message, status.HTTP_503_SERVICE_UNAVAILABLE)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            unavailable["Retry-After"] = str(retry_after)
+        return unavailable
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

@@ -28,6 +28,9 @@ def reset_backend() -> None:
     """Forget the backend (tests point the settings at another fleet)."""
     global _backend
     with _lock:
+        close = getattr(_backend, "close", None)
+        if close is not None:
+            close()  # let go of its handles and sockets
         _backend = None
 
 

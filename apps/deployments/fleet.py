@@ -1,18 +1,16 @@
-"""The workbench's side of the fleet: push the desired state, watch what really runs,
-route predictions.
+"""The workbench's side of the fleet: push the desired state, route predictions, show
+the fleet.
 
-The database is the source of truth for what should be live; :func:`pool_apply` sends a
-pool's whole desired content to the backend, which only ever makes the fleet match it.
-:func:`fleet_check` (Celery beat) compares what the backend reports with what it saw last
-time: a replica that came back is re-warmed, one that keeps restarting or a model that keeps
-failing to load raises an alert, and a deployment whose loading task died is taken up again.
+The database is the source of truth for what should be live; :func:`pool_apply` (called by
+the fleet controller only) sends a pool's whole desired content to the backend, which only
+ever makes the fleet match it. :func:`predict` and :func:`fleet_status_for` run in web and
+worker processes and never touch the backend: they read what the controller published.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -20,23 +18,21 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.core.errors import DomainError
-from apps.deployments import alerts, selectors
-from apps.deployments.backends import get_backend, pool_spec
+from apps.deployments import selectors
+from apps.deployments.backends import pool_spec
+from apps.deployments.dataplane import data_plane
 from apps.deployments.models import (
     ACTIVE,
-    AlertKind,
     Deployment,
     DeploymentStatus,
+    FleetLease,
     ServingPool,
-    WarmupTrigger,
 )
 from apps.registry.models import RegisteredModel
 from apps.tenants.models import Tenant
-from worker.serving.specs import Placement
+from worker.serving.specs import Placement, ServingBackend
 
 log = logging.getLogger(__name__)
-
-RESTART_WINDOW_SECONDS = 3600
 
 
 def pool_for(kind: str) -> ServingPool:
@@ -55,8 +51,8 @@ def pool_for(kind: str) -> ServingPool:
         return ServingPool.objects.get(kind=kind)
 
 
-def pool_apply(*, kind: str) -> Placement:
-    """Make the backend serve exactly the pool's desired models.
+def pool_apply(*, kind: str, backend: ServingBackend) -> Placement:
+    """Make the backend serve exactly the pool's desired models (the fleet controller's).
 
     The pool row stays locked while the backend applies, so two changes of one pool never
     interleave; on InsufficientCapacity the backend changed nothing and neither do we.
@@ -65,7 +61,7 @@ def pool_apply(*, kind: str) -> Placement:
     with transaction.atomic():
         pool = ServingPool.objects.select_for_update().get(kind=kind)
         models = selectors.desired_models(kind)
-        placement = get_backend().apply(
+        placement = backend.apply(
             pool_spec(pool),
             models,
             previous={str(k): int(v) for k, v in pool.placement.items()},
@@ -102,90 +98,6 @@ def _model_entries(replica: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def fleet_check() -> dict[str, int]:
-    """Notice restarted replicas (re-warm them), restart loops and load failures (alert),
-    and deployments whose loading task died (load them again)."""
-    from apps.deployments.tasks import load_deployment, warm_deployment
-
-    resumed = 0
-    stale = timezone.now() - timedelta(seconds=settings.DEPLOYMENT_LEASE_SECONDS)
-    for deployment_id in Deployment.objects.filter(
-        status=DeploymentStatus.LOADING, claimed_at__lt=stale
-    ).values_list("pk", flat=True):
-        load_deployment.delay(deployment_id)
-        resumed += 1
-    if not ServingPool.objects.exists():
-        return {"resumed": resumed, "rewarmed": 0, "alerts": 0}
-    status = get_backend().status()
-    rewarm: set[str] = set()
-    raised = 0
-    for pool_status in status.get("pools", []):
-        pool = ServingPool.objects.filter(kind=pool_status.get("kind")).first()
-        if pool is None:
-            continue
-        seen: dict[str, Any] = pool.replicas_seen or {}
-        known: dict[str, str] = seen.get("replicas", {})
-        restarts: dict[str, list[float]] = seen.get("restarts", {})
-        now_replicas: dict[str, str] = {}
-        now = time.time()
-        for set_name, replica in _replicas(pool_status):
-            replica_id = str(replica.get("replica_id"))
-            now_replicas[replica_id] = set_name
-            models = _model_entries(replica)
-            if known and replica_id not in known:
-                # A replica we have not seen: a restart or a scale-up; either way it must
-                # prove it answers correctly before customers find out it does not.
-                rewarm.update(str(m["model_id"]) for m in models)
-            for model in models:
-                if model.get("error"):
-                    raised += _alert_for_model(
-                        str(model["model_id"]),
-                        AlertKind.LOAD_FAILING,
-                        f"model {model['model_id']} fails to load on replica {replica_id}: "
-                        f"{model['error']}",
-                    )
-        for replica_id, set_name in known.items():
-            if replica_id not in now_replicas and set_name in now_replicas.values():
-                restarts.setdefault(set_name, []).append(now)
-        for set_name, times in list(restarts.items()):
-            recent = [t for t in times if now - t < RESTART_WINDOW_SECONDS]
-            restarts[set_name] = recent
-            if len(recent) >= settings.FLEET_RESTART_ALERT_COUNT:
-                for model_id in _models_of_set(pool_status, set_name):
-                    raised += _alert_for_model(
-                        model_id,
-                        AlertKind.REPLICA_RESTARTING,
-                        f"replica set {set_name} restarted {len(recent)} times in the last hour",
-                    )
-        pool.replicas_seen = {"replicas": now_replicas, "restarts": restarts}
-        pool.save(update_fields=["replicas_seen"])
-    warm = Deployment.objects.filter(status=DeploymentStatus.WARM, model_version_id__in=rewarm)
-    for deployment_id in warm.values_list("pk", flat=True):
-        warm_deployment.delay(deployment_id, WarmupTrigger.REPLICA_RESTART)
-    return {"resumed": resumed, "rewarmed": len(rewarm), "alerts": raised}
-
-
-def _models_of_set(pool_status: dict[str, Any], set_name: str) -> set[str]:
-    return {
-        str(m["model_id"])
-        for name, replica in _replicas(pool_status)
-        if name == set_name
-        for m in _model_entries(replica)
-    }
-
-
-def _alert_for_model(model_id: str, kind: str, message: str) -> int:
-    raised = 0
-    for deployment in Deployment.objects.filter(
-        model_version_id=model_id, status__in=ACTIVE
-    ).select_related("tenant"):
-        alerts.alert_raise(
-            tenant=deployment.tenant, deployment=deployment, kind=kind, message=message
-        )
-        raised += 1
-    return raised
-
-
 def predict(
     *, tenant: Tenant, model: RegisteredModel, inputs: list[str], environment: str
 ) -> dict[str, Any]:
@@ -199,7 +111,7 @@ def predict(
             status=state,
         )
     started = time.perf_counter()
-    result = get_backend().predict(model.kind, warm.model_version_id, inputs)
+    result = data_plane().predict(model.kind, warm.model_version_id, inputs)
     return {
         "model_version": warm.model_version_id,
         "version": warm.model_version.number,
@@ -209,10 +121,35 @@ def predict(
     }
 
 
+def published_status() -> dict[str, Any]:
+    """The fleet as the controller last saw it: every pool's status, when it was seen, and
+    whether a controller holds its lease (never asks the backend: pages stay fast)."""
+    now = timezone.now()
+    pools = list(ServingPool.objects.order_by("kind"))
+    lease = FleetLease.objects.filter(pk="fleet").first()
+    seen = [p.observed_at for p in pools if p.observed_at is not None]
+    published = max(seen) if seen else None
+    return {
+        "pools": [dict(p.observed) for p in pools if p.observed],
+        "published_at": published.isoformat() if published else None,
+        "age_seconds": round((now - published).total_seconds(), 1) if published else None,
+        "controller": {
+            "holder": lease.holder if lease else "",
+            "alive": bool(lease and lease.expires_at and lease.expires_at > now),
+            "heartbeat_at": lease.heartbeat_at.isoformat()
+            if lease and lease.heartbeat_at
+            else None,
+            "last_error": lease.last_error if lease else "",
+        },
+    }
+
+
 def fleet_status_for(user: Any) -> dict[str, Any]:
-    """The backend's status, with other tenants' models hidden from a non-staff user (they
-    see that memory is used, not by whom)."""
-    status = get_backend().status()
+    """The published fleet status, with other tenants' models hidden from a non-staff user
+    (they see that memory is used, not by whom)."""
+    status = published_status()
+    if not user.is_staff:
+        status["controller"]["last_error"] = ""
     visible = _visible_models(user)
     see_all = bool(user.is_staff)
     pools_db = {p.kind: p for p in ServingPool.objects.all()}

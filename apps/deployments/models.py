@@ -1,8 +1,10 @@
 """Serving pools, deployments of model versions onto them, warm-ups and fleet alerts.
 
 A deployment's life: pending -> loading -> warm | failed; warm -> retired (replaced by a
-newer deployment, or retired by hand). The workbench holds the desired state of the fleet
-here and pushes it to the serving backend declaratively (apps.deployments.services).
+newer deployment, or retired by hand); warm <-> degraded (the fleet stopped serving it; it
+is warm again only after a verified warm-up). The workbench holds the desired state of the
+fleet here; the fleet controller (apps.deployments.controller) alone pushes it to the
+serving backend, and publishes what the fleet reports back (routes, status) on the pools.
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ class DeploymentStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     LOADING = "loading", "Loading"
     WARM = "warm", "Warm"
+    DEGRADED = "degraded", "Degraded"
     FAILED = "failed", "Failed"
     RETIRED = "retired", "Retired"
 
 
 # Statuses whose model the fleet must hold.
-ACTIVE = (DeploymentStatus.PENDING, DeploymentStatus.LOADING, DeploymentStatus.WARM)
+ACTIVE = (
+    DeploymentStatus.PENDING,
+    DeploymentStatus.LOADING,
+    DeploymentStatus.WARM,
+    DeploymentStatus.DEGRADED,
+)
+# Statuses that answer predictions (a degraded one is tried: it may be back before the
+# controller notices, and a failed try is a quick 503).
+SERVING = (DeploymentStatus.WARM, DeploymentStatus.DEGRADED)
 
 
 class ServingPool(models.Model):
@@ -46,9 +57,35 @@ class ServingPool(models.Model):
     # restarts (a replica that came back must be re-warmed).
     replicas_seen = models.JSONField(default=dict)
     applied_at = models.DateTimeField(null=True, blank=True)
+    # What the fleet controller last saw and published: the routing table web and worker
+    # processes send predicts by (model id -> deployment and sha256, deployment -> replica
+    # endpoints with their secrets: never shown), and the pool's public status.
+    routes = models.JSONField(default=dict)
+    observed = models.JSONField(default=dict)
+    observed_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"pool {self.kind}"
+
+
+class FleetLease(models.Model):
+    """The fleet controller's lease (one row): the holder alone talks to the serving
+    backend, until its lease expires without renewal. ``generation`` is bumped by every
+    change of the desired state so the controller acts at once instead of at its next
+    periodic pass."""
+
+    name = models.CharField(primary_key=True, max_length=32, default="fleet")
+    holder = models.CharField(max_length=200, blank=True)
+    acquired_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    generation = models.BigIntegerField(default=0)
+    last_pass_at = models.DateTimeField(null=True, blank=True)
+    last_pass_ms = models.FloatField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return f"lease {self.name} held by {self.holder or 'nobody'}"
 
 
 class Deployment(models.Model):
@@ -88,8 +125,12 @@ class Deployment(models.Model):
     standby = models.BooleanField(default=False)
     replica_set = models.IntegerField(null=True, blank=True)
     failure = models.TextField(blank=True)
-    # Lease of the task loading it: a task killed mid-load is picked up again after this.
+    # When its current load attempt began (the controller retries one without progress).
     claimed_at = models.DateTimeField(null=True, blank=True)
+    load_attempts = models.PositiveIntegerField(default=0)
+    # A warm-up asked for by a person, not yet run by the controller.
+    warmup_requested_at = models.DateTimeField(null=True, blank=True)
+    degraded_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -105,7 +146,7 @@ class Deployment(models.Model):
             # At most one deployment serves a model's environment at a time.
             models.UniqueConstraint(
                 fields=["tenant", "model_version", "environment"],
-                condition=models.Q(status__in=["pending", "loading", "warm"]),
+                condition=models.Q(status__in=["pending", "loading", "warm", "degraded"]),
                 name="one_active_deployment_per_version_env",
             )
         ]
@@ -123,6 +164,7 @@ class WarmupTrigger(models.TextChoices):
     SCHEDULE = "schedule", "Schedule"
     REPLICA_RESTART = "replica_restart", "Replica restart"
     MANUAL = "manual", "Manual"
+    RECOVERY = "recovery", "Recovery"
 
 
 class Warmup(models.Model):
@@ -155,6 +197,7 @@ class AlertKind(models.TextChoices):
     WARMUP_FAILED = "warmup_failed", "Warm-up failed"
     REPLICA_RESTARTING = "replica_restarting", "Replica keeps restarting"
     LOAD_FAILING = "load_failing", "Model keeps failing to load"
+    NOT_SERVING = "not_serving", "Model is not being served"
 
 
 class FleetAlert(models.Model):

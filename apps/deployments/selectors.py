@@ -9,7 +9,7 @@ from django.db.models import Q, QuerySet
 
 from apps.core import rawsql
 from apps.core.artifacts import get_store
-from apps.deployments.models import ACTIVE, Deployment, DeploymentStatus
+from apps.deployments.models import ACTIVE, SERVING, Deployment, DeploymentStatus
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.registry.models import ModelVersion, RegisteredModel
 from apps.tenants.models import Tenant
@@ -28,6 +28,13 @@ def fleet_deployments(kind: str) -> QuerySet[Deployment]:
     return Deployment.objects.filter(
         Q(status__in=ACTIVE) | Q(status=DeploymentStatus.RETIRED, standby=True),
         model_version__registered_model__kind=kind,
+    )
+
+
+def fleet_deployments_all() -> QuerySet[Deployment]:
+    """Every deployment the fleet must hold, of any kind."""
+    return Deployment.objects.filter(
+        Q(status__in=ACTIVE) | Q(status=DeploymentStatus.RETIRED, standby=True)
     )
 
 
@@ -71,14 +78,16 @@ def serving_deployment(
         [tenant.pk, environment, model.pk],
     )
     recent: list[Deployment] = [row[0] for row in rows]  # type: ignore[misc]
-    warm = next((dep for dep in recent if dep.status == DeploymentStatus.WARM), None)
+    # A degraded deployment is tried too: the fleet may serve it again before the
+    # controller's next look; if not, the caller gets a quick 503.
+    warm = next((dep for dep in recent if dep.status in SERVING), None)
     if warm is None and len(recent) == 10:
         warm = (
             Deployment.objects.filter(
                 tenant=tenant,
                 model_version__registered_model=model,
                 environment=environment,
-                status=DeploymentStatus.WARM,
+                status__in=SERVING,
             )
             .select_related("model_version")
             .order_by("-created_at")
@@ -99,12 +108,12 @@ def registered_model(*, tenant: Tenant, name: str) -> RegisteredModel | None:
 
 
 def current_deployment(version: ModelVersion, environment: str) -> Deployment | None:
-    """The warm deployment of the version's model in ``environment``, if any."""
+    """The warm (or degraded) deployment of the version's model in ``environment``."""
     return (
         Deployment.objects.filter(
             model_version__registered_model=version.registered_model_id,
             environment=environment,
-            status=DeploymentStatus.WARM,
+            status__in=SERVING,
         )
         .order_by("-warm_at")
         .first()

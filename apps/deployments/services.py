@@ -1,11 +1,15 @@
 """Deployments: the verbs that make an approved model version live, and take it down.
 
-pending -> loading -> warm | failed; warm -> retired. An approved promotion creates a
-deployment (:func:`deployment_create`) and moves to ``deploying``; the ``deployments.load``
-task claims it, pushes the pool's whole desired state to the serving backend
-(:func:`apps.deployments.fleet.pool_apply`), waits for every replica to hold the model, and
-warms it up. Only a warm deployment serves: the one it replaces keeps serving until then
-(blue/green), and stays loaded as a standby afterwards so a rollback is quick.
+pending -> loading -> warm | failed; warm -> retired; warm <-> degraded. An approved
+promotion creates a deployment (:func:`deployment_create`) and moves to ``deploying``; the
+fleet controller (:mod:`apps.deployments.controller`, the only process that talks to the
+serving backend) claims it, pushes the pool's whole desired state, waits until every replica
+holds the model, and warms it up (:func:`warmup_run`), then calls :func:`deployment_go_live`
+or :func:`deployment_fail`. Only a warm deployment serves: the one it replaces keeps serving
+until then (blue/green), and stays loaded as a standby afterwards so a rollback is quick.
+
+Nothing here talks to the fleet: the verbs change rows and nudge the controller
+(:func:`fleet_nudge`), which acts on the change at once.
 """
 
 from __future__ import annotations
@@ -13,27 +17,27 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.audit.services import audit_record
 from apps.core.errors import DomainError
 from apps.deployments import alerts, selectors
-from apps.deployments.backends import get_backend
 from apps.deployments.models import (
+    SERVING,
     Deployment,
     DeploymentStatus,
+    FleetLease,
     Warmup,
-    WarmupTrigger,
 )
 from apps.evaluation.services import policy_for
-from apps.promotions.models import PromotionRequest, PromotionStatus
-from worker.serving.specs import InsufficientCapacity, ModelLoadError
+from apps.promotions import services as promotions
+from apps.promotions.models import PromotionRequest
+from worker.serving.specs import ModelLoadError, ServingBackend
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,14 @@ log = logging.getLogger(__name__)
 SCORE_TOLERANCE = 1e-3
 
 
-def _enqueue_load(deployment_id: str) -> None:
-    from apps.deployments.tasks import load_deployment
+def fleet_nudge() -> None:
+    """Tell the fleet controller the desired state changed (after this transaction
+    commits), so it acts now rather than at its next periodic pass."""
 
-    transaction.on_commit(lambda: load_deployment.delay(deployment_id))
+    def bump() -> None:
+        FleetLease.objects.filter(pk="fleet").update(generation=F("generation") + 1)
+
+    transaction.on_commit(bump)
 
 
 def deployment_create(*, actor: Any, promotion: PromotionRequest, via: str = "") -> Deployment:
@@ -63,8 +71,7 @@ def deployment_create(*, actor: Any, promotion: PromotionRequest, via: str = "")
         replaces=selectors.current_deployment(version, promotion.target),
         created_by=actor,
     )
-    PromotionRequest.objects.filter(pk=promotion.pk).update(status=PromotionStatus.DEPLOYING)
-    promotion.status = PromotionStatus.DEPLOYING
+    promotions.promotion_deploying(promotion=promotion, deployment_id=deployment.pk)
     audit_record(
         actor=actor,
         tenant=promotion.tenant,
@@ -78,7 +85,7 @@ def deployment_create(*, actor: Any, promotion: PromotionRequest, via: str = "")
         },
         via=via,
     )
-    _enqueue_load(deployment.pk)
+    fleet_nudge()
     return deployment
 
 
@@ -119,7 +126,7 @@ def deployment_rollback(*, actor: Any, deployment: Deployment, via: str = "") ->
         after={"deployment": rollback.pk, "model_version": target.model_version_id},
         via=via,
     )
-    _enqueue_load(rollback.pk)
+    fleet_nudge()
     return rollback
 
 
@@ -165,26 +172,23 @@ def deployment_retire(*, actor: Any, deployment: Deployment, via: str = "") -> D
         after={"status": locked.status, "standby": False},
         via=via,
     )
-    kind = locked.model_version.registered_model.kind
-    transaction.on_commit(lambda: _enqueue_apply(kind))
+    fleet_nudge()  # the controller unloads it
     return locked
-
-
-def _enqueue_apply(kind: str) -> None:
-    from apps.deployments.tasks import apply_pool
-
-    apply_pool.delay(kind)
 
 
 @transaction.atomic
 def deployment_warmup_request(*, actor: Any, deployment: Deployment, via: str = "") -> Deployment:
-    """Ask for a warm-up of a warm deployment now (the dashboard's button)."""
-    if deployment.status != DeploymentStatus.WARM:
+    """Ask for a warm-up of a warm (or degraded) deployment now (the dashboard's button);
+    the fleet controller runs it."""
+    locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
+    if locked.status not in SERVING:
         raise DomainError(
-            f"This deployment is {deployment.status}; only a warm deployment is re-warmed.",
+            f"This deployment is {locked.status}; only a warm deployment is re-warmed.",
             code="illegal_transition",
-            status=deployment.status,
+            status=locked.status,
         )
+    locked.warmup_requested_at = timezone.now()
+    locked.save(update_fields=["warmup_requested_at"])
     audit_record(
         actor=actor,
         tenant=deployment.tenant,
@@ -192,79 +196,115 @@ def deployment_warmup_request(*, actor: Any, deployment: Deployment, via: str = 
         obj=deployment,
         via=via,
     )
-    from apps.deployments.tasks import warm_deployment
-
-    pk = deployment.pk
-    transaction.on_commit(lambda: warm_deployment.delay(pk, WarmupTrigger.MANUAL))
-    return deployment
+    fleet_nudge()
+    return locked
 
 
 def deployment_claim(*, deployment_id: str) -> Deployment | None:
-    """Claim a deployment for loading: a pending one, or a loading one whose task died
-    (its lease ran out). Conditional update, so two workers never load the same one."""
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.DEPLOYMENT_LEASE_SECONDS)
-    claimed = Deployment.objects.filter(
-        Q(status=DeploymentStatus.PENDING)
-        | Q(status=DeploymentStatus.LOADING, claimed_at__lt=stale),
-        pk=deployment_id,
-    ).update(status=DeploymentStatus.LOADING, claimed_at=now)
+    """pending -> loading (the controller's first load attempt). Conditional update: a
+    deployment is claimed once, whatever runs twice."""
+    claimed = Deployment.objects.filter(pk=deployment_id, status=DeploymentStatus.PENDING).update(
+        status=DeploymentStatus.LOADING, claimed_at=timezone.now(), load_attempts=1
+    )
     if not claimed:
         return None
-    return Deployment.objects.select_related(
+    deployment = Deployment.objects.select_related(
         "model_version__registered_model", "tenant", "promotion"
     ).get(pk=deployment_id)
-
-
-def deployment_load(*, deployment_id: str) -> Deployment | None:
-    """The whole of making a deployment live (the ``deployments.load`` task's body)."""
-    from apps.deployments.fleet import pool_apply
-
-    deployment = deployment_claim(deployment_id=deployment_id)
-    if deployment is None:
-        return None
-    version = deployment.model_version
-    if version.sha256 != deployment.artifact_sha256:
+    if deployment.model_version.sha256 != deployment.artifact_sha256:
         return deployment_fail(
             deployment=deployment,
             reason="the model's bytes changed since they were approved; refusing to serve them",
         )
-    kind = version.registered_model.kind
-    try:
-        pool_apply(kind=kind)
-    except InsufficientCapacity as exc:
-        return deployment_fail(deployment=deployment, reason=str(exc), reapply=False)
-    except Exception as exc:
-        log.exception("applying the pool failed", extra={"deployment": deployment_id})
-        return deployment_fail(deployment=deployment, reason=f"the fleet refused the change: {exc}")
-    errors = get_backend().wait_ready(
-        kind, [version.pk], timeout_s=settings.DEPLOYMENT_LOAD_TIMEOUT_SECONDS
-    )
-    current = Deployment.objects.filter(pk=deployment.pk).first()
-    if current is None or current.status != DeploymentStatus.LOADING:
-        # Retired, failed or deleted while the pool changed: not this task's to finish.
-        log.info("deployment no longer loading", extra={"deployment": deployment_id})
-        return current
-    if errors.get(version.pk):
-        alerts.alert_raise(
-            tenant=deployment.tenant,
-            deployment=deployment,
-            kind="load_failing",
-            message=f"{version} failed to load: {errors[version.pk]}",
-        )
+    return deployment
+
+
+def deployment_load_retry(*, deployment: Deployment, outcome: str) -> Deployment:
+    """A load attempt made no progress within DEPLOYMENT_LOAD_TIMEOUT_SECONDS: try again
+    (the controller re-applies the pool), or fail with the reason after the last attempt."""
+    attempts = deployment.load_attempts
+    if attempts >= settings.DEPLOYMENT_LOAD_ATTEMPTS:
         return deployment_fail(
-            deployment=deployment, reason=f"the model failed to load: {errors[version.pk]}"
+            deployment=deployment,
+            reason=f"the model was not loaded after {attempts} attempts of "
+            f"{settings.DEPLOYMENT_LOAD_TIMEOUT_SECONDS} s each (last: {outcome})",
         )
-    warmup = warmup_run(deployment=deployment, trigger=WarmupTrigger.DEPLOY)
-    if not warmup.ok:
-        return deployment_fail(deployment=deployment, reason=f"warm-up failed: {warmup.error}")
-    return deployment_go_live(deployment=deployment)
+    Deployment.objects.filter(pk=deployment.pk, status=DeploymentStatus.LOADING).update(
+        claimed_at=timezone.now(), load_attempts=attempts + 1
+    )
+    deployment.load_attempts = attempts + 1
+    log.warning(
+        "deployment load retried",
+        extra={"deployment": deployment.pk, "attempt": attempts + 1, "outcome": outcome},
+    )
+    return deployment
+
+
+@transaction.atomic
+def deployment_degrade(*, deployment: Deployment, reason: str) -> Deployment | None:
+    """warm -> degraded: the fleet is not serving it (replicas gone, the fleet lost the
+    model, or the fleet does not answer). Visible everywhere, alerted; it is warm again
+    only after a verified warm-up (:func:`deployment_recover`)."""
+    locked = Deployment.objects.select_for_update().filter(pk=deployment.pk).first()
+    if locked is None or locked.status != DeploymentStatus.WARM:
+        return locked
+    locked.status = DeploymentStatus.DEGRADED
+    locked.degraded_at = timezone.now()
+    locked.failure = reason[-4000:]
+    locked.save(update_fields=["status", "degraded_at", "failure"])
+    audit_record(
+        actor=None,
+        tenant=locked.tenant,
+        verb="deployment.degraded",
+        obj=locked,
+        before={"status": DeploymentStatus.WARM},
+        after={"status": locked.status, "reason": reason[:1000]},
+        via="controller",
+    )
+    alerts.alert_raise(
+        tenant=locked.tenant,
+        deployment=locked,
+        kind="not_serving",
+        message=f"{locked.model_version} ({locked.environment}) is not being served: {reason}",
+    )
+    return locked
+
+
+@transaction.atomic
+def deployment_recover(*, deployment: Deployment, warmup: Warmup) -> Deployment | None:
+    """degraded -> warm, after ``warmup`` (a passing one) came back from the fleet."""
+    locked = Deployment.objects.select_for_update().filter(pk=deployment.pk).first()
+    if locked is None or locked.status != DeploymentStatus.DEGRADED or not warmup.ok:
+        return locked
+    down_since = locked.degraded_at
+    locked.status = DeploymentStatus.WARM
+    locked.degraded_at = None
+    locked.failure = ""
+    locked.save(update_fields=["status", "degraded_at", "failure"])
+    audit_record(
+        actor=None,
+        tenant=locked.tenant,
+        verb="deployment.recovered",
+        obj=locked,
+        before={"status": DeploymentStatus.DEGRADED},
+        after={
+            "status": locked.status,
+            "warmup": warmup.pk,
+            "degraded_seconds": round((timezone.now() - down_since).total_seconds(), 1)
+            if down_since
+            else None,
+        },
+        via="controller",
+    )
+    alerts.alerts_resolve(deployment=locked, kind="not_serving")
+    return locked
 
 
 @transaction.atomic
 def deployment_go_live(*, deployment: Deployment) -> Deployment:
     """The warm-up passed: this deployment serves, the one it replaces steps down to a
-    standby (still loaded, for a quick rollback), its promotion is done."""
+    standby (still loaded, for a quick rollback), its promotion is done. The controller
+    moves the replaced version from the pinned sets to the long-tail tier next."""
     locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
     now = timezone.now()
     previous = list(
@@ -273,19 +313,17 @@ def deployment_go_live(*, deployment: Deployment) -> Deployment:
             model_version__registered_model=deployment.model_version.registered_model_id,
             environment=locked.environment,
         )
-        .filter(Q(status=DeploymentStatus.WARM) | Q(standby=True))
+        .filter(Q(status__in=SERVING) | Q(standby=True))
         .exclude(pk=locked.pk)
     )
     for old in previous:
         was = old.status
         # Only the deployment just replaced stays loaded; older standbys are let go.
-        old.standby = (
-            was == DeploymentStatus.WARM and old.model_version_id != locked.model_version_id
-        )
+        old.standby = was in SERVING and old.model_version_id != locked.model_version_id
         old.status = DeploymentStatus.RETIRED
         old.retired_at = old.retired_at or now
         old.save(update_fields=["status", "standby", "retired_at"])
-        if was == DeploymentStatus.WARM:
+        if was in SERVING:
             audit_record(
                 actor=None,
                 tenant=old.tenant,
@@ -300,9 +338,7 @@ def deployment_go_live(*, deployment: Deployment) -> Deployment:
     locked.failure = ""
     locked.save(update_fields=["status", "warm_at", "failure"])
     if locked.promotion_id is not None:
-        PromotionRequest.objects.filter(
-            pk=locked.promotion_id, status=PromotionStatus.DEPLOYING
-        ).update(status=PromotionStatus.DONE)
+        promotions.promotion_deployed(promotion_id=locked.promotion_id, deployment_id=locked.pk)
     audit_record(
         actor=None,
         tenant=locked.tenant,
@@ -310,16 +346,15 @@ def deployment_go_live(*, deployment: Deployment) -> Deployment:
         obj=locked,
         before={"status": DeploymentStatus.LOADING},
         after={"status": locked.status, "last_warmup_ms": locked.last_warmup_ms},
-        via="task",
+        via="controller",
     )
-    kind = deployment.model_version.registered_model.kind
-    # The replaced version moves from the pinned sets to the long-tail tier.
-    transaction.on_commit(lambda: _enqueue_apply(kind))
+    fleet_nudge()
     return locked
 
 
-def deployment_fail(*, deployment: Deployment, reason: str, reapply: bool = True) -> Deployment:
-    """The deployment failed; whatever served before keeps serving."""
+def deployment_fail(*, deployment: Deployment, reason: str) -> Deployment:
+    """The deployment failed; whatever served before keeps serving (the controller unloads
+    what this one added)."""
     with transaction.atomic():
         locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
         before = locked.status
@@ -327,9 +362,9 @@ def deployment_fail(*, deployment: Deployment, reason: str, reapply: bool = True
         locked.failure = reason[-4000:]
         locked.save(update_fields=["status", "failure"])
         if locked.promotion_id is not None:
-            PromotionRequest.objects.filter(
-                pk=locked.promotion_id, status=PromotionStatus.DEPLOYING
-            ).update(status=PromotionStatus.FAILED, failure=reason[-4000:])
+            promotions.promotion_deploy_failed(
+                promotion_id=locked.promotion_id, deployment_id=locked.pk, reason=reason
+            )
         audit_record(
             actor=None,
             tenant=locked.tenant,
@@ -337,20 +372,13 @@ def deployment_fail(*, deployment: Deployment, reason: str, reapply: bool = True
             obj=locked,
             before={"status": before},
             after={"status": locked.status, "failure": reason},
-            via="task",
+            via="controller",
         )
-    if reapply:
-        # Unload what this deployment added (a no-op for the backend when it never loaded).
-        from apps.deployments.fleet import pool_apply
-
-        try:
-            pool_apply(kind=deployment.model_version.registered_model.kind)
-        except Exception:
-            log.exception("re-applying the pool after a failure failed")
+        fleet_nudge()
     return locked
 
 
-def warmup_run(*, deployment: Deployment, trigger: str) -> Warmup:
+def warmup_run(*, deployment: Deployment, trigger: str, backend: ServingBackend) -> Warmup:
     """Send golden-set samples through the fleet one request at a time, the way customers
     call; pass if every prediction equals the evaluation's and the median latency is
     within the policy's budget."""
@@ -364,7 +392,6 @@ def warmup_run(*, deployment: Deployment, trigger: str) -> Warmup:
     latencies: list[float] = []
     mismatches: list[dict[str, Any]] = []
     error = ""
-    backend = get_backend()
     try:
         if not samples:
             raise ModelLoadError("no recorded predictions to warm up with")
@@ -419,14 +446,3 @@ def warmup_run(*, deployment: Deployment, trigger: str) -> Warmup:
             message=f"Warm-up of {version} ({deployment.environment}) failed: {error}",
         )
     return warmup
-
-
-def warm_deployment(*, deployment_id: str, trigger: str) -> Warmup | None:
-    deployment = (
-        Deployment.objects.select_related("model_version__registered_model", "tenant")
-        .filter(pk=deployment_id, status=DeploymentStatus.WARM)
-        .first()
-    )
-    if deployment is None:
-        return None
-    return warmup_run(deployment=deployment, trigger=trigger)

@@ -345,3 +345,68 @@ def _notify_requester(promotion: PromotionRequest) -> None:
             [user.email],
             fail_silently=True,
         )
+
+
+# --- after approval: the deployment reports, the promotion records -----------------------
+# Only this module changes a promotion's status; apps.deployments calls these three.
+
+
+def promotion_deploying(*, promotion: PromotionRequest, deployment_id: str) -> None:
+    """approved -> deploying: its deployment was created (inside the approval's
+    transaction)."""
+    _after_approval(
+        promotion_id=promotion.pk,
+        expected=PromotionStatus.APPROVED,
+        status=PromotionStatus.DEPLOYING,
+        deployment_id=deployment_id,
+    )
+    promotion.status = PromotionStatus.DEPLOYING
+
+
+def promotion_deployed(*, promotion_id: str, deployment_id: str) -> None:
+    """deploying -> done: its deployment is warm."""
+    _after_approval(
+        promotion_id=promotion_id,
+        expected=PromotionStatus.DEPLOYING,
+        status=PromotionStatus.DONE,
+        deployment_id=deployment_id,
+    )
+
+
+def promotion_deploy_failed(*, promotion_id: str, deployment_id: str, reason: str) -> None:
+    """deploying -> failed: its deployment failed (whatever served before still does)."""
+    _after_approval(
+        promotion_id=promotion_id,
+        expected=PromotionStatus.DEPLOYING,
+        status=PromotionStatus.FAILED,
+        deployment_id=deployment_id,
+        failure=reason,
+    )
+
+
+def _after_approval(
+    *, promotion_id: str, expected: str, status: str, deployment_id: str, failure: str = ""
+) -> None:
+    with transaction.atomic():
+        locked = PromotionRequest.objects.select_for_update().filter(pk=promotion_id).first()
+        if locked is None or locked.status != expected:
+            return  # already moved on (a repeated report changes nothing)
+        locked.status = status
+        fields = ["status"]
+        if failure:
+            locked.failure = failure[-4000:]
+            fields.append("failure")
+        locked.save(update_fields=fields)
+        audit_record(
+            actor=None,
+            tenant=locked.tenant,
+            verb=f"promotion.{status}",
+            obj=locked,
+            before={"status": expected},
+            after={
+                "status": status,
+                "deployment": deployment_id,
+                **({"failure": failure[:1000]} if failure else {}),
+            },
+            via="task",
+        )

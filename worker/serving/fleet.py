@@ -83,6 +83,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -198,6 +199,7 @@ class RayFleet:
         self.autoscaling_options = dict(autoscaling_options or {})
         self._lock = threading.Lock()
         self._connected = False
+        self._head: local_ray.LocalRay | None = None  # the embedded head connected to
         self.direct = direct
         self.fast_path = fast_path
         self._fast = FastClient()
@@ -231,6 +233,7 @@ class RayFleet:
                     return False
                 local_ray.use_head_auth(head)
                 address = head.address
+                self._head = head
             if not ray.is_initialized():
                 ray.init(
                     address=address,
@@ -244,6 +247,45 @@ class RayFleet:
             serve.start(proxy_location="Disabled")
             self._connected = True
             return True
+
+    def ensure_connected(self) -> bool:
+        """Connected to a live cluster, reconnecting when the one this driver knew is gone
+        (a new head after the old one died: its GCS is new, Serve there starts empty and
+        the controller applies every pool again). In embedded mode a dead head is replaced
+        by a new one. False when no cluster answers; the fleet controller then reports
+        every deployment as not served and tries again on its next pass.
+
+        Ray ends a driver that loses its GCS for longer than its reconnect timeout (60 s),
+        so this must run more often than that: the controller calls it on every pass."""
+        if self._connected and not self._head_alive():
+            logger.warning("the Ray cluster was lost; reconnecting")
+            self._disconnect()
+        try:
+            return self._connect(start=True)
+        except Exception:
+            logger.exception("cannot connect to the Ray cluster")
+            self._disconnect()
+            return False
+
+    def _head_alive(self) -> bool:
+        if self.address is None:
+            return self._head is not None and local_ray.is_alive(self._head)
+        host, _, port = self.address.removeprefix("ray://").rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            return False
+
+    def _disconnect(self) -> None:
+        import ray
+
+        self.close()
+        self._routes.clear()
+        with contextlib.suppress(Exception):  # the cluster is gone: nothing to say goodbye to
+            ray.shutdown()
+        self._connected = False
+        self._head = None
 
     def _embedded_head(self, *, start: bool) -> local_ray.LocalRay | None:
         if start:
@@ -573,22 +615,78 @@ class RayFleet:
                 return result
             time.sleep(0.2)
 
-    def status(self) -> dict[str, Any]:
+    def serving(self, kind: str, model_ids: Sequence[str]) -> dict[str, str | None]:
+        """Model id -> None when at least one running replica of its deployment serves it
+        (loaded, or verified in the tail), else why not ("no replica", "not in pool", the
+        load error). Unlike :meth:`wait_ready` a set scaling up (a new replica still
+        loading) does not count against it. One look, no waiting."""
         if not self._connect(start=False):
-            return {"pools": []}
+            return dict.fromkeys(model_ids, "no fleet running")
+        routes = self._fetch_routes(kind)
+        replicas = self._replica_stats(app_name(self.namespace, kind))
+        result: dict[str, str | None] = {}
+        for model_id in model_ids:
+            route = routes.get(model_id)
+            if route is None:
+                result[model_id] = "not in pool"
+                continue
+            running = replicas.get(route["deployment"], [])
+            if not running:
+                result[model_id] = f"no running replica of {route['deployment']}"
+                continue
+            errors = []
+            for replica in running:
+                entry = next((m for m in replica["models"] if m["model_id"] == model_id), None)
+                if entry is None or entry["sha256"] != route["sha256"]:
+                    continue
+                if entry["error"]:
+                    errors.append(str(entry["error"]))
+                elif entry["loaded"] or (not entry["pinned"] and entry["load_ms"] is not None):
+                    break
+            else:
+                result[model_id] = errors[0] if errors else "not loaded on any replica"
+                continue
+            result[model_id] = None
+        return result
+
+    def status(self) -> dict[str, Any]:
+        return {"pools": self.snapshot()["pools"]}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The public status (:meth:`status`) and, per pool, the routing table the fleet
+        controller publishes for drivers without Ray: ``{"routing": {kind: {"models":
+        {model id: {"deployment", "sha256"}}, "endpoints": {deployment: [{"host", "port",
+        "secret", "replica_id"}, ...]}}}}`` (secrets: never show this part)."""
+        if not self._connect(start=False):
+            return {"pools": [], "routing": {}}
         from ray import serve
 
         prefix = f"{self.namespace}-"
         pools = []
+        routing: dict[str, Any] = {}
         for app in sorted(serve.status().applications):
             if not app.startswith(prefix):
                 continue
             kind = app[len(prefix) :]
-            pools.append(self._pool_status(kind, app))
-        return {"pools": pools}
+            replicas = self._replica_stats(app)
+            status, routes = self._pool_status(kind, app, replicas)
+            pools.append(status)
+            routing[kind] = {
+                "models": routes,
+                "endpoints": {
+                    deployment: [
+                        asdict(endpoint)
+                        for endpoint in (Endpoint.from_stats(stats) for stats in group)
+                        if endpoint is not None
+                    ]
+                    for deployment, group in replicas.items()
+                },
+            }
+        return {"pools": pools, "routing": routing}
 
-    def _pool_status(self, kind: str, app: str) -> dict[str, Any]:
-        replicas = self._replica_stats(app)
+    def _pool_status(
+        self, kind: str, app: str, replicas: dict[str, list[dict[str, Any]]]
+    ) -> tuple[dict[str, Any], dict[str, Route]]:
         config = self._tail_config(kind)
         pool = config["pool"] if config else asdict(PoolSpec(kind=kind))
         routes = config["routes"] if config else {}
@@ -611,13 +709,14 @@ class RayFleet:
             group(set_deployment(kind, index), index, pool["replica_memory_bytes"])
             for index in pool.get("sets", [])
         ]
-        return {
+        status = {
             "kind": kind,
             "app": app,
             "pool": {k: v for k, v in pool.items() if k != "sets"},
             "sets": sets,
             "tail": group(tail_deployment(kind), -1, pool["tail_memory_bytes"]),
         }
+        return status, dict(routes)
 
     def _tail_config(self, kind: str) -> ReplicaConfig | None:
         try:

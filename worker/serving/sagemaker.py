@@ -686,6 +686,26 @@ class SageMakerFleet:
 
     # --- status -------------------------------------------------------------------------
 
+    def ensure_connected(self) -> bool:
+        return True  # AWS answers each call or raises; there is no session to keep
+
+    def serving(self, kind: str, model_ids: Sequence[str]) -> dict[str, str | None]:
+        """Model id -> None when the endpoint is InService with the model's archive in
+        place (an instance loads it on first use), else why not."""
+        endpoint = self.endpoint_name(kind)
+        described = self._describe("describe_endpoint", EndpointName=endpoint)
+        if described is None:
+            return dict.fromkeys(model_ids, f"endpoint {endpoint} does not exist")
+        state = described.get("EndpointStatus")
+        if state not in ("InService", "Updating"):
+            return dict.fromkeys(model_ids, f"endpoint {endpoint} is {state}")
+        live = self._live_models(kind, refresh=True)
+        return {m: None if m in live else "not in pool" for m in model_ids}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status; predicts go through SageMaker's runtime, so no routing table."""
+        return {"pools": self.status()["pools"], "routing": {}}
+
     def status(self) -> dict[str, Any]:
         """The fleet as SageMaker and S3 tell it, with this object's own measurements."""
         return {

@@ -124,6 +124,20 @@ class ServingBackend(Protocol):
         the pool."""
         ...
 
+    def ensure_connected(self) -> bool:
+        """Connect (again, after the cluster was lost); False when nothing answers."""
+        ...
+
+    def serving(self, kind: str, model_ids: Sequence[str]) -> dict[str, str | None]:
+        """One look, no waiting: model id -> None when at least one replica serves it,
+        else why not."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """:meth:`status` plus, under ``routing``, what drivers without a connection to
+        the backend need to send predicts (per kind; empty where the backend routes)."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """JSON-able fleet state: pools, replicas, models on each, per-model metrics
         (see the backend's docstring for the exact shape)."""

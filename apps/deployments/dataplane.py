@@ -1,0 +1,168 @@
+"""Predictions from web and Celery processes, without Ray.
+
+The fleet controller (:mod:`apps.deployments.controller`) is the only process connected to
+the serving backend. It publishes each pool's routing table on its :class:`ServingPool`
+row: which deployment (replica set, or the long tail) holds each model, and the sockets of
+that deployment's running replicas with their secrets (:mod:`worker.serving.fastpath`).
+Here a process reads that table (cached for ``FLEET_ROUTES_TTL_SECONDS``, so a change
+reaches it within a second or two) and sends the predict straight to a replica's socket.
+
+Nothing here can hang or crash the caller: a replica that does not accept a connection
+within ``PREDICT_CONNECT_TIMEOUT_SECONDS`` is skipped (and left alone for a few seconds),
+and when no replica of the model answered the caller gets :class:`FleetUnavailable` (the
+API's 503 with ``Retry-After``). With ``SERVING_BACKEND=sagemaker`` predicts go through
+SageMaker's runtime API (boto3), which routes by itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import time
+from typing import Any
+
+from django.conf import settings
+
+from apps.core.errors import ServiceUnavailable
+from apps.deployments.models import ServingPool
+from worker.serving.fastpath import Endpoint, FastClient, FastPathUnavailable
+from worker.serving.routing import ModelNotHere, tail_deployment
+from worker.serving.specs import ModelLoadError, PredictResult
+
+# How long a replica socket that could not be reached is skipped.
+UNREACHABLE_RETRY_S = 5.0
+RETRY_AFTER_S = 2
+
+
+class FleetUnavailable(ServiceUnavailable):
+    """No replica of the model answered: the fleet is recovering, or unreachable from
+    this host. The request changed nothing; try again shortly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="model_unavailable")
+        self.retry_after = RETRY_AFTER_S
+
+
+class RoutedFleet:
+    """Predict by the published routing table (one per process, thread-safe)."""
+
+    def __init__(self) -> None:
+        self._client = FastClient(connect_timeout_s=settings.PREDICT_CONNECT_TIMEOUT_SECONDS)
+        self._tables: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._unreachable: dict[Endpoint, float] = {}
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def table(self, kind: str, *, refresh: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        cached = self._tables.get(kind)
+        if cached is None or refresh or now - cached[0] > settings.FLEET_ROUTES_TTL_SECONDS:
+            routes = ServingPool.objects.filter(kind=kind).values_list("routes", flat=True).first()
+            cached = (now, routes or {})
+            with self._lock:
+                self._tables[kind] = cached
+        return cached[1]
+
+    def predict(self, kind: str, model_id: str, texts: list[str]) -> PredictResult:
+        """Raises ModelLoadError (the replica cannot load it), FleetUnavailable."""
+        started = time.perf_counter()
+        deadline = time.monotonic() + settings.PREDICT_CONNECT_TIMEOUT_SECONDS
+        why = "the fleet has published no route to it yet"
+        for attempt in range(2):
+            # A stale table (a replica gone, the model moved) is read again once.
+            table = self.table(kind, refresh=attempt > 0)
+            route = (table.get("models") or {}).get(model_id)
+            if route is None:
+                why = "the fleet does not hold it right now"
+                continue
+            endpoints = self._endpoints(kind, route["deployment"], model_id, table)
+            if not endpoints:
+                why = f"no replica of {route['deployment']} is running"
+                continue
+            # Replicas that just failed to connect are skipped for a few seconds: a host
+            # that cannot reach the fleet answers 503 at once, not after a timeout each.
+            now = time.monotonic()
+            candidates = [
+                e for e in endpoints if now - self._unreachable.get(e, -1e9) > UNREACHABLE_RETRY_S
+            ]
+            if not candidates:
+                why = f"no replica of {route['deployment']} could be reached just now"
+                break
+            for tried, endpoint in enumerate(candidates):
+                if tried and time.monotonic() > deadline:
+                    break
+                try:
+                    reply = self._client.call(
+                        endpoint, model_id, texts, timeout_s=settings.PREDICT_TIMEOUT_SECONDS
+                    )
+                except FastPathUnavailable as error:
+                    self._unreachable[endpoint] = time.monotonic()
+                    why = f"replica {endpoint.replica_id} did not answer ({error})"
+                    continue
+                except ModelNotHere:
+                    why = "the model moved"
+                    break
+                except ModelLoadError:
+                    raise
+                except Exception as error:  # the replica failed the request
+                    why = f"replica {endpoint.replica_id} failed: {error}"
+                    continue
+                return PredictResult(
+                    outputs=reply["outputs"],
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    replica_id=str(reply.get("replica_id", endpoint.replica_id)),
+                )
+        raise FleetUnavailable(f"The model is temporarily unavailable: {why}.")
+
+    def _endpoints(
+        self, kind: str, deployment: str, model_id: str, table: dict[str, Any]
+    ) -> list[Endpoint]:
+        """The deployment's replicas to try, in order: round robin over a set's; for the
+        tail the same replica first for the same model, so it finds the model loaded."""
+        endpoints = []
+        for raw in (table.get("endpoints") or {}).get(deployment, []):
+            try:
+                endpoints.append(Endpoint(str(raw["host"]), int(raw["port"]),
+                                          str(raw["secret"]), str(raw["replica_id"])))  # fmt: skip
+            except (KeyError, TypeError, ValueError):
+                continue
+        if not endpoints:
+            return []
+        if deployment == tail_deployment(kind):
+            start = int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:4], "big")
+        else:
+            start = next(self._turn)
+        start %= len(endpoints)
+        return endpoints[start:] + endpoints[:start]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+_lock = threading.Lock()
+_plane: Any = None
+
+
+def data_plane() -> Any:
+    """This process's predict path: the routed fleet, or SageMaker's runtime."""
+    global _plane
+    with _lock:
+        if _plane is None:
+            if settings.SERVING_BACKEND == "sagemaker":
+                from worker.serving.sagemaker import SageMakerFleet
+
+                options: dict[str, Any] = settings.SAGEMAKER_OPTIONS
+                _plane = SageMakerFleet(**options)
+            else:
+                _plane = RoutedFleet()
+        return _plane
+
+
+def reset_data_plane() -> None:
+    """Forget the data plane (tests point the settings at another fleet)."""
+    global _plane
+    with _lock:
+        if _plane is not None and hasattr(_plane, "close"):
+            _plane.close()
+        _plane = None
