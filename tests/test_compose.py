@@ -32,8 +32,9 @@ DESIGN_SERVICES = {
     "ray-head",
     "ray-gpu-worker",
     "jupyterhub",
+    "fleet-controller",
 }
-APP_SERVICES = ("web", "worker-cpu", "worker-gpu", "beat")
+APP_SERVICES = ("web", "worker-cpu", "worker-gpu", "beat", "fleet-controller")
 
 pytestmark = pytest.mark.skipif(
     not Path(DOCKER_COMPOSE).is_file(),
@@ -172,7 +173,7 @@ def test_gpu_services_reserve_an_nvidia_gpu(config: dict[str, Any], service: str
 
 
 def test_cpu_services_reserve_no_gpu(config: dict[str, Any]) -> None:
-    for service in ("web", "worker-cpu", "beat"):
+    for service in ("web", "worker-cpu", "beat", "fleet-controller"):
         assert not gpu_reservation(config, service)
 
 
@@ -183,6 +184,27 @@ def test_ray_services_run_the_workbench_image_and_join_the_head(config: dict[str
     assert services["ray-gpu-worker"]["image"] == services["web"]["image"]
     assert "--head" in command(config, "ray-head")
     assert "--address=ray-head:6379" in command(config, "ray-gpu-worker")
+
+
+def test_fleet_controller_runs_the_command_checks_its_heartbeat_and_reaches_ray(
+    config: dict[str, Any],
+) -> None:
+    services = config["services"]
+    controller = services["fleet-controller"]
+    assert command(config, "fleet-controller") == ["python", "manage.py", "fleet_controller"]
+    assert controller["image"] == services["web"]["image"] == services["worker-gpu"]["image"]
+    # Its health is its own heartbeat (``fleet_controller --check`` exits 0 while fresh).
+    check = controller["healthcheck"]["test"]
+    assert check[0] == "CMD"
+    assert check[1:] == ["python", "manage.py", "fleet_controller", "--check"]
+    assert controller["restart"] == "unless-stopped"
+    # Wired to Ray as worker-gpu is: the same GCS address and networks, after the head.
+    gpu_env, env = environment(config, "worker-gpu"), environment(config, "fleet-controller")
+    assert env["RAY_ADDRESS"] == gpu_env["RAY_ADDRESS"] == "ray-head:6379"
+    assert controller.get("networks") == services["worker-gpu"].get("networks")
+    assert controller["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    # Exactly one controller is started; the lease makes any second one a standby.
+    assert "replicas" not in (controller.get("deploy") or {})
 
 
 def test_bucket_is_created_by_a_one_shot_mc_service(config: dict[str, Any]) -> None:

@@ -42,6 +42,9 @@ if proxy:
     c.ConfigurableHTTPProxy.command = [proxy]
 c.JupyterHub.db_url = env("JUPYTERHUB_DB_URL", f"sqlite:///{data_dir / 'jupyterhub.sqlite'}")
 c.JupyterHub.pid_file = str(data_dir / "jupyterhub.pid")
+# The proxy's too (its default is the working directory): a hub that starts finds the proxy
+# an earlier, killed hub left and stops it, so it must never find another stack's.
+c.ConfigurableHTTPProxy.pid_file = str(data_dir / "jupyterhub-proxy.pid")
 # The cookie secret (hex) from the environment; without one the hub keeps its own here.
 if secret("JPY_COOKIE_SECRET"):
     c.JupyterHub.cookie_secret = bytes.fromhex(secret("JPY_COOKIE_SECRET"))
