@@ -14,7 +14,7 @@ from django.utils import timezone
 from apps.audit.models import AuditEvent
 from apps.datasets.models import DatasetVersion
 from apps.deployments import alerts, services
-from apps.deployments.models import Deployment, FleetAlert
+from apps.deployments.models import Deployment, FleetAlert, FleetLease
 from apps.registry.models import ModelVersion
 from apps.registry.services import model_version_create
 from apps.training import services as training
@@ -140,11 +140,13 @@ def test_retire_takes_a_warm_version_off_and_asks_the_fleet_to_unload_it(
     version, reviewer, django_capture_on_commit_callbacks
 ):
     warm = deploy(version, "warm", warm_at=timezone.now())
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    FleetLease.objects.create(pk="fleet", generation=7)
+    with django_capture_on_commit_callbacks(execute=True):
         response = reviewer.api("post", f"{API}/deployments/{warm.pk}/retire")
     assert response.status_code == 200
     assert response.json()["status"] == "retired" and response.json()["standby"] is False
-    assert len(callbacks) == 1  # deployments.apply_pool
+    # The fleet controller is told at once (it unloads what is no longer desired).
+    assert FleetLease.objects.get(pk="fleet").generation == 8
     again = reviewer.api("post", f"{API}/deployments/{warm.pk}/retire")
     assert again.status_code == 409
 
@@ -165,15 +167,29 @@ def test_list_filters_and_detail(version, viewer, scientist, tenant):
     assert viewer.api("get", f"{API}/deployments/dep_nope/").status_code == 404
 
 
-def test_the_load_claim_is_exclusive_and_a_dead_loader_is_taken_over(version, settings):
+def test_the_load_claim_is_exclusive_and_refuses_changed_bytes(version, scientist, tenant):
     pending = deploy(version, "pending")
     first = services.deployment_claim(deployment_id=pending.pk)
-    assert first is not None and first.status == "loading"
+    assert first is not None and first.status == "loading" and first.load_attempts == 1
     assert services.deployment_claim(deployment_id=pending.pk) is None
-    # The loading task died: once its lease runs out another delivery takes it over.
-    stale = timezone.now() - timedelta(seconds=settings.DEPLOYMENT_LEASE_SECONDS + 1)
-    Deployment.objects.filter(pk=pending.pk).update(claimed_at=stale)
-    assert services.deployment_claim(deployment_id=pending.pk) is not None
+    changed = deploy(make_version(scientist, tenant, name="changed"), "pending")
+    Deployment.objects.filter(pk=changed.pk).update(artifact_sha256="cd" * 32)
+    refused = services.deployment_claim(deployment_id=changed.pk)
+    assert refused is not None and refused.status == "failed"
+    assert "bytes changed since they were approved" in refused.failure
+
+
+def test_a_load_without_progress_is_retried_then_failed_naming_why(version, settings):
+    settings.DEPLOYMENT_LOAD_ATTEMPTS = 3
+    loading = services.deployment_claim(deployment_id=deploy(version, "pending").pk)
+    assert loading is not None
+    for attempt in (2, 3):
+        loading = services.deployment_load_retry(deployment=loading, outcome="timeout")
+        assert loading.status == "loading" and loading.load_attempts == attempt
+    failed = services.deployment_load_retry(deployment=loading, outcome="timeout")
+    assert failed.status == "failed"
+    assert failed.failure.startswith("the model was not loaded after 3 attempts of ")
+    assert AuditEvent.objects.filter(verb="deployment.failed", object_id=failed.pk).count() == 1
 
 
 def test_an_alert_mails_the_admins_once_is_audited_and_counted_on_metrics(

@@ -1,11 +1,13 @@
 """Train, evaluate on a golden set on a real worker, pass the gates, approve: the MLflow
-registry alias moves to the approved version, and the worker deploys it onto the real Ray
-fleet, where it answers the REST API's predict like the evaluation said it would."""
+registry alias moves to the approved version, and the fleet controller (its own process)
+deploys it onto the real Ray fleet, where it answers the REST API's predict like the
+evaluation said it would."""
 
 from __future__ import annotations
 
 import pytest
 
+from apps.audit.models import AuditEvent
 from apps.evaluation.models import Evaluation
 from apps.registry.models import ModelVersion
 from apps.training.models import TrainingRun
@@ -16,7 +18,14 @@ API = "/api/v1/tenants/acme"
 
 
 def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
-    celery_worker_process, mlflow_server, ray_address, scientist, reviewer, admin, settings
+    celery_worker_process,
+    fleet_controller_process,
+    mlflow_server,
+    ray_address,
+    scientist,
+    reviewer,
+    admin,
+    settings,
 ):
     from apps.deployments.backends import reset_backend
 
@@ -67,7 +76,7 @@ def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
     mlflow_run = client.get_run(TrainingRun.objects.get(pk=run_id).mlflow_run_id)
     assert "eval.golden.macro_f1" in mlflow_run.data.metrics
 
-    # The worker deploys it: loaded on the fleet, warmed up with the golden samples.
+    # The controller deploys it: loaded on the fleet, warmed up with the golden samples.
     def deployed() -> str | None:
         status = scientist.api("get", f"{API}/promotions/{promotion_id}/").json()["status"]
         return status if status != "deploying" else None
@@ -85,6 +94,11 @@ def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
     assert answer.status_code == 200, answer.content
     assert answer.json()["model_version"] == version.pk
     assert [o["label"] for o in answer.json()["outputs"]] == [s["predicted"] for s in samples]
+    # The promotion's own history records each step after the approval.
+    verbs = AuditEvent.objects.filter(object_id=promotion_id).order_by("created_at")
+    assert [v for v in verbs.values_list("verb", flat=True) if v.startswith("promotion.")][-3:] == [
+        "promotion.approved", "promotion.deploying", "promotion.done",
+    ]  # fmt: skip
     reset_backend()
 
 

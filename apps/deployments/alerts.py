@@ -1,5 +1,6 @@
 """Fleet alerts: a failed warm-up, a replica that keeps restarting, a model that keeps
-failing to load. Each is e-mailed to the tenant's admins, audited, and counted on
+failing to load, a model not being served. The fleet controller resolves each once its
+condition clears (audited). Each is e-mailed to the tenant's admins, audited, and counted on
 ``/metrics`` (``workbench_fleet_open_alerts``) until resolved."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from apps.audit.services import audit_record
-from apps.deployments.models import AlertKind, Deployment, FleetAlert
+from apps.deployments.models import AlertKind, Deployment, DeploymentStatus, FleetAlert, FleetLease
 from apps.tenants.models import Membership, Role, Tenant
 
 
@@ -100,3 +101,29 @@ class OpenAlertsCollector(Collector):
         for kind in AlertKind.values:
             gauge.add_metric([kind], counts.get(kind, 0))
         yield gauge
+        yield from self._deployments()
+
+    def _deployments(self) -> Iterator[GaugeMetricFamily]:
+        """Deployments by status (``degraded`` > 0: a model is not being served), and
+        whether a fleet controller holds a fresh lease."""
+        try:
+            by_status = dict(
+                Deployment.objects.values_list("status")
+                .annotate(n=Count("id"))
+                .values_list("status", "n")
+            )
+            lease = FleetLease.objects.filter(pk="fleet").first()
+        except Exception:
+            return
+        deployments = GaugeMetricFamily(
+            "workbench_deployments", "Deployments, by status.", labels=["status"]
+        )
+        for status in DeploymentStatus.values:
+            deployments.add_metric([status], by_status.get(status, 0))
+        yield deployments
+        now = timezone.now()
+        up = GaugeMetricFamily(
+            "workbench_fleet_controller_up", "1 while a fleet controller holds a fresh lease."
+        )
+        up.add_metric([], 1.0 if lease and lease.expires_at and lease.expires_at > now else 0.0)
+        yield up

@@ -4,7 +4,12 @@ from typing import Any
 
 from django.conf import settings
 from django.http import Http404
-from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    inline_serializer,
+)
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -71,6 +76,9 @@ class DeploymentOutputSerializer(serializers.ModelSerializer[Deployment]):
             "retired_at",
             "last_warmup_at",
             "last_warmup_ms",
+            "load_attempts",
+            "degraded_at",
+            "warmup_requested_at",
         ]
 
 
@@ -196,12 +204,27 @@ PredictOutputSerializer = inline_serializer(
 
 class ModelPredictApi(TenantScopedMixin, APIView):
     """Predict with the tenant's model as served by its environment's warm deployment.
-    A model with no warm deployment is a 409 naming the latest deployment's status."""
+    A model with no warm deployment is a 409 naming the latest deployment's status; one
+    the fleet cannot serve right now (a degraded deployment, replicas gone or unreachable)
+    is a quick 503 with ``Retry-After``."""
 
     # Automation reads predictions with any role; a viewer token is enough.
     required_roles = {"POST": Role.VIEWER}
 
-    @extend_schema(request=PredictInputSerializer, responses=PredictOutputSerializer)
+    @extend_schema(
+        request=PredictInputSerializer,
+        responses={
+            200: PredictOutputSerializer,
+            409: OpenApiResponse(
+                description="The model has no warm deployment in that "
+                "environment (`not_warm`, naming the latest status)."
+            ),
+            503: OpenApiResponse(
+                description="No replica answered (`model_unavailable`): the "
+                "fleet is recovering or unreachable; see `Retry-After`."
+            ),
+        },
+    )
     def post(self, request: Request, tenant: str, name: str) -> Response:
         model = selectors.registered_model(tenant=self.tenant, name=name)
         if model is None:
@@ -219,13 +242,20 @@ class ModelPredictApi(TenantScopedMixin, APIView):
 
 
 class FleetApi(APIView):
-    """The serving fleet: pools, replica sets, replicas, the models on each with their
-    memory, load time, cache hits/misses, request counts and latency percentiles. Other
-    tenants' models are counted, not named."""
+    """The serving fleet as the fleet controller last published it (``published_at``,
+    ``age_seconds``, ``controller``: whether one holds the lease): pools, replica sets,
+    replicas, the models on each with their memory, load time, cache hits/misses, request
+    counts and latency percentiles. Other tenants' models are counted, not named."""
 
     @extend_schema(
         responses=inline_serializer(
-            "Fleet", {"pools": serializers.ListField(child=serializers.DictField())}
+            "Fleet",
+            {
+                "pools": serializers.ListField(child=serializers.DictField()),
+                "published_at": serializers.DateTimeField(allow_null=True),
+                "age_seconds": serializers.FloatField(allow_null=True),
+                "controller": serializers.DictField(),
+            },
         )
     )
     def get(self, request: Request) -> Response:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
@@ -32,7 +33,7 @@ from apps.audit.models import AuditEvent
 from apps.core.errors import DomainError
 from apps.deployments import charts, dashboard_selectors, fleet, selectors, services
 from apps.deployments.forms import DeploymentFilterForm
-from apps.deployments.models import Deployment, DeploymentStatus, FleetAlert
+from apps.deployments.models import SERVING, Deployment, DeploymentStatus, FleetAlert
 from apps.tenants.dashboard import VIA, paginate, render_tenant, require_role, tenant_view
 from apps.tenants.models import Role
 from apps.tenants.scoping import TenantAccess
@@ -65,16 +66,17 @@ class Buttons:
 
 def _buttons(access: TenantAccess, deployment: Deployment) -> Buttons:
     warm = deployment.status == DeploymentStatus.WARM
+    serving = deployment.status in SERVING
     reviewer = access.allows(Role.REVIEWER)
     # One query, and only for a warm deployment a reviewer looks at: the list has at most
     # one warm row per model and environment.
     target = selectors.rollback_target(deployment) if warm and reviewer else None
     return Buttons(
-        warmup=warm and access.allows(Role.SCIENTIST),
+        warmup=serving and access.allows(Role.SCIENTIST),
         rollback=target is not None,
         retire=reviewer
         and (
-            deployment.status in (DeploymentStatus.WARM, DeploymentStatus.FAILED)
+            deployment.status in (*SERVING, DeploymentStatus.FAILED)
             or (deployment.status == DeploymentStatus.RETIRED and deployment.standby)
         ),
         rollback_to=target,
@@ -216,6 +218,8 @@ HISTORY_TEXT = {
     "deployment.replaced": "replaced by a newer deployment",
     "deployment.retire": "retired",
     "deployment.warmup_requested": "warm-up requested",
+    "deployment.degraded": "stopped being served (degraded)",
+    "deployment.recovered": "served again, warm-up verified",
 }
 
 
@@ -356,17 +360,28 @@ deployment_retire = _button(Role.REVIEWER, services.deployment_retire, _retire_s
 # --- the fleet ----------------------------------------------------------------------------
 
 
+def _published(status: dict[str, Any]) -> dict[str, Any]:
+    """How old the shown status is, and whether a controller is driving the fleet."""
+    age = status.get("age_seconds")
+    controller = status.get("controller") or {}
+    stale_after = 3 * settings.FLEET_RECONCILE_SECONDS + settings.FLEET_LEASE_SECONDS
+    return {
+        "age_seconds": age,
+        "never": status.get("published_at") is None,
+        "controller_alive": bool(controller.get("alive")),
+        "stale": age is None or age > stale_after or not controller.get("alive"),
+        "last_error": controller.get("last_error") or "",
+    }
+
+
 @require_http_methods(["GET", "HEAD"])
 @login_required
 def fleet_page(request: HttpRequest) -> HttpResponse:
     """The serving fleet for any signed-in user; other tenants' models are only counted."""
     context: dict[str, Any] = {"nav_section": FLEET_SECTION}
-    try:
-        status = fleet.fleet_status_for(request.user)
-    except Exception as exc:  # an unreachable backend is a message, not a 500
-        log.warning("the serving backend did not answer", exc_info=True)
-        context["unreachable"] = f"{type(exc).__name__}: {exc}" if request.user.is_staff else ""
-        return render(request, "deployments/fleet.html", context, status=503)
+    # What the fleet controller last published: the page never waits on the backend.
+    status = fleet.fleet_status_for(request.user)
+    context["published"] = _published(status)
     warmups = dashboard_selectors.last_warmups(charts.deployment_ids(status))
     member_of = {m.tenant.slug for m in memberships_for_user(user=request.user)}
     context.update({"fleet": charts.fleet_view(status, warmups), "member_of": member_of})

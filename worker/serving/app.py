@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
-from ray.experimental import internal_kv
 
+from worker.serving import ray_private
 from worker.serving.autoscaling import FAST_ONGOING
 from worker.serving.cache import FrequencyCache
 from worker.serving.fastpath import FastServer
@@ -117,6 +117,7 @@ class ModelReplica:
     def __init__(self, kind: str, role: str, *_sets: Any) -> None:
         # ``_sets``: the tail (the ingress) is bound to the set deployments only so that
         # Serve deploys them as one application; it never calls them.
+        ray_private.check_version()  # fail at start, not deep in a request
         context = serve.get_replica_context()
         self.app = context.app_name
         self.deployment = context.deployment
@@ -336,7 +337,7 @@ class ModelReplica:
     def _push_stats(self) -> None:
         key = stats_key(self.app, self.deployment, self.replica_id)
         try:
-            internal_kv._internal_kv_put(key, json.dumps(self.stats()), overwrite=True)
+            ray_private.kv_put(key, json.dumps(self.stats()))
         except Exception:  # the GCS briefly away: the next push will do
             logger.exception("could not publish replica statistics")
 
@@ -349,4 +350,4 @@ class ModelReplica:
         with contextlib.suppress(Exception):
             self.fast.close()
         with contextlib.suppress(Exception):
-            internal_kv._internal_kv_del(stats_key(self.app, self.deployment, self.replica_id))
+            ray_private.kv_del(stats_key(self.app, self.deployment, self.replica_id))

@@ -137,14 +137,9 @@ def use_head_auth(head: LocalRay) -> None:
     os.environ.update(_auth_env(head.token_path))
     os.environ.pop("RAY_AUTH_TOKEN", None)
     if "ray" in sys.modules:
-        # Ray reads the mode and the token once per process: make it read them again.
-        from ray._raylet import (  # type: ignore[attr-defined]
-            AuthenticationTokenLoader,
-            Config,
-        )
+        from worker.serving import ray_private
 
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        ray_private.reload_auth()
 
 
 def is_alive(head: LocalRay) -> bool:
