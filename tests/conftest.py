@@ -393,8 +393,12 @@ def celery_worker_process(
         database_url=worker_database_url,
         mlflow_url=mlflow_server,
         artifacts_root=tmp / "artifacts",
-        # Heartbeats come every 2 s; a run silent for 5 s has lost its worker.
-        extra_env={"TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5", "RAY_ADDRESS": ray_address},
+        # Heartbeats come every second; a run or evaluation silent for 5 s lost its worker.
+        extra_env={
+            "TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5",
+            "EVALUATION_HEARTBEAT_TIMEOUT_SECONDS": "5",
+            "RAY_ADDRESS": ray_address,
+        },
     )
     _LIVE_WORKERS.append(worker)
     yield worker
@@ -438,3 +442,88 @@ def ray_address(tmp_path_factory: Any):
     import shutil
 
     shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+# --- the real fleet controller -----------------------------------------------------------
+
+
+@dataclass
+class ControllerProcess:
+    process: Any
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_fleet_controller(
+    *,
+    tmp: Path,
+    database_url: str,
+    artifacts_root: Path,
+    extra_env: dict[str, str] | None = None,
+    name: str = "controller",
+) -> ControllerProcess:
+    """``manage.py fleet_controller`` on the test database (its own process: the only Ray
+    driver of a real deployment), passing every second; returns once it runs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from django.conf import settings as dj_settings
+
+    log_path = tmp / f"{name}.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "ARTIFACT_STORE": f"file://{artifacts_root}",
+        "CELERY_BROKER_URL": dj_settings.CELERY_BROKER_URL,
+        "WORKBENCH_VAR_DIR": str(tmp / f"{name}-var"),
+        "FLEET_RECONCILE_SECONDS": "1",
+        "FLEET_LEASE_SECONDS": "5",
+        **(extra_env or {}),
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "fleet_controller"], cwd=str(dj_settings.BASE_DIR),
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while "starting" not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"fleet controller did not start:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    return ControllerProcess(process=process, log_path=log_path)
+
+
+def stop_fleet_controller(controller: ControllerProcess, *, kill: bool = False) -> None:
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(controller.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        controller.process.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(controller.process.pid, signal.SIGKILL)
+        controller.process.wait(timeout=10)
+
+
+@pytest.fixture
+def fleet_controller_process(
+    worker_database_url: str, ray_address: str, celery_worker_process: WorkerProcess,
+    tmp_path: Path,
+):  # fmt: skip
+    """The real fleet controller on the session's Ray, for one test; stopped (its lease
+    released) after it, so later tests may run controller passes in-process."""
+    controller = start_fleet_controller(
+        tmp=tmp_path, database_url=worker_database_url,
+        artifacts_root=celery_worker_process.artifacts_root,
+        extra_env={"RAY_ADDRESS": ray_address},
+    )  # fmt: skip
+    yield controller
+    stop_fleet_controller(controller)
