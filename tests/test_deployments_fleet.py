@@ -205,3 +205,26 @@ def test_a_killed_replica_comes_back_and_is_rewarmed(
     assert rewarm is not None and rewarm.trigger == "replica_restart" and rewarm.ok
     body = predict(scientist, "acme", "intents", ["my card has not arrived yet"]).json()
     assert body["model_version"] == version.pk
+
+
+def test_a_pool_the_fleet_lost_is_applied_again_and_serves_as_before(
+    fleet_settings, packed, tenant, scientist, reviewer
+):
+    version = register(scientist, tenant, "intents", packed["base"])
+    deployment = approve(scientist, reviewer, version, "production")
+    texts = ["my card has not arrived yet", "why was I charged twice?"]
+    assert predict(scientist, "acme", "intents", texts).status_code == 200
+    # The fleet loses the pool (what a new Ray head looks like to Serve): predictions get
+    # a quick 503 naming the cause, never a 500 or a hang.
+    get_backend().shutdown_pool("classifier")  # type: ignore[attr-defined]
+    lost = predict(scientist, "acme", "intents", texts)
+    assert lost.status_code == 503 and lost["Retry-After"] == "2"
+    assert lost.json()["error"]["code"] == "model_unavailable"
+    # The controller's next passes put it back; the deployment is warm (verified) again.
+    settle()
+    report = Controller(holder=inline_holder()).reconcile()
+    deployment.refresh_from_db()
+    assert deployment.status == "warm", (deployment.failure, report)
+    body = predict(scientist, "acme", "intents", texts).json()
+    assert [o["label"] for o in body["outputs"]] == expected(packed["base"], texts)
+    assert ServingPool.objects.get(kind="classifier").routes["models"][version.pk]
