@@ -215,6 +215,10 @@ class Controller:
         started = time.perf_counter()
         report = PassReport()
         self._renew()
+        if self.backend.lost():
+            # Say so before reconnecting (starting a new embedded head takes a while):
+            # nothing is served now, and every page and predict should know it.
+            self._fleet_lost(report, "the serving fleet was lost (its cluster is gone)")
         report.connected = self.backend.ensure_connected()
         kinds = set(ServingPool.objects.values_list("kind", flat=True))
         kinds |= set(
@@ -243,12 +247,7 @@ class Controller:
             if claimed is not None and claimed.status == DeploymentStatus.FAILED:
                 report.failed.append(claimed.pk)
         if not report.connected:
-            self._publish(kind, {}, {})
-            for deployment in self._deployments(kind, DeploymentStatus.WARM):
-                services.deployment_degrade(
-                    deployment=deployment, reason="the serving fleet does not answer"
-                )
-                report.degraded.append(deployment.pk)
+            self._fleet_lost(report, "the serving fleet does not answer", kinds=[kind])
             return
         snapshot = self.backend.snapshot()
         if self._needs_apply(kind, snapshot):
@@ -276,6 +275,15 @@ class Controller:
                 self._step_warm(deployment, served.get(deployment.model_version_id), rewarm, report)
             else:
                 self._step_degraded(deployment, served.get(deployment.model_version_id), report)
+
+    def _fleet_lost(self, report: PassReport, reason: str, kinds: list[str] | None = None) -> None:
+        """Nothing of these pools (all, by default) is served: routes withdrawn (predicts
+        answer 503 at once), warm deployments degraded."""
+        for kind in kinds or list(ServingPool.objects.values_list("kind", flat=True)):
+            self._publish(kind, {}, {})
+            for deployment in self._deployments(kind, DeploymentStatus.WARM):
+                services.deployment_degrade(deployment=deployment, reason=reason)
+                report.degraded.append(deployment.pk)
 
     def _deployments(self, kind: str, status: str) -> list[Deployment]:
         return list(

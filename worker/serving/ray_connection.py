@@ -95,6 +95,8 @@ class RayConnection:
                 local_ray.use_head_auth(head)
                 address = head.address
                 self._head = head
+            elif not ray.is_initialized() and not self._head_alive():
+                return False  # ray.init would wait a minute for a GCS that is not there
             if not ray.is_initialized():
                 ray.init(
                     address=address,
@@ -108,6 +110,10 @@ class RayConnection:
             serve.start(proxy_location="Disabled")
             self._connected = True
             return True
+
+    def lost(self) -> bool:
+        """Connected once, and that cluster's head is gone (not yet reconnected)."""
+        return self._connected and not self._head_alive()
 
     def ensure_connected(self) -> bool:
         """Connected to a live cluster, reconnecting when the one this driver knew is gone

@@ -686,8 +686,11 @@ class SageMakerFleet:
 
     # --- status -------------------------------------------------------------------------
 
+    def lost(self) -> bool:
+        return False  # AWS answers each call or raises; there is no session to lose
+
     def ensure_connected(self) -> bool:
-        return True  # AWS answers each call or raises; there is no session to keep
+        return True
 
     def serving(self, kind: str, model_ids: Sequence[str]) -> dict[str, str | None]:
         """Model id -> None when the endpoint is InService with the model's archive in

@@ -124,6 +124,10 @@ class ServingBackend(Protocol):
         the pool."""
         ...
 
+    def lost(self) -> bool:
+        """The cluster this process was connected to is gone (cheap: no reconnecting)."""
+        ...
+
     def ensure_connected(self) -> bool:
         """Connect (again, after the cluster was lost); False when nothing answers."""
         ...
