@@ -404,7 +404,8 @@ def runs_requeue_stale(*, timeout: timedelta | None = None) -> list[str]:
     Redis hands an unacked task back only after its visibility timeout (an hour by
     default), so the database, not the broker, notices a dead worker within seconds.
     """
-    timeout = timeout or timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_SECONDS)
+    if timeout is None:
+        timeout = timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_SECONDS)
     cutoff = timezone.now() - timeout
     requeued: list[str] = []
     stale = TrainingRun.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
@@ -452,7 +453,8 @@ def runs_redispatch_lost(*, timeout: timedelta | None = None) -> list[str]:
     Sending again is safe: ``run_claim`` lets one worker take the run, and later copies of
     the message find it taken.
     """
-    timeout = timeout or timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
+    if timeout is None:
+        timeout = timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
     cutoff = timezone.now() - timeout
     unclaimed = TrainingRun.objects.filter(status=RunStatus.QUEUED, dispatched_at__lt=cutoff)
     run_ids = list(unclaimed.values_list("pk", flat=True))
