@@ -96,6 +96,8 @@ def start_head(
         "RAY_USAGE_STATS_ENABLED": "0",
         # Replicas report their load for autoscaling (RayFleet calls them directly).
         "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
+        # A busy 2-core host can take over Ray's default 60 s to register the raylet.
+        "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", "180"),
         **_auth_env(str(token_path)),
     }
     env.pop("RAY_ADDRESS", None)
