@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 LEASE = "fleet"
 RESTART_WINDOW_SECONDS = 3600
+# A controller whose loop has not reconnected this long after its cluster went exits.
+WATCHDOG_EXIT_S = 30.0
 # Readiness answers that mean "not yet", not "broken".
 _WAITING = ("timeout", "pending")
 
@@ -176,6 +178,8 @@ class Controller:
         seen_generation: int | None = None
         next_pass = 0.0
         done = 0
+        watchdog = threading.Thread(target=self._watch_cluster, name="fleet-watchdog", daemon=True)
+        watchdog.start()
         while not self._stop.is_set():
             self.last_turn = time.monotonic()
             try:
@@ -203,6 +207,42 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _watch_cluster(self) -> None:
+        """Beside the loop, every second: is the cluster this process drives gone? Then say
+        so at once (deployments degraded, routes withdrawn), whatever the loop is doing;
+        and if the loop has not reconnected within WATCHDOG_EXIT_S (it sits in a Ray call
+        to the dead cluster, which Ray ends by killing the process after 60 s anyway),
+        exit, so that the process manager starts a fresh controller, which reconnects."""
+        from django.db import connection
+
+        lost_since: float | None = None
+        try:
+            while not self._stop.wait(1.0):
+                try:
+                    lost = self._backend is not None and self._backend.lost()
+                except Exception:
+                    log.debug("could not tell whether the cluster is up", exc_info=True)
+                    continue
+                if not lost:
+                    lost_since = None
+                    continue
+                if lost_since is None:
+                    lost_since = time.monotonic()
+                    log.warning("the serving cluster is gone", extra={"holder": self.holder})
+                    try:
+                        if lease_acquire(holder=self.holder, seconds=settings.FLEET_LEASE_SECONDS):
+                            self._fleet_lost(
+                                PassReport(), "the serving fleet was lost (its cluster is gone)"
+                            )
+                    except Exception:
+                        log.exception("could not record the lost fleet")
+                elif time.monotonic() - lost_since > WATCHDOG_EXIT_S:
+                    log.error("fleet controller stuck on a lost cluster; exiting to be restarted")
+                    lease_release(holder=self.holder)
+                    os._exit(75)
+        finally:
+            connection.close()
 
     def _renew(self) -> None:
         self.last_turn = time.monotonic()
@@ -250,6 +290,9 @@ class Controller:
             self._fleet_lost(report, "the serving fleet does not answer", kinds=[kind])
             return
         snapshot = self.backend.snapshot()
+        if self.backend.lost():  # went while we looked: applying now would block on it
+            self._fleet_lost(report, "the serving fleet was lost (its cluster is gone)")
+            return
         if self._needs_apply(kind, snapshot):
             self._apply(kind, report)
             snapshot = self.backend.snapshot()

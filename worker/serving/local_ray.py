@@ -97,7 +97,7 @@ def start_head(
         # Replicas report their load for autoscaling (RayFleet calls them directly).
         "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
         # A busy 2-core host can take over Ray's default 60 s to register the raylet.
-        "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", "180"),
+        "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", "180"),  # noqa: SIM112 (Ray's own name)
         **_auth_env(str(token_path)),
     }
     env.pop("RAY_ADDRESS", None)

@@ -36,6 +36,10 @@ DIRECT_REFRESH_S = 2.0
 # a port this host cannot reach must not cost a connect timeout on every call.
 FAST_RETRY_AFTER_S = 30.0
 
+# How long a call to the tail replica for its routes or configuration may take (ms when
+# it is up): a controller must not sit in a call to a cluster that is gone.
+CONTROL_TIMEOUT_S = 10.0
+
 
 class RayRouting(RayConnection):
     """Predictions and routing (see the module docstring)."""
@@ -163,7 +167,7 @@ class RayRouting(RayConnection):
 
         try:
             handle = self._handle(kind, tail_deployment(kind), None)
-            routes: dict[str, Route] = handle.routes.remote().result(timeout_s=30)
+            routes: dict[str, Route] = handle.routes.remote().result(timeout_s=CONTROL_TIMEOUT_S)
         except (RayServeException, ValueError, KeyError):
             routes = {}  # no such application or deployment
         self._routes[kind] = routes

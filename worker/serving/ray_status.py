@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from worker.serving.fastpath import Endpoint
-from worker.serving.ray_routing import RayRouting
+from worker.serving.ray_routing import CONTROL_TIMEOUT_S, RayRouting
 from worker.serving.routing import (
     SERVE_NAMESPACE,
     ReplicaConfig,
@@ -175,7 +175,9 @@ class RayStatus(RayRouting):
     def _tail_config(self, kind: str) -> ReplicaConfig | None:
         try:
             handle = self._handle(kind, tail_deployment(kind), None)
-            config: ReplicaConfig | None = handle.config.remote().result(timeout_s=30)
+            config: ReplicaConfig | None = handle.config.remote().result(
+                timeout_s=CONTROL_TIMEOUT_S
+            )
         except Exception:
             return None
         return config
