@@ -136,6 +136,23 @@ class RoutedFleet:
         start %= len(endpoints)
         return endpoints[start:] + endpoints[:start]
 
+    def prewarm(self) -> int:
+        """Read every published table and open one connection to each replica, so a fresh
+        process's first predict costs what its next ones do. Returns the connections made;
+        never raises (a replica that does not answer now is skipped until it does)."""
+        opened = 0
+        for kind in ServingPool.objects.values_list("kind", flat=True):
+            table = self.table(kind, refresh=True)
+            for deployment in table.get("endpoints") or {}:
+                for endpoint in self._endpoints(kind, deployment, "", table):
+                    try:
+                        self._client.give_back(endpoint, self._client.take(endpoint))
+                    except FastPathUnavailable:
+                        self._unreachable[endpoint] = time.monotonic()
+                        continue
+                    opened += 1
+        return opened
+
     def close(self) -> None:
         self._client.close()
 
@@ -157,6 +174,26 @@ def data_plane() -> Any:
             else:
                 _plane = RoutedFleet()
         return _plane
+
+
+def prewarm() -> None:
+    """At a web or worker process's start: the URL resolver, the predict view and the
+    routed fleet's connections, ready before the first request (best effort)."""
+    import logging
+
+    from django.urls import get_resolver
+
+    try:
+        get_resolver().url_patterns  # noqa: B018 (imports every view module)
+        plane = data_plane()
+        if isinstance(plane, RoutedFleet):
+            plane.prewarm()
+    except Exception:  # a database not migrated yet, nothing published: the first call pays
+        logging.getLogger(__name__).debug("prewarm skipped", exc_info=True)
+    finally:
+        from django.db import connections
+
+        connections.close_all()  # a forking server must not share this connection
 
 
 def reset_data_plane() -> None:

@@ -251,6 +251,13 @@ class FastClient:
                     sock.close()
             self._idle.clear()
 
+    def take(self, endpoint: Endpoint) -> socket.socket:
+        """An open connection to the replica (to hand back with :meth:`give_back`)."""
+        return self._take(endpoint)
+
+    def give_back(self, endpoint: Endpoint, sock: socket.socket) -> None:
+        self._give_back(endpoint, sock)
+
     def _take(self, endpoint: Endpoint) -> socket.socket:
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's sockets are not ours
