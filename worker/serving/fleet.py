@@ -278,8 +278,11 @@ class RayFleet(RayStatus):
 
         gpus = self.num_gpus_per_replica
         if gpus is None:
-            resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
-            gpus = 0.1 if resources.get("GPU", 0) > 0 else 0.0
+            # Once per connection: a call to the GCS on every apply blocks when it is gone.
+            if self._gpus is None:
+                resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
+                self._gpus = 0.1 if resources.get("GPU", 0) > 0 else 0.0
+            gpus = self._gpus
         options: dict[str, Any] = {"num_cpus": self.num_cpus_per_replica}
         if gpus:
             options["num_gpus"] = gpus

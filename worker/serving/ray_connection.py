@@ -63,6 +63,7 @@ class RayConnection:
         self._lock = threading.Lock()
         self._connected = False
         self._head: local_ray.LocalRay | None = None  # the embedded head connected to
+        self._gpus: float | None = None  # GPUs per replica, read once per connection
         self.direct = direct
         self.fast_path = fast_path
         self._fast = FastClient()
@@ -112,8 +113,15 @@ class RayConnection:
             return True
 
     def lost(self) -> bool:
-        """Connected once, and that cluster's head is gone (not yet reconnected)."""
-        return self._connected and not self._head_alive()
+        """The cluster is gone: the one this driver was connected to, or (not connected
+        yet, e.g. a controller just restarted) the head the state file names or the GCS
+        at the address does not answer. Cheap: no reconnecting."""
+        if self._connected:
+            return not self._head_alive()
+        if self.address is None:
+            head = self._embedded_head(start=False)
+            return head is None and (self.local_dir / local_ray.STATE_FILE).exists()
+        return not self._head_alive()
 
     def ensure_connected(self) -> bool:
         """Connected to a live cluster, reconnecting when the one this driver knew is gone
@@ -153,6 +161,7 @@ class RayConnection:
             ray.shutdown()
         self._connected = False
         self._head = None
+        self._gpus = None
 
     def _embedded_head(self, *, start: bool) -> local_ray.LocalRay | None:
         if start:
