@@ -6,9 +6,7 @@ import pytest
 
 from apps.audit.models import AuditEvent
 from apps.evaluation.models import Evaluation, PromotionPolicy
-from apps.registry.services import model_version_create
-from apps.training import services as training
-from tests.training_helpers import make_training_version
+from tests.training_helpers import make_training_version, placeholder_version
 
 pytestmark = pytest.mark.django_db
 API = "/api/v1/tenants/acme"
@@ -16,15 +14,7 @@ API = "/api/v1/tenants/acme"
 
 @pytest.fixture
 def model_version(scientist, tenant, artifacts_dir):
-    from apps.datasets.models import DatasetVersion
-
-    version = DatasetVersion.objects.get(pk=make_training_version(scientist))
-    run = training.run_launch(actor=scientist.user, tenant=tenant, dataset_version=version,
-                              base_model="tiny-bert", params={})  # fmt: skip
-    return model_version_create(
-        run=run, artifact_key="models/x/model.tar", sha256="ab" * 32, size_bytes=1,
-        memory_bytes=1, predictions_key="models/x/p.jsonl", labels=["a", "b"], metrics={},
-    )  # fmt: skip
+    return placeholder_version(scientist, tenant, sha256="ab" * 32, labels=("a", "b"))
 
 
 def test_default_policy_exists_for_a_new_tenant(viewer):

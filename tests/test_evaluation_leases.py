@@ -20,24 +20,22 @@ from apps.evaluation import services
 from apps.evaluation.models import Evaluation
 from apps.promotions.models import PromotionRequest
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_version_create
 from apps.training import runner
 from apps.training import services as training
 from tests.conftest import start_worker, stop_worker
-from tests.training_helpers import banking_slice, make_training_version, wait_for
+from tests.training_helpers import (
+    banking_slice,
+    make_training_version,
+    placeholder_version,
+    wait_for,
+)
 
 API = "/api/v1/tenants/acme"
 
 
 @pytest.fixture
 def candidate(scientist, tenant, artifacts_dir) -> ModelVersion:
-    version = DatasetVersion.objects.get(pk=make_training_version(scientist))
-    run = training.run_launch(actor=scientist.user, tenant=tenant, dataset_version=version,
-                              base_model="tiny-bert", params={})  # fmt: skip
-    return model_version_create(
-        run=run, artifact_key="models/x/model.tar", sha256="ef" * 32, size_bytes=1,
-        memory_bytes=1, predictions_key="models/x/p.jsonl", labels=["a"], metrics={},
-    )  # fmt: skip
+    return placeholder_version(scientist, tenant, sha256="ef" * 32)
 
 
 def request_promotion(actor: Any, version: ModelVersion, target: str) -> dict[str, Any]:

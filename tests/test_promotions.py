@@ -9,16 +9,13 @@ from django.core import mail
 from django.db import connection
 
 from apps.audit.models import AuditEvent
-from apps.datasets.models import DatasetVersion
 from apps.deployments.models import Deployment
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.promotions import services
 from apps.promotions.gates import check_gates
 from apps.promotions.models import PromotionRequest
 from apps.registry.models import ModelVersion
-from apps.registry.services import model_version_create
-from apps.training import services as training
-from tests.training_helpers import make_training_version
+from tests.training_helpers import make_training_version, placeholder_version
 
 API = "/api/v1/tenants/acme"
 
@@ -59,13 +56,7 @@ def test_latency_budget_and_regression_vs_champion():
 
 @pytest.fixture
 def candidate(scientist, tenant, artifacts_dir) -> ModelVersion:
-    version = DatasetVersion.objects.get(pk=make_training_version(scientist))
-    run = training.run_launch(actor=scientist.user, tenant=tenant, dataset_version=version,
-                              base_model="tiny-bert", params={})  # fmt: skip
-    return model_version_create(
-        run=run, artifact_key="models/x/model.tar", sha256="cd" * 32, size_bytes=1,
-        memory_bytes=1, predictions_key="models/x/p.jsonl", labels=["a"], metrics={},
-    )  # fmt: skip
+    return placeholder_version(scientist, tenant, sha256="cd" * 32)
 
 
 def finish_evaluations(promotion_id: str, *, macro_f1: float, latency: float = 5.0) -> None:

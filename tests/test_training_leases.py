@@ -88,7 +88,7 @@ def test_a_run_whose_dispatch_was_lost_is_sent_again_then_failed_with_the_reason
     assert f"No worker took the run from the '{private_queue}' queue" in body["error"]
     assert "sent 3 times" in body["error"]
     events = AuditEvent.objects.filter(object_id=first.pk, verb="run.redispatch")
-    assert [e.after["redispatches"] for e in events.order_by("id")] == [1, 2]
+    assert [e.after["redispatches"] for e in events.order_by("created_at")] == [1, 2]
     # The failed run's slot is free again: the tenant's next run goes.
     assert services.runs_dispatch() == [second.pk]
 
@@ -133,13 +133,17 @@ def test_the_heartbeat_survives_database_errors_and_gives_the_run_up_after_n_in_
     finally:
         surviving.close()
 
+    # Quick retries now, so the run's heartbeat is not stale long enough for a reaper of
+    # the session's worker to take the run meanwhile.
+    settings.TRAINING_HEARTBEAT_MAX_FAILURES = 3
+    monkeypatch.setattr(runner, "HEARTBEAT_SECONDS", 0.1)  # retries after 0.1, 0.2 s
     monkeypatch.setitem(connections.settings, "default", unreachable(good))
     last_beat = TrainingRun.objects.get(pk=run.pk).heartbeat_at
     doomed = runner.RunCallbacks(run, Tracking(), tmp_path)
     doomed.start()
     try:
         wait_for(lambda: not doomed.heartbeat.alive, timeout=60)
-        assert doomed.heartbeat.gave_up and doomed.heartbeat.failures == 4
+        assert doomed.heartbeat.gave_up and doomed.heartbeat.failures == 3
         assert doomed.should_stop()  # the loop stops training at its next step
     finally:
         doomed.close()
@@ -307,14 +311,16 @@ def test_runs_queued_and_dispatched_when_redis_restarts_start_and_finish(
             # The worker (one slot) dispatches the first two (the tenant's limit) and trains
             # the first, long enough to be running through the restart; the second waits in
             # Redis behind it, the third in the database for a slot.
-            first = launched(epochs=100, batch_size=4)
-            second = launched(epochs=1)
-            third = launched(epochs=1)
-            runs = TrainingRun.objects.filter(pk__in=[first, second, third])
             worker = start_worker(
                 tmp=tmp_path, database_url=worker_database_url, mlflow_url=mlflow_server,
                 artifacts_root=artifacts, name="redis-restart", extra_env=env, beat=True,
             )  # fmt: skip
+            # One commit, so the worker's first dispatch sends the first two at once.
+            with transaction.atomic():
+                first = launched(epochs=100, batch_size=4)
+                second = launched(epochs=1)
+                third = launched(epochs=1)
+            runs = TrainingRun.objects.filter(pk__in=[first, second, third])
 
             def waiting() -> bool:
                 by_id = {r.pk: r for r in runs.all()}

@@ -51,3 +51,21 @@ def wait_for(condition: Callable[[], Any], timeout: float = 120.0, every: float 
             return value
         time.sleep(every)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def placeholder_version(
+    actor: Actor, tenant: Any, *, sha256: str, labels: tuple[str, ...] = ("a",)
+) -> Any:
+    """A model version as a run registers it, with placeholder artifact keys: for tests of
+    what happens to versions (evaluations, promotions), not of their bytes."""
+    from apps.datasets.models import DatasetVersion
+    from apps.registry.services import model_version_create
+    from apps.training import services as training
+
+    version = DatasetVersion.objects.get(pk=make_training_version(actor))
+    run = training.run_launch(actor=actor.user, tenant=tenant, dataset_version=version,
+                              base_model="tiny-bert", params={})  # fmt: skip
+    return model_version_create(
+        run=run, artifact_key="models/x/model.tar", sha256=sha256, size_bytes=1,
+        memory_bytes=1, predictions_key="models/x/p.jsonl", labels=list(labels), metrics={},
+    )  # fmt: skip
