@@ -44,7 +44,7 @@ from django.utils import timezone
 from apps.audit.services import audit_record
 from apps.deployments import alerts, selectors, services
 from apps.deployments.backends import get_backend, pool_spec
-from apps.deployments.fleet import pool_apply, pool_for
+from apps.deployments.fleet import model_entries, pool_apply, pool_for, replicas_of
 from apps.deployments.models import (
     AlertKind,
     Deployment,
@@ -498,10 +498,10 @@ class Controller:
         rewarm: set[str] = set()
         failing: dict[str, str] = {}
         now = time.time()
-        for set_name, replica in _replicas(pool_status):
+        for set_name, replica in replicas_of(pool_status):
             replica_id = str(replica.get("replica_id"))
             now_replicas[replica_id] = set_name
-            models = _model_entries(replica)
+            models = model_entries(replica)
             if known and replica_id not in known:
                 rewarm.update(str(m["model_id"]) for m in models)
             for model in models:
@@ -561,29 +561,12 @@ class Controller:
         return rewarm
 
 
-def _replicas(pool_status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    sets = list(pool_status.get("sets", []))
-    if pool_status.get("tail"):
-        sets.append(pool_status["tail"])
-    return [(str(s.get("name")), r) for s in sets for r in s.get("replicas", [])]
-
-
-def _model_entries(replica: dict[str, Any]) -> list[dict[str, Any]]:
-    """A replica's models as dicts: Ray replicas report a dict per model, SageMaker only
-    model ids."""
-    return [
-        raw if isinstance(raw, dict) else {"model_id": str(raw)}
-        for raw in replica.get("models", [])
-        if (raw.get("model_id") if isinstance(raw, dict) else raw)
-    ]
-
-
 def _models_of_set(pool_status: dict[str, Any], set_name: str) -> set[str]:
     return {
         str(m["model_id"])
-        for name, replica in _replicas(pool_status)
+        for name, replica in replicas_of(pool_status)
         if name == set_name
-        for m in _model_entries(replica)
+        for m in model_entries(replica)
     }
 
 

@@ -81,14 +81,14 @@ def pool_apply(*, kind: str, backend: ServingBackend) -> Placement:
     return placement
 
 
-def _replicas(pool_status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def replicas_of(pool_status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     sets = list(pool_status.get("sets", []))
     if pool_status.get("tail"):
         sets.append(pool_status["tail"])
     return [(str(s.get("name")), r) for s in sets for r in s.get("replicas", [])]
 
 
-def _model_entries(replica: dict[str, Any]) -> list[dict[str, Any]]:
+def model_entries(replica: dict[str, Any]) -> list[dict[str, Any]]:
     """A replica's models as dicts: Ray replicas report a dict per model, SageMaker only
     model ids."""
     return [
@@ -168,10 +168,10 @@ def fleet_status_for(user: Any) -> dict[str, Any]:
                 ids = [m for m in group["models"] if str(m) in visible]
                 group["other_tenants_models"] = len(group["models"]) - len(ids)
                 group["models"] = ids
-        for _, replica in _replicas(pool_status):
+        for _, replica in replicas_of(pool_status):
             shown = []
             hidden_bytes = hidden = 0
-            for entry in _model_entries(replica):
+            for entry in model_entries(replica):
                 info = visible.get(str(entry.get("model_id")))
                 if info is None and not see_all:
                     if entry.get("loaded", True):  # the tail lists models asked for, too
