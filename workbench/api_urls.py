@@ -1,7 +1,8 @@
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView
 
 from apps.audit.api import AuditEventListApi
+from apps.core.api import ApiDocsView
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.evaluation import api as evaluation_api
@@ -123,5 +124,5 @@ urlpatterns = [
     path("tokens/", tenants_api.TokenListCreateApi.as_view(), name="token-list"),
     path("tokens/<str:token_id>/", tenants_api.TokenDetailApi.as_view(), name="token-detail"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    path("docs/", ApiDocsView.as_view(url_name="api:schema"), name="docs"),
 ]

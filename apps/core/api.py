@@ -7,14 +7,36 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from drf_spectacular.views import SpectacularSwaggerSplitView
 from rest_framework import exceptions, status
 from rest_framework.pagination import PageNumberPagination
+from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from apps.core.errors import DomainError, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger("workbench.api")
+
+
+def default_permissions_and(*extra: type[BasePermission]) -> list[type[BasePermission]]:
+    """The API's default permission classes followed by ``extra``.
+
+    A view that sets ``permission_classes`` replaces the defaults, and with them the limits
+    on notebook tokens (``NotebookTokenLimits``): a view that needs more checks adds them to
+    the defaults through this, never instead of them (tests/test_permissions.py walks every
+    view to hold it).
+    """
+    return [*api_settings.DEFAULT_PERMISSION_CLASSES, *extra]
+
+
+class ApiDocsView(SpectacularSwaggerSplitView):
+    """Swagger UI at /api/v1/docs/ under the Content-Security-Policy: its start-up script is
+    served by this view (``?script``), its page styles from a static file, so the page
+    needs neither inline scripts nor inline styles."""
+
+    template_name = "api/docs.html"
 
 
 class Pagination(PageNumberPagination):

@@ -9,6 +9,7 @@ from rest_framework import generics, parsers, permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apps.core.api import default_permissions_and
 from apps.core.artifacts import get_store
 from apps.core.uploads import HashedUploadedFile
 from apps.datasets import selectors, services
@@ -262,7 +263,7 @@ class SharedDatasetListCreateApi(generics.ListAPIView[Dataset]):
     tenant of that domain is evaluated on them (tenants cannot read them)."""
 
     serializer_class = DatasetOutputSerializer
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = default_permissions_and(permissions.IsAdminUser)
 
     def get_queryset(self) -> Any:
         return selectors.shared_datasets()
@@ -286,7 +287,7 @@ class SharedDatasetListCreateApi(generics.ListAPIView[Dataset]):
 
 class SharedDatasetVersionListCreateApi(generics.ListAPIView[DatasetVersion]):
     serializer_class = DatasetVersionOutputSerializer
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = default_permissions_and(permissions.IsAdminUser)
     parser_classes = [parsers.MultiPartParser, parsers.FormParser]
     kwargs: dict[str, Any]
 

@@ -232,7 +232,6 @@ class TokenListCreateApi(generics.ListAPIView[ApiToken]):
 
 class TokenDetailApi(generics.GenericAPIView[ApiToken]):
     serializer_class = TokenOutputSerializer
-    permission_classes = [permissions.IsAuthenticated]
 
     def get_object(self) -> ApiToken:
         return get_object_or_404(
