@@ -2,7 +2,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from apps.audit.api import AuditEventListApi
-from apps.core.api import ApiDocsView
+from apps.core.docs import ApiDocsView
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
 from apps.evaluation import api as evaluation_api

@@ -7,7 +7,6 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from drf_spectacular.views import SpectacularSwaggerSplitView
 from rest_framework import exceptions, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import BasePermission
@@ -29,14 +28,6 @@ def default_permissions_and(*extra: type[BasePermission]) -> list[type[BasePermi
     view to hold it).
     """
     return [*api_settings.DEFAULT_PERMISSION_CLASSES, *extra]
-
-
-class ApiDocsView(SpectacularSwaggerSplitView):
-    """Swagger UI at /api/v1/docs/ under the Content-Security-Policy: its start-up script is
-    served by this view (``?script``), its page styles from a static file, so the page
-    needs neither inline scripts nor inline styles."""
-
-    template_name = "api/docs.html"
 
 
 class Pagination(PageNumberPagination):

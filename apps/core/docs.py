@@ -1,0 +1,18 @@
+"""The API's browsable docs page.
+
+Its own module: ``drf_spectacular.views`` imports DRF's generic views, which import the
+pagination class named in the settings (``apps.core.api.Pagination``); defined in
+``apps.core.api`` it made that import circular.
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.views import SpectacularSwaggerSplitView
+
+
+class ApiDocsView(SpectacularSwaggerSplitView):
+    """Swagger UI at /api/v1/docs/ under the Content-Security-Policy: its start-up script is
+    served by this view (``?script``), its page styles from a static file, so the page
+    needs neither inline scripts nor inline styles."""
+
+    template_name = "api/docs.html"
