@@ -20,6 +20,19 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "600"))  # big uploads are chec
 accesslog = "-"
 
 
+def post_worker_init(worker: Any) -> None:
+    """In each worker, once the application is loaded (and prewarmed, see ``wsgi.py``):
+    open its database connection, which the prewarm closed for servers that fork after
+    loading; a first connection costs a request several ms (SQLite registers Django's
+    functions on connect)."""
+    from django.db import connection
+
+    try:
+        connection.ensure_connection()
+    except Exception:  # the database is down: the first request reports it
+        worker.log.warning("no database connection at worker start", exc_info=True)
+
+
 def _read(self: Any, size: int | None = None) -> bytes:
     size = self.getsize(size)
     if size == 0:

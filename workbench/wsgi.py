@@ -6,8 +6,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "workbench.settings")
 application = get_wsgi_application()
 
 # The first request of a fresh process should cost what the next ones do: views imported,
-# the published routes read and a connection open to each replica (best effort).
+# the published routes read, a connection open to each replica, and one request through
+# the middleware and DRF (best effort).
 if os.environ.get("WORKBENCH_PREWARM", "true").lower() not in ("0", "false", "no"):
     from apps.deployments.dataplane import prewarm
 
-    prewarm()
+    prewarm(application)

@@ -31,3 +31,9 @@ def set_request_id(value: str | None) -> contextvars.Token[str | None]:
 
 def reset_request_id(token: contextvars.Token[str | None]) -> None:
     _request_id.reset(token)
+
+
+# The WSGI environ key that marks the start-up request of a web process's prewarm
+# (``apps.deployments.dataplane.prewarm``): not an HTTP header, so no client can set it; the
+# metrics and the request log leave that request out.
+PREWARM_ENVIRON_KEY = "workbench.prewarm"

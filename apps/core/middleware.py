@@ -8,7 +8,12 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-from apps.core.context import clean_request_id, reset_request_id, set_request_id
+from apps.core.context import (
+    PREWARM_ENVIRON_KEY,
+    clean_request_id,
+    reset_request_id,
+    set_request_id,
+)
 from apps.core.metrics import HTTP_REQUEST_SECONDS
 
 log = logging.getLogger("workbench.http")
@@ -35,6 +40,8 @@ class MetricsMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.META.get(PREWARM_ENVIRON_KEY):
+            return self.get_response(request)  # the process's own start-up request
         started = time.perf_counter()
         response = self.get_response(request)
         elapsed = time.perf_counter() - started

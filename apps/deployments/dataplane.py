@@ -176,9 +176,12 @@ def data_plane() -> Any:
         return _plane
 
 
-def prewarm() -> None:
+def prewarm(application: Any = None) -> None:
     """At a web or worker process's start: the URL resolver, the predict view and the
-    routed fleet's connections, ready before the first request (best effort)."""
+    routed fleet's connections, ready before the first request (best effort). Given the
+    WSGI application, one unauthenticated request also goes through the whole stack —
+    middleware, DRF's authentication, renderers and error envelope, imported and built on
+    first use — and is answered 401, changing nothing."""
     import logging
 
     from django.urls import get_resolver
@@ -188,12 +191,47 @@ def prewarm() -> None:
         plane = data_plane()
         if isinstance(plane, RoutedFleet):
             plane.prewarm()
+        if application is not None:
+            _request(application, "POST", "/api/v1/tenants/-/models/-/predict")
     except Exception:  # a database not migrated yet, nothing published: the first call pays
         logging.getLogger(__name__).debug("prewarm skipped", exc_info=True)
     finally:
         from django.db import connections
 
         connections.close_all()  # a forking server must not share this connection
+
+
+def _request(application: Any, method: str, path: str) -> str:
+    """One request through ``application`` from inside the process; its status line."""
+    import io
+
+    from apps.core.context import PREWARM_ENVIRON_KEY
+
+    hosts = [h.lstrip(".") for h in settings.ALLOWED_HOSTS if h.lstrip(".") not in ("", "*")]
+    body = b'{"inputs": ["prewarm"]}'
+    environ = {
+        "REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
+        "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1", "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(body)), "HTTP_HOST": hosts[0] if hosts else "localhost",
+        "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO(), "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "https" if settings.SECURE_SSL_REDIRECT else "http",
+        "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+        PREWARM_ENVIRON_KEY: True,
+    }  # fmt: skip
+    seen: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        seen.append(status)
+
+    result = application(environ, start_response)
+    try:
+        for _ in result:
+            pass
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return seen[0] if seen else ""
 
 
 def reset_data_plane() -> None:
