@@ -35,6 +35,27 @@ class _Replica:
     actor: Any = None  # its actor handle, looked up on first use
 
 
+def _raylet_gone(head: local_ray.LocalRay) -> bool:
+    """The head's ``ray start --block`` runs but its raylet does not. Seen on a loaded
+    2-core machine: a new head's raylet crashed at start (a failed check while it waited
+    for its dashboard agent's ports) while ``ray start`` and the GCS ran on, so the GCS port
+    answered and every driver's ``ray.init`` failed after a minute ("No node info found"):
+    such a head is as dead as a stopped one."""
+    for pid in local_ray._descendants(head.pid):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name == "raylet" and local_ray._alive(pid):
+            return False
+    return True
+
+
+def _joinable(head: local_ray.LocalRay) -> bool:
+    """An embedded head a driver can join: running, its GCS answering, its raylet up."""
+    return local_ray.is_alive(head) and not _raylet_gone(head)
+
+
 class RayConnection:
     """A driver's connection to the Ray cluster, and the state every part of the fleet
     keeps (handles, routes, replica sockets)."""
@@ -135,6 +156,8 @@ class RayConnection:
         if self._connected and not self._head_alive():
             logger.warning("the Ray cluster was lost; reconnecting")
             self._disconnect()
+        if self.address is None:
+            self._stop_broken_head()
         try:
             return self._connect(start=True)
         except Exception:
@@ -144,7 +167,7 @@ class RayConnection:
 
     def _head_alive(self) -> bool:
         if self.address is None:
-            return self._head is not None and local_ray.is_alive(self._head)
+            return self._head is not None and _joinable(self._head)
         host, _, port = self.address.removeprefix("ray://").rpartition(":")
         try:
             with socket.create_connection((host, int(port)), timeout=1.0):
@@ -171,7 +194,19 @@ class RayConnection:
             head = local_ray.LocalRay(**json.loads(state.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        return head if local_ray.is_alive(head) else None
+        return head if _joinable(head) else None
+
+    def _stop_broken_head(self) -> None:
+        """Stop the embedded head the state file names if it runs but cannot be joined, so
+        that the connect that follows starts a new one."""
+        state = self.local_dir / local_ray.STATE_FILE
+        try:
+            head = local_ray.LocalRay(**json.loads(state.read_text()))
+        except (OSError, ValueError, TypeError):
+            return
+        if local_ray.is_alive(head) and _raylet_gone(head):
+            logger.error("the embedded Ray head %s lost its raylet; starting a new one", head.pid)
+            local_ray.stop_head(head.pid)
 
     def close(self) -> None:
         """Let go of this driver's Serve handles and replica sockets. Call it before
