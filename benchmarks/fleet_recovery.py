@@ -16,7 +16,9 @@ What runs, on a fresh ``WORKBENCH_VAR_DIR`` (SQLite, local artifact store):
   does (the number of restarts is reported).
 
 Per size: once every deployment is warm, the head is stopped by the pid it recorded
-(``ray-head.json``; what a rescheduled head pod looks like), and the clock runs until
+(``ray-head.json``; what a rescheduled head pod looks like: Ray drains a SIGTERMed head for
+up to 30 s, and the outage starts when its processes are gone), and the clock runs from
+the old head's processes gone until
 
 * the controller has a new head up (``ray-head.json`` names a new live pid);
 * every deployment is warm again, each after a passing warm-up started after the stop.
@@ -283,15 +285,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in runs:
         critical_s = max(run["replica_load_ms"], default=0.0) / 1000
         budget = TARGET_S + critical_s
-        met = run["warm_s"] <= budget
+        # The outage starts when the old head's processes are gone (its drain is not one).
+        outage_s = run["warm_s"] - run["stop_s"]
+        met = outage_s <= budget
         met_all = met_all and met
         rows.append([
-            f"new Ray head -> every one of {run['models']} deployments warm again, "
+            f"old Ray head gone -> every one of {run['models']} deployments warm again, "
             "re-verified (s)",
-            f"{run['warm_s']:.1f} (new head up {run['head_s']:.1f})",
+            f"{outage_s:.1f} (new head up {run['head_s'] - run['stop_s']:.1f})",
             f"bare `ray start --head` {bare_head_s:.1f}; the models' own load: slowest "
             f"replica {critical_s:.1f}",
-            f"{run['warm_s'] - bare_head_s - critical_s:+.1f} s over head start + load",
+            f"{outage_s - bare_head_s - critical_s:+.1f} s over head start + load",
             f"≤ {TARGET_S:.0f} + load = {budget:.1f}",
             "yes" if met else "no",
         ])  # fmt: skip
@@ -307,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         notes.append(
             f"{run['models']} models: head stopped (its process tree gone) in "
-            f"{run['stop_s']:.1f} s; first deployment shown degraded {degraded} after; "
+            f"{run['stop_s']:.1f} s, warm again {run['warm_s']:.1f} s after the stop began; "
+            f"first deployment shown degraded {degraded} after the stop began; "
             f"the controller process died {run['restarts']} times and was restarted; "
             f"warm-ups after the stop {run['triggers']} taking {run['warmup_s']:.1f} s in all; "
             f"load_ms per model {spread}"
