@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,9 +195,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: Any):
-    """A real MLflow tracking server on loopback (SQLite store, served artifacts)."""
+@contextlib.contextmanager
+def running_mlflow(tmp: Path, *extra_args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on loopback (SQLite store, served artifacts under ``tmp``)
+    with ``extra_args``, in ``env`` (default: this process's); yields its URL."""
     import os
     import signal
     import subprocess
@@ -204,18 +206,18 @@ def mlflow_server(tmp_path_factory: Any):
     import time
     import urllib.request
 
-    tmp = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log_path = tmp / "mlflow.log"
     env = {
-        **os.environ,
+        **(os.environ if env is None else env),
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            [sys.executable, "-m", "mlflow", "server", *extra_args, "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
              "--artifacts-destination", f"file://{tmp / 'artifacts'}"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -232,12 +234,21 @@ def mlflow_server(tmp_path_factory: Any):
             process.kill()
             raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
         time.sleep(0.5)
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: Any) -> Iterator[str]:
+    """A real MLflow tracking server on loopback (SQLite store, served artifacts)."""
+    with running_mlflow(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
 
 
 def start_worker(

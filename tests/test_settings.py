@@ -215,3 +215,79 @@ def test_the_embedded_broker_takes_a_task(tmp_path: Path) -> None:
     result = manage(tmp_path, ["shell", "-c", code])
     assert result.returncode == 0, result.stderr
     assert last_line(result.stdout) == "1"
+
+
+BROKER_CODE = "from workbench.celery import app; print(app.conf.broker_url)"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://redis.example:6379/0", "redis://:p%40ss%2Fw%3Ard@redis.example:6379/0"),
+        ("rediss://celery@redis.example:6380/1", "rediss://celery:p%40ss%2Fw%3Ard@redis.example:6380/1"),
+    ],
+)  # fmt: skip
+def test_the_broker_signs_in_to_redis_with_the_password_from_a_file(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    secret = tmp_path / "redis_password"
+    secret.write_text("p@ss/w:rd\n")  # as a secret file holds it: the newline is not part of it
+    result = manage(
+        tmp_path,
+        ["shell", "-c", BROKER_CODE],
+        CELERY_BROKER_URL=url,
+        REDIS_PASSWORD_FILE=str(secret),
+    )
+    assert result.returncode == 0, result.stderr
+    # What Celery connects with, although the CELERY_BROKER_URL variable it prefers has none.
+    assert last_line(result.stdout) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        # The embedded broker has no password to take.
+        ({"REDIS_PASSWORD": "secret"}, ("REDIS_PASSWORD", "CELERY_BROKER_URL")),
+        # Two sources for one password.
+        (
+            {"REDIS_PASSWORD": "secret", "CELERY_BROKER_URL": "redis://:other@redis:6379/0"},
+            ("REDIS_PASSWORD", "CELERY_BROKER_URL"),
+        ),
+        ({"REDIS_PASSWORD_FILE": "/nonexistent/redis_password"}, ("REDIS_PASSWORD_FILE",)),
+    ],
+)
+def test_a_redis_password_the_broker_cannot_use_stops_the_process(
+    tmp_path: Path, env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    assert_refused(manage(tmp_path, ["check"], **env), *names)
+
+
+def test_mlflow_credentials_reach_mlflows_client_with_the_password_from_a_file(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "mlflow_password"
+    secret.write_text("s3cret\n")
+    code = (
+        "from django.conf import settings; "
+        "from mlflow.environment_variables import MLFLOW_TRACKING_PASSWORD as P, "
+        "MLFLOW_TRACKING_USERNAME as U; print(U.get(), P.get())"
+    )
+    result = manage(
+        tmp_path,
+        ["shell", "-c", code],
+        MLFLOW_TRACKING_USERNAME="workbench",
+        MLFLOW_TRACKING_PASSWORD_FILE=str(secret),
+    )
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "workbench s3cret"
+
+
+@pytest.mark.parametrize(
+    "env", [{"MLFLOW_TRACKING_USERNAME": "workbench"}, {"MLFLOW_TRACKING_PASSWORD": "s3cret"}]
+)
+def test_half_of_the_mlflow_credentials_stops_the_process(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    assert_refused(
+        manage(tmp_path, ["check"], **env), "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+    )

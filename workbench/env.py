@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -84,3 +85,21 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ImproperlyConfigured(f"{name}={value!r} must be one of {', '.join(choices)}")
     return value
+
+
+def url_with_password(url_name: str, url: str, password_name: str, password: str) -> str:
+    """``url`` with ``password`` put in (URL-quoted), for a secret kept apart from its URL
+    (``REDIS_PASSWORD_FILE`` beside ``CELERY_BROKER_URL``). Refuses a URL that is not
+    Redis or already carries a password: two sources for one secret is a mistake."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ImproperlyConfigured(
+            f"{password_name} is set but {url_name} is not a redis:// or rediss:// URL"
+        )
+    if parts.password is not None:
+        raise ImproperlyConfigured(
+            f"{url_name} carries a password and {password_name} is set too: give one of them"
+        )
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(parts.username or "", safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))

@@ -14,7 +14,15 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from workbench.env import env_bool, env_choice, env_float, env_int, env_list, env_str
+from workbench.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    url_with_password,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("WORKBENCH_VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -189,6 +197,19 @@ EVALUATION_MAX_ATTEMPTS = env_int("EVALUATION_MAX_ATTEMPTS", 3, minimum=1)
 MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{VAR_DIR / 'mlflow.sqlite3'}")
 MLFLOW_ARTIFACT_ROOT = env_str("MLFLOW_ARTIFACT_ROOT", f"file://{VAR_DIR / 'mlartifacts'}")
 MLFLOW_UI_URL = env_str("MLFLOW_UI_URL", "")
+# A tracking server behind MLflow's basic-auth app (compose.yaml): MLflow's client reads
+# these two variables at each request, so they are put back into the environment, the
+# password read from MLFLOW_TRACKING_PASSWORD_FILE where it is a secret file.
+MLFLOW_TRACKING_USERNAME = env_str("MLFLOW_TRACKING_USERNAME", "")
+MLFLOW_TRACKING_PASSWORD = env_str("MLFLOW_TRACKING_PASSWORD", "")
+if bool(MLFLOW_TRACKING_USERNAME) != bool(MLFLOW_TRACKING_PASSWORD):
+    raise ImproperlyConfigured(
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or _FILE) go together: "
+        "give both or neither"
+    )
+if MLFLOW_TRACKING_PASSWORD:
+    os.environ["MLFLOW_TRACKING_USERNAME"] = MLFLOW_TRACKING_USERNAME
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = MLFLOW_TRACKING_PASSWORD
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -272,6 +293,9 @@ WORKBENCH_URL = env_str("WORKBENCH_URL", "http://127.0.0.1:8000").rstrip("/")
 NOTEBOOK_IDLE_TIMEOUT_SECONDS = env_int("NOTEBOOK_IDLE_TIMEOUT_SECONDS", 3600, minimum=60)
 NOTEBOOK_MAX_AGE_SECONDS = env_int("NOTEBOOK_MAX_AGE_SECONDS", 8 * 3600, minimum=300)
 NOTEBOOK_MAX_SERVERS_PER_USER = env_int("NOTEBOOK_MAX_SERVERS_PER_USER", 2, minimum=1)
+# The tracking server a notebook is handed (MLFLOW_TRACKING_URI in it); empty: none, where
+# notebooks cannot reach it (compose.yaml keeps them off MLflow's network).
+NOTEBOOK_MLFLOW_TRACKING_URI = env_str("NOTEBOOK_MLFLOW_TRACKING_URI", MLFLOW_TRACKING_URI)
 # A server's API token outlives the server's maximum age a little, never much more: the
 # token is revoked when the server stops, and expiry covers a stop the workbench missed.
 NOTEBOOK_TOKEN_LIFETIME_SECONDS = env_int(
@@ -308,6 +332,15 @@ OAUTH2_PROVIDER = {
 CELERY_BROKER_URL = env_str(
     "CELERY_BROKER_URL", f"sqla+sqlite:///{VAR_DIR / 'celery-broker.sqlite3'}"
 )
+# Redis's password apart from the URL, so it can be a secret file (REDIS_PASSWORD_FILE).
+REDIS_PASSWORD = env_str("REDIS_PASSWORD", "")
+if REDIS_PASSWORD:
+    CELERY_BROKER_URL = url_with_password(
+        "CELERY_BROKER_URL", CELERY_BROKER_URL, "REDIS_PASSWORD", REDIS_PASSWORD
+    )
+    # Celery takes the CELERY_BROKER_URL environment variable over its settings (its own
+    # --broker option works by setting it), so that must carry the password too.
+    os.environ["CELERY_BROKER_URL"] = CELERY_BROKER_URL
 # (The embedded sqla broker's polling interval is set in workbench/celery.py.)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"

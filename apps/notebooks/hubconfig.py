@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.conf import settings
 
 CONFIG_FILE = Path(settings.BASE_DIR) / "docker" / "jupyterhub" / "jupyterhub_config.py"
 PROXY = Path(settings.BASE_DIR) / "node_modules" / ".bin" / "configurable-http-proxy"
+LOOPBACK = "127.0.0.1"
 
 
 def proxy_command() -> str:
@@ -43,6 +45,8 @@ def hub_environment(
         "JUPYTERHUB_PROXY_API_URL": proxy_api_url,
         "CONFIGPROXY_COMMAND": proxy_command(),
         "WORKBENCH_HUB_SPAWNER": "local",
+        # Each server a local process on loopback, whatever this process's environment says.
+        "JUPYTERHUB_SINGLEUSER_IP": LOOPBACK,
         "WORKBENCH_SERVICE_TOKEN": settings.JUPYTERHUB_API_TOKEN,
         "WORKBENCH_URL": settings.WORKBENCH_URL,
         "WORKBENCH_OAUTH_CLIENT_ID": settings.JUPYTERHUB_OAUTH_CLIENT_ID,
@@ -55,6 +59,23 @@ def hub_environment(
     if settings.JUPYTERHUB_COOKIE_SECRET:
         env["JPY_COOKIE_SECRET"] = settings.JUPYTERHUB_COOKIE_SECRET
     return env
+
+
+def embedded_hub_environment(
+    *, data_dir: Path, hub_port: int, proxy_api_port: int
+) -> dict[str, str]:
+    """The hub of the embedded stack (``manage.py jupyterhub``): it, its API and its proxy's
+    API listen on loopback only, the public side on the port of JUPYTERHUB_URL. The hub
+    has the workbench's service token and starts processes as this user: nothing beyond
+    this machine may talk to it, whatever host JUPYTERHUB_URL names."""
+    public = urlsplit(settings.JUPYTERHUB_URL)
+    port = public.port or (443 if public.scheme == "https" else 80)
+    return hub_environment(
+        data_dir=data_dir,
+        bind_url=f"{public.scheme}://{LOOPBACK}:{port}{public.path}",
+        hub_bind_url=f"http://{LOOPBACK}:{hub_port}",
+        proxy_api_url=f"http://{LOOPBACK}:{proxy_api_port}",
+    )
 
 
 def oauth_callback_url() -> str:

@@ -46,14 +46,16 @@ SERVER_NAME_PREFIX = "nb-"
 def _server_env(
     server: NotebookServer, secret: str, versions: Sequence[DatasetVersion]
 ) -> dict[str, str]:
-    return {
+    env = {
         "WORKBENCH_URL": settings.WORKBENCH_URL,
         "WORKBENCH_TOKEN": secret,
         "WORKBENCH_TENANT": server.tenant.slug,
         "WORKBENCH_NOTEBOOK": server.pk,
         "WORKBENCH_DATASETS": ",".join(v.pk for v in versions),
-        "MLFLOW_TRACKING_URI": settings.MLFLOW_TRACKING_URI,
     }
+    if settings.NOTEBOOK_MLFLOW_TRACKING_URI:
+        env["MLFLOW_TRACKING_URI"] = settings.NOTEBOOK_MLFLOW_TRACKING_URI
+    return env
 
 
 @transaction.atomic

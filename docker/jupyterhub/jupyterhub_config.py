@@ -174,7 +174,8 @@ if spawner == "local":
 elif spawner == "docker":
     c.JupyterHub.spawner_class = "dockerspawner.DockerSpawner"
     c.DockerSpawner.image = env("NOTEBOOK_IMAGE", "quay.io/jupyter/scipy-notebook:2024-10-07")
-    c.DockerSpawner.network_name = env("DOCKER_NETWORK_NAME", "workbench_default")
+    # compose.yaml's notebooks network: only web and the hub are there with the servers.
+    c.DockerSpawner.network_name = env("DOCKER_NETWORK_NAME", "workbench_notebooks")
     c.DockerSpawner.remove = True  # ephemeral: what lasts is in MLflow and the workbench
     c.DockerSpawner.name_template = "nb-{username}-{servername}"
 elif spawner == "kubernetes":

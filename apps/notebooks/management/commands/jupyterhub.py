@@ -1,8 +1,9 @@
 """``manage.py jupyterhub``: JupyterHub for the embedded stack, on loopback.
 
 Registers the hub as the workbench's OAuth client, then becomes the hub process (exec),
-with the environment ``hubconfig.hub_environment`` builds from the settings: the service
-token, cookie secret and OAuth secret come from there, never from the repository.
+with the environment ``hubconfig.embedded_hub_environment`` builds from the settings (every
+socket on 127.0.0.1): the service token, cookie secret and OAuth secret come from there,
+never from the repository.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -34,8 +34,6 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        public = urlparse(settings.JUPYTERHUB_URL)
-        host = public.hostname or "127.0.0.1"
         try:
             services.hub_oauth_client_ensure(
                 client_id=settings.JUPYTERHUB_OAUTH_CLIENT_ID,
@@ -45,11 +43,10 @@ class Command(BaseCommand):
             if options["register_only"]:
                 self.stdout.write(f"OAuth client registered for {hubconfig.oauth_callback_url()}")
                 return
-            env = hubconfig.hub_environment(
+            env = hubconfig.embedded_hub_environment(
                 data_dir=Path(options["data_dir"]),
-                bind_url=settings.JUPYTERHUB_URL,
-                hub_bind_url=f"http://{host}:{options['hub_port']}",
-                proxy_api_url=f"http://{host}:{options['proxy_api_port']}",
+                hub_port=options["hub_port"],
+                proxy_api_port=options["proxy_api_port"],
             )
         except (DomainError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
