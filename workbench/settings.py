@@ -8,10 +8,14 @@ secret key and switches on the deployment checks, so ``manage.py check --deploy`
 from __future__ import annotations
 
 import os
+import re
 import sys
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from workbench.env import (
@@ -70,6 +74,8 @@ INSTALLED_APPS = [
     "apps.deployments",
     "oauth2_provider",
     "apps.notebooks",
+    "axes",
+    "csp",
 ]
 
 # The test suite adds a small app whose rows reference dataset versions the way training
@@ -84,6 +90,7 @@ MIDDLEWARE = [
     "apps.core.middleware.RequestIdMiddleware",
     "apps.core.middleware.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -91,6 +98,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "workbench.urls"
@@ -127,10 +136,36 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-workbench.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# OWASP ASVS 2.1.1: passwords of at least 12 characters.
+PASSWORD_MIN_LENGTH = env_int("PASSWORD_MIN_LENGTH", 12, minimum=8)
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": PASSWORD_MIN_LENGTH},
+    },
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Logins (dashboard, admin, the hub's OAuth sign-in) go through django-axes: after
+# LOGIN_FAILURE_LIMIT failures for one username from one address, that pair is locked out
+# for LOGIN_LOCKOUT_MINUTES (counted from the last failure; trying again restarts it).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_LOCKOUT_MINUTES = env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1)
+# Proxies in front of the web service that append to X-Forwarded-For (0: the client's
+# address is REMOTE_ADDR). Counting from the right, so a client cannot forge its address.
+LOGIN_PROXY_COUNT = env_int("LOGIN_PROXY_COUNT", 0, minimum=0)
+AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "apps.tenants.lockout.client_ip"
+AXES_LOCKOUT_CALLABLE = "apps.tenants.lockout.locked_out_response"
+AXES_VERBOSE = False
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -147,15 +182,23 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 WHITENOISE_USE_FINDERS = not PRODUCTION
 
-# --- security (production) --------------------------------------------------------------
-SESSION_COOKIE_SECURE = PRODUCTION
-CSRF_COOKIE_SECURE = PRODUCTION
+# --- security headers and cookies ------------------------------------------------------
+# HTTPS: the site is served over TLS (always in production): cookies are Secure, HSTS on.
+HTTPS = env_bool("WORKBENCH_HTTPS", PRODUCTION)
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
-SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if PRODUCTION else 0, minimum=0)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = PRODUCTION
-SECURE_HSTS_PRELOAD = PRODUCTION
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS
+SECURE_HSTS_PRELOAD = HTTPS
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if PRODUCTION else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
 # --- uploads and artifacts ------------------------------------------------------------
@@ -328,6 +371,29 @@ OAUTH2_PROVIDER = {
     },
 }
 
+# --- Content-Security-Policy (django-csp) -----------------------------------------------
+# Scripts and styles come from our own origin, or inline with the request's nonce
+# (``nonce="{{ request.csp_nonce }}"``); nothing may frame a page. Forms post to us, and to
+# the hub: the OAuth sign-in ends in a redirect there, which form-action also governs.
+_hub = urlsplit(JUPYTERHUB_PUBLIC_URL)
+# (Not a setting named CSP_*: django-csp takes those for its pre-4.0 configuration.)
+_csp_report_uri = env_str("CSP_REPORT_URI", "")
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, NONCE],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "frame-ancestors": [NONE],
+        "form-action": [SELF, f"{_hub.scheme}://{_hub.netloc}"],
+        **({"report-uri": [_csp_report_uri]} if _csp_report_uri else {}),
+    },
+}
+
 # --- celery ---------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str(
     "CELERY_BROKER_URL", f"sqla+sqlite:///{VAR_DIR / 'celery-broker.sqlite3'}"
@@ -382,6 +448,23 @@ PROMETHEUS_MULTIPROC_DIR = os.environ.setdefault(
 Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
 
 # --- REST API -------------------------------------------------------------------------
+# Requests per API token (or per signed-in user) per second|minute|hour|day; over it, 429
+# with Retry-After. Generous by default (automation and benchmarks run unthrottled): set
+# it to what your automation needs. Counts live in the cache below (CACHE_URL).
+API_THROTTLE_RATE = env_str("API_THROTTLE_RATE", "30000/minute")
+if not re.fullmatch(r"[1-9][0-9]*/(second|minute|hour|day)", API_THROTTLE_RATE):
+    raise ImproperlyConfigured(
+        f"API_THROTTLE_RATE={API_THROTTLE_RATE!r} is not <number>/<second|minute|hour|day>"
+    )
+# Blank: each web process counts on its own (in memory); redis://...: one count for all.
+CACHE_URL = env_str("CACHE_URL", "")
+if CACHE_URL and urlsplit(CACHE_URL).scheme not in ("redis", "rediss"):
+    raise ImproperlyConfigured(f"CACHE_URL={CACHE_URL!r} must be a redis:// or rediss:// URL")
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+    if CACHE_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "apps.tenants.auth.BearerTokenAuthentication",
@@ -392,9 +475,14 @@ REST_FRAMEWORK = {
         "apps.notebooks.permissions.NotebookTokenLimits",
     ],
     "DEFAULT_PAGINATION_CLASS": "apps.core.api.Pagination",
+    # JSON only: DRF's browsable pages need inline styles the Content-Security-Policy
+    # refuses; /api/v1/docs/ is the API's page for people.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.core.api.exception_handler",
+    # One rate per API token (per user for the dashboard's session): API_THROTTLE_RATE.
+    "DEFAULT_THROTTLE_CLASSES": ["apps.core.throttling.TokenRateThrottle"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "PAGE_SIZE": 50,
 }

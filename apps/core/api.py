@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
@@ -27,7 +27,9 @@ def default_permissions_and(*extra: type[BasePermission]) -> list[type[BasePermi
     the defaults through this, never instead of them (tests/test_permissions.py walks every
     view to hold it).
     """
-    return [*api_settings.DEFAULT_PERMISSION_CLASSES, *extra]
+    # (The stubs type the setting as its dotted paths; DRF has imported them by now.)
+    defaults = cast("list[type[BasePermission]]", api_settings.DEFAULT_PERMISSION_CLASSES)
+    return [*defaults, *extra]
 
 
 class Pagination(PageNumberPagination):

@@ -42,3 +42,23 @@ def open_section(page: Any, section: str) -> None:
     """Follow the navigation bar's link to one of the tenant's pages."""
     page.click(f"nav a[href='/t/acme/{section}/']")
     page.wait_for_url(re.compile(f"/t/acme/{section}/$"))
+
+
+def watch_csp(page: Any) -> list[str]:
+    """Every Content-Security-Policy violation the page meets from now on, across
+    navigations: what the browser logs (``Refused to ...``) and what the document reports
+    (``securitypolicyviolation``, forwarded by a script Playwright injects past the policy)."""
+    seen: list[str] = []
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation', e => console.error("
+        "'csp-violation: ' + e.violatedDirective + ' blocked ' + (e.blockedURI || 'inline')"
+        " + ' at ' + e.sourceFile + ':' + e.lineNumber + ' on ' + e.documentURI));"
+    )
+
+    def record(message: Any) -> None:
+        text = str(message.text)
+        if "csp-violation" in text or "Content Security Policy" in text:
+            seen.append(text)
+
+    page.on("console", record)
+    return seen

@@ -17,7 +17,7 @@ import pytest
 
 from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
-from tests.browser.steps import WIDE, browser_page, sign_in
+from tests.browser.steps import WIDE, browser_page, sign_in, watch_csp
 from tests.conftest import BANKING77, PASSWORD
 
 pytestmark = pytest.mark.browser
@@ -72,6 +72,7 @@ def test_upload_banking77_see_the_chart_then_an_inline_error(
     rows, labels = banking77_rows()
     assert (rows, labels) == (10003, 77)
     with browser_page(chromium, viewport=WIDE, timeout_ms=60_000) as page:
+        violations = watch_csp(page)
         sign_in_and_create_dataset(page, live_server.url, scientist_login, "banking77")
         assert page.locator("#upload-form").is_visible()
 
@@ -97,6 +98,8 @@ def test_upload_banking77_see_the_chart_then_an_inline_error(
         # Still one version: the chart of version 1 is what the page shows.
         expect(page.locator("#version-table tbody tr")).to_have_count(1)
         page.screenshot(path=str(tmp_path / "upload-error.png"), full_page=True)
+        # Every page of the flow ran under the Content-Security-Policy without a violation.
+        assert violations == []
 
 
 def test_the_same_flow_works_without_javascript(

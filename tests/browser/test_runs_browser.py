@@ -21,7 +21,7 @@ from apps.tenants import services as tenant_services
 from apps.tenants.models import Role
 from apps.training import services
 from apps.training.models import RunStatus, TrainingRun
-from tests.browser.steps import WIDE, browser_page, open_section, sign_in
+from tests.browser.steps import WIDE, browser_page, open_section, sign_in, watch_csp
 from tests.conftest import make_actor
 from tests.training_helpers import make_training_version
 
@@ -96,6 +96,7 @@ def test_launch_watch_the_charts_and_cancel(
     from playwright.sync_api import expect
 
     with browser_page(chromium, viewport=WIDE) as page:
+        violations = watch_csp(page)
         run = sign_in_and_launch(page, live_server.url, scientist_with_data)
         expect(page.locator("#run-status")).to_have_text("queued")
         expect(page.locator(".message-success")).to_contain_text(f"Run {run.pk} queued.")
@@ -137,6 +138,8 @@ def test_launch_watch_the_charts_and_cancel(
         row = page.locator(f"#run-table tr[data-run='{run.pk}']")
         expect(row).to_have_attribute("data-status", "cancelled")
         page.screenshot(path=str(tmp_path / "runs-list.png"), full_page=True)
+        # Charts, live regions and the confirm dialog all ran under the CSP, unviolated.
+        assert violations == []
 
 
 def test_launch_and_cancel_without_javascript(
