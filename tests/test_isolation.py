@@ -34,6 +34,10 @@ GLOBAL_ROUTES = {
     # Fleet-wide; another tenant's models are counted, never named (test_deployments_api).
     "api/v1/fleet/",
     "api/v1/tokens/<str:token_id>/",
+    # Staff only (403 to anyone else): user accounts (test_onboarding).
+    "api/v1/users/",
+    "api/v1/users/<str:username>/",
+    "api/v1/users/<str:username>/password-link",
     "api/v1/schema/",
     "api/v1/docs/",
 }

@@ -121,6 +121,13 @@ urlpatterns = [
         name="shared-dataset-version-list",
     ),
     path("fleet/", deployments_api.FleetApi.as_view(), name="fleet"),
+    path("users/", tenants_api.UserListCreateApi.as_view(), name="user-list"),
+    path("users/<str:username>/", tenants_api.UserDetailApi.as_view(), name="user-detail"),
+    path(
+        "users/<str:username>/password-link",
+        tenants_api.UserPasswordLinkApi.as_view(),
+        name="user-password-link",
+    ),
     path("tokens/", tenants_api.TokenListCreateApi.as_view(), name="token-list"),
     path("tokens/<str:token_id>/", tenants_api.TokenDetailApi.as_view(), name="token-detail"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

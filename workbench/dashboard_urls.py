@@ -80,6 +80,26 @@ urlpatterns = [
     path("tokens/", tenant_views.tokens_page, name="tokens-page"),
     path("tokens/<str:token_id>/revoke/", tenant_views.token_revoke, name="token-revoke-page"),
     path("fleet/", deployment_views.fleet_page, name="fleet-page"),
+    # Staff: onboarding customers (tenants with their first admins, user accounts).
+    path("staff/tenants/", tenant_views.tenants_page, name="tenants-page"),
+    path("staff/users/", tenant_views.users_page, name="users-page"),
+    path(
+        "staff/users/<str:username>/active/",
+        tenant_views.user_set_active,
+        name="user-active-page",
+    ),
+    path(
+        "staff/users/<str:username>/password-link/",
+        tenant_views.user_password_link,
+        name="user-password-link-page",
+    ),
+    # The one-time link a new user follows to choose a password.
+    path(
+        "password/set/<uidb64>/<token>/",
+        tenant_views.PasswordSetView.as_view(),
+        name="password-set-page",
+    ),
+    path("password/set/done/", tenant_views.password_set_done, name="password-set-done-page"),
     path("t/<slug:tenant>/", include(tenant_patterns)),
     path("", tenant_views.home, name="home"),
 ]

@@ -4,13 +4,15 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.tenants import selectors, services
+from apps.core.api import default_permissions_and
+from apps.tenants import selectors, services, users
 from apps.tenants.auth import request_via
+from apps.tenants.filters import TenantFilter, UserFilter
 from apps.tenants.models import ApiToken, Membership, Role, Tenant, slug_validator
 from apps.tenants.scoping import TenantScopedMixin
 
@@ -31,16 +33,51 @@ class TenantInputSerializer(serializers.Serializer[Any]):
     slug = serializers.CharField(max_length=50, validators=[slug_validator])
     name = serializers.CharField(max_length=200)
     domain = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
+    admins = serializers.ListField(
+        child=serializers.CharField(max_length=150),
+        required=False,
+        default=list,
+        max_length=50,
+        help_text="usernames of the tenant's first admins (existing, active users)",
+    )
+
+    def validate_admins(self, value: list[str]) -> list[Any]:
+        admins, unknown = selectors.active_users_named(value)
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return admins
 
 
 class TenantListCreateApi(generics.ListAPIView[Tenant]):
     serializer_class = TenantOutputSerializer
+    filterset_class = TenantFilter
 
     def get_queryset(self) -> Any:
         if getattr(self, "swagger_fake_view", False):  # schema generation has no user
             return Tenant.objects.none()
         token = self.request.auth if isinstance(self.request.auth, ApiToken) else None
+        # A token limited to one tenant stays limited to it, for staff too.
+        limited = token is not None and token.tenant_id is not None
+        if (
+            self.request.user.is_staff
+            and not limited
+            and self.request.query_params.get("all") in ("true", "1")
+        ):
+            return selectors.tenants_all()
         return selectors.tenants_for_user(user=self.request.user, token=token)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "all",
+                bool,
+                description="staff only: every tenant, not only the caller's (`role` is null "
+                "where the caller is no member)",
+            )
+        ]
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = dict(super().get_serializer_context())
@@ -48,7 +85,12 @@ class TenantListCreateApi(generics.ListAPIView[Tenant]):
         context["roles"] = {m.tenant_id: m.role for m in Membership.objects.filter(user=user)}
         return context
 
-    @extend_schema(request=TenantInputSerializer, responses={201: TenantOutputSerializer})
+    @extend_schema(
+        request=TenantInputSerializer,
+        responses={201: TenantOutputSerializer},
+        description="Staff only. Creates the tenant with its first admins; an unknown "
+        "username in `admins` is a 400 on that field and creates nothing.",
+    )
     def post(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not request.user.is_staff:
             return Response(
@@ -103,6 +145,7 @@ class MemberRoleSerializer(serializers.Serializer[Any]):
 
 class MemberListCreateApi(TenantScopedMixin, generics.ListAPIView[Membership]):
     required_roles = {"POST": Role.ADMIN}
+    staff_manages = True
     serializer_class = MemberOutputSerializer
 
     def get_queryset(self) -> Any:
@@ -117,6 +160,7 @@ class MemberListCreateApi(TenantScopedMixin, generics.ListAPIView[Membership]):
             tenant=self.tenant,
             user=data.validated_data["username"],
             role=Role(data.validated_data["role"]),
+            as_staff=self.access.as_staff,
             via=request_via(request),
         )
         return Response(MemberOutputSerializer(membership).data, status=status.HTTP_201_CREATED)
@@ -124,6 +168,7 @@ class MemberListCreateApi(TenantScopedMixin, generics.ListAPIView[Membership]):
 
 class MemberDetailApi(TenantScopedMixin, generics.GenericAPIView[Membership]):
     required_roles = {"PATCH": Role.ADMIN, "DELETE": Role.ADMIN}
+    staff_manages = True
     serializer_class = MemberOutputSerializer
 
     def get_object(self) -> Membership:
@@ -143,13 +188,17 @@ class MemberDetailApi(TenantScopedMixin, generics.GenericAPIView[Membership]):
             actor=request.user,
             membership=membership,
             role=Role(data.validated_data["role"]),
+            as_staff=self.access.as_staff,
             via=request_via(request),
         )
         return Response(MemberOutputSerializer(membership).data)
 
     def delete(self, request: Request, tenant: str, username: str) -> Response:
         services.membership_remove(
-            actor=request.user, membership=self.get_object(), via=request_via(request)
+            actor=request.user,
+            membership=self.get_object(),
+            as_staff=self.access.as_staff,
+            via=request_via(request),
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -244,3 +293,166 @@ class TokenDetailApi(generics.GenericAPIView[ApiToken]):
     def delete(self, request: Request, token_id: str) -> Response:
         services.token_revoke(actor=request.user, token=self.get_object(), via=request_via(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- user accounts (staff) ---------------------------------------------------------------
+
+
+class UserMembershipSerializer(serializers.ModelSerializer[Membership]):
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+
+    class Meta:
+        model = Membership
+        fields = ["tenant", "role"]
+
+
+class UserOutputSerializer(serializers.ModelSerializer[Any]):
+    memberships = UserMembershipSerializer(many=True, read_only=True)
+    has_password = serializers.SerializerMethodField()
+
+    class Meta:
+        model = get_user_model()
+        fields = [
+            "id",
+            "username",
+            "email",
+            "is_active",
+            "is_staff",
+            "has_password",
+            "date_joined",
+            "last_login",
+            "memberships",
+        ]
+
+    def get_has_password(self, user: Any) -> bool:
+        return bool(user.has_usable_password())
+
+
+class UserCreatedSerializer(UserOutputSerializer):
+    password_link = serializers.URLField(
+        allow_null=True,
+        help_text="Without a password: the one-time link where the user sets one. Shown "
+        "once; it stops working once used, or after PASSWORD_RESET_TIMEOUT.",
+    )
+
+    class Meta(UserOutputSerializer.Meta):
+        fields = [*UserOutputSerializer.Meta.fields, "password_link"]
+
+
+class UserInputSerializer(serializers.Serializer[Any]):
+    username = serializers.CharField(
+        max_length=150, validators=[get_user_model().username_validator]
+    )
+    email = serializers.EmailField()
+    password = serializers.CharField(
+        required=False,
+        write_only=True,
+        style={"input_type": "password"},
+        help_text="an initial password, checked by the password validators; leave it out "
+        "to get a one-time link where the user chooses one",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        password = attrs.get("password")
+        if password:
+            problems = users.password_problems(
+                password=password, username=attrs["username"], email=attrs["email"]
+            )
+            if problems:
+                raise serializers.ValidationError({"password": problems})
+        return attrs
+
+
+class UserActiveSerializer(serializers.Serializer[Any]):
+    is_active = serializers.BooleanField(
+        help_text="false deactivates: revokes the user's tokens, ends their sessions and "
+        "stops their notebook servers; true lets them in again"
+    )
+
+
+class PasswordLinkSerializer(serializers.Serializer[Any]):
+    password_link = serializers.URLField()
+
+
+class IsStaff(permissions.IsAdminUser):
+    message = "Only staff (platform) users manage user accounts."
+
+
+def absolute_link(request: Request, created: users.CreatedUser) -> str | None:
+    return request.build_absolute_uri(created.password_link) if created.password_link else None
+
+
+class UserListCreateApi(generics.ListAPIView[Any]):
+    """Staff only: every account (``?search=``, ``?is_active=``); POST creates one."""
+
+    serializer_class = UserOutputSerializer
+    permission_classes = default_permissions_and(IsStaff)
+    filterset_class = UserFilter
+
+    def get_queryset(self) -> Any:
+        return selectors.users_all()
+
+    @extend_schema(request=UserInputSerializer, responses={201: UserCreatedSerializer})
+    def post(self, request: Request) -> Response:
+        data = UserInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        created = users.user_onboard(
+            actor=request.user,
+            username=data.validated_data["username"],
+            email=data.validated_data["email"],
+            password=data.validated_data.get("password") or None,
+            via=request_via(request),
+        )
+        body = UserOutputSerializer(created.user).data
+        body["password_link"] = absolute_link(request, created)
+        response = Response(body, status=status.HTTP_201_CREATED)
+        response["Cache-Control"] = "no-store"  # the link is a credential
+        return response
+
+
+def account_or_404(username: str) -> Any:
+    return get_object_or_404(selectors.users_all(), username=username)
+
+
+class UserDetailApi(generics.GenericAPIView[Any]):
+    """Staff only: one account; PATCH ``is_active`` deactivates or reactivates it."""
+
+    serializer_class = UserOutputSerializer
+    permission_classes = default_permissions_and(IsStaff)
+
+    def get(self, request: Request, username: str) -> Response:
+        return Response(UserOutputSerializer(account_or_404(username)).data)
+
+    @extend_schema(request=UserActiveSerializer, responses=UserOutputSerializer)
+    def patch(self, request: Request, username: str) -> Response:
+        user = account_or_404(username)
+        data = UserActiveSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        users.user_set_active(
+            actor=request.user,
+            user=user,
+            is_active=data.validated_data["is_active"],
+            via=request_via(request),
+        )
+        return Response(UserOutputSerializer(account_or_404(username)).data)
+
+
+class UserPasswordLinkApi(generics.GenericAPIView[Any]):
+    """Staff only: a new one-time password-set link for an active account (the first one
+    expired or was lost)."""
+
+    serializer_class = PasswordLinkSerializer
+    permission_classes = default_permissions_and(IsStaff)
+
+    @extend_schema(request=None, responses={201: PasswordLinkSerializer})
+    def post(self, request: Request, username: str) -> Response:
+        link = users.user_password_link_issue(
+            actor=request.user, user=account_or_404(username), via=request_via(request)
+        )
+        response = Response(
+            {"password_link": request.build_absolute_uri(link)}, status=status.HTTP_201_CREATED
+        )
+        response["Cache-Control"] = "no-store"
+        return response

@@ -44,16 +44,26 @@ def require_role(access: TenantAccess, needed: Role) -> None:
         raise RoleRequired(access, needed)
 
 
-def tenant_view(
-    view: Callable[Concatenate[HttpRequest, TenantAccess, P], HttpResponse],
-) -> Callable[..., HttpResponse]:
-    """Resolve ``<tenant>`` from the URL for a signed-in member and pass the access on."""
+TenantPage = Callable[Concatenate[HttpRequest, TenantAccess, P], HttpResponse]
 
+
+def tenant_view(view: TenantPage[P]) -> Callable[..., HttpResponse]:
+    """Resolve ``<tenant>`` from the URL for a signed-in member and pass the access on."""
+    return _tenant_door(view, staff_manages=False)
+
+
+def member_management_view(view: TenantPage[P]) -> Callable[..., HttpResponse]:
+    """``tenant_view`` for the members pages, where staff users manage any tenant's members
+    (``access.as_staff``), as the members API lets them."""
+    return _tenant_door(view, staff_manages=True)
+
+
+def _tenant_door(view: TenantPage[P], *, staff_manages: bool) -> Callable[..., HttpResponse]:
     @wraps(view)
     def wrapper(
         request: HttpRequest, tenant: str, *args: P.args, **kwargs: P.kwargs
     ) -> HttpResponse:
-        access = resolve_tenant_access(user=request.user, slug=tenant)
+        access = resolve_tenant_access(user=request.user, slug=tenant, staff_manages=staff_manages)
         try:
             return view(request, access, *args, **kwargs)
         except RoleRequired as exc:
@@ -77,7 +87,7 @@ def render_tenant(
     base = {
         "access": access,
         "tenant": access.tenant,
-        "role": access.role.value,
+        "role": "staff" if access.as_staff else access.role.value,
         "nav_section": section,
     }
     return render(request, template, {**base, **(context or {})}, status=status)

@@ -1,4 +1,4 @@
-"""Dashboard forms for members and API tokens."""
+"""Dashboard forms for members, API tokens, and (staff) tenants and user accounts."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from django import forms
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from apps.tenants.models import Role, Tenant
-from apps.tenants.selectors import tenants_for_user
+from apps.tenants.models import Role, Tenant, slug_validator
+from apps.tenants.selectors import active_users_named, tenants_for_user
+from apps.tenants.users import password_problems
 
 
 class MemberAddForm(forms.Form):
@@ -67,3 +68,58 @@ class TokenCreateForm(forms.Form):
     def expires_at(self) -> datetime | None:
         days = self.cleaned_data.get("expires_in_days")
         return timezone.now() + timedelta(days=int(days)) if days else None
+
+
+# --- staff: tenants and user accounts ---------------------------------------------------
+
+
+class TenantCreateForm(forms.Form):
+    slug = forms.CharField(
+        max_length=50,
+        validators=[slug_validator],
+        help_text="In URLs: lowercase letters, digits and hyphens.",
+        widget=forms.TextInput(attrs={"placeholder": "acme", "autocomplete": "off"}),
+    )
+    name = forms.CharField(max_length=200, widget=forms.TextInput(attrs={"placeholder": "Acme"}))
+    domain = forms.CharField(
+        max_length=50, required=False, help_text="The customer's vertical, e.g. banking."
+    )
+    admins = forms.CharField(
+        max_length=2000,
+        label="First admins",
+        help_text="Usernames, separated by commas or spaces; they manage the members.",
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )
+
+    def clean_admins(self) -> list[Any]:
+        names = str(self.cleaned_data["admins"]).replace(",", " ").split()
+        users, unknown = active_users_named(names)
+        if unknown:
+            raise forms.ValidationError(unknown)
+        return users
+
+
+class UserCreateForm(forms.Form):
+    username = forms.CharField(
+        max_length=150,
+        validators=[get_user_model().username_validator],
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )
+    email = forms.EmailField()
+    password = forms.CharField(
+        required=False,
+        label="Initial password",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        help_text="Leave empty to get a one-time link where the user chooses a password.",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        password = cleaned.get("password")
+        if password and cleaned.get("username"):
+            for problem in password_problems(
+                password=password, username=cleaned["username"], email=cleaned.get("email") or ""
+            ):
+                self.add_error("password", problem)
+        return cleaned

@@ -3,6 +3,11 @@
 API views and dashboard views both resolve ``{tenant}`` from the URL through
 ``resolve_tenant_access``. A tenant the caller is not a member of (or that their token is
 not limited to) does not exist for them: 404, never 403, so its existence does not leak.
+
+One exception, named by the view: pages and endpoints that manage a tenant's members let
+staff (platform) users in as admins of any tenant, so that they can onboard a customer
+whose tenant has no admin yet. Their access says ``as_staff`` and their changes are
+audited so; every other route keeps staff out of tenants they are not members of.
 """
 
 from __future__ import annotations
@@ -21,25 +26,40 @@ from apps.tenants.models import ROLE_RANK, ApiToken, Membership, Role, Tenant
 @dataclass(frozen=True)
 class TenantAccess:
     tenant: Tenant
-    membership: Membership
+    membership: Membership | None  # None: a staff user who is no member (as_staff)
+    as_staff: bool = False
 
     @property
     def role(self) -> Role:
+        if self.as_staff or self.membership is None:
+            return Role.ADMIN
         return Role(self.membership.role)
 
     def allows(self, role: Role) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
-def resolve_tenant_access(*, user: Any, slug: str, token: ApiToken | None = None) -> TenantAccess:
+def resolve_tenant_access(
+    *, user: Any, slug: str, token: ApiToken | None = None, staff_manages: bool = False
+) -> TenantAccess:
+    """The caller's access to tenant ``slug``; with ``staff_manages`` (member management
+    only) a staff user who is not an admin of it acts as one, marked ``as_staff``."""
     if user is None or not user.is_authenticated:
         raise Http404("No such tenant.")
     if token is not None and token.tenant is not None and token.tenant.slug != slug:
         raise Http404("No such tenant.")
     membership = membership_by_slug(user_id=user.pk, slug=slug)
+    if staff_manages and user.is_staff and (membership is None or membership.role != Role.ADMIN):
+        tenant = membership.tenant if membership is not None else _tenant_by_slug(slug)
+        if tenant is not None:
+            return TenantAccess(tenant=tenant, membership=membership, as_staff=True)
     if membership is None:
         raise Http404("No such tenant.")
     return TenantAccess(tenant=membership.tenant, membership=membership)
+
+
+def _tenant_by_slug(slug: str) -> Tenant | None:
+    return Tenant.objects.filter(slug=slug).first()
 
 
 def membership_by_slug(*, user_id: Any, slug: str) -> Membership | None:
@@ -71,6 +91,8 @@ class TenantScopedMixin:
     """
 
     required_roles: dict[str, Role] = {}
+    # Member management only: staff users act as admins of any tenant (see above).
+    staff_manages = False
     access: TenantAccess
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -78,7 +100,10 @@ class TenantScopedMixin:
         token = request.auth if isinstance(request.auth, ApiToken) else None
         try:
             self.access = resolve_tenant_access(
-                user=request.user, slug=kwargs["tenant"], token=token
+                user=request.user,
+                slug=kwargs["tenant"],
+                token=token,
+                staff_manages=self.staff_manages,
             )
         except Http404 as exc:
             raise exceptions.NotFound("No such tenant.") from exc

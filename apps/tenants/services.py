@@ -1,8 +1,9 @@
-"""Writes for tenants, memberships and tokens. Each is atomic and audited."""
+"""Writes for tenants, memberships, tokens and user accounts. Each is atomic and audited."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,19 +18,53 @@ from apps.tenants.models import ApiToken, Membership, Role, Tenant, hash_token
 
 
 @transaction.atomic
-def tenant_create(*, actor: Any, slug: str, name: str, domain: str = "", via: str = "") -> Tenant:
+def tenant_create(
+    *,
+    actor: Any,
+    slug: str,
+    name: str,
+    domain: str = "",
+    admins: Sequence[Any] = (),
+    via: str = "",
+) -> Tenant:
+    """Create a tenant with its first admins (staff onboarding a customer)."""
     if Tenant.objects.filter(slug=slug).exists():
         raise DomainError(f"A tenant with slug '{slug}' already exists.", code="exists")
     tenant = Tenant.objects.create(slug=slug, name=name, domain=domain)
+    first = list(dict.fromkeys(admins))
     audit_record(
         actor=actor,
         tenant=tenant,
         verb="tenant.create",
         obj=tenant,
-        after={"slug": slug, "name": name, "domain": domain},
+        after={
+            "slug": slug,
+            "name": name,
+            "domain": domain,
+            "admins": [u.get_username() for u in first],
+        },
         via=via,
     )
+    for user in first:
+        membership_add(
+            actor=actor,
+            tenant=tenant,
+            user=user,
+            role=Role.ADMIN,
+            as_staff=bool(getattr(actor, "is_staff", False)),
+            via=via,
+        )
     return tenant
+
+
+def _staff_mark(data: dict[str, Any], *, actor: Any, as_staff: bool) -> dict[str, Any]:
+    """Mark a change a staff user made with no admin role of their own in the tenant."""
+    if not as_staff:
+        return data
+    if not getattr(actor, "is_staff", False):
+        # The doors grant as_staff only to staff; a caller that claims it otherwise is a bug.
+        raise DomainError("Only staff users act as staff.", code="not_staff")
+    return {**data, "as_staff": True}
 
 
 def _admins(tenant: Tenant) -> int:
@@ -38,7 +73,7 @@ def _admins(tenant: Tenant) -> int:
 
 @transaction.atomic
 def membership_add(
-    *, actor: Any, tenant: Tenant, user: Any, role: Role, via: str = ""
+    *, actor: Any, tenant: Tenant, user: Any, role: Role, as_staff: bool = False, via: str = ""
 ) -> Membership:
     if Membership.objects.filter(tenant=tenant, user=user).exists():
         raise DomainError(
@@ -50,7 +85,9 @@ def membership_add(
         tenant=tenant,
         verb="member.add",
         obj=membership,
-        after={"username": user.get_username(), "role": role.value},
+        after=_staff_mark(
+            {"username": user.get_username(), "role": role.value}, actor=actor, as_staff=as_staff
+        ),
         via=via,
     )
     return membership
@@ -58,7 +95,7 @@ def membership_add(
 
 @transaction.atomic
 def membership_change_role(
-    *, actor: Any, membership: Membership, role: Role, via: str = ""
+    *, actor: Any, membership: Membership, role: Role, as_staff: bool = False, via: str = ""
 ) -> Membership:
     # Lock the tenant's admin rows so two admins demoting each other cannot leave none.
     locked = Membership.objects.select_for_update().get(pk=membership.pk)
@@ -78,14 +115,16 @@ def membership_change_role(
         verb="member.change_role",
         obj=locked,
         before={"role": before},
-        after={"role": role.value},
+        after=_staff_mark({"role": role.value}, actor=actor, as_staff=as_staff),
         via=via,
     )
     return locked
 
 
 @transaction.atomic
-def membership_remove(*, actor: Any, membership: Membership, via: str = "") -> None:
+def membership_remove(
+    *, actor: Any, membership: Membership, as_staff: bool = False, via: str = ""
+) -> None:
     locked = Membership.objects.select_for_update().get(pk=membership.pk)
     list(Membership.objects.select_for_update().filter(tenant_id=locked.tenant_id, role=Role.ADMIN))
     if locked.role == Role.ADMIN and _admins(locked.tenant) <= 1:
@@ -98,6 +137,7 @@ def membership_remove(*, actor: Any, membership: Membership, via: str = "") -> N
         verb="member.remove",
         obj=locked,
         before={"username": locked.user.get_username(), "role": locked.role},
+        after=_staff_mark({}, actor=actor, as_staff=as_staff) or None,
         via=via,
     )
     # Tokens limited to this tenant stop working with the membership.
@@ -170,8 +210,39 @@ def token_revoke(*, actor: Any, token: ApiToken, via: str = "") -> ApiToken:
     return locked
 
 
-def user_create(*, username: str, password: str, email: str = "", is_staff: bool = False) -> Any:
+# --- user accounts ------------------------------------------------------------------------
+
+
+@transaction.atomic
+def user_create(
+    *,
+    username: str,
+    email: str = "",
+    password: str | None = None,
+    is_staff: bool = False,
+    actor: Any = None,
+    via: str = "",
+) -> Any:
+    """Create an account; without a password it has none usable until its owner sets one
+    through ``users.user_password_link``. The doors check the password against Django's
+    validators first (``users.password_problems``)."""
     user_model = get_user_model()
-    return user_model.objects.create_user(
+    if user_model.objects.filter(username=username).exists():
+        raise DomainError(f"A user named '{username}' already exists.", code="exists")
+    user = user_model.objects.create_user(
         username=username, password=password, email=email, is_staff=is_staff
     )
+    audit_record(
+        actor=actor,
+        tenant=None,
+        verb="user.create",
+        obj=user,
+        after={
+            "username": username,
+            "email": email,
+            "is_staff": is_staff,
+            "password": "set" if password else "link",
+        },
+        via=via,
+    )
+    return user

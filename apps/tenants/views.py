@@ -1,20 +1,47 @@
-"""Dashboard pages for tenants: home, members and the user's API tokens."""
+"""Dashboard pages for tenants: home, members, the user's API tokens, and for staff the
+tenants and user accounts (onboarding a customer), with the one-time password-set page."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse_lazy
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.core.errors import DomainError
-from apps.tenants import services
-from apps.tenants.dashboard import VIA, render_tenant, require_role, tenant_view
-from apps.tenants.forms import MemberAddForm, MemberRoleForm, TokenCreateForm
+from apps.tenants import services, users
+from apps.tenants.dashboard import (
+    VIA,
+    member_management_view,
+    paginate,
+    render_tenant,
+    require_role,
+)
+from apps.tenants.filters import TenantFilter, UserFilter
+from apps.tenants.forms import (
+    MemberAddForm,
+    MemberRoleForm,
+    TenantCreateForm,
+    TokenCreateForm,
+    UserCreateForm,
+)
 from apps.tenants.models import Membership, Role
 from apps.tenants.scoping import TenantAccess
-from apps.tenants.selectors import members_of, memberships_for_user, tokens_of
+from apps.tenants.selectors import (
+    members_of,
+    memberships_for_user,
+    tenants_all,
+    tokens_of,
+    users_all,
+)
 
 SECTION = "members-page"
 
@@ -38,7 +65,7 @@ def _member_or_404(access: TenantAccess, username: str) -> Membership:
 
 
 @require_http_methods(["GET", "HEAD", "POST"])
-@tenant_view
+@member_management_view
 def members_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
     is_admin = access.allows(Role.ADMIN)
     form = MemberAddForm() if is_admin else None
@@ -54,6 +81,7 @@ def members_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
                     tenant=access.tenant,
                     user=user,
                     role=form.cleaned_data["role"],
+                    as_staff=access.as_staff,
                     via=VIA,
                 )
             except DomainError as exc:
@@ -81,7 +109,7 @@ def members_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
 
 
 @require_POST
-@tenant_view
+@member_management_view
 def member_change_role(request: HttpRequest, access: TenantAccess, username: str) -> HttpResponse:
     membership = _member_or_404(access, username)
     require_role(access, Role.ADMIN)
@@ -92,7 +120,7 @@ def member_change_role(request: HttpRequest, access: TenantAccess, username: str
     role: Role = form.cleaned_data["role"]
     try:
         services.membership_change_role(
-            actor=request.user, membership=membership, role=role, via=VIA
+            actor=request.user, membership=membership, role=role, as_staff=access.as_staff, via=VIA
         )
     except DomainError as exc:
         messages.error(request, exc.message)
@@ -102,17 +130,19 @@ def member_change_role(request: HttpRequest, access: TenantAccess, username: str
 
 
 @require_POST
-@tenant_view
+@member_management_view
 def member_remove(request: HttpRequest, access: TenantAccess, username: str) -> HttpResponse:
     membership = _member_or_404(access, username)
     require_role(access, Role.ADMIN)
     try:
-        services.membership_remove(actor=request.user, membership=membership, via=VIA)
+        services.membership_remove(
+            actor=request.user, membership=membership, as_staff=access.as_staff, via=VIA
+        )
     except DomainError as exc:
         messages.error(request, exc.message)
         return redirect("members-page", tenant=access.tenant.slug)
     messages.success(request, f"Removed '{username}' from {access.tenant.name}.")
-    if membership.user_id == request.user.pk:
+    if membership.user_id == request.user.pk and not request.user.is_staff:
         return redirect("home")  # the tenant no longer exists for them
     return redirect("members-page", tenant=access.tenant.slug)
 
@@ -165,3 +195,183 @@ def token_revoke(request: HttpRequest, token_id: str) -> HttpResponse:
     services.token_revoke(actor=request.user, token=token, via=VIA)
     messages.success(request, f"Token '{token.name}' revoked; it no longer works.")
     return redirect("tokens-page")
+
+
+# --- staff: tenants and user accounts -----------------------------------------------------
+
+ROWS_PER_PAGE = 50
+STAFF_TEMPLATES = {"users-page": "tenants/users.html", "tenants-page": "tenants/tenants.html"}
+
+
+def staff_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Signed in and staff; anyone else gets the 403 page saying so."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not request.user.is_staff:
+            message = "Only staff (platform) users manage tenants and user accounts."
+            return render(request, "403.html", {"exception": message}, status=403)
+        return view(request, *args, **kwargs)
+
+    return login_required(wrapper)
+
+
+def _valid_for(seconds: int) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
+    return f"{max(1, seconds // 3600)} hours"
+
+
+def _one_time_link_page(request: HttpRequest, user: Any, link: str, *, created: bool) -> Any:
+    # Rendered, not redirected: the link exists only in this one response.
+    response = render(
+        request,
+        "tenants/password_link.html",
+        {
+            "account": user,
+            "link": request.build_absolute_uri(link),
+            "created": created,
+            "valid_for": _valid_for(settings.PASSWORD_RESET_TIMEOUT),
+            "nav_section": "users-page",
+        },
+    )
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _staff_list(
+    request: HttpRequest, section: str, filterset: Any, form: Any, status: int
+) -> HttpResponse:
+    """A staff list page: the filtered rows, a page of them, and the create form."""
+    return render(
+        request,
+        STAFF_TEMPLATES[section],
+        {
+            "filter": filterset,
+            "page": paginate(request, filterset.qs, ROWS_PER_PAGE),
+            "form": form,
+            "nav_section": section,
+        },
+        status=status,
+    )
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@staff_view
+def users_page(request: HttpRequest) -> HttpResponse:
+    form = UserCreateForm()
+    status = 200
+    if request.method == "POST":
+        form = UserCreateForm(request.POST)
+        if form.is_valid():
+            try:
+                created = users.user_onboard(
+                    actor=request.user,
+                    username=form.cleaned_data["username"],
+                    email=form.cleaned_data["email"],
+                    password=form.cleaned_data["password"] or None,
+                    via=VIA,
+                )
+            except DomainError as exc:
+                form.add_error("username", exc.message)
+            else:
+                if created.password_link:
+                    return _one_time_link_page(
+                        request, created.user, created.password_link, created=True
+                    )
+                messages.success(request, f"Created '{created.user.get_username()}'.")
+                return redirect("users-page")
+        status = 400
+    filterset = UserFilter(request.GET or None, queryset=users_all())
+    return _staff_list(request, "users-page", filterset, form, status)
+
+
+def _account_or_404(username: str) -> Any:
+    user = users_all().filter(username=username).first()
+    if user is None:
+        raise Http404("No such user.")
+    return user
+
+
+@require_POST
+@staff_view
+def user_set_active(request: HttpRequest, username: str) -> HttpResponse:
+    user = _account_or_404(username)
+    is_active = request.POST.get("is_active") == "true"
+    try:
+        users.user_set_active(actor=request.user, user=user, is_active=is_active, via=VIA)
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(
+            request,
+            f"'{username}' can sign in again."
+            if is_active
+            else f"'{username}' is deactivated: tokens revoked, sessions ended, notebook "
+            "servers stopping.",
+        )
+    return redirect("users-page")
+
+
+@require_POST
+@staff_view
+def user_password_link(request: HttpRequest, username: str) -> HttpResponse:
+    user = _account_or_404(username)
+    try:
+        link = users.user_password_link_issue(actor=request.user, user=user, via=VIA)
+    except DomainError as exc:
+        messages.error(request, exc.message)
+        return redirect("users-page")
+    return _one_time_link_page(request, user, link, created=False)
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@staff_view
+def tenants_page(request: HttpRequest) -> HttpResponse:
+    form = TenantCreateForm()
+    status = 200
+    if request.method == "POST":
+        form = TenantCreateForm(request.POST)
+        if form.is_valid():
+            try:
+                tenant = services.tenant_create(
+                    actor=request.user,
+                    slug=form.cleaned_data["slug"],
+                    name=form.cleaned_data["name"],
+                    domain=form.cleaned_data["domain"],
+                    admins=form.cleaned_data["admins"],
+                    via=VIA,
+                )
+            except DomainError as exc:
+                form.add_error("slug", exc.message)
+            else:
+                messages.success(request, f"Created tenant '{tenant.name}'.")
+                return redirect("members-page", tenant=tenant.slug)
+        status = 400
+    filterset = TenantFilter(request.GET or None, queryset=tenants_all())
+    return _staff_list(request, "tenants-page", filterset, form, status)
+
+
+class PasswordSetView(auth_views.PasswordResetConfirmView):
+    """Where a new user (or one staff sent a new link) chooses a password, through the
+    one-time link. Django's reset-confirm view, with two changes: a deactivated account's
+    link does not work, and the password is saved by the service, which audits it."""
+
+    template_name = "registration/password_set.html"
+    success_url = reverse_lazy("password-set-done-page")
+
+    def get_user(self, uidb64: str) -> Any:
+        user = super().get_user(uidb64)
+        return user if user is not None and user.is_active else None
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        users.user_password_set(
+            user=form.user, password=form.cleaned_data["new_password1"], via=VIA
+        )
+        del self.request.session[auth_views.INTERNAL_RESET_SESSION_TOKEN]
+        return redirect(self.get_success_url())
+
+
+@require_http_methods(["GET", "HEAD"])
+def password_set_done(request: HttpRequest) -> HttpResponse:
+    return render(request, "registration/password_set_done.html")
