@@ -472,6 +472,10 @@ def test_mlflow_runs_its_basic_auth_app_and_the_workbench_signs_in_as_its_admin(
     assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$$(cat /run/secrets/mlflow_admin_password)"' in entrypoint
     assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in entrypoint and 'exec "$$@"' in entrypoint
     assert "mlflow_admin_password" in secret_sources(config, "mlflow")
+    # The app ships in mlflow's [auth] extra (Flask-WTF): without it the server cannot start.
+    build = mlflow["build"]
+    dockerfile = Path(build["context"]) / build.get("dockerfile", "Dockerfile")
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in dockerfile.read_text()
     mounted = mounts(config, "mlflow")
     ini = configparser.ConfigParser()
     assert ini.read(mounted[env["MLFLOW_AUTH_CONFIG_PATH"]])
