@@ -140,8 +140,10 @@ def training_dataset(scientist: Actor) -> str:
 
 
 @pytest.fixture
-def golden_dataset(scientist: Actor) -> str:
-    response = scientist.api(
+def golden_dataset(reviewer: Actor) -> str:
+    """A golden set of acme, created by its reviewer (only reviewers and admins create and
+    change golden and sample sets)."""
+    response = reviewer.api(
         "post", "/api/v1/tenants/acme/datasets/", {"name": "golden-intents", "kind": "golden"}
     )
     assert response.status_code == 201, response.content

@@ -272,6 +272,32 @@ def test_viewer_sees_no_create_form_and_is_refused_with_the_role(
     assert not Dataset.objects.exists()
 
 
+def test_only_reviewers_and_admins_create_and_change_golden_sets_in_the_dashboard(
+    client: Client, scientist: Actor, reviewer: Actor, tenant: Tenant, uploads_dir: Path
+) -> None:
+    login(client, scientist)
+    create = {"name": "yardstick", "kind": "golden", "task": "text-classification"}
+    refused = client.post("/t/acme/datasets/", create)
+    assert refused.status_code == 403
+    assert role_message("reviewer", "scientist") in refused.content.decode()
+    assert not Dataset.objects.exists()
+    login(client, reviewer)
+    assert client.post("/t/acme/datasets/", create).status_code == 302
+    golden = Dataset.objects.get(tenant=tenant, name="yardstick")
+    login(client, scientist)
+    page = client.get(detail_url(golden))
+    assert page.status_code == 200
+    assert b'id="upload-form"' not in page.content and b"Delete" not in page.content
+    assert post_upload(client, golden, "g.csv", SMALL_CSV).status_code == 403
+    assert not DatasetVersion.objects.exists() and list(uploads_dir.iterdir()) == []
+    assert client.post(f"{detail_url(golden)}delete/").status_code == 403
+    assert Dataset.objects.filter(pk=golden.pk).exists()
+    login(client, reviewer)
+    assert b'id="upload-form"' in client.get(detail_url(golden)).content
+    assert post_upload(client, golden, "g.csv", SMALL_CSV).status_code == 302
+    assert DatasetVersion.objects.filter(dataset=golden).count() == 1
+
+
 def test_datasets_list_filters_with_the_api_filterset_and_paginates(
     client: Client, scientist: Actor, tenant: Tenant, django_assert_max_num_queries: Any
 ) -> None:

@@ -24,10 +24,10 @@ def versions_url(dataset_id: str) -> str:
     return f"/api/v1/tenants/acme/datasets/{dataset_id}/versions/"
 
 
-def test_create_and_list_datasets_with_filters(scientist):
+def test_create_and_list_datasets_with_filters(scientist, reviewer):
     for name, kind in [("a-train", "training"), ("a-golden", "golden"), ("b-train", "training")]:
         assert (
-            scientist.api(
+            reviewer.api(
                 "post", "/api/v1/tenants/acme/datasets/", {"name": name, "kind": kind}
             ).status_code
             == 201
@@ -52,8 +52,8 @@ def test_bad_dataset_fields_are_named(scientist):
     assert not Dataset.objects.exists()
 
 
-def test_duplicate_dataset_name_is_409(scientist, training_dataset):
-    response = scientist.api(
+def test_duplicate_dataset_name_is_409(reviewer, training_dataset):
+    response = reviewer.api(
         "post", "/api/v1/tenants/acme/datasets/", {"name": "support-intents", "kind": "golden"}
     )
     assert response.status_code == 409
@@ -179,8 +179,8 @@ def test_bad_upload_is_refused_naming_the_problem_and_leaves_nothing(
     assert list(settings.UPLOAD_TMP_DIR.glob("upload-*")) == []
 
 
-def test_golden_set_may_have_a_single_label(scientist, golden_dataset, upload):
-    response = upload(scientist, golden_dataset, "g.csv", b"text,label\nhello,a\nworld,a\n")
+def test_golden_set_may_have_a_single_label(reviewer, golden_dataset, upload):
+    response = upload(reviewer, golden_dataset, "g.csv", b"text,label\nhello,a\nworld,a\n")
     assert response.status_code == 201
 
 
@@ -270,3 +270,100 @@ def test_openapi_schema_names_every_operation(scientist):
     ]:
         assert expected in paths
     assert scientist.client.get("/api/v1/docs/").status_code == 200
+
+
+# --- golden and sample sets: the gates' yardsticks, changed by reviewers and admins only ---
+
+
+@pytest.mark.parametrize("kind", ["golden", "sample"])
+def test_only_reviewers_and_admins_create_and_change_golden_and_sample_sets(
+    kind, scientist, reviewer, admin, upload, artifacts_dir
+):
+    datasets = "/api/v1/tenants/acme/datasets/"
+    refused = scientist.api("post", datasets, {"name": "yardstick", "kind": kind})
+    assert refused.status_code == 403
+    assert "'reviewer'" in refused.json()["error"]["message"]
+    assert not Dataset.objects.exists()
+    created = reviewer.api("post", datasets, {"name": "yardstick", "kind": kind})
+    assert created.status_code == 201, created.content
+    dataset = created.json()["id"]
+    assert upload(scientist, dataset, "g.csv", GOOD_CSV).status_code == 403
+    assert not DatasetVersion.objects.exists() and stored_files(artifacts_dir) == []
+    edit = scientist.api("patch", f"{datasets}{dataset}/", {"description": "mine now"})
+    assert edit.status_code == 403
+    assert scientist.api("delete", f"{datasets}{dataset}/").status_code == 403
+    assert Dataset.objects.get(pk=dataset).description == ""
+    assert upload(reviewer, dataset, "g.csv", GOOD_CSV).status_code == 201
+    assert upload(admin, dataset, "g2.csv", GOOD_CSV + b"more,lost_card\n").status_code == 201
+    assert reviewer.api("patch", f"{datasets}{dataset}/", {"description": "v2"}).status_code == 200
+    # Scientists still read them, and keep their own training sets.
+    assert scientist.api("get", f"{datasets}{dataset}/versions/").json()["count"] == 2
+    training = scientist.api("post", datasets, {"name": "mine", "kind": "training"})
+    assert training.status_code == 201
+    assert upload(scientist, training.json()["id"], "t.csv", GOOD_CSV).status_code == 201
+
+
+# --- upload cleanup: bytes go only when no version references them ------------------------
+
+
+def _store_directly(actor, dataset_id, tmp_path, content=GOOD_CSV):
+    from apps.datasets import services
+
+    path = tmp_path / f"upload-{hashlib.sha256(content).hexdigest()[:8]}.csv"
+    path.write_bytes(content)
+    return services.dataset_version_create(
+        actor=actor.user, dataset=Dataset.objects.get(pk=dataset_id), path=path,
+        sha256=hashlib.sha256(content).hexdigest(), size_bytes=len(content), filename="a.csv",
+    )  # fmt: skip
+
+
+def _audit_fails_once(monkeypatch):
+    """The upload's audit write fails once (after its bytes are stored), then works."""
+    from apps.datasets import services
+
+    real, failed = services.audit_record, []
+
+    def audit(**kwargs):
+        if not failed:
+            failed.append(kwargs["verb"])
+            raise RuntimeError("the audit log is unavailable")
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "audit_record", audit)
+    return failed
+
+
+def test_a_failed_upload_leaves_no_bytes_nobody_references(
+    scientist, training_dataset, artifacts_dir, tmp_path, monkeypatch
+):
+    failed = _audit_fails_once(monkeypatch)
+    with pytest.raises(RuntimeError, match="audit log"):
+        _store_directly(scientist, training_dataset, tmp_path)
+    assert failed == ["dataset_version.create"]
+    assert not DatasetVersion.objects.exists() and stored_files(artifacts_dir) == []
+
+
+def test_a_failed_upload_keeps_the_bytes_of_a_twin_a_concurrent_retry_committed(
+    scientist, training_dataset, upload, artifacts_dir, tmp_path, monkeypatch
+):
+    """The race, made deterministic: an upload stores its bytes and then fails; before its
+    cleanup runs, a retry of the same file commits its version, whose content-addressed key
+    is the same. The cleanup must leave those bytes where the twin version finds them."""
+    from apps.datasets import services
+
+    failed = _audit_fails_once(monkeypatch)
+    cleanup, retried = services.discard_unreferenced, []
+
+    def retry_commits_first(**kwargs):
+        retried.append(upload(scientist, training_dataset, "a.csv", GOOD_CSV))
+        return cleanup(**kwargs)
+
+    monkeypatch.setattr(services, "discard_unreferenced", retry_commits_first)
+    with pytest.raises(RuntimeError, match="audit log"):
+        _store_directly(scientist, training_dataset, tmp_path)
+    assert failed == ["dataset_version.create"] and retried[0].status_code == 201
+    (version,) = DatasetVersion.objects.all()
+    assert [p.name for p in stored_files(artifacts_dir)] == [version.sha256]
+    download = scientist.client.get(f"{versions_url(training_dataset)}1/download")
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content) == GOOD_CSV

@@ -216,3 +216,48 @@ def test_an_alert_mails_the_admins_once_is_audited_and_counted_on_metrics(
     assert alerts.alerts_resolve(deployment=warm, kind="warmup_failed") == 1
     metrics = client.get("/metrics").content.decode()
     assert 'workbench_fleet_open_alerts{kind="warmup_failed"} 0.0' in metrics
+
+
+# --- warm-up samples: the tenant's own golden sets only ----------------------------------
+
+SHARED_TEXT = "shared-set row: staff eyes only"
+
+
+def shared_golden_version(staff) -> DatasetVersion:
+    """A staff-owned golden set of acme's domain, uploaded as staff do."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    created = staff.api("post", "/api/v1/shared-datasets/",
+                        {"name": "banking-shared", "domain": "banking"})  # fmt: skip
+    assert created.status_code == 201, created.content
+    dataset = created.json()["id"]
+    body = f"text,label\n{SHARED_TEXT},card\nanother shared row,cash\n".encode()
+    upload = staff.client.post(f"/api/v1/shared-datasets/{dataset}/versions/",
+                               {"file": SimpleUploadedFile("shared.csv", body)})  # fmt: skip
+    assert upload.status_code == 201, upload.content
+    return DatasetVersion.objects.get(pk=upload.json()["id"])
+
+
+def test_warmup_samples_come_only_from_the_tenants_own_golden_sets(version, reviewer, staff):
+    from apps.deployments.selectors import warmup_samples
+    from apps.evaluation.models import Evaluation
+
+    own = DatasetVersion.objects.get(
+        pk=make_training_version(reviewer, name="own-golden", kind="golden")
+    )
+    shared = shared_golden_version(staff)
+    now = timezone.now()
+    # Evaluated on both, as a promotion request does; the shared set's evaluation finished
+    # last, so it is the newest one with samples.
+    for dataset_version, text, finished in [
+        (own, "where is my new card", now - timedelta(minutes=5)),
+        (shared, SHARED_TEXT, now),
+    ]:
+        Evaluation.objects.create(
+            tenant=version.registered_model.tenant, model_version=version,
+            dataset_version=dataset_version, status="succeeded", artifact_sha256=version.sha256,
+            metrics={"macro_f1": 0.9}, finished_at=finished,
+            samples=[{"text": text, "label": "a", "predicted": "a", "score": 0.9}],
+        )  # fmt: skip
+    samples = warmup_samples(version, 16)
+    assert [s["text"] for s in samples] == ["where is my new card"]

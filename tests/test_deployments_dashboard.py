@@ -393,7 +393,7 @@ def test_a_standby_can_be_retired(replaced, reviewer, django_capture_on_commit_c
 @pytest.fixture
 def approved(scientist: Actor, reviewer: Actor, tenant: Tenant, version: ModelVersion):
     """A promotion approved through the services: its deployment exists, pending."""
-    make_training_version(scientist, name="golden", kind="golden")
+    make_training_version(reviewer, name="golden", kind="golden")
     promotion = promotions.promotion_request(
         actor=scientist.user, tenant=tenant, model_version=version, target="staging"
     )

@@ -228,3 +228,59 @@ def test_a_pool_the_fleet_lost_is_applied_again_and_serves_as_before(
     body = predict(scientist, "acme", "intents", texts).json()
     assert [o["label"] for o in body["outputs"]] == expected(packed["base"], texts)
     assert ServingPool.objects.get(kind="classifier").routes["models"][version.pk]
+
+
+def test_a_warmup_mismatch_shows_only_the_tenants_own_golden_text(
+    fleet_settings, packed, tenant, scientist, reviewer, admin, staff, client
+):
+    from datetime import timedelta
+
+    from django.core import mail
+    from django.utils import timezone
+
+    from apps.datasets.models import Dataset, DatasetVersion
+    from apps.deployments.models import FleetAlert
+    from apps.evaluation.models import Evaluation
+
+    shared_text = "shared-set row: staff eyes only"
+    version = register(scientist, tenant, "intents", packed["base"])
+    # The tenant's own golden evaluation recorded a prediction the fleet will not repeat...
+    own = Evaluation.objects.get(model_version=version)
+    samples = [dict(s) for s in own.samples]
+    samples[0]["predicted"] = "no_such_label"
+    Evaluation.objects.filter(pk=own.pk).update(
+        samples=samples, finished_at=timezone.now() - timedelta(minutes=5)
+    )
+    # ...and so did a later evaluation on a shared (staff-owned) golden set of its domain.
+    dataset = Dataset.objects.create(tenant=None, name="banking-shared", kind="golden",
+                                     domain="banking")  # fmt: skip
+    data = DatasetVersion.objects.create(
+        dataset=dataset, number=1, sha256="5e" * 32, size_bytes=1, rows=1, format="csv",
+        storage_key="x/shared", text_column="text", label_column="label", labels={"a": 1},
+        duplicate_texts=0, preview=[],
+    )  # fmt: skip
+    Evaluation.objects.create(
+        tenant=tenant, model_version=version, dataset_version=data, status="succeeded",
+        artifact_sha256=version.sha256, metrics={"macro_f1": 0.9}, finished_at=timezone.now(),
+        samples=[{"text": shared_text, "label": "a", "predicted": "no_such_label", "score": 1.0}],
+    )  # fmt: skip
+    mail.outbox.clear()
+    deployment = approve(scientist, reviewer, version, "production")
+    deployment.refresh_from_db()
+    assert deployment.status == "failed"
+    warmup = Warmup.objects.get(deployment=deployment)
+    assert [m["text"] for m in warmup.mismatches] == [GOLDEN_TEXTS[0]]
+    client.force_login(scientist.user)
+    api = scientist.api("get", f"/api/v1/tenants/acme/deployments/{deployment.pk}/")
+    page = client.get(f"/t/acme/deployments/{deployment.pk}/").content.decode()
+    seen_by_tenant = {
+        "api": json.dumps(api.json()),
+        "page": page,
+        "failure": deployment.failure,
+        "promotion": deployment.promotion.failure,
+        "alerts": " ".join(FleetAlert.objects.values_list("message", flat=True)),
+        "mail": " ".join(m.body for m in mail.outbox),
+    }
+    assert GOLDEN_TEXTS[0] in seen_by_tenant["api"] and GOLDEN_TEXTS[0] in seen_by_tenant["mail"]
+    for where, text in seen_by_tenant.items():
+        assert shared_text not in text, where

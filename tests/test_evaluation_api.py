@@ -63,10 +63,10 @@ def test_unknown_model_kind_is_404(admin):
 
 
 def test_evaluation_defaults_to_every_golden_set(
-    scientist, model_version, django_capture_on_commit_callbacks
+    scientist, reviewer, model_version, django_capture_on_commit_callbacks
 ):
-    make_training_version(scientist, name="golden-a", kind="golden")
-    make_training_version(scientist, name="golden-b", kind="golden")
+    make_training_version(reviewer, name="golden-a", kind="golden")
+    make_training_version(reviewer, name="golden-b", kind="golden")
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         response = scientist.api("post", f"{API}/evaluations/", {"model_version": model_version.pk})
     assert response.status_code == 202, response.content
@@ -92,7 +92,7 @@ def test_foreign_model_version_reads_as_unknown(outsider, model_version):
 
 
 def test_shared_domain_golden_sets_join_every_evaluation_of_that_domain(
-    staff, scientist, model_version, django_capture_on_commit_callbacks
+    staff, scientist, reviewer, model_version, django_capture_on_commit_callbacks
 ):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
@@ -107,7 +107,7 @@ def test_shared_domain_golden_sets_join_every_evaluation_of_that_domain(
         files = {"file": SimpleUploadedFile("g.csv", banking_slice())}
         upload = staff.client.post(f"/api/v1/shared-datasets/{dataset}/versions/", files)
         assert upload.status_code == 201, upload.content
-    make_training_version(scientist, name="own-golden", kind="golden")
+    make_training_version(reviewer, name="own-golden", kind="golden")
     with django_capture_on_commit_callbacks(execute=False):
         response = scientist.api("post", f"{API}/evaluations/", {"model_version": model_version.pk})
     names = sorted(e["dataset"] for e in response.json()["evaluations"])

@@ -53,8 +53,10 @@ def silent_since(evaluation_id: str, minutes: int) -> None:
 
 
 @pytest.mark.django_db
-def test_a_stale_running_evaluation_is_not_reused_by_a_new_promotion_request(scientist, candidate):
-    make_training_version(scientist, name="golden", kind="golden")
+def test_a_stale_running_evaluation_is_not_reused_by_a_new_promotion_request(
+    scientist, reviewer, candidate
+):
+    make_training_version(reviewer, name="golden", kind="golden")
     (live,) = request_promotion(scientist, candidate, "staging")["evaluation_ids"]
     assert services.evaluation_claim(evaluation_id=live, worker="busy:1") is not None
     silent_since(live, minutes=10)
@@ -66,10 +68,10 @@ def test_a_stale_running_evaluation_is_not_reused_by_a_new_promotion_request(sci
 
 @pytest.mark.django_db
 def test_a_stale_evaluation_is_requeued_and_fails_after_its_last_attempt_with_its_promotion(
-    scientist, candidate, settings
+    scientist, reviewer, candidate, settings
 ):
     settings.EVALUATION_MAX_ATTEMPTS = 2
-    make_training_version(scientist, name="golden", kind="golden")
+    make_training_version(reviewer, name="golden", kind="golden")
     promotion = request_promotion(scientist, candidate, "staging")
     (evaluation_id,) = promotion["evaluation_ids"]
     services.evaluation_claim(evaluation_id=evaluation_id, worker="first:1")
@@ -139,12 +141,12 @@ def registered_version(actor: Any, tenant: Any, tmp_path: Path) -> ModelVersion:
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.celery_worker
 def test_a_worker_killed_mid_evaluation_is_replaced_and_the_promotion_reaches_its_decision(
-    celery_worker_process, scientist, admin, tenant, settings, tmp_path
+    celery_worker_process, scientist, reviewer, admin, tenant, settings, tmp_path
 ):
     settings.ARTIFACT_STORE = f"file://{celery_worker_process.artifacts_root}"
     version = registered_version(scientist, tenant, tmp_path)
     # 2,310 rows: several seconds of evaluation on a CPU, time to kill the worker in them.
-    make_training_version(scientist, name="golden", kind="golden",
+    make_training_version(reviewer, name="golden", kind="golden",
                           content=banking_slice(labels=77, per_label=30))  # fmt: skip
     policy = {"gates": [{"metric": "macro_f1", "op": ">=", "value": 0.0}]}
     assert admin.api("put", f"{API}/policies/classifier/", policy).status_code == 200

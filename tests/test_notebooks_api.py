@@ -209,7 +209,7 @@ def test_a_notebook_token_reaches_granted_data_runs_and_models_only(
     allowed = client.post(f"{BASE}/runs/", run, content_type="application/json")
     assert allowed.status_code == 202, allowed.content
     # Results go to training data; golden sets (which decide promotions) are refused.
-    golden = scientist.api("post", f"{BASE}/datasets/", {"name": "gold", "kind": "golden"})
+    golden = reviewer.api("post", f"{BASE}/datasets/", {"name": "gold", "kind": "golden"})
     upload_path = f"{BASE}/datasets/{golden.json()['id']}/versions/"
     refused_upload = client.post(upload_path, {})
     assert refused_upload.status_code == 403

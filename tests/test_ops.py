@@ -251,7 +251,7 @@ def test_audit_events_carry_the_generated_id_when_the_caller_sends_none_or_a_bad
     response = scientist.api(
         "post",
         "/api/v1/tenants/acme/datasets/",
-        {"name": "untraced", "kind": "golden"},
+        {"name": "untraced", "kind": "training"},
         HTTP_X_REQUEST_ID="bad id",
     )
     assert response.status_code == 201, response.content

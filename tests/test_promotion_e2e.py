@@ -34,7 +34,7 @@ def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
     settings.RAY_ADDRESS = ray_address
     reset_backend()
     train_version = make_training_version(scientist, content=banking_slice(per_label=40))
-    make_training_version(scientist, name="golden", kind="golden",
+    make_training_version(reviewer, name="golden", kind="golden",
                           content=banking_slice(per_label=10, offset=40))  # fmt: skip
     policy = {"gates": [{"metric": "macro_f1", "op": ">=", "value": 0.2}],
               "latency_budget_ms": 5000}  # fmt: skip

@@ -15,6 +15,8 @@ from apps.promotions import services
 from apps.promotions.gates import check_gates
 from apps.promotions.models import PromotionRequest
 from apps.registry.models import ModelVersion
+from apps.tenants.models import Role
+from tests.conftest import make_actor
 from tests.training_helpers import make_training_version, placeholder_version
 
 API = "/api/v1/tenants/acme"
@@ -70,7 +72,7 @@ def finish_evaluations(promotion_id: str, *, macro_f1: float, latency: float = 5
 
 @pytest.fixture
 def requested(db, scientist, reviewer, candidate) -> str:
-    make_training_version(scientist, name="golden", kind="golden")
+    make_training_version(reviewer, name="golden", kind="golden")
     response = scientist.api(
         "post", f"{API}/promotions/", {"model_version": candidate.pk, "target": "staging"}
     )
@@ -173,8 +175,8 @@ def test_a_second_open_request_for_the_same_target_is_409(requested, scientist, 
 
 
 @pytest.mark.django_db
-def test_policy_can_require_staging_before_production(admin, scientist, candidate):
-    make_training_version(scientist, name="golden", kind="golden")
+def test_policy_can_require_staging_before_production(admin, scientist, reviewer, candidate):
+    make_training_version(reviewer, name="golden", kind="golden")
     admin.api(
         "put",
         f"{API}/policies/classifier/",
@@ -222,3 +224,118 @@ def test_two_reviewers_at_the_same_moment_make_exactly_one_decision(requested, r
         object_id=requested, verb__in=["promotion.approved", "promotion.rejected"]
     )
     assert decisions.count() == 1
+
+
+# --- four eyes without gaps ---------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_no_decision_on_a_promotion_whose_requester_is_unknown(
+    requested, scientist, reviewer, admin
+):
+    finish_evaluations(requested, macro_f1=0.9)
+    scientist.user.delete()  # the requester's account goes: requested_by is set to NULL
+    for actor, verb in [(reviewer, "approve"), (admin, "reject")]:
+        response = actor.api("post", f"{API}/promotions/{requested}/{verb}", {"comment": "x"})
+        assert response.status_code == 409, verb
+        error = response.json()["error"]
+        assert error["code"] == "requester_unknown"
+        assert "request the promotion again" in error["message"]
+    assert PromotionRequest.objects.get(pk=requested).status == "awaiting_approval"
+    assert not Deployment.objects.filter(promotion_id=requested).exists()
+    assert not AuditEvent.objects.filter(
+        object_id=requested, verb__in=["promotion.approved", "promotion.rejected"]
+    ).exists()
+
+
+@pytest.fixture
+def trained_by_reviewer(reviewer, scientist, tenant, artifacts_dir) -> str:
+    """A request, by the scientist, of a version the reviewer trained; gates passed."""
+    version = placeholder_version(reviewer, tenant, sha256="ee" * 32)
+    make_training_version(reviewer, name="golden", kind="golden")
+    response = scientist.api(
+        "post", f"{API}/promotions/", {"model_version": version.pk, "target": "staging"}
+    )
+    assert response.status_code == 202, response.content
+    finish_evaluations(response.json()["id"], macro_f1=0.9)
+    return str(response.json()["id"])
+
+
+@pytest.mark.django_db
+def test_the_trainer_of_a_version_cannot_approve_it_by_default(
+    trained_by_reviewer, reviewer, admin
+):
+    policy = admin.api("get", f"{API}/policies/classifier/").json()
+    assert policy["trainer_may_approve"] is False
+    response = reviewer.api("post", f"{API}/promotions/{trained_by_reviewer}/approve", {})
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "trainer_cannot_approve"
+    assert PromotionRequest.objects.get(pk=trained_by_reviewer).status == "awaiting_approval"
+    # Another reviewer may.
+    approved = admin.api("post", f"{API}/promotions/{trained_by_reviewer}/approve", {})
+    assert approved.status_code == 200, approved.content
+    assert approved.json()["decided_by"] == "ada"
+
+
+@pytest.mark.django_db
+def test_a_policy_may_let_the_trainer_approve(trained_by_reviewer, reviewer, admin):
+    body = {"gates": [], "trainer_may_approve": True}
+    saved = admin.api("put", f"{API}/policies/classifier/", body)
+    assert saved.status_code == 200 and saved.json()["trainer_may_approve"] is True
+    event = AuditEvent.objects.get(verb="policy.update")
+    assert event.before["trainer_may_approve"] is False and event.after["trainer_may_approve"]
+    response = reviewer.api("post", f"{API}/promotions/{trained_by_reviewer}/approve", {})
+    assert response.status_code == 200, response.content
+    # A PUT that leaves the option out restores the default: trainers may not approve.
+    again = admin.api("put", f"{API}/policies/classifier/", {"gates": []})
+    assert again.json()["trainer_may_approve"] is False
+
+
+@pytest.mark.django_db
+def test_a_version_whose_trainer_is_unknown_is_not_approved(
+    reviewer, scientist, tenant, artifacts_dir
+):
+    trainer = make_actor("tom", tenant, Role.SCIENTIST)
+    version = placeholder_version(trainer, tenant, sha256="ea" * 32)
+    make_training_version(reviewer, name="golden", kind="golden")
+    requested = scientist.api(
+        "post", f"{API}/promotions/", {"model_version": version.pk, "target": "staging"}
+    ).json()["id"]
+    finish_evaluations(requested, macro_f1=0.9)
+    trainer.user.delete()
+    response = reviewer.api("post", f"{API}/promotions/{requested}/approve", {})
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "trainer_unknown"
+    assert PromotionRequest.objects.get(pk=requested).status == "awaiting_approval"
+
+
+@pytest.mark.django_db
+def test_a_promotion_records_the_exact_dataset_versions_its_gates_used(
+    requested, scientist, reviewer
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from apps.datasets.models import DatasetVersion
+    from tests.training_helpers import banking_slice
+
+    body = scientist.api("get", f"{API}/promotions/{requested}/").json()
+    assert body["gate_dataset_versions"] == []  # recorded when the gates are checked
+    finish_evaluations(requested, macro_f1=0.9)
+    golden = DatasetVersion.objects.get(dataset__name="golden")
+    recorded = [{
+        "id": golden.pk, "dataset": golden.dataset_id, "dataset_name": "golden",
+        "kind": "golden", "number": 1, "sha256": golden.sha256, "rows": golden.rows,
+        "shared": False, "uploaded_by": "rita", "evaluation": body["evaluation_ids"][0],
+    }]  # fmt: skip
+    body = scientist.api("get", f"{API}/promotions/{requested}/").json()
+    assert body["gate_dataset_versions"] == recorded
+    # A later version of the golden set changes nothing that was recorded.
+    newer = reviewer.client.post(
+        f"{API}/datasets/{golden.dataset_id}/versions/",
+        {"file": SimpleUploadedFile("g2.csv", banking_slice(per_label=5, offset=60))},
+    )
+    assert newer.status_code == 201 and newer.json()["number"] == 2
+    body = scientist.api("get", f"{API}/promotions/{requested}/").json()
+    assert body["gate_dataset_versions"] == recorded
+    listed = scientist.api("get", f"{API}/promotions/").json()["results"]
+    assert listed[0]["gate_dataset_versions"] == recorded

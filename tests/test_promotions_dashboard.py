@@ -69,8 +69,10 @@ def finish(promotion: PromotionRequest, *, macro_f1: float) -> PromotionRequest:
 
 
 @pytest.fixture
-def candidate(scientist: Actor, tenant: Tenant, artifacts_dir: Any) -> ModelVersion:
-    make_training_version(scientist, name="golden", kind="golden")
+def candidate(
+    scientist: Actor, reviewer: Actor, tenant: Tenant, artifacts_dir: Any
+) -> ModelVersion:
+    make_training_version(reviewer, name="golden", kind="golden")
     return make_version(scientist, tenant)
 
 
@@ -403,9 +405,9 @@ def test_policies_page_shows_every_kind(viewer, tenant):
 
 
 @pytest.mark.django_db
-def test_admin_edits_the_classifier_policy(admin, scientist, tenant, artifacts_dir):
+def test_admin_edits_the_classifier_policy(admin, reviewer, tenant, artifacts_dir):
     golden = DatasetVersion.objects.get(
-        pk=make_training_version(scientist, name="golden", kind="golden")
+        pk=make_training_version(reviewer, name="golden", kind="golden")
     ).dataset_id
     client = login(admin)
     page = client.get(f"{BASE}/policies/").content.decode()
@@ -452,3 +454,63 @@ def test_a_bad_gate_value_is_shown_inline(admin, tenant):
     not_a_number = login(admin).post(f"{BASE}/policies/", policy_post(**{"gates-0-value": "x"}))
     assert not_a_number.status_code == 400 and "Enter a number." in not_a_number.content.decode()
     assert not PromotionPolicy.objects.filter(tenant=tenant).exists()
+
+
+# --- four eyes without gaps, on the review page -------------------------------------------
+
+
+@pytest.mark.django_db
+def test_detail_shows_the_exact_dataset_versions_the_gates_used(awaiting, reviewer):
+    golden = DatasetVersion.objects.get(dataset__name="golden")
+    body = login(reviewer).get(f"{BASE}/reviews/{awaiting.pk}/").content.decode()
+    table = re.search(r'<table class="table" id="gate-datasets-table">.*?</table>', body, re.S)
+    assert table is not None
+    rows = re.findall(r'<tr class="gate-dataset" data-version="([^"]+)">(.*?)</tr>',
+                      table.group(0), re.S)  # fmt: skip
+    assert [version for version, _ in rows] == [golden.pk]
+    ((_, row),) = rows
+    assert ">golden</a>" in row and "v1" in row and f'title="{golden.sha256}"' in row
+    assert "rita" in row  # who uploaded that version
+    assert f'href="{BASE}/datasets/{golden.dataset_id}/?v=1"' in row
+
+
+@pytest.mark.django_db
+def test_a_request_whose_requester_is_unknown_offers_no_decision(awaiting, reviewer, scientist):
+    scientist.user.delete()
+    client = login(reviewer)
+    body = client.get(f"{BASE}/reviews/{awaiting.pk}/").content.decode()
+    assert 'id="requester-unknown-note"' in body
+    assert f'action="{BASE}/reviews/{awaiting.pk}/approve/"' not in body
+    queue = client.get(f"{BASE}/reviews/").content.decode()
+    assert f'action="{BASE}/reviews/{awaiting.pk}/approve/"' not in queue
+    response = client.post(f"{BASE}/reviews/{awaiting.pk}/approve/", {"comment": ""}, follow=True)
+    assert any("request the promotion again" in m for m in messages_of(response))
+    assert PromotionRequest.objects.get(pk=awaiting.pk).status == "awaiting_approval"
+
+
+@pytest.mark.django_db
+def test_the_trainer_is_told_and_refused_on_the_review_page(reviewer, scientist, tenant):
+    make_training_version(reviewer, name="golden", kind="golden")
+    version = make_version(reviewer, tenant)  # the reviewer trained it
+    promotion = finish(request_promotion(scientist, tenant, version), macro_f1=0.9)
+    client = login(reviewer)
+    body = client.get(f"{BASE}/reviews/{promotion.pk}/").content.decode()
+    assert 'id="trainer-note"' in body
+    response = client.post(f"{BASE}/reviews/{promotion.pk}/approve/", {"comment": ""}, follow=True)
+    assert any("You trained this version" in m for m in messages_of(response))
+    assert PromotionRequest.objects.get(pk=promotion.pk).status == "awaiting_approval"
+
+
+@pytest.mark.django_db
+def test_admin_lets_trainers_approve_from_the_policy_form(admin, tenant):
+    client = login(admin)
+    page = client.get(f"{BASE}/policies/").content.decode()
+    assert 'name="trainer_may_approve"' in page
+    assert "no: another reviewer decides" in page  # the default, shown on the policy
+    response = client.post(f"{BASE}/policies/", policy_post(trainer_may_approve="on"))
+    assert response.status_code == 302
+    assert PromotionPolicy.objects.get(tenant=tenant, model_kind="classifier").trainer_may_approve
+    # Unticked again, trainers may not approve.
+    assert client.post(f"{BASE}/policies/", policy_post()).status_code == 302
+    policy = PromotionPolicy.objects.get(tenant=tenant, model_kind="classifier")
+    assert policy.trainer_may_approve is False

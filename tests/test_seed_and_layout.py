@@ -31,6 +31,8 @@ def test_seed_demo_creates_a_usable_demo_tenant_and_is_idempotent(artifacts_dir)
     train = datasets["banking77-train"].versions.get()
     assert train.rows > 10_000 and len(train.labels) == 77
     assert datasets["banking77-golden"].versions.count() == 1
+    # Golden sets are the reviewer's (scientists may not change them).
+    assert datasets["banking77-golden"].versions.get().created_by.username == "reviewer"
     client = Client()
     assert client.login(username="scientist", password="workbench-demo")
     assert client.get("/api/v1/tenants/demo/datasets/").json()["count"] == 2

@@ -77,12 +77,35 @@ def test_bad_launch_input_names_the_field_and_creates_nothing(scientist, version
     assert not TrainingRun.objects.exists()
 
 
-def test_golden_dataset_cannot_be_trained_on(scientist, artifacts_dir):
-    golden = make_training_version(scientist, name="golden", kind="golden")
+def test_golden_dataset_cannot_be_trained_on(scientist, reviewer, artifacts_dir):
+    golden = make_training_version(reviewer, name="golden", kind="golden")
     response = launch(scientist, golden)
     assert response.status_code == 400
     assert "golden" in response.json()["error"]["fields"]["dataset_version"][0]
     assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.parametrize("kind", ["golden", "sample"])
+def test_a_golden_or_sample_version_is_refused_as_validation_data(
+    kind, scientist, reviewer, version_id
+):
+    from apps.training.models import Sweep
+
+    held_out = make_training_version(reviewer, name=f"held-out-{kind}", kind=kind)
+    response = launch(scientist, version_id, validation_version=held_out)
+    assert response.status_code == 400
+    (message,) = response.json()["error"]["fields"]["validation_version"]
+    assert f"is a {kind} dataset" in message and "validate on a training dataset" in message
+    sweep = scientist.api("post", "/api/v1/tenants/acme/sweeps/", {
+        "dataset_version": version_id, "validation_version": held_out,
+        "base_model": "tiny-bert", "grid": {"learning_rate": [1e-4, 5e-4]},
+    })  # fmt: skip
+    assert sweep.status_code == 400
+    assert "validation_version" in sweep.json()["error"]["fields"]
+    assert not TrainingRun.objects.exists() and not Sweep.objects.exists()
+    # A training dataset's version is still fine as validation data.
+    other = make_training_version(scientist, name="validation", content=banking_slice(offset=30))
+    assert launch(scientist, version_id, validation_version=other).status_code == 202
 
 
 def test_too_few_rows_per_label_is_refused(scientist, artifacts_dir):

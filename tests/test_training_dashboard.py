@@ -254,9 +254,9 @@ def test_viewer_sees_no_launch_form_and_is_refused_with_the_role(
 
 
 def test_launch_form_offers_training_versions_and_catalogue_with_config_defaults(
-    client: Client, scientist: Actor, version_id: str
+    client: Client, scientist: Actor, reviewer: Actor, version_id: str
 ) -> None:
-    golden = make_training_version(scientist, name="golden-set", kind="golden")
+    golden = make_training_version(reviewer, name="golden-set", kind="golden")
     login(client, scientist)
     html = client.get("/t/acme/runs/").content.decode()
     form = html[html.index('id="run-launch-form"') :]
@@ -323,14 +323,26 @@ def test_bad_parameters_are_shown_inline_and_create_no_run(
 
 
 def test_golden_dataset_version_is_refused_inline(
-    client: Client, scientist: Actor, artifacts_dir: Any
+    client: Client, scientist: Actor, reviewer: Actor, artifacts_dir: Any
 ) -> None:
-    golden = make_training_version(scientist, name="golden-set", kind="golden")
+    golden = make_training_version(reviewer, name="golden-set", kind="golden")
     login(client, scientist)
     response = client.post("/t/acme/runs/", form_data(golden))
     assert response.status_code == 400
     html = response.content.decode()
     assert "golden sets are for evaluation only" in invalid_field(html, "dataset_version")
+    assert not TrainingRun.objects.exists()
+
+
+def test_golden_validation_version_is_refused_inline(
+    client: Client, scientist: Actor, reviewer: Actor, version_id: str
+) -> None:
+    golden = make_training_version(reviewer, name="golden-set", kind="golden")
+    login(client, scientist)
+    response = client.post("/t/acme/runs/", form_data(version_id, validation_version=golden))
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "validate on a training dataset" in invalid_field(html, "validation_version")
     assert not TrainingRun.objects.exists()
 
 

@@ -5,7 +5,7 @@ from typing import Any
 from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, parsers, permissions, serializers, status
+from rest_framework import exceptions, generics, parsers, permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -14,9 +14,9 @@ from apps.core.artifacts import get_store
 from apps.core.uploads import HashedUploadedFile
 from apps.datasets import selectors, services
 from apps.datasets.filters import DatasetFilter
-from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task
+from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task, writer_role
 from apps.tenants.auth import request_via
-from apps.tenants.scoping import TenantScopedMixin
+from apps.tenants.scoping import TenantAccess, TenantScopedMixin, role_error
 
 
 class DatasetOutputSerializer(serializers.ModelSerializer[Dataset]):
@@ -109,6 +109,17 @@ class DatasetVersionUploadSerializer(serializers.Serializer[Any]):
     )
 
 
+def require_writer(access: TenantAccess, kind: str) -> None:
+    """403 unless the caller may write datasets of ``kind`` (golden and sample sets:
+    reviewers and admins only, since the promotion gates measure against them)."""
+    needed = writer_role(kind)
+    if not access.allows(needed):
+        raise exceptions.PermissionDenied(
+            f"{role_error(access, needed)} {kind.capitalize()} datasets decide promotions, "
+            "so only reviewers and admins change them."
+        )
+
+
 class DatasetListCreateApi(TenantScopedMixin, generics.ListAPIView[Dataset]):
     serializer_class = DatasetOutputSerializer
     filterset_class = DatasetFilter
@@ -120,6 +131,7 @@ class DatasetListCreateApi(TenantScopedMixin, generics.ListAPIView[Dataset]):
     def post(self, request: Request, tenant: str) -> Response:
         data = DatasetInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        require_writer(self.access, data.validated_data["kind"])
         dataset = services.dataset_create(
             actor=request.user, tenant=self.tenant, via=request_via(request), **data.validated_data
         )
@@ -150,6 +162,7 @@ class DatasetDetailApi(DatasetScopedMixin, generics.GenericAPIView[Dataset]):
     @extend_schema(request=DatasetUpdateSerializer, responses=DatasetOutputSerializer)
     def patch(self, request: Request, tenant: str, dataset_id: str) -> Response:
         dataset = self.get_dataset()
+        require_writer(self.access, dataset.kind)
         data = DatasetUpdateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         services.dataset_update(
@@ -158,9 +171,9 @@ class DatasetDetailApi(DatasetScopedMixin, generics.GenericAPIView[Dataset]):
         return Response(DatasetOutputSerializer(self.get_dataset()).data)
 
     def delete(self, request: Request, tenant: str, dataset_id: str) -> Response:
-        services.dataset_delete(
-            actor=request.user, dataset=self.get_dataset(), via=request_via(request)
-        )
+        dataset = self.get_dataset()
+        require_writer(self.access, dataset.kind)
+        services.dataset_delete(actor=request.user, dataset=dataset, via=request_via(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -178,7 +191,9 @@ class DatasetVersionListCreateApi(DatasetScopedMixin, generics.ListAPIView[Datas
         responses={201: DatasetVersionOutputSerializer, 200: DatasetVersionOutputSerializer},
     )
     def post(self, request: Request, tenant: str, dataset_id: str) -> Response:
-        return _upload_version(request, self.get_dataset())
+        dataset = self.get_dataset()
+        require_writer(self.access, dataset.kind)  # before the body is read
+        return _upload_version(request, dataset)
 
 
 def _upload_version(request: Request, dataset: Dataset) -> Response:

@@ -14,7 +14,12 @@ class DatasetCreateForm(forms.Form):
         error_messages={"invalid": "Use letters, digits, spaces, '.', '_' and '-'."},
         widget=forms.TextInput(attrs={"placeholder": "support-intents", "autocomplete": "off"}),
     )
-    kind = forms.ChoiceField(choices=DatasetKind.choices, initial=DatasetKind.TRAINING)
+    kind = forms.ChoiceField(
+        choices=DatasetKind.choices,
+        initial=DatasetKind.TRAINING,
+        help_text="Golden and sample sets decide promotions: only reviewers and admins "
+        "create and change them.",
+    )
     task = forms.ChoiceField(choices=Task.choices, initial=Task.TEXT_CLASSIFICATION)
     domain = forms.RegexField(
         regex=r"^[a-z0-9-]{0,50}$",

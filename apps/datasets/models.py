@@ -4,12 +4,23 @@ from django.conf import settings
 from django.db import models
 
 from apps.core import ids
+from apps.tenants.models import Role
 
 
 class DatasetKind(models.TextChoices):
     TRAINING = "training", "Training"
     GOLDEN = "golden", "Golden (evaluation)"
     SAMPLE = "sample", "Sample"
+
+
+# Golden and sample sets are the yardsticks a promotion's gates measure against: whoever
+# could change them would choose their own gates, so only reviewers and admins write them.
+YARDSTICK_KINDS = (DatasetKind.GOLDEN, DatasetKind.SAMPLE)
+
+
+def writer_role(kind: str) -> Role:
+    """The least role that may create, upload to, edit or delete a dataset of ``kind``."""
+    return Role.REVIEWER if kind in YARDSTICK_KINDS else Role.SCIENTIST
 
 
 class Task(models.TextChoices):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Max, ProtectedError
 
 from apps.audit.services import audit_record
@@ -127,6 +127,25 @@ def dataset_delete(*, actor: Any, dataset: Dataset, via: str = "") -> None:
             transaction.on_commit(lambda: delete_artifacts.delay(keys))
 
 
+def discard_unreferenced(*, dataset: Dataset, key: str) -> bool:
+    """Delete the stored object ``key`` of ``dataset`` unless a version references it; True
+    if deleted. Under the dataset's row lock, which every upload holds while it stores bytes
+    and records their version, so no version can come to reference them meanwhile."""
+    try:
+        with transaction.atomic():
+            Dataset.objects.select_for_update().filter(pk=dataset.pk).first()
+            if DatasetVersion.objects.filter(storage_key=key).exists():
+                log.info("upload cleanup kept bytes a version references", extra={"key": key})
+                return False
+            get_store().delete(key)
+    except DatabaseError:
+        # Unable to tell (the failure that led here broke the connection): an orphan object
+        # costs some storage, deleting a version's bytes would lose data.
+        log.warning("upload cleanup could not check references; kept", extra={"key": key})
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class VersionResult:
     version: DatasetVersion
@@ -166,13 +185,21 @@ def dataset_version_create(
     if existing is not None:
         return VersionResult(existing, created=False)
 
+    # The key is the content's: a concurrent retry of the same bytes writes the same key.
+    # Bytes are written, and discarded after a failure, only under the dataset's row lock,
+    # and discarded only when no version references them: a twin version committed by that
+    # retry keeps its bytes whichever upload finishes first. (Uploads to one dataset wait
+    # for each other while bytes are stored: the price of never losing them.)
     key = f"datasets/{dataset.tenant_id or 'shared'}/{dataset.pk}/{sha256}"
     store = get_store()
-    store.put_file(key, path, move=True)
     try:
         with transaction.atomic():
             # Lock the dataset so two uploads cannot take the same version number.
             Dataset.objects.select_for_update().get(pk=dataset.pk)
+            twin = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
+            if twin is not None:  # committed by a concurrent upload while this one waited
+                return VersionResult(twin, created=False)
+            store.put_file(key, path, move=True)
             number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
             version = DatasetVersion.objects.create(
                 dataset=dataset,
@@ -205,14 +232,15 @@ def dataset_version_create(
                 via=via,
             )
     except IntegrityError:
-        # The same bytes won a race from another upload: same key, same bytes, keep them.
+        # The same bytes won a race from another upload (a database without row locks):
+        # same key, same bytes, theirs now.
         existing = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
         if existing is not None:
             return VersionResult(existing, created=False)
-        store.delete(key)
+        discard_unreferenced(dataset=dataset, key=key)
         raise
     except BaseException:
-        store.delete(key)
+        discard_unreferenced(dataset=dataset, key=key)
         raise
     log.info(
         "dataset version stored",

@@ -14,7 +14,7 @@ from apps.core.uploads import HashedUploadedFile, UploadTooLarge
 from apps.datasets import charts, selectors, services
 from apps.datasets.filters import DatasetFilter
 from apps.datasets.forms import DatasetCreateForm, VersionUploadForm
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, writer_role
 from apps.tenants.dashboard import (
     VIA,
     csrf_rejection,
@@ -47,6 +47,8 @@ def dataset_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         require_role(access, Role.SCIENTIST)
         form = DatasetCreateForm(request.POST)
         if form.is_valid():
+            # Golden and sample sets decide promotions: reviewers and admins only.
+            require_role(access, writer_role(form.cleaned_data["kind"]))
             try:
                 dataset = services.dataset_create(
                     actor=request.user, tenant=access.tenant, via=VIA, **form.cleaned_data
@@ -97,7 +99,7 @@ def _detail(
             raise Http404("No such version.")
     else:
         selected = versions[0] if versions else None
-    can_write = access.allows(Role.SCIENTIST)
+    can_write = access.allows(writer_role(dataset.kind))
     if can_write and upload_form is None:
         upload_form = VersionUploadForm()
     return render_tenant(
@@ -132,7 +134,7 @@ def dataset_detail(request: HttpRequest, access: TenantAccess, dataset_id: str) 
 def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) -> HttpResponse:
     dataset = _dataset_or_404(access, dataset_id)
     # Checked before the body is read, so a refused upload is never written to disk.
-    require_role(access, Role.SCIENTIST)
+    require_role(access, writer_role(dataset.kind))
     try:
         form = VersionUploadForm(request.POST, request.FILES)
     except UploadTooLarge as exc:
@@ -207,7 +209,7 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
 @tenant_view
 def dataset_delete(request: HttpRequest, access: TenantAccess, dataset_id: str) -> HttpResponse:
     dataset = _dataset_or_404(access, dataset_id)
-    require_role(access, Role.SCIENTIST)
+    require_role(access, writer_role(dataset.kind))
     if request.method != "POST":
         return render_tenant(
             request, access, "datasets/delete_confirm.html", {"dataset": dataset}, section=SECTION

@@ -136,11 +136,17 @@ def rollback_target(deployment: Deployment) -> Deployment | None:
 
 
 def warmup_samples(version: ModelVersion, limit: int) -> list[dict[str, Any]]:
-    """Golden-set inputs and the predictions the evaluation recorded for them; for a
-    version evaluated before samples were kept, its validation predictions."""
+    """Inputs of the tenant's own golden sets and the predictions the evaluation recorded
+    for them; for a version evaluated before samples were kept, its validation predictions.
+
+    Never a shared (staff-owned) set's rows: a warm-up's mismatches show their text to the
+    tenant (API, dashboard, alerts, e-mails), and tenants may not read shared sets."""
     evaluation = (
         Evaluation.objects.filter(
-            model_version=version, status=EvalStatus.SUCCEEDED, artifact_sha256=version.sha256
+            model_version=version,
+            status=EvalStatus.SUCCEEDED,
+            artifact_sha256=version.sha256,
+            dataset_version__dataset__tenant_id=version.registered_model.tenant_id,
         )
         .exclude(samples=[])
         .order_by("-finished_at")

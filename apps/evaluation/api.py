@@ -128,6 +128,12 @@ class PolicySerializer(serializers.Serializer[Any]):
         required=False, allow_null=True, default=None, min_value=0
     )
     require_staging_before_production = serializers.BooleanField(required=False, default=False)
+    trainer_may_approve = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="whether the user who launched a version's training run may approve its "
+        "promotion; default (and when left out of a PUT): no",
+    )
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
     def validate_gates(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,6 +155,7 @@ def _policy_data(policy: PromotionPolicy) -> dict[str, Any]:
         "max_regression_vs_champion": policy.max_regression_vs_champion,
         "latency_budget_ms": policy.latency_budget_ms,
         "require_staging_before_production": policy.require_staging_before_production,
+        "trainer_may_approve": policy.trainer_may_approve,
         "updated_at": policy.updated_at,
     }
 

@@ -89,3 +89,8 @@ class PolicyForm(forms.Form):
         required=False, min_value=0.0, help_text="p95 latency per batch, in milliseconds."
     )
     require_staging_before_production = forms.BooleanField(required=False)
+    trainer_may_approve = forms.BooleanField(
+        required=False,
+        help_text="Unticked (the default): whoever launched a version's training run cannot "
+        "approve its promotion.",
+    )

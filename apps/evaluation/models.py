@@ -73,6 +73,9 @@ class PromotionPolicy(models.Model):
     max_regression_vs_champion = models.FloatField(null=True, blank=True)
     latency_budget_ms = models.FloatField(null=True, blank=True)
     require_staging_before_production = models.BooleanField(default=False)
+    # Four eyes extend to the model's trainer: by default the user who launched the training
+    # run of a version may not approve its promotion (they chose its data and recipe).
+    trainer_may_approve = models.BooleanField(default=False)
     updated_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )

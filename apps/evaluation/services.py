@@ -331,6 +331,7 @@ def policy_update(
     max_regression_vs_champion: float | None,
     latency_budget_ms: float | None,
     require_staging_before_production: bool,
+    trainer_may_approve: bool = False,
     via: str = "",
 ) -> PromotionPolicy:
     policy, _ = PromotionPolicy.objects.select_for_update().get_or_create(
@@ -341,11 +342,13 @@ def policy_update(
         "max_regression_vs_champion": policy.max_regression_vs_champion,
         "latency_budget_ms": policy.latency_budget_ms,
         "require_staging_before_production": policy.require_staging_before_production,
+        "trainer_may_approve": policy.trainer_may_approve,
     }
     policy.gates = gates
     policy.max_regression_vs_champion = max_regression_vs_champion
     policy.latency_budget_ms = latency_budget_ms
     policy.require_staging_before_production = require_staging_before_production
+    policy.trainer_may_approve = trainer_may_approve
     policy.updated_by = actor
     policy.save()
     after = {
@@ -353,6 +356,7 @@ def policy_update(
         "max_regression_vs_champion": max_regression_vs_champion,
         "latency_budget_ms": latency_budget_ms,
         "require_staging_before_production": require_staging_before_production,
+        "trainer_may_approve": trainer_may_approve,
     }
     audit_record(
         actor=actor,

@@ -97,7 +97,13 @@ def _evaluate(evaluation: Any, work: Path) -> tuple[dict[str, Any], list[dict[st
         ),
         max_rows=evaluation.max_rows,
     )
-    samples = [dict(p) for p in result.predictions[: settings.DEPLOYMENT_WARMUP_SAMPLES]]
+    # Warm-up samples (their text reaches the tenant) are kept only of the tenant's own
+    # sets: a shared golden set's rows are for staff eyes only.
+    samples = (
+        [dict(p) for p in result.predictions[: settings.DEPLOYMENT_WARMUP_SAMPLES]]
+        if data.dataset.tenant_id is not None
+        else []
+    )
     return result.to_dict(), samples
 
 

@@ -66,6 +66,7 @@ def _policy_initial(policy: PromotionPolicy) -> dict[str, Any]:
         "max_regression_vs_champion": policy.max_regression_vs_champion,
         "latency_budget_ms": policy.latency_budget_ms,
         "require_staging_before_production": policy.require_staging_before_production,
+        "trainer_may_approve": policy.trainer_may_approve,
     }
 
 
@@ -84,6 +85,7 @@ def _save(
             max_regression_vs_champion=data["max_regression_vs_champion"],
             latency_budget_ms=data["latency_budget_ms"],
             require_staging_before_production=data["require_staging_before_production"],
+            trainer_may_approve=data["trainer_may_approve"],
             via=VIA,
         )
     except (InvalidInput, DomainError) as exc:

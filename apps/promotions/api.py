@@ -16,6 +16,23 @@ from apps.tenants.models import Role
 from apps.tenants.scoping import TenantScopedMixin
 
 
+class GateDatasetVersionSerializer(serializers.Serializer[Any]):
+    """One dataset version the gates were checked on, as recorded when they were."""
+
+    id = serializers.CharField()
+    dataset = serializers.CharField()
+    dataset_name = serializers.CharField()
+    kind = serializers.CharField()
+    number = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    rows = serializers.IntegerField()
+    shared = serializers.BooleanField(help_text="a staff-owned golden set of the domain")
+    uploaded_by = serializers.CharField(
+        allow_null=True, help_text="who uploaded this version (null for a shared set)"
+    )
+    evaluation = serializers.CharField()
+
+
 class PromotionOutputSerializer(serializers.ModelSerializer[PromotionRequest]):
     model_version = serializers.CharField(source="model_version_id", read_only=True)
     model = serializers.CharField(source="model_version.registered_model.name", read_only=True)
@@ -23,6 +40,7 @@ class PromotionOutputSerializer(serializers.ModelSerializer[PromotionRequest]):
     champion = serializers.CharField(source="champion_id", read_only=True, allow_null=True)
     requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)  # type: ignore[var-annotated]
     decided_by = serializers.SlugRelatedField(slug_field="username", read_only=True)  # type: ignore[var-annotated]
+    gate_dataset_versions = GateDatasetVersionSerializer(many=True, read_only=True)
 
     class Meta:
         model = PromotionRequest
@@ -36,6 +54,7 @@ class PromotionOutputSerializer(serializers.ModelSerializer[PromotionRequest]):
             "artifact_sha256",
             "evaluation_ids",
             "gate_results",
+            "gate_dataset_versions",
             "champion",
             "failure",
             "requested_by",

@@ -50,6 +50,10 @@ class PromotionRequest(models.Model):
     artifact_sha256 = models.CharField(max_length=64)
     evaluation_ids = models.JSONField(default=list)
     gate_results = models.JSONField(default=list)
+    # The exact dataset versions the gates were checked on ({id, dataset, dataset_name,
+    # kind, number, sha256, rows, shared, uploaded_by}), recorded when the gates are checked:
+    # what the reviewer approves is measured against these yardsticks and no others.
+    gate_dataset_versions = models.JSONField(default=list)
     champion = models.ForeignKey(
         "registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -129,6 +129,23 @@ def _champion(version: ModelVersion) -> ModelVersion | None:
     )
 
 
+def _gate_dataset_versions(evaluations: list[Evaluation]) -> list[dict[str, Any]]:
+    """What the gates measured against, as the reviewer sees it: each dataset version by
+    id, number and sha256, and who uploaded it (for a tenant's own set)."""
+    rows: list[dict[str, Any]] = []
+    for e in sorted(evaluations, key=lambda e: (e.dataset_version.dataset.name, e.pk)):
+        version, dataset = e.dataset_version, e.dataset_version.dataset
+        shared = dataset.tenant_id is None
+        uploader = None if shared or version.created_by is None else version.created_by.username
+        rows.append({
+            "id": version.pk, "dataset": dataset.pk, "dataset_name": dataset.name,
+            "kind": dataset.kind, "number": version.number, "sha256": version.sha256,
+            "rows": version.rows, "shared": shared, "uploaded_by": uploader,
+            "evaluation": e.pk,
+        })  # fmt: skip
+    return rows
+
+
 def _results(evaluations: list[Evaluation]) -> dict[str, dict[str, Any]]:
     return {
         e.dataset_version.dataset_id: {**e.metrics, "dataset_name": e.dataset_version.dataset.name}
@@ -148,7 +165,7 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
             return None
         evaluations = list(
             Evaluation.objects.filter(pk__in=promotion.evaluation_ids).select_related(
-                "dataset_version__dataset"
+                "dataset_version__dataset", "dataset_version__created_by"
             )
         )
         if any(e.status in (EvalStatus.QUEUED, EvalStatus.RUNNING) for e in evaluations):
@@ -180,6 +197,7 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
                 )
                 champion_results = _results(list(theirs))
             promotion.champion = champion
+            promotion.gate_dataset_versions = _gate_dataset_versions(evaluations)
             promotion.gate_results = check_gates(
                 gates=policy.gates,
                 results=_results(evaluations),
@@ -201,6 +219,7 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
             after={
                 "status": promotion.status,
                 "failing_gates": [r for r in promotion.gate_results if not r["passed"]],
+                "dataset_versions": [v["id"] for v in promotion.gate_dataset_versions],
             },
             via="task",
         )
@@ -220,7 +239,7 @@ def _decide(
     with transaction.atomic():
         locked = (
             PromotionRequest.objects.select_for_update()
-            .select_related("model_version__registered_model", "tenant")
+            .select_related("model_version__registered_model", "model_version__run", "tenant")
             .get(pk=promotion.pk)
         )
         if locked.status != PromotionStatus.AWAITING_APPROVAL:
@@ -230,7 +249,16 @@ def _decide(
                 code="illegal_transition",
                 status=locked.status,
             )
-        if locked.requested_by_id is not None and locked.requested_by_id == actor.pk:
+        if locked.requested_by_id is None:
+            # The requester's account was deleted (SET_NULL): nobody could tell the decider
+            # from the requester, so no one decides; a fresh request has a known requester.
+            raise DomainError(
+                "Nobody is on record as the requester of this promotion (their account was "
+                "deleted), so four eyes cannot be shown; request the promotion again.",
+                code="requester_unknown",
+                status=locked.status,
+            )
+        if locked.requested_by_id == actor.pk:
             raise DomainError(
                 "You requested this promotion; another reviewer must decide it.",
                 code="four_eyes",
@@ -243,6 +271,8 @@ def _decide(
                 status=locked.status,
             )
         version = locked.model_version
+        if approve:
+            _check_trainer(actor=actor, promotion=locked)
         if approve and version.sha256 != locked.artifact_sha256:
             raise DomainError(
                 "The model's bytes changed since they were evaluated.",
@@ -285,6 +315,31 @@ def _decide(
             deployment_create(actor=actor, promotion=locked, via=via)
         transaction.on_commit(lambda: _notify_requester(locked))
     return locked
+
+
+def _check_trainer(*, actor: Any, promotion: PromotionRequest) -> None:
+    """Unless the policy lets trainers approve, the user who launched the version's training
+    run may not approve it, nor may anyone a version whose trainer is unknown."""
+    version = promotion.model_version
+    policy = evaluation_services.policy_for(
+        tenant=promotion.tenant, model_kind=version.registered_model.kind
+    )
+    if policy.trainer_may_approve:
+        return
+    trainer_id = version.run.created_by_id
+    if trainer_id is None:
+        raise DomainError(
+            "Nobody is on record as the trainer of this version (their account was deleted), "
+            "and the policy forbids its trainer to approve it; retrain it to promote it.",
+            code="trainer_unknown",
+            status=promotion.status,
+        )
+    if trainer_id == actor.pk:
+        raise DomainError(
+            "You trained this version; the policy asks another reviewer to approve it.",
+            code="trainer_cannot_approve",
+            status=promotion.status,
+        )
 
 
 def promotion_approve(

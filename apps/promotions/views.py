@@ -21,6 +21,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.core.errors import DomainError
+from apps.evaluation import services as evaluation_services
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.promotions import charts, services
 from apps.promotions.forms import DecisionForm, PromotionRequestForm
@@ -277,6 +278,7 @@ def review_queue(request: HttpRequest, access: TenantAccess) -> HttpResponse:
             gates=_tally(p),
             can_decide=can_decide
             and p.status == PromotionStatus.AWAITING_APPROVAL
+            and p.requested_by_id is not None
             and p.requested_by_id != request.user.pk,
         )
         for p in page.object_list
@@ -314,6 +316,9 @@ def review_detail(request: HttpRequest, access: TenantAccess, promotion_id: str)
     run = version.run
     dataset_version = run.dataset_version if run is not None else None
     dataset = dataset_version.dataset if dataset_version is not None else None
+    policy = evaluation_services.policy_for(
+        tenant=access.tenant, model_kind=version.registered_model.kind
+    )
     context = {
         "promotion": promotion,
         "version": version,
@@ -325,6 +330,13 @@ def review_detail(request: HttpRequest, access: TenantAccess, promotion_id: str)
         "evaluations": _evaluation_views(promotion),
         "can_decide": can_decide,
         "is_requester": promotion.requested_by_id == request.user.pk,
+        "requester_unknown": promotion.requested_by_id is None,
+        "trainer_barred": not policy.trainer_may_approve
+        and run is not None
+        and run.created_by_id == request.user.pk,
+        "gate_datasets": promotion.gate_dataset_versions
+        if isinstance(promotion.gate_dataset_versions, list)
+        else [],
         "awaiting": promotion.status == PromotionStatus.AWAITING_APPROVAL,
         "live": promotion.status == PromotionStatus.CHECKING,
         "decision_form": DecisionForm(),

@@ -67,6 +67,16 @@ def check_training_data(
             ]
     if validation_version is not None and validation_version.dataset.tenant_id != tenant.pk:
         fields["validation_version"] = ["No such dataset version."]
+    elif validation_version is not None and validation_version.dataset.kind != (
+        DatasetKind.TRAINING
+    ):
+        # A run tuned (early stopping, best checkpoint) on the gates' own yardstick would
+        # pass them by construction.
+        fields["validation_version"] = [
+            f"'{validation_version.dataset.name}' is a {validation_version.dataset.kind} "
+            "dataset; validate on a training dataset (golden and sample sets are for "
+            "evaluation only)."
+        ]
     if fields:
         raise InvalidInput(next(iter(fields.values()))[0], fields=fields)
 
@@ -539,6 +549,9 @@ def sweep_launch(
     validation_version: DatasetVersion | None = None,
     via: str = "",
 ) -> Sweep:
+    check_training_data(
+        tenant=tenant, dataset_version=dataset_version, validation_version=validation_version
+    )
     points = grid_points(grid)
     if len(points) > settings.TRAINING_MAX_SWEEP_POINTS:
         raise InvalidInput(

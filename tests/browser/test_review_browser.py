@@ -39,9 +39,9 @@ def awaiting(transactional_db: Any, artifacts_dir: Path) -> Iterator[PromotionRe
         actor=None, slug="acme", name="Acme Corp", domain="banking"
     )
     scientist = make_actor("sam", tenant, Role.SCIENTIST)
-    make_actor("rita", tenant, Role.REVIEWER)
+    reviewer = make_actor("rita", tenant, Role.REVIEWER)
     version = DatasetVersion.objects.get(pk=make_training_version(scientist, name="intents"))
-    make_training_version(scientist, name="golden", kind="golden")
+    make_training_version(reviewer, name="golden", kind="golden")
     run = training.run_launch(actor=scientist.user, tenant=tenant, dataset_version=version,
                               base_model="tiny-bert", params={},
                               model_name="intents-clf")  # fmt: skip

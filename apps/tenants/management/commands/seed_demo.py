@@ -55,16 +55,18 @@ class Command(BaseCommand):
             users[username] = user
 
         data_dir: Path = options["data_dir"] or _default_data_dir()
+        # The golden set is the reviewer's: golden and sample sets decide promotions, so only
+        # reviewers and admins create and change them.
         seeds = [
-            ("banking77-train", "training", "train.csv"),
-            ("banking77-golden", "golden", "test.csv"),
+            ("banking77-train", "training", "train.csv", users["scientist"]),
+            ("banking77-golden", "golden", "test.csv", users["reviewer"]),
         ]
-        for name, kind, filename in seeds:
+        for name, kind, filename, owner in seeds:
             source = data_dir / filename
             dataset = Dataset.objects.filter(tenant=tenant, name=name).first()
             if dataset is None:
                 dataset = dataset_services.dataset_create(
-                    actor=users["scientist"],
+                    actor=owner,
                     tenant=tenant,
                     name=name,
                     kind=kind,
@@ -83,7 +85,7 @@ class Command(BaseCommand):
                 shutil.copyfile(source, copy)
                 data = copy.read_bytes()
                 dataset_services.dataset_version_create(
-                    actor=users["scientist"],
+                    actor=owner,
                     dataset=dataset,
                     path=copy,
                     sha256=hashlib.sha256(data).hexdigest(),
