@@ -8,6 +8,7 @@ pagination class named in the settings (``apps.core.api.Pagination``); defined i
 from __future__ import annotations
 
 from drf_spectacular.views import SpectacularSwaggerSplitView
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 
 
 class ApiDocsView(SpectacularSwaggerSplitView):
@@ -16,3 +17,9 @@ class ApiDocsView(SpectacularSwaggerSplitView):
     needs neither inline scripts nor inline styles."""
 
     template_name = "api/docs.html"
+
+    def get_renderers(self) -> list[BaseRenderer]:
+        # OPTIONS answers the view's metadata, which has no template to render into.
+        if self.request.method == "OPTIONS":
+            return [JSONRenderer()]
+        return list(super().get_renderers())

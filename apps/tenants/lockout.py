@@ -11,12 +11,32 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from axes.backends import AxesStandaloneBackend
 from axes.helpers import get_client_username, get_cool_off
 from axes.models import AccessAttempt
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
+
+
+class LockoutBackend(AxesStandaloneBackend):
+    """django-axes' backend, for sign-ins that come with a request (every HTTP one: the
+    login page, the admin, the OAuth sign-in). A call without one (code, such as the test
+    client's ``login``) has no address to count and is left to the model backend, rather
+    than refused with an error as axes does."""
+
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if request is None:
+            return None
+        super().authenticate(request, username, password, **kwargs)
+        return None
 
 
 def client_ip(request: HttpRequest) -> str | None:
