@@ -14,7 +14,7 @@ from django.utils.html import escape
 
 from apps.audit.models import AuditEvent
 from apps.notebooks.models import NotebookServer, NotebookStatus
-from apps.tenants.models import ApiToken, Membership, Tenant
+from apps.tenants.models import ApiToken, Membership, Role, Tenant
 from tests.conftest import PASSWORD, Actor, make_actor
 from tests.hub import Hub
 from tests.test_notebooks_hub import wait_running
@@ -446,3 +446,23 @@ def test_deactivation_stops_the_users_notebook_server_on_a_real_hub(
     assert ApiToken.objects.get(pk=server.token_id).revoked_at is not None
     stop = AuditEvent.objects.get(verb="notebook.stop", object_id=server.pk)
     assert stop.actor_name == "stella" and stop.via == "user.deactivate"
+
+
+def test_the_user_list_takes_the_same_queries_for_many_users(
+    staff: Actor, admin: Actor, tenant: Tenant, django_assert_num_queries: Any
+) -> None:
+    staff.api("get", "/api/v1/users/")  # the token's last-used time is written once
+    # token, count, page, the page's memberships with their tenants
+    with django_assert_num_queries(4):
+        few = staff.api("get", "/api/v1/users/")
+    for i in range(12):
+        make_actor(f"member{i}", tenant, Role.VIEWER)
+    with django_assert_num_queries(4):
+        many = staff.api("get", "/api/v1/users/")
+    assert few.json()["count"] == 2 and many.json()["count"] == 14
+    client = signed_in(staff.user)
+    client.get("/staff/users/")
+    # session, user, count, page, memberships (the nav and the tenant switcher: 1)
+    with django_assert_num_queries(6):
+        page = client.get("/staff/users/")
+    assert page.content.decode().count('data-username="member') == 12
