@@ -59,6 +59,15 @@ def test_after_five_failures_the_username_is_locked_out_from_that_address(
 
 
 @pytest.mark.django_db
+def test_a_sign_in_from_code_without_a_request_still_works(scientist: Actor) -> None:
+    # Django's test client (and any code calling authenticate() bare) has no request: axes'
+    # own backend raises on it; nothing is counted, the model backend decides.
+    assert Client().login(username="sam", password=PASSWORD)
+    assert not Client().login(username="sam", password="wrong-password")
+    assert not AccessAttempt.objects.exists()
+
+
+@pytest.mark.django_db
 def test_the_lockout_ends_after_the_cool_off(scientist: Actor) -> None:
     browser = Client()
     for _ in range(5):
