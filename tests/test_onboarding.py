@@ -257,7 +257,7 @@ def test_a_user_created_with_a_password_signs_in_with_it(staff: Actor) -> None:
 
 
 def test_a_weak_password_is_a_400_naming_password_and_creates_nobody(staff: Actor) -> None:
-    for weak in ["password", "eve12"]:
+    for weak in ["password", "eve12", "correct horse " * 20]:
         response = staff.api(
             "post",
             "/api/v1/users/",

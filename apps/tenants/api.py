@@ -151,7 +151,11 @@ class MemberListCreateApi(TenantScopedMixin, generics.ListAPIView[Membership]):
     def get_queryset(self) -> Any:
         return selectors.members_of(tenant=self.tenant)
 
-    @extend_schema(request=MemberInputSerializer, responses={201: MemberOutputSerializer})
+    @extend_schema(
+        request=MemberInputSerializer,
+        responses={201: MemberOutputSerializer},
+        description="Tenant admins add members; so may staff, in any tenant (audited as staff).",
+    )
     def post(self, request: Request, tenant: str) -> Response:
         data = MemberInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -349,6 +353,7 @@ class UserInputSerializer(serializers.Serializer[Any]):
     password = serializers.CharField(
         required=False,
         write_only=True,
+        max_length=256,  # a passphrase fits; a megabyte would only cost hashing time
         style={"input_type": "password"},
         help_text="an initial password, checked by the password validators; leave it out "
         "to get a one-time link where the user chooses one",

@@ -108,6 +108,7 @@ class UserCreateForm(forms.Form):
     email = forms.EmailField()
     password = forms.CharField(
         required=False,
+        max_length=256,
         label="Initial password",
         strip=False,
         widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
