@@ -466,3 +466,29 @@ def test_the_user_list_takes_the_same_queries_for_many_users(
     with django_assert_num_queries(6):
         page = client.get("/staff/users/")
     assert page.content.decode().count('data-username="member') == 12
+
+
+def test_the_stop_is_retried_while_jupyterhub_does_not_answer(
+    scientist: Actor, tenant: Tenant, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from apps.core.errors import ServiceUnavailable
+    from apps.tenants.tasks import stop_user_notebooks
+
+    settings.JUPYTERHUB_URL = "http://127.0.0.1:1"  # nothing listens there
+    settings.JUPYTERHUB_API_TOKEN = "not-used"
+    server = NotebookServer.objects.create(
+        tenant=tenant,
+        user=scientist.user,
+        hub_user="sam",
+        server_name="nb-test",
+        status=NotebookStatus.RUNNING,
+    )
+    # Run in this process (apply), Celery retries at once instead of 30 s later; on a
+    # worker each try is a new delivery. Either way: every retry asks the hub again, and
+    # once the tries are spent the task fails loudly rather than calling it stopped.
+    result = stop_user_notebooks.apply(args=(scientist.user.pk, None))
+    asked = [r for r in caplog.records if r.getMessage() == "jupyterhub unreachable"]
+    assert len(asked) == stop_user_notebooks.max_retries + 1
+    assert result.state == "FAILURE" and isinstance(result.result, ServiceUnavailable)
+    server.refresh_from_db()
+    assert server.status == NotebookStatus.RUNNING  # not marked stopped while it may run
