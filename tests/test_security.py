@@ -21,6 +21,14 @@ from tests.test_settings import assert_refused, last_line, manage
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def settings_printed(tmp_path: Path, expression: str, **env: str) -> str:
+    """What ``expression`` (over ``s``, the settings) prints in a fresh process with ``env``."""
+    code = f"from django.conf import settings as s; print({expression})"
+    result = manage(tmp_path, ["shell", "-c", code], **env)
+    assert result.returncode == 0, result.stderr
+    return last_line(result.stdout)
+
+
 def login(client: Client, username: str, password: str, **extra: Any) -> Any:
     return client.post("/login/", {"username": username, "password": password}, **extra)
 
@@ -191,13 +199,13 @@ def test_session_and_csrf_cookies_are_httponly_and_samesite(scientist: Actor) ->
 
 
 def test_over_https_cookies_are_secure_and_hsts_is_on(tmp_path: Path) -> None:
-    code = (
-        "from django.conf import settings as s; print(s.SESSION_COOKIE_SECURE, "
-        "s.CSRF_COOKIE_SECURE, s.SECURE_HSTS_SECONDS, s.SESSION_COOKIE_HTTPONLY)"
+    printed = settings_printed(
+        tmp_path,
+        "s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, s.SECURE_HSTS_SECONDS, "
+        "s.SESSION_COOKIE_HTTPONLY",
+        WORKBENCH_HTTPS="true",
     )
-    result = manage(tmp_path, ["shell", "-c", code], WORKBENCH_HTTPS="true")
-    assert result.returncode == 0, result.stderr
-    assert last_line(result.stdout) == "True True 31536000 True"
+    assert printed == "True True 31536000 True"
 
 
 # --- passwords --------------------------------------------------------------------------------
@@ -238,18 +246,13 @@ def test_bad_security_settings_are_refused(
 
 
 def test_security_settings_from_the_environment_are_used(tmp_path: Path) -> None:
-    code = (
-        "from django.conf import settings as s; print(s.API_THROTTLE_RATE, "
-        "s.AXES_FAILURE_LIMIT, s.AXES_COOLOFF_TIME.total_seconds(), "
-        "*s.CONTENT_SECURITY_POLICY['DIRECTIVES']['report-uri'])"
-    )
-    result = manage(
+    printed = settings_printed(
         tmp_path,
-        ["shell", "-c", code],
+        "s.API_THROTTLE_RATE, s.AXES_FAILURE_LIMIT, s.AXES_COOLOFF_TIME.total_seconds(), "
+        "*s.CONTENT_SECURITY_POLICY['DIRECTIVES']['report-uri']",
         API_THROTTLE_RATE="100/second",
         LOGIN_FAILURE_LIMIT="3",
         LOGIN_LOCKOUT_MINUTES="30",
         CSP_REPORT_URI="https://reports.example.com/csp",
     )
-    assert result.returncode == 0, result.stderr
-    assert last_line(result.stdout) == "100/second 3 1800.0 https://reports.example.com/csp"
+    assert printed == "100/second 3 1800.0 https://reports.example.com/csp"
