@@ -352,6 +352,30 @@ def wait_worker_idle(worker: WorkerProcess, *, timeout: float) -> bool:
 _LIVE_WORKERS: list[WorkerProcess] = []
 
 
+@contextlib.contextmanager
+def live_workers_paused() -> Iterator[None]:
+    """The session's real workers stopped (SIGSTOP) while inside, each once idle, resumed
+    after. For a test that runs a worker of its own on the shared database: any worker that
+    runs ``training.dispatch_runs`` dispatches every tenant's queued runs to its own broker,
+    and the session's worker would then take the test's runs and fail them (its artifact
+    store is another)."""
+    import os
+    import signal
+
+    paused = []
+    for worker in list(_LIVE_WORKERS):
+        wait_worker_idle(worker, timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.process.pid, signal.SIGSTOP)
+            paused.append(worker)
+    try:
+        yield
+    finally:
+        for worker in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.process.pid, signal.SIGCONT)
+
+
 def _commits(request: Any) -> bool:
     """Whether the test's transactions really commit (so its on-commit tasks are sent)."""
     names = set(request.fixturenames)
