@@ -261,3 +261,23 @@ def test_warmup_samples_come_only_from_the_tenants_own_golden_sets(version, revi
         )  # fmt: skip
     samples = warmup_samples(version, 16)
     assert [s["text"] for s in samples] == ["where is my new card"]
+
+
+def test_approving_a_version_already_deployed_there_is_409_and_changes_nothing(
+    version, scientist, reviewer
+):
+    from apps.promotions.models import PromotionRequest
+
+    serving = deploy(version, "warm", environment="staging")
+    # Requested again for staging (the first request is done), and approved.
+    again = PromotionRequest.objects.create(
+        tenant=version.registered_model.tenant, model_version=version, target="staging",
+        artifact_sha256=version.sha256, status="awaiting_approval", requested_by=scientist.user,
+    )  # fmt: skip
+    response = reviewer.api("post", f"{API}/promotions/{again.pk}/approve", {"comment": "ok"})
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "already_deployed"
+    assert serving.pk in response.json()["error"]["message"]
+    again.refresh_from_db()
+    assert again.status == "awaiting_approval"
+    assert list(Deployment.objects.filter(model_version=version)) == [serving]

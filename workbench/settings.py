@@ -89,6 +89,9 @@ if TESTING:
 MIDDLEWARE = [
     "apps.core.middleware.RequestIdMiddleware",
     "apps.core.middleware.MetricsMiddleware",
+    # Inside the request id, outside everything that answers errors: Django's own 404s and
+    # 500s under /api/ leave in the API's JSON error envelope.
+    "apps.core.middleware.ApiErrorEnvelopeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -479,7 +482,9 @@ REST_FRAMEWORK = {
     # refuses; /api/v1/docs/ is the API's page for people.
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Error responses and links on every operation (apps/core/schema.py).
+    "DEFAULT_SCHEMA_CLASS": "apps.core.schema.WorkbenchAutoSchema",
+    "DEFAULT_METADATA_CLASS": "apps.core.metadata.Metadata",
     "EXCEPTION_HANDLER": "apps.core.api.exception_handler",
     # One rate per API token (per user for the dashboard's session): API_THROTTLE_RATE.
     "DEFAULT_THROTTLE_CLASSES": ["apps.core.throttling.TokenRateThrottle"],
@@ -495,6 +500,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "apps.core.schema.link_ids",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "DatasetKindEnum": "apps.datasets.models.DatasetKind",
         "ModelKindEnum": "apps.registry.models.ModelKind",

@@ -1,4 +1,5 @@
-"""Request id and request-latency metrics for every HTTP request."""
+"""Request id and request-latency metrics for every HTTP request; the API's error envelope
+on the errors Django answers itself."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from apps.core.context import (
     PREWARM_ENVIRON_KEY,
@@ -61,3 +62,52 @@ class MetricsMiddleware:
             },
         )
         return response
+
+
+API_PREFIX = "/api/"
+ERROR_CODES = {
+    400: "bad_request",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    500: "server_error",
+}
+# Headers of Django's own error response that the envelope keeps.
+KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
+
+
+class ApiErrorEnvelopeMiddleware:
+    """Errors under ``/api/`` that Django answers itself, outside DRF's views (a path no
+    route matches, a request Django refuses before any view, a crash), in the API's error
+    envelope ``{"error": {"code", "message", "fields"}}`` rather than Django's HTML pages:
+    automation reads every error of the API the same way."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if (
+            response.status_code < 400
+            or not request.path.startswith(API_PREFIX)
+            or response.streaming
+            or response.get("Content-Type", "").startswith("application/json")
+        ):
+            return response
+        status = response.status_code
+        message = f"No such path: {request.path}" if status == 404 else response.reason_phrase
+        envelope = JsonResponse(
+            {
+                "error": {
+                    "code": ERROR_CODES.get(status, "server_error" if status >= 500 else "error"),
+                    "message": message,
+                    "fields": {},
+                }
+            },
+            status=status,
+        )
+        for header in KEPT_HEADERS:
+            if header in response:
+                envelope[header] = response[header]
+        return envelope

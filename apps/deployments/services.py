@@ -28,6 +28,7 @@ from apps.audit.services import audit_record
 from apps.core.errors import DomainError
 from apps.deployments import alerts, selectors
 from apps.deployments.models import (
+    ACTIVE,
     SERVING,
     Deployment,
     DeploymentStatus,
@@ -59,9 +60,21 @@ def deployment_create(*, actor: Any, promotion: PromotionRequest, via: str = "")
     """A deployment for an approved promotion; the promotion moves to ``deploying``.
 
     Called inside the approval's transaction, so an approval without its deployment (or
-    the reverse) never exists.
+    the reverse) never exists. A version already deployed (and not retired or failed) in
+    that environment is refused, and the approval with it: a version is deployed once per
+    environment.
     """
     version = promotion.model_version
+    active = Deployment.objects.filter(
+        model_version=version, environment=promotion.target, status__in=ACTIVE
+    ).first()
+    if active is not None:
+        raise DomainError(
+            f"{version.registered_model.name} v{version.number} is already deployed to "
+            f"{promotion.target} ({active.pk}, {active.status}); retire it first.",
+            code="already_deployed",
+            status=active.status,
+        )
     deployment = Deployment.objects.create(
         tenant=promotion.tenant,
         model_version=version,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -77,7 +77,12 @@ class EvaluationListCreateApi(TenantScopedMixin, generics.ListAPIView[Evaluation
         return _evaluations(self.tenant)
 
     @extend_schema(
-        request=EvaluationInputSerializer, responses={202: EvaluationOutputSerializer(many=True)}
+        request=EvaluationInputSerializer,
+        responses={
+            202: inline_serializer(
+                "EvaluationsRequested", {"evaluations": EvaluationOutputSerializer(many=True)}
+            )
+        },
     )
     def post(self, request: Request, tenant: str) -> Response:
         data = EvaluationInputSerializer(data=request.data, context={"tenant": self.tenant})

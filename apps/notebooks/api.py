@@ -362,7 +362,7 @@ class NotebookDetailApi(TenantScopedMixin, generics.GenericAPIView[NotebookServe
         _refresh(request)
         return Response(NotebookOutputSerializer(self.get_server()).data)
 
-    @extend_schema(request=None, responses=NotebookOutputSerializer)
+    @extend_schema(request=None, responses={200: NotebookOutputSerializer})
     def delete(self, request: Request, tenant: str, notebook_id: str) -> Response:
         services.notebook_stop(
             actor=request.user, server=self.get_server(), via=request_via(request)
