@@ -192,3 +192,22 @@ def test_options_shows_a_write_only_to_the_roles_that_may_make_it(admin, scienti
     assert "actions" not in scientist.api("options", path).json()
     runs = scientist.api("options", "/api/v1/tenants/acme/runs/").json()
     assert "POST" in runs["actions"]
+
+
+def test_the_schema_says_null_where_a_response_answers_null(admin):
+    schemas = openapi(admin)["components"]["schemas"]
+    # Read-only related fields declared by hand on nullable foreign keys.
+    assert schemas["PromotionOutput"]["properties"]["decided_by"]["nullable"] is True
+    assert schemas["TokenOutput"]["properties"]["tenant"]["nullable"] is True
+    assert schemas["DeploymentOutput"]["properties"]["created_by"]["nullable"] is True
+    assert "nullable" not in schemas["PromotionOutput"]["properties"]["model"]
+
+
+def test_the_schema_describes_what_evaluation_requests_and_notebook_stops_answer(admin):
+    schema = openapi(admin)
+    paths = schema["paths"]
+    requested = paths["/api/v1/tenants/{tenant}/evaluations/"]["post"]["responses"]["202"]
+    ref = requested["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert schema["components"]["schemas"][ref]["properties"]["evaluations"]["type"] == "array"
+    stopped = paths["/api/v1/tenants/{tenant}/notebooks/{notebook_id}/"]["delete"]["responses"]
+    assert "200" in stopped and "204" not in stopped
