@@ -9,6 +9,12 @@
 #   WORKBENCH_VAR_DIR=/tmp/wb2 PORT=8100 MLFLOW_PORT=5100 HUB_PORT=8101 HUB_API_PORT=8181 \
 #       HUB_PROXY_API_PORT=8102 make run
 # Configure production services through the environment (see README.md).
+#
+# Every server of this stack listens on 127.0.0.1 only, whatever HOST says: it runs with a
+# development secret key, no TLS, an MLflow and a Ray without sign-in. (compose.yaml is
+# the stack for more than one machine.)
+#
+#   scripts/run.sh --print-config    prints the supervisord configuration and starts nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,7 +24,7 @@ PY=$BIN/python
 export WORKBENCH_VAR_DIR
 WORKBENCH_VAR_DIR=$(realpath -m "${WORKBENCH_VAR_DIR:-$ROOT/var}")
 VAR=$WORKBENCH_VAR_DIR
-HOST="${HOST:-127.0.0.1}"
+HOST=127.0.0.1
 PORT="${PORT:-8000}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 HUB_PORT="${HUB_PORT:-8001}"
@@ -33,6 +39,90 @@ export MLFLOW_UI_URL="${MLFLOW_UI_URL:-$MLFLOW_TRACKING_URI}"
 export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$VAR/prometheus}"
 export SERVING_LOCAL_DIR="${SERVING_LOCAL_DIR:-$VAR/ray}"
 LOG=$VAR/log
+SOCK=$VAR/supervisor/supervisor.sock
+# A Unix socket path must fit in 107 bytes.
+[ ${#SOCK} -le 100 ] || SOCK=/tmp/wb-supervisor-$(printf %s "$VAR" | sha256sum | cut -c1-12).sock
+CONF=$VAR/supervisor/supervisord.conf
+program() {  # name, priority, command...; the options every program shares
+    local name=$1 priority=$2 as_group=${STOP_AS_GROUP:-true} \
+        start_secs=${START_SECS:-10} stop_secs=${STOP_SECS:-10}; shift 2
+    cat <<INI
+
+[program:$name]
+command=$*
+priority=$priority
+autorestart=true
+; Up this long counts as started; a quicker exit is a failed start, retried after 1 s,
+; 2 s, 3 s ... and given up (FATAL, logged) after startretries. Nothing else stops.
+startsecs=$start_secs
+startretries=20
+stopsignal=TERM
+; then SIGKILL, to the whole process group
+stopwaitsecs=$stop_secs
+stopasgroup=$as_group
+killasgroup=true
+redirect_stderr=true
+stdout_logfile=$LOG/$name.log
+stdout_logfile_maxbytes=20MB
+stdout_logfile_backups=2
+INI
+}
+# One group, so a stop signals every program at once (supervisord stops groups one after
+# another). Every server here is given $HOST (loopback) explicitly.
+supervisord_conf() {
+    cat <<INI
+; Made by scripts/run.sh at each start; changes here are overwritten.
+; supervisorctl -c $CONF status
+[supervisord]
+nodaemon=true
+directory=$ROOT
+logfile=$LOG/supervisord.log
+logfile_maxbytes=10MB
+logfile_backups=2
+pidfile=$VAR/supervisor/supervisord.pid
+childlogdir=$LOG
+
+[unix_http_server]
+file=$SOCK
+chmod=0700
+
+[supervisorctl]
+serverurl=unix://$SOCK
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[group:workbench]
+programs=mlflow,worker,beat,web,jupyterhub,fleet-controller
+INI
+    # MLflow tracking server + UI: SQLite store and artifacts under the state dir.
+    program mlflow 100 "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
+        --backend-store-uri "sqlite:///$VAR/mlflow.sqlite3" --artifacts-destination "$VAR/mlartifacts"
+    echo 'environment=MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"'
+    # Only the worker's main process gets SIGTERM, and stops its pool itself: a signal to
+    # the whole group also kills the pool children mid-handshake, and the main process
+    # was seen blocked for ever in billiard's pool finalizer (Pool._help_stuff_finish).
+    # If it hangs anyway, the group SIGKILL after stopwaitsecs ends it: 20 s, as its warm
+    # shutdown (lets a running task finish) took 5 s idle and 9 s on a busy machine.
+    STOP_AS_GROUP=false STOP_SECS=20 program worker 200 "$BIN/celery" -A workbench worker -Q default,gpu \
+        --concurrency 2 -n "worker@%%h"
+    program beat 200 "$BIN/celery" -A workbench beat
+    program web 300 "$PY" manage.py runserver "$HOST:$PORT" --noreload
+    # JupyterHub on loopback, signing users in through the workbench; servers are local
+    # processes listening on loopback too. The hub stops them and its proxy on SIGTERM.
+    program jupyterhub 300 "$PY" manage.py jupyterhub --hub-port "$HUB_API_PORT" \
+        --proxy-api-port "$HUB_PROXY_API_PORT"
+    # The only process that talks to the serving backend (and restarts the embedded Ray
+    # head when it died). A command that fails only after Django's start-up (seconds on a
+    # busy machine) must still count as a failed start, backed off and given up. Killing it
+    # is safe (its lease expires; a blocking call to Ray was seen outlasting SIGTERM by 10 s).
+    START_SECS=30 STOP_SECS=5 program fleet-controller 400 "$PY" manage.py fleet_controller
+}
+
+if [ "${1:-}" = "--print-config" ]; then
+    supervisord_conf
+    exit 0
+fi
 mkdir -p "$LOG" "$VAR/supervisor" "$PROMETHEUS_MULTIPROC_DIR"
 
 $PY scripts/stack.py ports-free "$HOST" PORT="$PORT" MLFLOW_PORT="$MLFLOW_PORT" \
@@ -110,85 +200,8 @@ $PY manage.py migrate --noinput
 $PY manage.py seed_demo
 
 # supervisord's config is made here, from this environment, under the state dir; its
-# processes inherit the environment exported above. One group, so a stop signals every
-# program at once (supervisord stops groups one after another).
-SOCK=$VAR/supervisor/supervisor.sock
-# A Unix socket path must fit in 107 bytes.
-[ ${#SOCK} -le 100 ] || SOCK=/tmp/wb-supervisor-$(printf %s "$VAR" | sha256sum | cut -c1-12).sock
-CONF=$VAR/supervisor/supervisord.conf
-program() {  # name, priority, command...; the options every program shares
-    local name=$1 priority=$2 as_group=${STOP_AS_GROUP:-true} \
-        start_secs=${START_SECS:-10} stop_secs=${STOP_SECS:-10}; shift 2
-    cat <<INI
-
-[program:$name]
-command=$*
-priority=$priority
-autorestart=true
-; Up this long counts as started; a quicker exit is a failed start, retried after 1 s,
-; 2 s, 3 s ... and given up (FATAL, logged) after startretries. Nothing else stops.
-startsecs=$start_secs
-startretries=20
-stopsignal=TERM
-; then SIGKILL, to the whole process group
-stopwaitsecs=$stop_secs
-stopasgroup=$as_group
-killasgroup=true
-redirect_stderr=true
-stdout_logfile=$LOG/$name.log
-stdout_logfile_maxbytes=20MB
-stdout_logfile_backups=2
-INI
-}
-{
-    cat <<INI
-; Made by scripts/run.sh at each start; changes here are overwritten.
-; supervisorctl -c $CONF status
-[supervisord]
-nodaemon=true
-directory=$ROOT
-logfile=$LOG/supervisord.log
-logfile_maxbytes=10MB
-logfile_backups=2
-pidfile=$VAR/supervisor/supervisord.pid
-childlogdir=$LOG
-
-[unix_http_server]
-file=$SOCK
-chmod=0700
-
-[supervisorctl]
-serverurl=unix://$SOCK
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[group:workbench]
-programs=mlflow,worker,beat,web,jupyterhub,fleet-controller
-INI
-    # MLflow tracking server + UI: SQLite store and artifacts under the state dir.
-    program mlflow 100 "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
-        --backend-store-uri "sqlite:///$VAR/mlflow.sqlite3" --artifacts-destination "$VAR/mlartifacts"
-    echo 'environment=MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"'
-    # Only the worker's main process gets SIGTERM, and stops its pool itself: a signal to
-    # the whole group also kills the pool children mid-handshake, and the main process
-    # was seen blocked for ever in billiard's pool finalizer (Pool._help_stuff_finish).
-    # If it hangs anyway, the group SIGKILL after stopwaitsecs ends it: 20 s, as its warm
-    # shutdown (lets a running task finish) took 5 s idle and 9 s on a busy machine.
-    STOP_AS_GROUP=false STOP_SECS=20 program worker 200 "$BIN/celery" -A workbench worker -Q default,gpu \
-        --concurrency 2 -n "worker@%%h"
-    program beat 200 "$BIN/celery" -A workbench beat
-    program web 300 "$PY" manage.py runserver "$HOST:$PORT" --noreload
-    # JupyterHub on loopback, signing users in through the workbench; servers are local
-    # processes listening on loopback too. The hub stops them and its proxy on SIGTERM.
-    program jupyterhub 300 "$PY" manage.py jupyterhub --hub-port "$HUB_API_PORT" \
-        --proxy-api-port "$HUB_PROXY_API_PORT"
-    # The only process that talks to the serving backend (and restarts the embedded Ray
-    # head when it died). A command that fails only after Django's start-up (seconds on a
-    # busy machine) must still count as a failed start, backed off and given up. Killing it
-    # is safe (its lease expires; a blocking call to Ray was seen outlasting SIGTERM by 10 s).
-    START_SECS=30 STOP_SECS=5 program fleet-controller 400 "$PY" manage.py fleet_controller
-} >"$CONF"
+# processes inherit the environment exported above.
+supervisord_conf >"$CONF"
 
 background "$BIN/supervisord" -c "$CONF"
 SUPERVISOR_PID=$!

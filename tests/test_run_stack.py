@@ -14,10 +14,12 @@ script's session: never by name across the machine.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.sockets import not_on_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERVISORCTL = ROOT / ".venv" / "bin" / "supervisorctl"
@@ -155,6 +159,78 @@ def processes_of(stack: Stack, session: int) -> dict[int, str]:
     return found
 
 
+def print_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "scripts/run.sh", "--print-config"],
+        cwd=ROOT,
+        env={
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "LANG": "C.UTF-8",
+            "WORKBENCH_VAR_DIR": str(tmp_path / "var"),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_every_server_of_the_embedded_stack_is_given_loopback_even_when_host_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    ports = {"PORT": "18400", "MLFLOW_PORT": "18401", "HUB_API_PORT": "18402"}
+    ports["HUB_PROXY_API_PORT"] = "18403"
+    # HOST is set in many environments (containers, CI, some shells); run.sh used to honour it.
+    result = print_config(tmp_path, HOST="0.0.0.0", **ports)  # noqa: S104
+    assert result.returncode == 0, result.stderr
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read_string(result.stdout)
+    programs = {
+        name.removeprefix("program:"): shlex.split(conf[name]["command"])
+        for name in conf.sections()
+        if name.startswith("program:")
+    }
+    # Each program is here because the checks below cover it: a new one needs its own.
+    assert set(programs) == {"mlflow", "worker", "beat", "web", "jupyterhub", "fleet-controller"}
+    mlflow = programs["mlflow"]
+    assert mlflow[1:2] == ["server"]
+    assert mlflow[mlflow.index("--host") + 1] == "127.0.0.1"
+    assert mlflow[mlflow.index("--port") + 1] == ports["MLFLOW_PORT"]
+    web = programs["web"]
+    assert web[web.index("runserver") + 1] == f"127.0.0.1:{ports['PORT']}"
+    # The hub binds loopback itself (test_notebooks_config covers what it builds).
+    hub = programs["jupyterhub"]
+    assert hub[1:3] == ["manage.py", "jupyterhub"]
+    assert hub[hub.index("--hub-port") + 1] == ports["HUB_API_PORT"]
+    assert hub[hub.index("--proxy-api-port") + 1] == ports["HUB_PROXY_API_PORT"]
+    # The worker, beat and the fleet controller serve nothing (the broker is a file); the
+    # controller's Ray head is started on loopback (the next test).
+    for name in ("worker", "beat"):
+        assert programs[name][1:4] == ["-A", "workbench", name]
+    assert programs["fleet-controller"][1:] == ["manage.py", "fleet_controller"]
+    # supervisord itself listens on a Unix socket only.
+    assert "inet_http_server" not in conf
+    assert conf["unix_http_server"]["file"].startswith("/")
+    # --print-config started nothing and wrote nothing.
+    assert not (tmp_path / "var").exists()
+
+
+def test_the_embedded_ray_head_is_started_on_loopback_without_a_dashboard(tmp_path: Path) -> None:
+    from worker.serving import local_ray
+
+    command = local_ray.head_command(
+        port=6380, temp_dir=tmp_path, num_cpus=2, num_gpus=None, object_store_bytes=1 << 27
+    )
+    assert command[1:4] == ["start", "--head", "--block"]
+    # The node's address is the one Ray binds its GCS, raylet, agents and client server to,
+    # and the one each Serve replica opens its request socket on.
+    assert "--node-ip-address=127.0.0.1" in command
+    assert "--include-dashboard=false" in command  # no dashboard, so no job API
+    assert not [part for part in command if "-host" in part and "127.0.0.1" not in part]
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     names = ("PORT", "MLFLOW_PORT", "HUB_PORT", "HUB_API_PORT", "HUB_PROXY_API_PORT")
@@ -224,6 +300,8 @@ def test_a_killed_process_is_restarted_and_the_stop_leaves_nothing_behind(
     )
     head = stack.ray_head_pid()
     assert alive(head)
+    # Every socket the stack listens on, Ray's and the hub's proxy's included, is loopback.
+    assert not_on_loopback(processes_of(stack, stack.process.pid)) == {}
 
     # A supervised process dies: supervisord starts it again and says so; the stack stays.
     old = stack.running(victim)

@@ -12,6 +12,15 @@ Each head also gets its own authentication token (``RAY_AUTH_MODE=token`` with a
 ``RAY_AUTH_TOKEN_PATH``): left alone, Ray enables token auth with ``~/.ray/auth_token``, a
 file any other Ray user on the machine may create or replace. A driver connecting to the
 head calls :func:`use_head_auth` first.
+
+Each head listens on loopback only. ``--node-ip-address=127.0.0.1`` alone does not do it:
+Ray on Linux takes a loopback node address for a mistake in a cluster of machines and
+swaps in the host's external one, then listens on that address and on all interfaces (its
+GCS, raylet, agents, client server, every worker's gRPC server and the replicas' request
+sockets). Ray's own switch for single-machine clusters (``LOOPBACK_ENV``, named for macOS
+and Windows, where it is the default) keeps 127.0.0.1, and Ray then binds only that. Every
+process of the head and every driver needs it (a driver without it looks for the head at
+the external address): :func:`start_head` and :func:`use_head_auth` set it.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from pathlib import Path
 STATE_FILE = "ray-head.json"
 LOCK_FILE = "ray-head.lock"
 START_TIMEOUT_S = 120.0
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass(frozen=True)
@@ -48,13 +59,46 @@ class LocalRay:
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
 
 
 def short_temp_dir(key: str) -> Path:
     """``/tmp/rw-<hash of key>``: short enough for Ray's socket paths, one per key."""
     return Path("/tmp") / f"rw-{hashlib.sha256(key.encode()).hexdigest()[:10]}"  # noqa: S108
+
+
+def head_command(
+    *,
+    port: int,
+    temp_dir: Path,
+    num_cpus: int,
+    num_gpus: int | None,
+    object_store_bytes: int,
+) -> list[str]:
+    """``ray start --head`` for a private head: every process of it on loopback (the node's
+    address is 127.0.0.1, which Ray binds its GCS, raylet, agents, client server and the
+    replicas' own sockets to), no dashboard and so no job API."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    # Every port a head listens on is picked free here: Ray's fixed defaults (10001 for
+    # the client server, 8265, 52365, ...) collide with other Rays on the same machine.
+    ports = {
+        option: free_port()
+        for option in (
+            "ray-client-server-port", "dashboard-port", "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        )
+    }  # fmt: skip
+    command = [
+        str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
+        f"--port={port}", f"--node-ip-address={LOOPBACK}", f"--num-cpus={num_cpus}",
+        f"--object-store-memory={object_store_bytes}", "--include-dashboard=false",
+        "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        *(f"--{option}={value}" for option, value in ports.items()),
+    ]  # fmt: skip
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus}")
+    return command
 
 
 def start_head(
@@ -69,25 +113,13 @@ def start_head(
     port = free_port()
     temp_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    ray_cli = Path(sys.executable).with_name("ray")
-    # Every port a head listens on is picked free here: Ray's fixed defaults (10001 for
-    # the client server, 8265, 52365, ...) collide with other Rays on the same machine.
-    ports = {
-        option: free_port()
-        for option in (
-            "ray-client-server-port", "dashboard-port", "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        )
-    }  # fmt: skip
-    command = [
-        str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
-        f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-        f"--object-store-memory={object_store_bytes}", "--include-dashboard=false",
-        "--disable-usage-stats", f"--temp-dir={temp_dir}",
-        *(f"--{option}={value}" for option, value in ports.items()),
-    ]  # fmt: skip
-    if num_gpus is not None:
-        command.append(f"--num-gpus={num_gpus}")
+    command = head_command(
+        port=port,
+        temp_dir=temp_dir,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        object_store_bytes=object_store_bytes,
+    )
     token_path = temp_dir / "auth_token"
     token_path.touch(mode=0o600)
     token_path.write_text(secrets.token_hex(32))
@@ -99,6 +131,7 @@ def start_head(
         # A busy 2-core host can take over Ray's default 60 s to register the raylet.
         "RAY_raylet_start_wait_time_s": os.environ.get("RAY_raylet_start_wait_time_s", "180"),  # noqa: SIM112 (Ray's own name)
         **_auth_env(str(token_path)),
+        **LOOPBACK_ENV,
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
@@ -111,7 +144,7 @@ def start_head(
             env=env,
             start_new_session=True,
         )
-    address = f"127.0.0.1:{port}"
+    address = f"{LOOPBACK}:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     # The head is up once the log says so (GCS and raylet both running).
     while "Ray runtime started" not in log_path.read_text(errors="replace"):
@@ -134,14 +167,16 @@ def _auth_env(token_path: str) -> dict[str, str]:
 
 
 def use_head_auth(head: LocalRay) -> None:
-    """Make this process (and the processes it starts) authenticate to ``head``: call
-    before ``ray.init``."""
+    """Make this process (and the processes it starts) authenticate to ``head``, over
+    loopback (see the module's docstring): call before ``ray.init``."""
     os.environ.update(_auth_env(head.token_path))
+    os.environ.update(LOOPBACK_ENV)
     os.environ.pop("RAY_AUTH_TOKEN", None)
     if "ray" in sys.modules:
         from worker.serving import ray_private
 
         ray_private.reload_auth()
+        ray_private.keep_loopback()
 
 
 def is_alive(head: LocalRay) -> bool:

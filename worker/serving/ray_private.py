@@ -12,7 +12,9 @@ does the job. What it cannot do is here, each with why:
   (the Ray fallback of the direct path, :func:`request_metadata`);
 - replicas' statistics in the GCS key-value store (:func:`kv_put` and the others): Serve
   has no public per-replica custom status;
-- re-reading the auth token of a head a process switches to (:func:`reload_auth`).
+- re-reading the auth token of a head a process switches to (:func:`reload_auth`), and
+  keeping the node's loopback address for a process that imported Ray before it joined an
+  embedded head (:func:`keep_loopback`).
 
 :func:`check_version` runs when a driver connects and when a replica starts: a Ray other
 than the one these were written for fails there, loudly, instead of somewhere deep in a
@@ -106,3 +108,12 @@ def reload_auth() -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def keep_loopback() -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (``local_ray.LOOPBACK_ENV``) once, at
+    import, into the constant that decides whether a loopback address is swapped for the
+    host's external one: set the constant too, for a process that imported Ray first."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
