@@ -18,6 +18,10 @@ bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", "3"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "600"))  # big uploads are checked in-request
 accesslog = "-"
+# A request line (method, path and query) up to 8 KiB, as most proxies in front allow:
+# gunicorn's default, 4 KiB, refused long filter queries with an HTML 400 of its own,
+# before the API could answer in its JSON envelope. 8190 is the most gunicorn allows.
+limit_request_line = 8190
 
 
 def post_worker_init(worker: Any) -> None:
