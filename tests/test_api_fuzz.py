@@ -165,7 +165,10 @@ class Web:
             "DEBUG": "false",
             "PYTHONPATH": str(ROOT),
         }
-        for key in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", "DJANGO_SETTINGS_MODULE"):
+        # No Ray, no hub token, and nothing that would point the private broker at a Redis.
+        for key in ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", "DJANGO_SETTINGS_MODULE",
+                    "REDIS_PASSWORD", "REDIS_PASSWORD_FILE",
+                    "JUPYTERHUB_API_TOKEN_FILE"):  # fmt: skip
             env.pop(key, None)
         command = [str(BIN / "gunicorn"), "-c", "workbench/gunicorn_conf.py", "--workers", "1",
                    "--bind", f"127.0.0.1:{self.port}", "--timeout", "120",
