@@ -113,10 +113,12 @@ pages = Client()
 pages.force_login(get_user_model().objects.get(username="sam"))
 answers = {p: pages.get(p).status_code for p in (
     "/healthz", "/fleet/", "/t/acme/deployments/", "/api/v1/fleet/", "/metrics",
+    "/api/v1/base-models/",
 )}
 print(json.dumps({
     "ray_after_imports": after_imports,
     "ray_loaded": "ray" in sys.modules,
+    "torch_loaded": sorted(m for m in ("torch", "transformers") if m in sys.modules),
     "ray_modules": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")),
     "imported": imported,
     "tasks": tasks,
@@ -194,3 +196,6 @@ def test_web_and_celery_processes_never_load_ray(
     # ... and none of it brought Ray in.
     assert result["ray_after_imports"] is False
     assert result["ray_loaded"] is False, result["ray_modules"][:20]
+    # Nor torch: the base-model catalogue is counted from shapes (a web process that
+    # imported torch for it paid seconds and hundreds of MB on that request).
+    assert result["torch_loaded"] == []

@@ -123,17 +123,33 @@ def size_bytes(model_id: str) -> int:
     """Bytes of the base model's initial weights.
 
     The tiny BERT: parameter count * 4 (float32) for the largest vocabulary and a 2-label
-    head, counted on the ``meta`` device so nothing is allocated. MiniLM: the size of its
-    safetensors file.
+    head, counted from its shape (the web process lists the catalogue: building the model,
+    even on torch's ``meta`` device, imported torch and transformers there, seconds and
+    hundreds of MB on a first request). MiniLM: the size of its safetensors file.
     """
     get(model_id)
     if model_id == MINILM_L6:
         return (minilm_path() / "model.safetensors").stat().st_size
-    import torch
-    from transformers import BertForSequenceClassification
+    return _bert_parameters(vocab_size=TINY_BERT_VOCAB_SIZE, num_labels=2, **TINY_BERT_SHAPE) * 4
 
-    with torch.device("meta"):
-        model = BertForSequenceClassification(
-            tiny_bert_config(vocab_size=TINY_BERT_VOCAB_SIZE, num_labels=2)
-        )
-    return sum(p.numel() for p in model.parameters()) * 4
+
+def _bert_parameters(
+    *,
+    vocab_size: int,
+    num_labels: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    type_vocab_size: int = 2,
+    **_: Any,
+) -> int:
+    """Parameters of ``BertForSequenceClassification`` (weights and biases), by layer."""
+    h, i = hidden_size, intermediate_size
+    layer_norm = 2 * h
+    embeddings = (vocab_size + max_position_embeddings + type_vocab_size) * h + layer_norm
+    attention = 4 * (h * h + h) + layer_norm  # query, key, value, output; its norm
+    feed_forward = (h * i + i) + (i * h + h) + layer_norm
+    pooler = h * h + h
+    head = h * num_labels + num_labels
+    return embeddings + num_hidden_layers * (attention + feed_forward) + pooler + head
