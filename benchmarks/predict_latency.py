@@ -22,7 +22,9 @@ call, keep-alive HTTP connections, after 30 untimed warm-up calls of each:
 
 * A, the project: ``POST /api/v1/tenants/<t>/models/<name>/predict`` with a bearer token;
 * B, the bare forward pass: ``Classifier.predict([text])`` in this process;
-* C, the reference server: ``POST /invocations`` on the MLflow server.
+* C, the reference server: ``POST /invocations`` on the MLflow server;
+* D, the replica's socket from this process by the published routes (what the web process
+  sends, without the web tier): where A's overhead goes.
 
 The figure is the p50 overhead of A over B (target < 5 ms) and the p50/p99 of each. Then
 the first predict of a fresh web process against its steady state (target ≤ 1.5x): per rep
@@ -155,7 +157,8 @@ def setup_workbench(var: Path, ray_address: str) -> dict[str, Any]:
     if deployment.status != "warm":
         raise RuntimeError(f"the deployment is {deployment.status}: {deployment.failure}")
     token = tenants.token_create(user=users["sci"], name="bench").secret
-    return {"token": token, "model_dir": model_dir, "tenant": "bench", "model": "intents"}
+    return {"token": token, "model_dir": model_dir, "tenant": "bench", "model": "intents",
+            "model_version": str(version.pk)}  # fmt: skip
 
 
 def save_mlflow_model(model_dir: Path, target: Path) -> Path:
@@ -239,7 +242,17 @@ def main() -> int:
                 raise RuntimeError(f"mlflow answered {status}: {body}")
             return str(body["predictions"][0])
 
-        sides = {"api": call_api, "bare": call_bare, "mlflow": call_ref}
+        from apps.deployments.dataplane import RoutedFleet
+
+        # D, the replica's socket straight from this process (the call the web process
+        # makes, without the web tier): splits the overhead into web tier and replica.
+        direct = RoutedFleet()
+        model_id = setup["model_version"]
+
+        def call_replica(text: str) -> str:
+            return str(direct.predict("classifier", model_id, [text]).outputs[0]["label"])
+
+        sides = {"api": call_api, "bare": call_bare, "mlflow": call_ref, "replica": call_replica}
         for text in texts(30, seed=0):  # warm-up, untimed; the three must agree
             labels = {name: fn(text) for name, fn in sides.items()}
             if len(set(labels.values())) != 1:
@@ -336,6 +349,13 @@ def report(
         f"| {p99['api'] / p99['mlflow']:.2f}x | — | — |",
         f"| bare forward p50 / p99 | — | {p50['bare']:.2f} / {p99['bare']:.2f} ms | — | — | — |",
     ]
+    if "replica" in p50:
+        rows.append(
+            f"| where the overhead goes: the replica's socket from the client (no web tier) "
+            f"p50 | {p50['replica']:.2f} ms: web tier {p50['api'] - p50['replica']:.2f} ms, "
+            f"replica hop + its pass {p50['replica'] - p50['bare']:.2f} ms over the bare pass "
+            f"| — | — | — | — |"
+        )
     if fresh:
         firsts = [f for f, _ in fresh]
         steadies = [s for _, s in fresh]
