@@ -519,10 +519,13 @@ def test_the_workbench_signs_in_to_redis_and_mlflow_with_the_secrets(
     code = (
         "import os; from workbench.celery import app; "
         "print(app.conf.broker_url); "
-        "print(os.environ['MLFLOW_TRACKING_USERNAME'], os.environ['MLFLOW_TRACKING_PASSWORD'])"
+        "print(os.environ['MLFLOW_TRACKING_USERNAME'], os.environ['MLFLOW_TRACKING_PASSWORD']); "
+        "from django.conf import settings; print(settings.CACHES['default']['LOCATION'])"
     )
     result = run_manage(container_env(config, service, tmp_path), "shell", "-c", code)
     assert result.returncode == 0, result.stderr
-    broker, credentials = result.stdout.strip().splitlines()[-2:]
+    broker, credentials, cache = result.stdout.strip().splitlines()[-3:]
     assert broker == f"redis://:{SECRET_VALUE}@redis:6379/0"
     assert credentials == f"workbench {SECRET_VALUE}"
+    # The API's throttle counts live in Redis, shared by every web process.
+    assert cache == f"redis://:{SECRET_VALUE}@redis:6379/1"

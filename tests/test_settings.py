@@ -243,6 +243,21 @@ def test_the_broker_signs_in_to_redis_with_the_password_from_a_file(
     assert last_line(result.stdout) == expected
 
 
+def test_the_throttle_cache_signs_in_to_redis_with_the_same_password(tmp_path: Path) -> None:
+    secret = tmp_path / "redis_password"
+    secret.write_text("p@ss/w:rd\n")
+    result = manage(
+        tmp_path,
+        ["shell", "-c", "from django.conf import settings; "
+         "print(settings.CACHES['default']['LOCATION'])"],
+        CELERY_BROKER_URL="redis://redis:6379/0",
+        CACHE_URL="redis://redis:6379/1",
+        REDIS_PASSWORD_FILE=str(secret),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "redis://:p%40ss%2Fw%3Ard@redis:6379/1"
+
+
 @pytest.mark.parametrize(
     ("env", "names"),
     [

@@ -463,6 +463,8 @@ if not re.fullmatch(r"[1-9][0-9]*/(second|minute|hour|day)", API_THROTTLE_RATE):
 CACHE_URL = env_str("CACHE_URL", "")
 if CACHE_URL and urlsplit(CACHE_URL).scheme not in ("redis", "rediss"):
     raise ImproperlyConfigured(f"CACHE_URL={CACHE_URL!r} must be a redis:// or rediss:// URL")
+if CACHE_URL and REDIS_PASSWORD:  # one Redis, one password (REDIS_PASSWORD_FILE)
+    CACHE_URL = url_with_password("CACHE_URL", CACHE_URL, "REDIS_PASSWORD", REDIS_PASSWORD)
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
     if CACHE_URL
