@@ -10,6 +10,8 @@ the OAuth client secret and the cookie secret arrive in the environment.
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,31 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821 - injected by JupyterHub
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT before the hub is up. JupyterHub installs its own handlers only at the
+    end of its start, after it started its proxy in a session of its own, so a stop signal
+    in between ended the hub and left the proxy running (seen under ``make run``: Ctrl-C
+    seconds after the start). Stop the proxy if it started, then exit as the signal would
+    have. Once the hub is up its own handlers replace this one (a graceful shutdown)."""
+    from jupyterhub.app import JupyterHub
+
+    if JupyterHub.initialized():
+        proxy = getattr(JupyterHub.instance(), "proxy", None)
+        process = getattr(proxy, "proxy_process", None)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    signal.signal(signum, signal.SIG_DFL)  # ended by the signal, as without this handler
+    os.kill(os.getpid(), signum)
+
+
+for _signal in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signal, _stop_while_starting)
 
 env = os.environ.get
 
