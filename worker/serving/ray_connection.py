@@ -156,7 +156,7 @@ class RayConnection:
         if self._connected and not self._head_alive():
             logger.warning("the Ray cluster was lost; reconnecting")
             self._disconnect()
-        if self.address is None:
+        if not self._connected and self.address is None:
             self._stop_broken_head()
         try:
             return self._connect(start=True)
@@ -189,22 +189,22 @@ class RayConnection:
     def _embedded_head(self, *, start: bool) -> local_ray.LocalRay | None:
         if start:
             return local_ray.ensure_head(self.local_dir)
+        head = self._recorded_head()
+        return head if head is not None and _joinable(head) else None
+
+    def _recorded_head(self) -> local_ray.LocalRay | None:
+        """The embedded head the state file names, running or not."""
         state = self.local_dir / local_ray.STATE_FILE
         try:
-            head = local_ray.LocalRay(**json.loads(state.read_text()))
+            return local_ray.LocalRay(**json.loads(state.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        return head if _joinable(head) else None
 
     def _stop_broken_head(self) -> None:
         """Stop the embedded head the state file names if it runs but cannot be joined, so
         that the connect that follows starts a new one."""
-        state = self.local_dir / local_ray.STATE_FILE
-        try:
-            head = local_ray.LocalRay(**json.loads(state.read_text()))
-        except (OSError, ValueError, TypeError):
-            return
-        if local_ray.is_alive(head) and _raylet_gone(head):
+        head = self._recorded_head()
+        if head is not None and local_ray.is_alive(head) and _raylet_gone(head):
             logger.error("the embedded Ray head %s lost its raylet; starting a new one", head.pid)
             local_ray.stop_head(head.pid)
 
