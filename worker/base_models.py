@@ -17,6 +17,16 @@ from typing import Any
 
 TINY_BERT = "tiny-bert"
 MINILM_L6 = "minilm-l6"
+MINILM_L6_LORA = "minilm-l6-lora"
+
+# What a catalogue entry's artifact holds: a whole model, or an adapter on a shared base.
+FORMAT_FULL = "full"
+FORMAT_ADAPTER = "adapter"
+
+# The modules of a BERT layer a LoRA adapter may target (peft's suffix match on names).
+LORA_TARGET_MODULES = ("query", "key", "value", "attention.output.dense", "intermediate.dense")
+# The hyper-parameters only adapter runs take; a full model's run refuses them.
+LORA_PARAMS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 # The tiny BERT's WordPiece vocabulary is trained on each run's data; this is its ceiling.
 # Small data yields fewer entries, so the real model is at most this big.
@@ -51,6 +61,16 @@ class BaseModel:
     # Hyper-parameters a run gets when it names none: a model trained from scratch wants
     # a far larger learning rate than a pretrained encoder being fine-tuned.
     default_learning_rate: float = 5e-5
+    # "full": the artifact is the whole model. "adapter": only the tenant's low-rank
+    # adapter and head; the weights it adapts (``base``) are shared by every tenant.
+    format: str = FORMAT_FULL
+    base: str | None = None  # adapter entries: the shared weights' name
+    # Other defaults than TrainConfig's for runs of this base model (name -> value).
+    default_params: tuple[tuple[str, Any], ...] = ()
+
+    def defaults(self) -> dict[str, Any]:
+        """The parameters a run of this base gets for the ones it does not name."""
+        return {"learning_rate": self.default_learning_rate, **dict(self.default_params)}
 
 
 _CATALOGUE = (
@@ -73,6 +93,26 @@ _CATALOGUE = (
             "fine-tuned with a new classification head."
         ),
     ),
+    BaseModel(
+        id=MINILM_L6_LORA,
+        name="all-MiniLM-L6-v2 + LoRA adapter (shared base)",
+        description=(
+            "A low-rank (LoRA) adapter on the shared all-MiniLM-L6-v2 encoder plus a "
+            "mean-pooled classification head: each tenant's model is under half a megabyte, "
+            "and one replica serves thousands of them on one copy of the encoder."
+        ),
+        format=FORMAT_ADAPTER,
+        base="all-MiniLM-L6-v2",
+        default_learning_rate=2e-3,
+        default_params=(
+            ("epochs", 5),
+            ("batch_size", 32),
+            ("lora_r", 8),
+            ("lora_alpha", 16.0),
+            ("lora_dropout", 0.1),
+            ("lora_target_modules", ["query", "value"]),
+        ),
+    ),
 )
 
 
@@ -87,6 +127,47 @@ def get(model_id: str) -> BaseModel:
         if model.id == model_id:
             return model
     raise UnknownBaseModel(f"unknown base model {model_id!r}")
+
+
+def installed(model_id: str) -> bool:
+    """Whether the base model's files are on this host (the tiny BERT needs none)."""
+    if get(model_id).id == TINY_BERT:
+        return True
+    try:
+        minilm_path()
+    except BaseModelUnavailable:
+        return False
+    return True
+
+
+def default_base_model() -> str:
+    """What a run trains when it names no base: the adapter base where its weights are
+    installed (good models, dense serving), else the tiny BERT."""
+    return MINILM_L6_LORA if installed(MINILM_L6_LORA) else TINY_BERT
+
+
+@functools.cache
+def base_sha256(model_id: str) -> str | None:
+    """The sha256 of the shared weights an adapter entry adapts; None for full entries.
+
+    An adapter artifact records it, and a replica refuses an adapter whose base it does
+    not hold. Hashing the 90 MB file takes a fraction of a second, once per process.
+    """
+    if get(model_id).format != FORMAT_ADAPTER:
+        return None
+    return minilm_sha256()
+
+
+@functools.cache
+def minilm_sha256() -> str:
+    """The sha256 of MiniLM's ``model.safetensors`` as installed on this host."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with (minilm_path() / "model.safetensors").open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def minilm_path() -> Path:
@@ -128,7 +209,8 @@ def size_bytes(model_id: str) -> int:
     hundreds of MB on a first request). MiniLM: the size of its safetensors file.
     """
     get(model_id)
-    if model_id == MINILM_L6:
+    if model_id in (MINILM_L6, MINILM_L6_LORA):
+        # The adapter entry's shared base: what a replica holds once for all its adapters.
         return (minilm_path() / "model.safetensors").stat().st_size
     return _bert_parameters(vocab_size=TINY_BERT_VOCAB_SIZE, num_labels=2, **TINY_BERT_SHAPE) * 4
 

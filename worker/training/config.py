@@ -38,6 +38,21 @@ class TrainConfig:
     grad_clip: float = 1.0
     # One train_loss metric point (the mean since the previous one) every this many steps.
     log_every_steps: int = 10
+    # LoRA, for adapter base models only (None for full ones; an adapter run left at None
+    # gets its catalogue entry's default): rank, scaling alpha (the update is scaled by
+    # alpha / r), dropout on the adapter's input, and the modules of each layer it adapts.
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_target_modules: list[str] | None = None
+
+    def lora(self) -> dict[str, Any]:
+        """The LoRA parameters with the base model's defaults for those left at None."""
+        defaults = base_models.get(self.base_model).defaults()
+        return {
+            name: getattr(self, name) if getattr(self, name) is not None else defaults[name]
+            for name in base_models.LORA_PARAMS
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,7 +108,45 @@ class TrainConfig:
         check_float("warmup_ratio", self.warmup_ratio, 0.0, 0.5, low_open=False)
         check_float("grad_clip", self.grad_clip, 0.0, 100.0, low_open=False)
         check_int("log_every_steps", self.log_every_steps, 1, 10_000)
+        self._validate_lora(errors, check_int, check_float)
         return errors
+
+    def _validate_lora(self, errors: dict[str, str], check_int: Any, check_float: Any) -> None:
+        try:
+            entry = base_models.get(self.base_model)
+        except base_models.UnknownBaseModel:
+            return
+        if entry.format != base_models.FORMAT_ADAPTER:
+            for name in base_models.LORA_PARAMS:
+                if getattr(self, name) is not None:
+                    errors[name] = (
+                        "Only adapter base models take LoRA parameters; "
+                        f"{self.base_model!r} is fine-tuned whole."
+                    )
+            return
+        if self.lora_r is not None:
+            check_int("lora_r", self.lora_r, 1, 256)
+        if self.lora_alpha is not None:
+            check_float("lora_alpha", self.lora_alpha, 0.0, 4096.0, low_open=True)
+        if self.lora_dropout is not None:
+            check_float("lora_dropout", self.lora_dropout, 0.0, 0.9, low_open=False)
+        modules = self.lora_target_modules
+        if modules is not None:
+            known = base_models.LORA_TARGET_MODULES
+            if (
+                not isinstance(modules, list)
+                or not modules
+                or not all(isinstance(m, str) for m in modules)
+            ):
+                errors["lora_target_modules"] = (
+                    f"Must be a non-empty list of module names: {', '.join(known)}."
+                )
+            elif unknown := sorted(set(modules) - set(known)):
+                errors["lora_target_modules"] = (
+                    f"Unknown module(s) {', '.join(unknown)}; choose from: {', '.join(known)}."
+                )
+            elif len(set(modules)) != len(modules):
+                errors["lora_target_modules"] = "Name each module once."
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from worker import base_models
 from worker.inference import load_classifier
 from worker.modeling import collate, encode, load_model_dir, save_model_dir
 from worker.training import base, checkpoint
@@ -69,7 +70,15 @@ logger = logging.getLogger(__name__)
 StopReason = Literal["completed", "early_stopping", "cancelled"]
 
 # A resume must see the run it continues: these decide the data order, model and schedule.
-RESUME_MUST_MATCH = ("base_model", "epochs", "batch_size", "max_length", "seed", "warmup_ratio")
+RESUME_MUST_MATCH = (
+    "base_model",
+    "epochs",
+    "batch_size",
+    "max_length",
+    "seed",
+    "warmup_ratio",
+    *base_models.LORA_PARAMS,
+)
 
 
 @dataclass
