@@ -36,6 +36,65 @@ def test_base_model_catalogue_lists_both_models(scientist):
     assert all(m["size_bytes"] > 0 and m["kind"] == "classifier" for m in body)
 
 
+def test_catalogue_states_format_base_and_defaults(scientist):
+    from worker import base_models
+
+    body = {m["id"]: m for m in scientist.api("get", "/api/v1/base-models/").json()}
+    tiny, adapter = body["tiny-bert"], body["minilm-l6-lora"]
+    assert (tiny["format"], tiny["base"], tiny["base_sha256"]) == ("full", None, None)
+    assert tiny["installed"] is True and tiny["defaults"] == {"learning_rate": 1e-3}
+    assert adapter["format"] == "adapter" and adapter["base"] == "all-MiniLM-L6-v2"
+    assert adapter["installed"] is True  # the MiniLM package is a dev dependency
+    assert adapter["base_sha256"] == base_models.base_sha256("minilm-l6-lora")
+    assert len(adapter["base_sha256"]) == 64
+    assert adapter["defaults"]["epochs"] == 5
+    assert adapter["defaults"]["lora_target_modules"] == ["query", "value"]
+    assert [m["id"] for m in body.values() if m["default"]] == ["minilm-l6-lora"]
+
+
+def test_a_run_naming_no_base_model_trains_the_adapter_base_with_its_defaults(
+    scientist, version_id
+):
+    from worker.base_models import get
+
+    response = scientist.api("post", RUNS, {"dataset_version": version_id, "params": {"seed": 3}})
+    assert response.status_code == 202, response.content
+    run = response.json()
+    assert run["base_model"] == "minilm-l6-lora"
+    defaults = get("minilm-l6-lora").defaults()
+    assert {name: run["params"][name] for name in defaults} == defaults  # epochs 5, lora_r 8...
+    assert run["params"]["seed"] == 3 and run["params"]["max_length"] == 64
+    explicit = launch(scientist, version_id, base_model="minilm-l6-lora",
+                      params={"epochs": 2, "lora_r": 16}).json()  # fmt: skip
+    assert (explicit["params"]["epochs"], explicit["params"]["lora_r"]) == (2, 16)
+    assert explicit["params"]["lora_alpha"] == 16.0
+
+
+def test_a_full_base_records_no_lora_parameters(scientist, version_id):
+    run = launch(scientist, version_id).json()
+    assert not {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"} & set(run["params"])
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"lora_r": 8}, "lora_r"), ({"lora_target_modules": ["query"]}, "lora_target_modules")],
+)
+def test_lora_parameters_are_refused_for_a_full_base(scientist, version_id, params, field):
+    response = launch(scientist, version_id, base_model="tiny-bert", params=params)
+    assert response.status_code == 400, response.content
+    (message,) = response.json()["error"]["fields"]["params"][field]
+    assert "Only adapter base models take LoRA parameters" in message
+    assert not TrainingRun.objects.exists()
+
+
+def test_bad_lora_values_are_refused_for_an_adapter_base(scientist, version_id):
+    response = launch(scientist, version_id, base_model="minilm-l6-lora",
+                      params={"lora_target_modules": ["mlp"]})  # fmt: skip
+    assert response.status_code == 400, response.content
+    assert "lora_target_modules" in str(response.json()["error"]["fields"]["params"])
+    assert not TrainingRun.objects.exists()
+
+
 def test_minilm_defaults_to_a_fine_tuning_learning_rate(scientist, version_id):
     run = launch(scientist, version_id, base_model="minilm-l6").json()
     assert run["params"]["learning_rate"] == 5e-5

@@ -25,6 +25,7 @@ from apps.training.charts import SeriesData, line_chart, nice_ticks, progress_vi
 from apps.training.models import RunStatus, TrainingRun
 from tests.conftest import Actor
 from tests.training_helpers import banking_slice, make_training_version
+from worker.base_models import LORA_PARAMS, MINILM_L6_LORA, default_base_model, get
 from worker.training.config import TrainConfig
 
 TRAIN_LOSS_STEPS = [10, 20, 30, 40, 50, 60, 70, 80, 90]
@@ -264,10 +265,16 @@ def test_launch_form_offers_training_versions_and_catalogue_with_config_defaults
     assert '<optgroup label="intents">' in form
     assert 'value="tiny-bert"' in form and 'value="minilm-l6"' in form
     defaults = TrainConfig(base_model="tiny-bert")
-    assert f'name="epochs" value="{defaults.epochs}"' in form
-    assert f'name="batch_size" value="{defaults.batch_size}"' in form
+    # Epochs and batch size are the chosen base's defaults when left empty.
+    assert re.search(r'<input type="number" name="epochs"(?![^>]*value=)', form)
+    assert re.search(r'<input type="number" name="batch_size"(?![^>]*value=)', form)
     assert f'name="max_length" value="{defaults.max_length}"' in form
     assert 'name="patience"' in form
+    # The adapter base is the default where its weights are installed; LoRA fields are
+    # offered (the script shows them for adapter bases only).
+    assert f'<option value="{default_base_model()}" selected>' in form
+    assert 'data-adapter-bases="minilm-l6-lora"' in form
+    assert 'name="lora_r"' in form and 'name="lora_target_modules" value="query"' in form
 
 
 def test_scientist_launches_a_run_from_the_form(
@@ -292,11 +299,61 @@ def test_scientist_launches_a_run_from_the_form(
         patience=2,
         validation_split=0.2,
     ).to_dict()
-    expected.pop("base_model")
+    for name in ("base_model", *LORA_PARAMS):  # a full base's run records no LoRA keys
+        expected.pop(name)
     assert run.params == expected  # the full resolved config, as the API records it
     page = client.get(response["Location"]).content.decode()
     assert f"Run {run.pk} queued." in page
     assert 'data-status="queued"' in page and "#1" in page  # first in the tenant's queue
+
+
+def test_form_left_at_its_defaults_trains_the_adapter_base_with_its_defaults(
+    client: Client, scientist: Actor, version_id: str
+) -> None:
+    login(client, scientist)
+    data = form_data(version_id, base_model=MINILM_L6_LORA, epochs="", learning_rate="")
+    data["batch_size"] = ""
+    response = client.post("/t/acme/runs/", data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    run = TrainingRun.objects.get()
+    assert run.base_model == MINILM_L6_LORA
+    defaults = get(MINILM_L6_LORA).defaults()
+    # Every parameter resolved and recorded: the base's defaults for the empty fields.
+    assert {name: run.params[name] for name in defaults} == defaults
+    assert run.params["epochs"] == 5 and run.params["max_length"] == 32
+
+
+def test_form_lora_fields_shape_an_adapter_run_and_are_ignored_for_a_full_base(
+    client: Client, scientist: Actor, version_id: str
+) -> None:
+    login(client, scientist)
+    lora = {"lora_r": "4", "lora_alpha": "8", "lora_dropout": "0", "lora_target_modules":
+            ["query", "key", "value"]}  # fmt: skip
+    response = client.post(
+        "/t/acme/runs/", form_data(version_id, base_model=MINILM_L6_LORA, **lora)
+    )
+    assert response.status_code == 302
+    adapter = TrainingRun.objects.get()
+    assert (adapter.params["lora_r"], adapter.params["lora_alpha"]) == (4, 8.0)
+    assert adapter.params["lora_dropout"] == 0.0
+    assert adapter.params["lora_target_modules"] == ["query", "key", "value"]
+    response = client.post("/t/acme/runs/", form_data(version_id, **lora))  # tiny-bert
+    assert response.status_code == 302
+    full = TrainingRun.objects.exclude(pk=adapter.pk).get()
+    assert not set(LORA_PARAMS) & set(full.params)
+
+
+def test_form_refuses_a_bad_lora_value_inline(
+    client: Client, scientist: Actor, version_id: str
+) -> None:
+    login(client, scientist)
+    data = form_data(version_id, base_model=MINILM_L6_LORA, lora_r="0")
+    response = client.post("/t/acme/runs/", data)
+    assert response.status_code == 400
+    assert escape("Must be between 1 and 256.") in invalid_field(
+        response.content.decode(), "lora_r"
+    )
+    assert not TrainingRun.objects.exists()
 
 
 @pytest.mark.parametrize(

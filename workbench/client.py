@@ -212,18 +212,22 @@ class Workbench:
         self,
         dataset_version: str,
         *,
-        base_model: str = "tiny-bert",
+        base_model: str | None = None,
         params: dict[str, Any] | None = None,
         validation_version: str | None = None,
         model_name: str = "",
     ) -> Any:
-        """Queue a training run on granted data (202); follow it with ``run``/``wait``."""
+        """Queue a training run on granted data (202); follow it with ``run``/``wait``.
+
+        Without ``base_model`` the workbench picks its default (the LoRA adapter base where
+        installed); parameters not named get that base's defaults."""
         payload: dict[str, Any] = {
             "dataset_version": dataset_version,
-            "base_model": base_model,
             "params": params or {},
             "model_name": model_name,
         }
+        if base_model:
+            payload["base_model"] = base_model
         if validation_version:
             payload["validation_version"] = validation_version
         return self._json("POST", self._tenant_path("runs/"), payload)

@@ -17,6 +17,7 @@ from apps.tenants.scoping import TenantScopedMixin
 from apps.training import selectors, services
 from apps.training.filters import RunFilter
 from apps.training.models import RunMetric, Sweep, TrainingRun
+from apps.training.params import params_resolve, unknown_params
 from apps.training.tracking import mlflow_run_url
 
 
@@ -30,6 +31,23 @@ class BaseModelSerializer(serializers.Serializer[Any]):
     id = serializers.CharField()
     name = serializers.CharField()
     kind = serializers.CharField()
+    format = serializers.ChoiceField(
+        choices=["full", "adapter"],
+        help_text="full: a version holds the whole model; adapter: only the tenant's adapter "
+        "and head, on shared base weights every replica holds once",
+    )
+    base = serializers.CharField(
+        allow_null=True, help_text="the shared weights an adapter adapts; null for full models"
+    )
+    base_sha256 = serializers.CharField(
+        allow_null=True,
+        help_text="sha256 of the shared weights; null for full models and when not installed",
+    )
+    installed = serializers.BooleanField(help_text="whether this host has its weights")
+    default = serializers.BooleanField(help_text="what a run that names no base model trains")
+    defaults = serializers.DictField(
+        help_text="the parameters a run of this base gets for those it does not name"
+    )
     size_bytes = serializers.IntegerField()
     description = serializers.CharField()
 
@@ -39,18 +57,27 @@ class BaseModelListApi(APIView):
 
     @extend_schema(responses=BaseModelSerializer(many=True))
     def get(self, request: Request) -> Response:
-        from worker.base_models import catalogue, size_bytes
+        from worker import base_models
 
-        rows = [
-            {
-                "id": m.id,
-                "name": m.name,
-                "kind": m.kind,
-                "size_bytes": size_bytes(m.id),
-                "description": m.description,
-            }
-            for m in catalogue()
-        ]
+        default = base_models.default_base_model()
+        rows = []
+        for m in base_models.catalogue():
+            installed = base_models.installed(m.id)
+            rows.append(
+                {
+                    "id": m.id,
+                    "name": m.name,
+                    "kind": m.kind,
+                    "format": m.format,
+                    "base": m.base,
+                    "base_sha256": base_models.base_sha256(m.id) if installed else None,
+                    "installed": installed,
+                    "default": m.id == default,
+                    "defaults": m.defaults(),
+                    "size_bytes": base_models.size_bytes(m.id) if installed else 0,
+                    "description": m.description,
+                }
+            )
         return Response(BaseModelSerializer(rows, many=True).data)
 
 
@@ -65,14 +92,31 @@ class TenantVersionField(serializers.CharField):
         return found
 
 
+def _default_base_model() -> str:
+    from worker.base_models import default_base_model
+
+    return default_base_model()
+
+
 class RunInputSerializer(serializers.Serializer[Any]):
     dataset_version = TenantVersionField()
     validation_version = TenantVersionField(required=False, allow_null=True, default=None)
-    base_model = serializers.CharField()
+    base_model = serializers.CharField(
+        required=False,
+        default=_default_base_model,
+        help_text="A catalogue id (GET /api/v1/base-models/); empty: the catalogue's default, "
+        "the LoRA adapter base where its weights are installed.",
+    )
     model_name = serializers.RegexField(
         r"^[a-z0-9][a-z0-9._-]{0,99}$", required=False, allow_blank=True, default=""
     )
-    params = serializers.DictField(required=False, default=dict)
+    params = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text="TrainConfig's fields; those not named get the base model's defaults "
+        "(its 'defaults' in the catalogue), then TrainConfig's. LoRA parameters (lora_r, "
+        "lora_alpha, lora_dropout, lora_target_modules) are for adapter bases only.",
+    )
 
     def validate_base_model(self, value: str) -> str:
         known = _catalogue_ids()
@@ -82,32 +126,26 @@ class RunInputSerializer(serializers.Serializer[Any]):
             )
         return value
 
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        from worker.base_models import get
+    def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
+        message = unknown_params(value)
+        if message:
+            raise serializers.ValidationError(message)
+        return value
 
-        if "learning_rate" not in self.initial_data.get("params", {}):
-            attrs["params"]["learning_rate"] = get(attrs["base_model"]).default_learning_rate
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs["params"] = resolved_params(attrs["base_model"], attrs["params"])
         return attrs
 
-    def validate_params(self, value: dict[str, Any]) -> dict[str, Any]:
-        from worker.training.config import TrainConfig
 
-        allowed = set(TrainConfig.__dataclass_fields__) - {"base_model"}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise serializers.ValidationError(
-                f"Unknown parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(allowed))}."
-            )
-        try:
-            config = TrainConfig.from_dict({**value, "base_model": "tiny-bert"})
-        except (TypeError, ValueError) as exc:
-            raise serializers.ValidationError(str(exc)) from None
-        problems = config.validate()
-        if problems:
-            raise serializers.ValidationError({k: [v] for k, v in problems.items()})
-        resolved = config.to_dict()
-        resolved.pop("base_model", None)
-        return resolved
+def resolved_params(base_model: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` resolved against the base model's defaults; a 400 under ``params``, by
+    parameter name, for what TrainConfig refuses."""
+    resolved, problems = params_resolve(base_model=base_model, given=given)
+    if problems:
+        raise serializers.ValidationError(
+            {"params": {name or "non_field_errors": [m] for name, m in problems.items()}}
+        )
+    return resolved
 
 
 class RunOutputSerializer(serializers.ModelSerializer[TrainingRun]):
@@ -273,7 +311,7 @@ class RunMetricsApi(RunScopedMixin, generics.ListAPIView[RunMetric]):
 class SweepInputSerializer(serializers.Serializer[Any]):
     dataset_version = TenantVersionField()
     validation_version = TenantVersionField(required=False, allow_null=True, default=None)
-    base_model = serializers.CharField()
+    base_model = serializers.CharField(required=False, default=_default_base_model)
     model_name = serializers.RegexField(
         r"^[a-z0-9][a-z0-9._-]{0,99}$", required=False, allow_blank=True, default=""
     )
@@ -285,18 +323,20 @@ class SweepInputSerializer(serializers.Serializer[Any]):
     goal = serializers.ChoiceField(choices=["max", "min"], default="max")
 
     validate_base_model = RunInputSerializer.validate_base_model
+    validate_params = RunInputSerializer.validate_params
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        checker = RunInputSerializer(context=self.context)
         grid = attrs["grid"]
         if not grid:
             raise serializers.ValidationError({"grid": ["Name at least one parameter to vary."]})
+        base_model = attrs["base_model"]
         for point in services.grid_points(grid):
-            try:
-                checker.validate_params({**attrs["params"], **point})
-            except serializers.ValidationError as exc:
-                raise serializers.ValidationError({"grid": [f"{point}: {exc.detail}"]}) from None
-        attrs["params"] = checker.validate_params(attrs["params"])
+            message = unknown_params(point)
+            _, problems = params_resolve(base_model=base_model, given={**attrs["params"], **point})
+            if message or problems:
+                detail = message or "; ".join(f"{k}: {v}" if k else v for k, v in problems.items())
+                raise serializers.ValidationError({"grid": [f"{point}: {detail}"]})
+        attrs["params"] = resolved_params(base_model, attrs["params"])
         return attrs
 
 

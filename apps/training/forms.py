@@ -14,6 +14,8 @@ from django import forms
 from apps.datasets.models import DatasetKind, DatasetVersion
 from apps.datasets.selectors import versions_for_tenant
 from apps.tenants.models import Tenant
+from apps.training.params import params_resolve
+from worker import base_models
 from worker.base_models import catalogue
 from worker.training.config import TrainConfig
 
@@ -27,6 +29,9 @@ FORM_PARAMS = (
     "patience",
     "validation_split",
 )
+# Left empty, these take the chosen base model's default (patience: empty means never stop).
+BASE_DEFAULTED = ("epochs", "learning_rate", "batch_size")
+BASE_DEFAULT_HELP = "Empty: the base model's default."
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"  # as the runs API accepts
 
 
@@ -64,13 +69,14 @@ class RunLaunchForm(forms.Form):
         "empty: the dataset's name.",
         widget=forms.TextInput(attrs={"placeholder": "support-intents", "autocomplete": "off"}),
     )
-    epochs = forms.IntegerField(initial=_default("epochs"))
+    epochs = forms.IntegerField(required=False, help_text=BASE_DEFAULT_HELP)
     learning_rate = forms.FloatField(
         required=False,
         label="Learning rate",
-        help_text="Empty: the base model's default (1e-3 for Tiny BERT, 5e-5 for MiniLM).",
+        help_text="Empty: the base model's default (1e-3 for Tiny BERT, 5e-5 for MiniLM, "
+        "2e-3 for the LoRA adapter).",
     )
-    batch_size = forms.IntegerField(initial=_default("batch_size"), label="Batch size")
+    batch_size = forms.IntegerField(required=False, label="Batch size", help_text=BASE_DEFAULT_HELP)
     max_length = forms.IntegerField(
         initial=_default("max_length"), label="Max length", help_text="Tokens per text."
     )
@@ -85,6 +91,25 @@ class RunLaunchForm(forms.Form):
         initial=_default("validation_split"),
         label="Validation split",
         help_text="Share of the training rows held out per label (without validation data).",
+    )
+    # LoRA: adapter base models only; ignored for a full base (it would refuse them).
+    lora_r = forms.IntegerField(
+        required=False, label="LoRA rank", help_text=f"Adapter bases only. {BASE_DEFAULT_HELP}"
+    )
+    lora_alpha = forms.FloatField(
+        required=False,
+        label="LoRA alpha",
+        help_text=f"The update is scaled by alpha / rank. {BASE_DEFAULT_HELP}",
+    )
+    lora_dropout = forms.FloatField(
+        required=False, label="LoRA dropout", help_text=BASE_DEFAULT_HELP
+    )
+    lora_target_modules = forms.MultipleChoiceField(
+        required=False,
+        label="LoRA target modules",
+        choices=[(name, name) for name in base_models.LORA_TARGET_MODULES],
+        widget=forms.CheckboxSelectMultiple,
+        help_text=f"The modules of each layer the adapter adapts. {BASE_DEFAULT_HELP}",
     )
 
     def __init__(self, *args: Any, tenant: Tenant, **kwargs: Any) -> None:
@@ -113,24 +138,29 @@ class RunLaunchForm(forms.Form):
         base = self.fields["base_model"]
         assert isinstance(base, forms.ChoiceField)
         base.choices = [(model.id, model.name) for model in catalogue()]
+        base.initial = base_models.default_base_model()
+        # Which bases take the LoRA fields (the launch page's script hides them for others).
+        base.widget.attrs["data-adapter-bases"] = " ".join(
+            model.id for model in catalogue() if model.format == base_models.FORMAT_ADAPTER
+        )
         self.params: dict[str, Any] = {}
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
-        given = {name: cleaned[name] for name in FORM_PARAMS if name in cleaned}
-        if given.get("learning_rate") is None and "base_model" in cleaned:
-            from worker.base_models import get
-
-            given["learning_rate"] = get(cleaned["base_model"]).default_learning_rate
-        if len(given) < len(FORM_PARAMS) or "base_model" not in cleaned:
+        offered = (*FORM_PARAMS, *base_models.LORA_PARAMS)
+        if "base_model" not in cleaned or any(name in self.errors for name in offered):
             return cleaned  # a field already has its error; ranges are checked once it parses
-        try:
-            config = TrainConfig.from_dict({**given, "base_model": cleaned["base_model"]})
-        except (TypeError, ValueError) as exc:
-            raise forms.ValidationError(str(exc)) from None
-        for name, message in config.validate().items():
+        base = cleaned["base_model"]
+        given = {name: cleaned.get(name) for name in FORM_PARAMS}
+        for name in BASE_DEFAULTED:
+            if given[name] is None:
+                del given[name]  # the base's default, then TrainConfig's
+        if base_models.get(base).format == base_models.FORMAT_ADAPTER:
+            for name in base_models.LORA_PARAMS:
+                if cleaned.get(name) not in (None, []):
+                    given[name] = cleaned[name]
+        resolved, problems = params_resolve(base_model=base, given=given)
+        for name, message in problems.items():
             self.add_error(name if name in self.fields else None, message)
-        resolved = config.to_dict()
-        resolved.pop("base_model", None)
         self.params = resolved
         return cleaned

@@ -90,3 +90,19 @@
     });
   });
 })();
+
+// The launch form's LoRA fields show only while an adapter base model is chosen:
+// <select data-adapter-bases="id ..."> and a [data-lora-fields] block in the same form.
+(function () {
+  "use strict";
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("select[data-adapter-bases]").forEach(function (select) {
+      var block = select.form && select.form.querySelector("[data-lora-fields]");
+      if (!block) { return; }
+      var adapters = select.getAttribute("data-adapter-bases").split(" ");
+      function sync() { block.hidden = adapters.indexOf(select.value) < 0; }
+      select.addEventListener("change", sync);
+      sync();
+    });
+  });
+})();
