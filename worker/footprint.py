@@ -34,9 +34,18 @@ def measure_memory_bytes(
       floored at the weights' size; without ``/proc`` it is the weights' size alone.
 
     The batch is ``sample_texts`` whole: pass as many texts as serving will batch together.
+
+    An adapter directory (:mod:`worker.adapters`) is its adapter and head tensors' bytes:
+    the activations are the shared base's, and the base is counted once per replica.
     """
     if not sample_texts:
         raise ValueError("measure_memory_bytes needs at least one sample text")
+    from worker import adapters
+
+    if adapters.is_adapter_dir(model_dir):
+        # What the tenant adds to a replica that already holds the shared base: the
+        # adapter and head tensors. The base is counted once per replica, by placement.
+        return adapters.adapter_bytes(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         gc.collect()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 
@@ -41,6 +41,14 @@ class Classifier:
         return predictions
 
 
-def load_classifier(model_dir: Path, *, device: str | None = None) -> Classifier:
-    """The classifier saved in ``model_dir`` (CUDA when available unless ``device`` says)."""
+def load_classifier(model_dir: Path, *, device: str | None = None) -> Any:
+    """The classifier saved in ``model_dir`` (CUDA when available unless ``device`` says):
+    a :class:`Classifier`, or for an adapter directory a
+    :class:`worker.adapters.AdapterModel` on this process's shared base, the very code
+    that serves it, so evaluation and warm-up predict alike."""
+    from worker import adapters
+
+    if adapters.is_adapter_dir(model_dir):
+        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return adapters.load_adapter_model(model_dir, device=chosen)
     return Classifier(model_dir, device=device)

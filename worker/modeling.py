@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as transformers_logging
@@ -29,11 +29,17 @@ transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 def save_model_dir(
     directory: Path,
     *,
-    model: PreTrainedModel,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     labels: list[str],
 ) -> None:
-    """Write model (safetensors), tokenizer and labels into ``directory`` (created)."""
+    """Write model (safetensors), tokenizer and labels into ``directory`` (created); an
+    adapter model writes only what the tenant adds (see :mod:`worker.adapters`)."""
+    from worker import adapters
+
+    if isinstance(model, adapters.AdapterClassifier):
+        adapters.save_adapter_dir(directory, model, labels)
+        return
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
@@ -48,14 +54,37 @@ def read_labels(directory: Path) -> list[str]:
 
 def load_model_dir(
     directory: Path, *, device: str = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
-    """Load what :func:`save_model_dir` wrote; never reaches a model hub."""
+) -> tuple[Any, PreTrainedTokenizerBase, list[str]]:
+    """Load what :func:`save_model_dir` wrote (trainable); never reaches a model hub."""
+    from worker import adapters
+
+    if adapters.is_adapter_dir(directory):
+        model, adapter_tokenizer, labels = adapters.load_adapter_classifier(directory)
+        model.to(device)
+        return model, adapter_tokenizer, labels
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(
         directory, local_files_only=True, use_safetensors=True
     )
     model.to(device)
     return model, tokenizer, read_labels(directory)
+
+
+def artifact_format(directory: Path) -> dict[str, Any]:
+    """What the registry records of a model directory's format: ``{"format": "full"}``, or
+    for an adapter its base (catalogue id, weights sha256, the bytes a replica holds once)."""
+    from worker import adapters
+
+    if not adapters.is_adapter_dir(directory):
+        return {"format": "full"}
+    meta = adapters.read_meta(directory)
+    base_model = str(meta["base_model"])
+    return {
+        "format": "adapter",
+        "base_model": base_model,
+        "base_sha256": str(meta["base_sha256"]),
+        "base_memory_bytes": adapters.base_memory_bytes(base_model),
+    }
 
 
 def encode(

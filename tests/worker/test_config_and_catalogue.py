@@ -78,10 +78,22 @@ def test_data_spec_round_trips_through_json_types() -> None:
     assert DataSpec.from_dict(spec.to_dict()) == spec
 
 
-def test_catalogue_lists_both_base_models() -> None:
+def test_catalogue_lists_the_full_and_the_adapter_base_models() -> None:
     models = {model.id: model for model in base_models.catalogue()}
-    assert set(models) == {"tiny-bert", "minilm-l6"}
+    assert set(models) == {"tiny-bert", "minilm-l6", "minilm-l6-lora"}
     assert all(model.kind == "classifier" and model.name for model in models.values())
+    assert {m.id: m.format for m in models.values()} == {
+        "tiny-bert": "full",
+        "minilm-l6": "full",
+        "minilm-l6-lora": "adapter",
+    }
+    adapter = models["minilm-l6-lora"]
+    assert adapter.base == "all-MiniLM-L6-v2"
+    assert base_models.base_sha256("minilm-l6-lora") == base_models.minilm_sha256()
+    assert base_models.base_sha256("minilm-l6") is None
+    # The weights are installed here, so a run that names no base gets the adapter.
+    assert base_models.default_base_model() == "minilm-l6-lora"
+    assert adapter.defaults()["lora_target_modules"] == ["query", "value"]
     with pytest.raises(base_models.UnknownBaseModel):
         base_models.get("gpt-17")
 

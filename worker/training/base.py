@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForSequenceClassification,
@@ -19,12 +21,26 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def build(
-    base_model: str, *, texts: list[str], labels: list[str], max_length: int
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A new classifier for ``labels`` and its tokenizer (trained on ``texts`` if needed).
+    base_model: str,
+    *,
+    texts: list[str],
+    labels: list[str],
+    max_length: int,
+    lora: dict[str, Any] | None = None,
+) -> tuple[Any, PreTrainedTokenizerBase]:
+    """A new classifier for ``labels`` and its tokenizer (trained on ``texts`` if needed);
+    an adapter base gets a LoRA adapter of shape ``lora`` (``TrainConfig.lora()``).
 
     Model weights are initialised from the global torch RNG: seed it first.
     """
+    if base_models.get(base_model).format == base_models.FORMAT_ADAPTER:
+        from worker import adapters
+
+        if lora is None:
+            raise ValueError(f"{base_model!r} needs its LoRA parameters")
+        return adapters.build_adapter_classifier(
+            base_model, lora=lora, labels=labels, max_length=max_length
+        )
     id2label = dict(enumerate(labels))
     label2id = {label: index for index, label in id2label.items()}
     if base_model == base_models.TINY_BERT:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker import base_models
+from worker import adapters, base_models
 from worker.inference import load_classifier
 from worker.modeling import collate, encode, load_model_dir, save_model_dir
 from worker.training import base, checkpoint
@@ -177,6 +177,7 @@ def _train(
             texts=[example.text for example in train_examples],
             labels=labels,
             max_length=config.max_length,
+            lora=config.lora() if _is_adapter(config) else None,
         )
     else:
         assert saved is not None  # read above, for the first report
@@ -185,7 +186,7 @@ def _train(
         shutil.rmtree(best_dir, ignore_errors=True)
         if (resume_dir / "best").is_dir():
             checkpoint.copy_tree(resume_dir / "best", best_dir)
-    model.to(device)  # type: ignore[arg-type]  # transformers wraps Module.to untyped
+    model.to(device)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     label_ids = {label: index for index, label in enumerate(labels)}
@@ -382,24 +383,33 @@ class _Snapshots:
         self.copy: PreTrainedModel | None = None
 
     def take(self, step: int, training_state: dict[str, Any]) -> Callable[[], Path]:
+        save_model = self._copy_model()
+        building = checkpoint.stage(self.work_dir, step=step, best_dir=self.best_dir)
+        state = checkpoint.detached_copy(training_state)
+
+        def write() -> Path:
+            return checkpoint.complete(self.work_dir, building, save_model=save_model, state=state)
+
+        return write
+
+    def _copy_model(self) -> Callable[[Path], None]:
+        """Copy the weights now; return what writes the copy into a model directory."""
+        labels = list(self.labels)
+        if isinstance(self.model, adapters.AdapterClassifier):
+            # Only what the tenant adds: the shared base is not trained, nor copied.
+            meta = self.model.meta(labels)
+            tensors = {
+                name: tensor.detach().to("cpu", copy=True)
+                for name, tensor in self.model.adapter_tensors().items()
+            }
+            return lambda d: adapters.write_adapter_dir(
+                d, meta=meta, tensors=tensors, labels=labels
+            )
         if self.copy is None:
             self.copy = copy.deepcopy(self.model).to("cpu")  # type: ignore[arg-type]
         self.copy.load_state_dict(self.model.state_dict())
-        building = checkpoint.stage(self.work_dir, step=step, best_dir=self.best_dir)
-        state = checkpoint.detached_copy(training_state)
-        model, tokenizer, labels = self.copy, self.tokenizer, list(self.labels)
-
-        def write() -> Path:
-            return checkpoint.complete(
-                self.work_dir,
-                building,
-                save_model=lambda d: save_model_dir(
-                    d, model=model, tokenizer=tokenizer, labels=labels
-                ),
-                state=state,
-            )
-
-        return write
+        model, tokenizer = self.copy, self.tokenizer
+        return lambda d: save_model_dir(d, model=model, tokenizer=tokenizer, labels=labels)
 
 
 @torch.no_grad()
@@ -491,6 +501,10 @@ class _LinearWarmupDecay:
             return (step + 1) / self.warmup_steps
         remaining = self.total_steps - step
         return max(0.0, remaining / max(1, self.total_steps - self.warmup_steps))
+
+
+def _is_adapter(config: TrainConfig) -> bool:
+    return base_models.get(config.base_model).format == base_models.FORMAT_ADAPTER
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, labels: list[str]) -> None:
