@@ -88,7 +88,7 @@ from typing import Any
 
 from worker.serving import ray_private
 from worker.serving.autoscaling import POLICY
-from worker.serving.placement import place
+from worker.serving.placement import place, spec_bases
 from worker.serving.ray_connection import _FLEETS
 from worker.serving.ray_routing import DIRECT_REFRESH_S, FAST_RETRY_AFTER_S, PREDICT_TIMEOUT_S
 from worker.serving.ray_status import NOT_IN_POOL_AFTER_S, RayStatus
@@ -171,12 +171,15 @@ class RayFleet(RayStatus):
         if len(set(ids)) != len(ids):
             raise ValueError("a model id appears twice in the pool")
         pinned = {spec.model_id: spec.memory_bytes for spec in models if spec.pinned}
+        bases, base_sizes = spec_bases(spec for spec in models if spec.pinned)
         # Before touching anything: raises InsufficientCapacity and the old config serves.
         placement = place(
             pinned,
             budget_bytes=pool.replica_memory_bytes,
             max_sets=pool.max_sets,
             previous=previous,
+            bases=bases,
+            base_sizes=base_sizes,
         )
         self._connect()
         by_id = {spec.model_id: spec for spec in models}

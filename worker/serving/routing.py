@@ -28,11 +28,16 @@ class ModelNotHere(LookupError):
 
 
 class ModelEntry(TypedDict):
+    """A :class:`~worker.serving.specs.ModelSpec` as a replica is given it. Configs written
+    before adapters lack the two base keys: replicas read them with ``.get``."""
+
     model_id: str
     artifact_uri: str
     sha256: str
     memory_bytes: int
     pinned: bool
+    base_sha256: str  # "" for a full model
+    base_memory_bytes: int  # 0 for a full model
 
 
 class Route(TypedDict):

@@ -26,8 +26,8 @@ How SageMaker multi-model endpoints work, and so what this backend does:
   is retried until the deadline.
 - Placement: an MME has no explicit placement (SageMaker routes each model to instances
   itself), so every pinned model is "in set 0". The capacity check still holds: the pinned
-  total must fit ``replica_memory_bytes * max_sets`` or :class:`InsufficientCapacity` is
-  raised before anything is copied.
+  total (each adapters' shared base counted once) must fit ``replica_memory_bytes *
+  max_sets`` or :class:`InsufficientCapacity` is raised before anything is copied.
 - Instance count is ``pool.min_replicas``; a change of it alone is applied with
   ``UpdateEndpointWeightsAndCapacities`` (no new config). A change of image, role or
   instance type makes a new Model and endpoint config (their names carry a hash of those
@@ -89,6 +89,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
+from worker.serving.placement import spec_bases
 from worker.serving.specs import (
     InsufficientCapacity,
     ModelLoadError,
@@ -316,7 +317,8 @@ class SageMakerFleet:
             raise ValueError("a model id appears twice in the spec")
 
         pinned = [model for model in models if model.pinned]
-        need = sum(model.memory_bytes for model in pinned)
+        # Each shared base once: the least an instance that holds its adapters needs.
+        need = sum(model.memory_bytes for model in pinned) + sum(spec_bases(pinned)[1].values())
         have = pool.replica_memory_bytes * pool.max_sets
         if need > have:
             raise InsufficientCapacity(
@@ -752,7 +754,10 @@ class SageMakerFleet:
                 count = variant.get("InitialInstanceCount", 0)
         pool = manifest.get("pool")
         on_prefix = sorted(archives)
-        pinned_bytes = sum(int(m["memory_bytes"]) for m in specs.values() if m["pinned"])
+        pinned_specs = [m for m in specs.values() if m["pinned"]]
+        # Each shared base once ("" and 0 for full models; absent from older manifests).
+        bases = {m.get("base_sha256", ""): int(m.get("base_memory_bytes", 0)) for m in pinned_specs}
+        pinned_bytes = sum(int(m["memory_bytes"]) for m in pinned_specs) + sum(bases.values())
         with self._lock:
             measured = {
                 model_id: metrics.snapshot()

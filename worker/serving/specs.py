@@ -28,6 +28,12 @@ class ModelSpec:
     registration, what placement packs by. ``pinned`` models (production) are placed on a
     replica set and preloaded; unpinned ones live in the pool's long-tail cache tier and
     load on first use.
+
+    An adapter (a tenant's low-rank adapter and head on a shared base) names its shared
+    base: ``base_sha256`` is the sha256 of the base's weights (a replica refuses an adapter
+    whose base it does not hold) and ``base_memory_bytes`` the base's footprint, which a
+    replica holds once for all its adapters on it; ``memory_bytes`` is then only what the
+    tenant adds. Both are empty/0 for a full model.
     """
 
     model_id: str
@@ -35,6 +41,8 @@ class ModelSpec:
     sha256: str
     memory_bytes: int
     pinned: bool = True
+    base_sha256: str = ""
+    base_memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ class Placement:
 
     assignment: dict[str, int]
     moved: list[str] = field(default_factory=list)  # models that changed set (not new ones)
-    used_bytes: list[int] = field(default_factory=list)  # per set, pinned bytes
+    used_bytes: list[int] = field(default_factory=list)  # per set, pinned bytes + bases
 
 
 class Output(TypedDict):

@@ -429,6 +429,11 @@ def test_insufficient_capacity_copies_nothing_against_moto_aws_stand_in(
         fleet.apply(small, [first.spec(), second.spec()])
     assert refused.value.need_bytes == first.size + second.size
     assert refused.value.have_bytes == 2 * half
+    # Adapters on one shared base: the base is counted once.
+    base = {"base_sha256": "b" * 64, "base_memory_bytes": 7}
+    with pytest.raises(InsufficientCapacity) as refused:
+        fleet.apply(small, [first.spec(**base), second.spec(**base)])
+    assert refused.value.need_bytes == first.size + second.size + 7
     assert_nothing_created(aws)
 
     # Unpinned models live in the endpoint's own LRU cache and take no pinned budget.
