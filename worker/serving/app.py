@@ -174,7 +174,13 @@ class ModelReplica:
         held = [m for m, s in self.models.items() if s.classifier is not None]
         self.cache = FrequencyCache(budget)
         for model_id in held:
-            kept, evicted = self.cache.admit(model_id, self.models[model_id].entry["memory_bytes"])
+            entry = self.models[model_id].entry
+            kept, evicted = self.cache.admit(
+                model_id,
+                entry["memory_bytes"],
+                entry.get("base_sha256", ""),
+                entry.get("base_memory_bytes", 0),
+            )
             for victim in [*evicted, *([] if kept else [model_id])]:
                 self._unload(victim)
 
@@ -250,7 +256,12 @@ class ModelReplica:
             if self.cache is None:
                 self._hold(state, classifier)
                 return classifier
-            kept, evicted = self.cache.admit(model_id, state.entry["memory_bytes"])
+            kept, evicted = self.cache.admit(
+                model_id,
+                state.entry["memory_bytes"],
+                state.entry.get("base_sha256", ""),
+                state.entry.get("base_memory_bytes", 0),
+            )
             for victim in evicted:
                 self._unload(victim)
             if kept:

@@ -12,6 +12,13 @@ from worker.serving.cache import FrequencyCache, LRUCache, belady_hits, replay
 
 keys = st.sampled_from([f"m{i}" for i in range(6)])
 traces = st.lists(keys, max_size=60)
+MB = 1_000_000
+
+
+def held_bytes(held: set[str], sizes: dict[str, int], bases: dict[str, tuple[str, int]]) -> int:
+    """What ``held`` takes: each key's own bytes and each base its keys use, once."""
+    shared = {bases[k] for k in held if bases.get(k, ("", 0))[0]}
+    return sum(sizes[k] for k in held) + sum(size for _base, size in shared)
 
 
 @settings(max_examples=200, deadline=None)
@@ -114,3 +121,94 @@ def test_removed_models_are_forgotten() -> None:
     cache.remove("a")
     assert "a" not in cache.held() and cache.frequency("a") == 0
     assert cache.used == len(cache.held())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    trace=traces,
+    sizes=st.dictionaries(keys, st.integers(1, 30), min_size=6),
+    base_of=st.dictionaries(keys, st.sampled_from(["", "B", "B", "C"]), min_size=6),
+    base_sizes=st.fixed_dictionaries({"B": st.integers(0, 60), "C": st.integers(0, 30)}),
+    budget=st.integers(1, 100),
+    removals=st.sets(st.integers(0, 59), max_size=5),
+)
+def test_a_base_is_charged_once_while_a_held_key_uses_it(
+    trace: list[str],
+    sizes: dict[str, int],
+    base_of: dict[str, str],
+    base_sizes: dict[str, int],
+    budget: int,
+    removals: set[int],
+) -> None:
+    bases = {k: (b, base_sizes[b]) for k, b in base_of.items() if b}
+    for policy in (LRUCache(budget), FrequencyCache(budget, window_fraction=0.1)):
+        held: set[str] = set()
+        for position, key in enumerate(trace):
+            if position in removals:  # an undeploy
+                policy.remove(key)
+                held.discard(key)
+            hit = policy.lookup(key)
+            assert hit == (key in held)
+            if not hit:
+                base, base_size = bases.get(key, ("", 0))
+                kept, evicted = policy.admit(key, sizes[key], base, base_size)
+                assert key not in evicted and set(evicted) <= held
+                held -= set(evicted)
+                if kept:
+                    held.add(key)
+                elif isinstance(policy, LRUCache):
+                    assert sizes[key] + base_size > budget
+            assert set(policy.held()) == held
+            assert policy.used == held_bytes(held, sizes, bases) <= budget
+
+
+def test_a_thousand_adapters_on_one_base_fit_where_copies_would_not() -> None:
+    adapters = [f"t{i:04d}" for i in range(1000)]
+    sizes = dict.fromkeys(adapters, 400_000)
+    bases = dict.fromkeys(adapters, ("minilm", 90 * MB))
+    for policy in (LRUCache(512 * MB), FrequencyCache(512 * MB)):
+        assert replay(policy, adapters, sizes, bases) == (0, 1000)
+        assert len(policy.held()) == 1000 and policy.used == 490 * MB
+        assert replay(policy, adapters, sizes, bases) == (1000, 1000)
+    copies = LRUCache(512 * MB)
+    replay(copies, adapters, dict.fromkeys(adapters, 90 * MB + 400_000))
+    assert len(copies.held()) == 5
+
+
+def test_the_base_is_released_with_its_last_user() -> None:
+    for policy in (LRUCache(100), FrequencyCache(100, window_fraction=0.2)):
+        assert policy.admit("a", 10, "B", 50) == (True, [])
+        assert policy.admit("b", 10, "B", 50) == (True, [])
+        assert policy.used == 70
+        policy.remove("a")
+        assert policy.used == 60
+        policy.remove("b")
+        assert policy.used == 0 and policy.held() == []
+    lru = LRUCache(100)
+    for key in ("a", "b"):
+        lru.admit(key, 10, "B", 50)
+    assert lru.admit("c", 40) == (True, ["a"])  # a's bytes are enough; B stays for b
+    assert lru.used == 100
+    assert lru.admit("d", 10) == (True, ["b"])  # b goes, and B with it
+    assert lru.used == 50
+
+
+def test_a_key_on_a_base_too_big_for_the_budget_is_never_kept() -> None:
+    for policy in (LRUCache(100), FrequencyCache(100)):
+        assert policy.admit("a", 11, "B", 90) == (False, [])
+        assert policy.held() == [] and policy.used == 0
+
+
+def test_a_scan_of_cold_adapters_on_a_new_base_does_not_flush_the_hot_models() -> None:
+    hot = [f"hot{i}" for i in range(8)]
+    scan = [f"cold{i}" for i in range(200)]
+    sizes = {**dict.fromkeys(hot, 10), **dict.fromkeys(scan, 1)}
+    bases = dict.fromkeys(scan, ("new-base", 30))
+    cache = FrequencyCache(100, window_fraction=0.1)
+    replay(cache, hot * 20, sizes, bases)
+    replay(cache, scan, sizes, bases)
+    assert all(cache.lookup(k) for k in hot)
+    assert cache.used <= 100
+    # A popular adapter of that base wins its base's room once asked for more than them.
+    replay(cache, ["cold0"] * 30, sizes, bases)
+    assert "cold0" in cache.held() and cache.used == held_bytes(set(cache.held()), sizes, bases)
