@@ -81,6 +81,11 @@ tenant_patterns = [
         registry_api.ModelVersionDetailApi.as_view(),
         name="model-version-detail",
     ),
+    path(
+        "models/<str:name>/versions/<int:number>/export",
+        registry_api.ModelVersionExportApi.as_view(),
+        name="model-version-export",
+    ),
     path("models/<str:name>/predict", deployments_api.ModelPredictApi.as_view(), name="predict"),
     path("deployments/", deployments_api.DeploymentListApi.as_view(), name="deployment-list"),
     path(

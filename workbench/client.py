@@ -4,7 +4,8 @@
     wb = Workbench()                      # URL, token and tenant from the server's env
     wb.datasets()                         # the dataset versions you were granted
     rows = wb.load("dv_...")              # download (sha256 checked) and parse
-    run = wb.launch_run("dv_...", base_model="tiny-bert", params={"epochs": 1})
+    run = wb.launch_run("dv_...", params={"epochs": 1})   # the default base model
+    wb.export_version("support-intents", 3, "model.tar")  # a standalone merged model
 
 Standard library only, and no Django: this module runs in notebook kernels, which may not
 have the workbench installed (copy this file next to the notebook). Every refusal by the
@@ -150,9 +151,14 @@ class Workbench:
     def download(self, version_id: str, path: str | os.PathLike[str] | None = None) -> Path:
         """Save a granted version's file and check its sha256; refused if not granted."""
         target = Path(path) if path is not None else Path(tempfile.gettempdir()) / version_id
-        digest = hashlib.sha256()
         quoted = urllib.parse.quote(version_id)
-        with self._open("GET", self._tenant_path(f"granted-data/{quoted}/download")) as response:
+        return self._save(self._tenant_path(f"granted-data/{quoted}/download"), target,
+                          what=version_id)  # fmt: skip
+
+    def _save(self, route: str, target: Path, *, what: str) -> Path:
+        """Stream a download to ``target``, checking the sha256 the workbench sends."""
+        digest = hashlib.sha256()
+        with self._open("GET", route) as response:
             expected = response.headers.get("X-Content-SHA256", "")
             partial = target.with_name(target.name + ".partial")
             with partial.open("wb") as out:
@@ -161,7 +167,7 @@ class Workbench:
                     out.write(chunk)
         if expected and digest.hexdigest() != expected:
             partial.unlink(missing_ok=True)
-            raise WorkbenchError(0, "corrupt", f"{version_id}: the download's sha256 differs")
+            raise WorkbenchError(0, "corrupt", f"{what}: the download's sha256 differs")
         partial.replace(target)
         return target
 
@@ -205,6 +211,18 @@ class Workbench:
             "POST", path_, b"".join(parts), f"multipart/form-data; boundary={boundary}"
         ) as response:
             return json.loads(response.read())
+
+    # --- models ----------------------------------------------------------------------------
+
+    def export_version(
+        self, model: str, number: int, path: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Save a model version as a standalone merged model (a tar: the adapter merged
+        into its base, or the full model as it is) and check its sha256; the tar's path."""
+        name = f"{model}-v{number}-merged.tar"
+        target = Path(path) if path is not None else Path(tempfile.gettempdir()) / name
+        route = f"models/{urllib.parse.quote(model)}/versions/{int(number)}/export"
+        return self._save(self._tenant_path(route), target, what=f"{model} v{number}")
 
     # --- training --------------------------------------------------------------------------
 

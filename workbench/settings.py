@@ -517,6 +517,9 @@ SPECTACULAR_SETTINGS = {
         "EnvironmentEnum": "apps.deployments.models.Environment",
         "NotebookStatusEnum": "apps.notebooks.models.NotebookStatus",
         "AccessRequestStatusEnum": "apps.notebooks.models.AccessStatus",
+        # Two fields named "format": a dataset version's file, a model version's artifact.
+        "DatasetFormatEnum": "apps.datasets.models.DatasetVersion.Format",
+        "ArtifactFormatEnum": "apps.registry.models.ArtifactFormat",
     },
 }
 

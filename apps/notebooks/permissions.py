@@ -33,6 +33,8 @@ NOTEBOOK_ROUTES: dict[str, frozenset[str]] = {
     "model-detail": READ,
     "model-version-list": READ,
     "model-version-detail": READ,
+    # A version's standalone model (the client's export_version): the tenant's own model.
+    "model-version-export": READ,
     "tenant-detail": READ,
     # Results a notebook uploads stay as new, immutable versions (of training data only).
     "dataset-version-list": frozenset({"POST", "OPTIONS"}),

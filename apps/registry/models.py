@@ -18,6 +18,11 @@ class Stage(models.TextChoices):
     ARCHIVED = "archived", "Archived"
 
 
+class ArtifactFormat(models.TextChoices):
+    FULL = "full", "Full model"
+    ADAPTER = "adapter", "Adapter on a shared base"
+
+
 class RegisteredModel(models.Model):
     """A tenant's named model (e.g. ``support-intents``); its versions come from runs.
 
@@ -49,7 +54,10 @@ class RegisteredModel(models.Model):
 
 class ModelVersion(models.Model):
     """One trained model: an immutable artifact (a tar of safetensors weights, tokenizer and
-    config) with its sha256, produced by exactly one training run."""
+    config) with its sha256, produced by exactly one training run.
+
+    An adapter version's artifact holds only the tenant's LoRA adapter, head and labels; the
+    base weights it adapts (``base_sha256``) are shared, and a replica holds them once."""
 
     id = models.CharField(
         primary_key=True, max_length=32, default=ids.new_model_version_id, editable=False
@@ -64,7 +72,18 @@ class ModelVersion(models.Model):
     artifact_key = models.CharField(max_length=300)
     sha256 = models.CharField(max_length=64)
     size_bytes = models.BigIntegerField()
-    memory_bytes = models.BigIntegerField(help_text="measured by loading it and running a batch")
+    memory_bytes = models.BigIntegerField(
+        help_text="measured by loading it and running a batch; an adapter's own bytes only"
+    )
+    format = models.CharField(
+        max_length=16, choices=ArtifactFormat.choices, default=ArtifactFormat.FULL
+    )
+    base_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="adapters: the sha256 of the shared base's weights"
+    )
+    base_memory_bytes = models.BigIntegerField(
+        default=0, help_text="adapters: the shared base's bytes, held once per replica"
+    )
     predictions_key = models.CharField(max_length=300, help_text="validation predictions, JSONL")
     labels = models.JSONField(help_text="class index -> label")
     metrics = models.JSONField(default=dict)

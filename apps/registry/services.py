@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from django.db import transaction
 from django.db.models import Max
 
 from apps.audit.services import audit_record
-from apps.registry.models import ModelKind, ModelVersion, RegisteredModel
+from apps.core.errors import DomainError
+from apps.registry.models import ArtifactFormat, ModelKind, ModelVersion, RegisteredModel
 
 
 @transaction.atomic
@@ -23,8 +27,14 @@ def model_version_create(
     labels: list[str],
     metrics: dict[str, Any],
     mlflow_version: str = "",
+    format: str = ArtifactFormat.FULL,
+    base_sha256: str = "",
+    base_memory_bytes: int = 0,
 ) -> ModelVersion:
-    """Register the model a run produced. A run has at most one version (one-to-one)."""
+    """Register the model a run produced. A run has at most one version (one-to-one).
+
+    An adapter version names the shared base it needs (``base_sha256``) and that base's
+    bytes; a full version has neither."""
     existing = ModelVersion.objects.filter(run=run).first()
     if existing is not None:
         return existing
@@ -46,6 +56,9 @@ def model_version_create(
         labels=labels,
         metrics=metrics,
         mlflow_version=mlflow_version,
+        format=format,
+        base_sha256=base_sha256,
+        base_memory_bytes=base_memory_bytes,
     )
     audit_record(
         actor=None,
@@ -57,8 +70,73 @@ def model_version_create(
             "number": number,
             "sha256": sha256,
             "size_bytes": size_bytes,
+            "format": format,
             "run": run.pk,
         },
         via="task",
     )
     return version
+
+
+# A standalone model's layout as ``worker.adapters.export_merged`` writes it; a new layout
+# takes new keys, so no cached export of an older one is handed out.
+EXPORT_LAYOUT = "v1"
+
+
+def export_key(version: ModelVersion) -> str:
+    """Where a version's packed export is kept: from its artifact's sha256, which names its
+    bytes (an adapter's names its base's sha256 too), so it is built once."""
+    tenant_id = version.registered_model.tenant_id
+    return f"exports/{tenant_id}/{EXPORT_LAYOUT}/{version.sha256}/model.tar"
+
+
+def version_export(version: ModelVersion) -> tuple[str, str, int]:
+    """(store key, sha256, size) of the version as a standalone merged model, packed.
+
+    Built inline on the first request (a MiniLM merge takes about a second) and kept in the
+    artifact store, so a second export is a plain download. Its sha256 and size sit beside
+    it and are written last: a reader never finds one without a whole tar. Two requests
+    racing both build it and write the same bytes (the tar is deterministic).
+    """
+    from apps.core.artifacts import download, get_store
+    from apps.training.packaging import pack_dir, unpack
+
+    store = get_store()
+    key = export_key(version)
+    meta_key = f"{key}.json"
+    if store.exists(meta_key) and store.exists(key):
+        with store.open(meta_key) as fh:
+            meta = json.loads(fh.read())
+        return key, str(meta["sha256"]), int(meta["size"])
+    with tempfile.TemporaryDirectory(prefix="workbench-export-") as tmp:
+        work = Path(tmp)
+        digest = download(version.artifact_key, work / "artifact.tar")
+        if digest != version.sha256:
+            raise DomainError(
+                f"the stored artifact's sha256 is {digest}, not the version's {version.sha256}; "
+                "refusing to export other bytes",
+                code="artifact_mismatch",
+            )
+        model_dir = unpack(work / "artifact.tar", work / "model")
+        _export_merged(model_dir, work / "export")
+        sha256, size = pack_dir(work / "export", work / "export.tar")
+        store.put_file(key, work / "export.tar", move=True)
+        (work / "export.json").write_text(json.dumps({"sha256": sha256, "size": size}))
+        store.put_file(meta_key, work / "export.json", move=True)
+    return key, sha256, size
+
+
+def _export_merged(model_dir: Path, target_dir: Path) -> None:
+    """``export_merged``, its refusals as 409s: the base weights are not installed on this
+    host, or the adapter was trained on other base weights than this host holds."""
+    # Imported here: worker.adapters pulls in torch, which the web process loads only once
+    # someone exports.
+    from worker.adapters import AdapterError, export_merged
+    from worker.base_models import BaseModelUnavailable
+
+    try:
+        export_merged(model_dir, target_dir)
+    except BaseModelUnavailable as exc:
+        raise DomainError(str(exc), code="base_unavailable") from None
+    except AdapterError as exc:
+        raise DomainError(str(exc), code="base_mismatch") from None

@@ -6,6 +6,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.views.decorators.http import require_http_methods
 
 from apps.registry import selectors
+from apps.registry.models import ArtifactFormat, ModelVersion
 from apps.tenants.dashboard import paginate, render_tenant, tenant_view
 from apps.tenants.scoping import TenantAccess
 
@@ -35,6 +36,7 @@ def model_detail(request: HttpRequest, access: TenantAccess, name: str) -> HttpR
     versions = [
         {
             "version": version,
+            "base": _base_name(version),
             "metrics": [
                 (metric, version.metrics.get(metric) if isinstance(version.metrics, dict) else None)
                 for metric in SHOWN_METRICS
@@ -49,3 +51,15 @@ def model_detail(request: HttpRequest, access: TenantAccess, name: str) -> HttpR
         {"model": model, "page": page, "versions": versions, "shown_metrics": SHOWN_METRICS},
         section=SECTION,
     )
+
+
+def _base_name(version: ModelVersion) -> str:
+    """The shared weights an adapter version runs on ("" for a full model)."""
+    from worker import base_models
+
+    if version.format != ArtifactFormat.ADAPTER:
+        return ""
+    try:
+        return base_models.get(version.run.base_model).base or version.run.base_model
+    except base_models.UnknownBaseModel:  # a base since taken out of the catalogue
+        return version.run.base_model

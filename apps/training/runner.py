@@ -310,6 +310,7 @@ def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) 
     """Store the trained model, register it (MLflow and the registry) and finish the run,
     or finish it cancelled; 'lost' and nothing written when the attempt was superseded."""
     from worker.footprint import measure_memory_bytes
+    from worker.modeling import artifact_format
 
     tracking, work = callbacks.tracking, callbacks.work_dir
     if callbacks.lost:
@@ -333,6 +334,7 @@ def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) 
     predictions.write_text("".join(json.dumps(p) + "\n" for p in result.validation_predictions))
     samples = [p["text"] for p in result.validation_predictions[:32]] or ["hello"]
     memory = measure_memory_bytes(result.model_dir, samples)
+    shape = artifact_format(result.model_dir)  # an adapter's own bytes are in memory
     labels = json.loads((result.model_dir / "labels.json").read_text())
     if isinstance(labels, dict):
         labels = [labels[str(i)] for i in range(len(labels))]
@@ -364,6 +366,9 @@ def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) 
             "labels": labels,
             "metrics": result.metrics,
             "mlflow_version": mlflow_version,
+            "format": shape["format"],
+            "base_sha256": shape.get("base_sha256") or "",
+            "base_memory_bytes": int(shape.get("base_memory_bytes") or 0),
         },
     )
     if finished is None:
