@@ -26,6 +26,7 @@ from tests.training_helpers import make_training_version, placeholder_version
 pytestmark = pytest.mark.django_db
 MODELS = "/api/v1/tenants/acme/models"
 BASE_SHA = "b" * 64
+LABELS = ("card_declined", "card_arrival", "top_up")
 
 
 def register(actor: Actor, tenant: Tenant, model_dir: Path, tmp: Path, **fields: Any) -> Any:
@@ -61,6 +62,29 @@ def full_model_dir(root: Path) -> Path:
     (root / "model.safetensors").write_bytes(b"weights" * 100)
     (root / "labels.json").write_text('{"0": "a", "1": "b"}')
     return root
+
+
+def make_adapter_dir(target: Path, labels: tuple[str, ...] = LABELS) -> Path:
+    """An adapter model directory as an adapter run writes it, with a random (non-zero)
+    update: peft starts B at zero, which would leave nothing to merge."""
+    import torch
+
+    from worker import adapters
+
+    torch.manual_seed(0)
+    model, _ = adapters.build_adapter_classifier(
+        "minilm-l6-lora",
+        lora={"lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+              "lora_target_modules": ["query", "value"]},
+        labels=list(labels), max_length=32,
+    )  # fmt: skip
+    tensors = {
+        name: (0.05 * torch.randn(t.shape) if name.endswith("lora_B") else t.clone())
+        for name, t in model.adapter_tensors().items()
+    }
+    adapters.write_adapter_dir(target, meta=model.meta(list(labels)), tensors=tensors,
+                               labels=list(labels))  # fmt: skip
+    return target
 
 
 # --- what a version records ---------------------------------------------------------------
@@ -142,27 +166,10 @@ def test_a_full_version_exports_as_itself_and_a_second_export_is_a_plain_downloa
 def test_an_adapter_version_exports_a_merged_model_with_its_own_predictions(
     scientist, tenant, artifacts_dir, tmp_path
 ):
-    import torch
-
     from worker import adapters
 
     texts = ["my card was declined", "where is my new card", "top up by transfer"]
-    labels = ["card_declined", "card_arrival", "top_up"]
-    torch.manual_seed(0)
-    model, _ = adapters.build_adapter_classifier(
-        "minilm-l6-lora",
-        lora={"lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
-              "lora_target_modules": ["query", "value"]},
-        labels=labels, max_length=32,
-    )  # fmt: skip
-    # peft starts B at zero (no update at all): give the adapter something to merge.
-    tensors = {
-        name: (0.05 * torch.randn(t.shape) if name.endswith("lora_B") else t.clone())
-        for name, t in model.adapter_tensors().items()
-    }
-    adapter_dir = tmp_path / "adapter"
-    adapters.write_adapter_dir(adapter_dir, meta=model.meta(labels), tensors=tensors,
-                               labels=labels)  # fmt: skip
+    adapter_dir = make_adapter_dir(tmp_path / "adapter")
     expected = adapters.load_adapter_model(adapter_dir, device="cpu").predict(texts)
     register(scientist, tenant, adapter_dir, tmp_path, format="adapter",
              base_sha256=adapters.read_meta(adapter_dir)["base_sha256"])  # fmt: skip
@@ -196,3 +203,61 @@ def test_an_adapter_for_other_base_weights_is_not_exported(
     response = export(scientist)
     assert response.status_code == 409, response.content
     assert response.json()["error"]["code"] == "base_mismatch"
+
+
+# --- what a run registers -----------------------------------------------------------------
+
+
+class _NoTracking:
+    """MLflow is not what this test is about (the end-to-end training test covers it)."""
+
+    def log_model(self, *_: Any, **__: Any) -> str:
+        return "1"
+
+    def end(self, status: str) -> None:
+        pass
+
+
+class _Held:
+    """The callbacks of an attempt that still holds its run, as publish_run reads them."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.tracking = _NoTracking()
+        self.work_dir = work_dir
+        self.lost = False
+        self.progress: dict[str, Any] = {}
+
+    def holds(self) -> bool:
+        return True
+
+    def log_line(self, line: str) -> None:
+        pass
+
+
+def test_an_adapter_run_registers_an_adapter_version_on_its_base(
+    scientist, tenant, artifacts_dir, tmp_path
+):
+    from apps.training import runner
+    from worker import base_models
+    from worker.training.loop import TrainResult
+
+    data = DatasetVersion.objects.get(pk=make_training_version(scientist))
+    run = training.run_launch(actor=scientist.user, tenant=tenant, dataset_version=data,
+                              base_model="minilm-l6-lora", params={})  # fmt: skip
+    TrainingRun.objects.filter(pk=run.pk).update(status="running", attempt=1)
+    run = TrainingRun.objects.select_related("tenant").get(pk=run.pk)
+    result = TrainResult(
+        stop_reason="completed", stop_detail="completed 1 epoch", best_epoch=1,
+        metrics={"val_macro_f1": 0.9}, model_dir=make_adapter_dir(tmp_path / "adapter"),
+        validation_predictions=[{"text": "my card", "label": "a", "predicted": "a",
+                                 "score": 0.9}],
+        steps=1, resumed_from_step=None, device="cpu",
+    )  # fmt: skip
+    (tmp_path / "work").mkdir()
+    assert runner.publish_run(run, result, _Held(tmp_path / "work")) == "succeeded"  # type: ignore[arg-type]
+    version = ModelVersion.objects.get(run=run)
+    assert version.format == "adapter"
+    assert version.base_sha256 == base_models.base_sha256("minilm-l6-lora")
+    assert version.base_memory_bytes > 50_000_000  # the shared MiniLM, counted apart
+    assert 0 < version.memory_bytes < 1_000_000  # the tenant's adapter and head only
+    assert version.labels == list(LABELS)
