@@ -261,3 +261,26 @@ def test_an_adapter_run_registers_an_adapter_version_on_its_base(
     assert version.base_memory_bytes > 50_000_000  # the shared MiniLM, counted apart
     assert 0 < version.memory_bytes < 1_000_000  # the tenant's adapter and head only
     assert version.labels == list(LABELS)
+
+
+# --- the notebook client ------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_notebook_client_exports_a_version_with_a_notebooks_token(
+    live_server, scientist, tenant, artifacts_dir, tmp_path
+):
+    from apps.notebooks.services import NOTEBOOK_TOKEN_PREFIX
+    from apps.tenants.services import token_create
+    from workbench.client import Workbench, WorkbenchError
+
+    version = register(scientist, tenant, full_model_dir(tmp_path / "m"), tmp_path)
+    issued = token_create(user=scientist.user, name=f"{NOTEBOOK_TOKEN_PREFIX}nb_test",
+                          tenant=tenant)  # fmt: skip
+    wb = Workbench(live_server.url, issued.secret, "acme")
+    saved = wb.export_version("intents", 1, tmp_path / "out.tar")
+    assert saved == tmp_path / "out.tar"
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == version.sha256  # a full model
+    with pytest.raises(WorkbenchError) as missing:
+        wb.export_version("intents", 2, tmp_path / "none.tar")
+    assert missing.value.status == 404 and not (tmp_path / "none.tar").exists()
