@@ -45,6 +45,7 @@ from worker import base_models
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 LABELS_FILE = "labels.json"
+ADAPTER_MEMBERS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABELS_FILE)
 EXPORT_CONFIG = "workbench_export.json"
 HEAD_WEIGHTS = "head.safetensors"
 # Texts per forward pass of the shared base (rows of every tenant in the batch together).

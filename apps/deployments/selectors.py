@@ -55,9 +55,9 @@ def desired_models(kind: str) -> list[ModelSpec]:
             memory_bytes=version.memory_bytes,
             pinned=pinned,
             # An adapter's shared base (placement counts it once per replica set); ""/0 for
-            # a full model. getattr until the registry's adapter fields land.
-            base_sha256=getattr(version, "base_sha256", "") or "",
-            base_memory_bytes=getattr(version, "base_memory_bytes", 0) or 0,
+            # a full model.
+            base_sha256=version.base_sha256,
+            base_memory_bytes=version.base_memory_bytes,
         )
     return sorted(by_version.values(), key=lambda spec: spec.model_id)
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tests.worker.conftest import LABELS, Recorder, SimulatedCrash, tiny_config, write_slice
+from tests.worker.serving.models import adapter_variant
 from worker import adapters, base_models
 from worker.footprint import measure_memory_bytes
 from worker.inference import load_classifier
@@ -94,7 +95,7 @@ def test_a_mixed_tenant_batch_predicts_as_each_tenant_alone(
     trained: TrainResult, tmp_path: Path
 ) -> None:
     # A second tenant: another adapter with other weights and ranks on the same base.
-    second = _perturbed_copy(trained.model_dir, tmp_path / "second", seed=1)
+    second = adapter_variant(trained.model_dir, tmp_path / "second", seed=1, rank=2)
     first_model = load_classifier(trained.model_dir, device="cpu")
     second_model = load_classifier(second, device="cpu")
     assert first_model.base is second_model.base  # one base per process
@@ -188,26 +189,3 @@ def test_lora_parameters_are_checked() -> None:
     assert "query" in errors["lora_target_modules"]
     full = tiny_config(lora_r=8).validate()
     assert "Only adapter base models" in full["lora_r"]
-
-
-def _perturbed_copy(source: Path, target: Path, *, seed: int) -> Path:
-    """The adapter in ``source`` with its LoRA factors and head shuffled and rank cut to 2:
-    another tenant's model on the same base."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = load_file(source / "adapter.safetensors")
-    changed = {}
-    for name, tensor in tensors.items():
-        if name.endswith("lora_A"):
-            changed[name] = tensor[:2] + 0.05 * torch.randn(tensor[:2].shape, generator=generator)
-        elif name.endswith("lora_B"):
-            changed[name] = tensor[:, :2] + 0.05 * torch.randn(
-                tensor[:, :2].shape, generator=generator
-            )
-        else:
-            changed[name] = tensor + 0.5 * torch.randn(tensor.shape, generator=generator)
-    target.mkdir()
-    save_file({k: v.contiguous() for k, v in changed.items()}, target / "adapter.safetensors")
-    meta = json.loads((source / "adapter.json").read_text())
-    (target / "adapter.json").write_text(json.dumps({**meta, "r": 2, "alpha": 4.0}))
-    (target / "labels.json").write_bytes((source / "labels.json").read_bytes())
-    return target

@@ -38,11 +38,12 @@ from typing import Any
 
 from ray import serve
 
+from worker import adapters
 from worker.serving import ray_private
 from worker.serving.autoscaling import FAST_ONGOING
 from worker.serving.cache import FrequencyCache
 from worker.serving.fastpath import FastServer
-from worker.serving.loading import FastClassifier, default_device, load_model
+from worker.serving.loading import Served, default_device, load_model
 from worker.serving.routing import (
     STATS_PUSH_INTERVAL_S,
     ModelEntry,
@@ -66,7 +67,7 @@ class ModelState:
     """One model on one replica: its spec, the loaded classifier, its counters."""
 
     entry: ModelEntry
-    classifier: FastClassifier | None = None
+    classifier: Served | None = None
     memory_bytes: int = 0  # of the loaded weights
     load_ms: float | None = None
     error: str | None = None
@@ -83,6 +84,9 @@ class ModelState:
             "model_id": self.entry["model_id"],
             "sha256": self.entry["sha256"],
             "pinned": self.entry["pinned"],
+            # An adapter on a shared base (its sha256), or a full model ("").
+            "format": "adapter" if self.entry.get("base_sha256") else "full",
+            "base_sha256": self.entry.get("base_sha256", ""),
             "loaded": self.classifier is not None,
             "memory_bytes": self.memory_bytes,
             "load_ms": None if self.load_ms is None else round(self.load_ms, 3),
@@ -184,7 +188,7 @@ class ModelReplica:
             for victim in [*evicted, *([] if kept else [model_id])]:
                 self._unload(victim)
 
-    def _load(self, state: ModelState) -> FastClassifier | None:
+    def _load(self, state: ModelState) -> Served | None:
         """Fetch, verify and build; the error is recorded (and the model left out) rather
         than failing the whole replica: one bad artifact must not take down a set."""
         entry = state.entry
@@ -199,7 +203,7 @@ class ModelReplica:
         return loaded.classifier
 
     @staticmethod
-    def _hold(state: ModelState, classifier: FastClassifier) -> None:
+    def _hold(state: ModelState, classifier: Served) -> None:
         state.classifier = classifier
         state.memory_bytes = classifier.weight_bytes
 
@@ -240,7 +244,7 @@ class ModelReplica:
         state.latencies_ms.append((time.perf_counter() - started) * 1000)
         return {"outputs": outputs, "replica_id": self.replica_id}
 
-    async def _classifier(self, state: ModelState) -> FastClassifier:
+    async def _classifier(self, state: ModelState) -> Served:
         model_id = state.entry["model_id"]
         cached = self.cache.lookup(model_id) if self.cache is not None else True
         if state.classifier is not None and cached:
@@ -269,12 +273,23 @@ class ModelReplica:
             return classifier  # not kept: serves this request, then goes
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[tuple[FastClassifier, list[str]]]) -> list[list[Output]]:
-        """One forward pass per model: the requests for the same model share it."""
+    async def _batched(self, items: list[tuple[Served, list[str]]]) -> list[list[Output]]:
+        """One forward pass per model: the requests for the same model share it; the
+        requests for adapters share one pass of their base, whatever their tenants."""
         groups: dict[int, list[int]] = {}
+        on_bases: list[int] = []
         for position, (classifier, _) in enumerate(items):
-            groups.setdefault(id(classifier), []).append(position)
+            if isinstance(classifier, adapters.AdapterModel):
+                on_bases.append(position)
+            else:
+                groups.setdefault(id(classifier), []).append(position)
         results: list[list[Output]] = [[] for _ in items]
+        if on_bases:
+            mixed = adapters.predict_mixed(
+                [(items[p][0], items[p][1]) for p in on_bases]  # type: ignore[misc]
+            )
+            for p, outputs in zip(on_bases, mixed, strict=True):
+                results[p] = [Output(label=o["label"], score=o["score"]) for o in outputs]
         for positions in groups.values():
             classifier = items[positions[0]][0]
             texts = [text for p in positions for text in items[p][1]]
@@ -321,6 +336,7 @@ class ModelReplica:
     def stats(self) -> dict[str, Any]:
         """This replica's state: its models and their counters (JSON-able)."""
         reports = [state.report() for _, state in sorted(self.models.items())]
+        bases = self._bases()
         if self.role == "tail":
             # Only what the tier holds or failed on: the rest is deployed but cold.
             reports = [
@@ -338,12 +354,32 @@ class ModelReplica:
             "started_at": self.started_at,
             "device": self.device,
             "rss_bytes": _rss_bytes(),
-            "memory_used_bytes": sum(state.memory_bytes for state in self.models.values()),
+            "memory_used_bytes": sum(state.memory_bytes for state in self.models.values())
+            + sum(base["memory_bytes"] for base in bases),
+            "bases": bases,
             "models": reports,
             "fast": self.fast.published(),
             "socket_requests": self.fast.requests,
             "updated_at": time.time(),
         }
+
+    def _bases(self) -> list[dict[str, Any]]:
+        """The shared bases this replica holds for its loaded adapters, each held once."""
+        held: dict[str, tuple[adapters.SharedBase, int]] = {}
+        for state in self.models.values():
+            model = state.classifier
+            if isinstance(model, adapters.AdapterModel):
+                base, count = held.get(model.base.sha256, (model.base, 0))
+                held[base.sha256] = (base, count + 1)
+        return [
+            {
+                "base_model": base.base_model,
+                "sha256": sha256,
+                "memory_bytes": base.weight_bytes,
+                "adapters": count,
+            }
+            for sha256, (base, count) in sorted(held.items())
+        ]
 
     def _push_stats(self) -> None:
         key = stats_key(self.app, self.deployment, self.replica_id)

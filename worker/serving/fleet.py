@@ -58,10 +58,14 @@ Embedded mode: with no address, the first call that needs Ray starts a private h
             "replicas": [{
                 "replica_id": str, "started_at": float (unix time), "device": "cpu"|"cuda",
                 "version": str (config digest applied), "rss_bytes": int,
-                "memory_used_bytes": int (weights of the models held),
+                "memory_used_bytes": int (weights of the models held, and each shared
+                                          base once),
                 "socket_requests": int (requests that came through its own socket),
+                "bases": [{"base_model", "sha256", "memory_bytes": int,
+                           "adapters": int (loaded adapters on it)}, ...],
                 "models": [{
                     "model_id", "sha256", "pinned": bool, "loaded": bool,
+                    "format": "full" | "adapter", "base_sha256": str ("" for full),
                     "memory_bytes": int, "load_ms": float | None, "hits": int,
                     "misses": int, "requests": int, "errors": int,
                     "latency_ms_p50": float | None, "latency_ms_p99": float | None,

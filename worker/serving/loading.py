@@ -16,7 +16,9 @@ resolution, module construction, weight init, file I/O); this path avoids all of
   ``model_max_length`` as the transformers wrapper does.
 
 Predictions equal :class:`worker.inference.Classifier`'s for the same model directory (the
-tests check it). Nothing here imports Django.
+tests check it). An adapter artifact (``adapter.json``, see :mod:`worker.adapters`) becomes
+an :class:`~worker.adapters.AdapterModel` on the process's one copy of its base: reading
+the adapter's few hundred kilobytes is the whole load. Nothing here imports Django.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from tokenizers import Tokenizer
 
+from worker import adapters, base_models
 from worker.modeling import LABELS_FILE, collate
 from worker.serving.specs import ModelLoadError, Output
 
@@ -174,9 +177,13 @@ class FastClassifier:
         return outputs
 
 
+# What a replica serves: a whole tenant model, or a tenant's adapter on a shared base.
+Served = FastClassifier | adapters.AdapterModel
+
+
 @dataclass
 class LoadedModel:
-    classifier: FastClassifier
+    classifier: Served
     load_ms: float  # fetch + verify + build, wall clock
     artifact_bytes: int
 
@@ -198,9 +205,17 @@ def load_model(uri: str, sha256: str, *, device: str | None = None) -> LoadedMod
     )
 
 
-def build_classifier(data: bytes, *, device: str) -> FastClassifier:
-    """The classifier in the (already verified) tar ``data``."""
-    members = read_members(data, REQUIRED_MEMBERS, OPTIONAL_MEMBERS)
+def build_classifier(data: bytes, *, device: str) -> Served:
+    """The classifier in the (already verified) tar ``data``: a full model, or an adapter
+    on this process's shared base (refused when this host's base has another sha256)."""
+    members = read_members(
+        data, (), (*REQUIRED_MEMBERS, *OPTIONAL_MEMBERS, *adapters.ADAPTER_MEMBERS)
+    )
+    if adapters.ADAPTER_CONFIG in members:
+        return _build_adapter(members, device)
+    missing = [name for name in REQUIRED_MEMBERS if name not in members]
+    if missing:
+        raise ModelLoadError(f"artifact lacks {', '.join(missing)}")
     try:
         config = json.loads(members["config.json"])
         mapping = json.loads(members[LABELS_FILE])
@@ -229,6 +244,19 @@ def build_classifier(data: bytes, *, device: str) -> FastClassifier:
         pad_token_id=int(pad_id) if pad_id is not None else 0,
         device=device,
     )
+
+
+def _build_adapter(members: dict[str, bytes], device: str) -> adapters.AdapterModel:
+    missing = [name for name in adapters.ADAPTER_MEMBERS if name not in members]
+    if missing:
+        raise ModelLoadError(f"artifact lacks {', '.join(missing)}")
+    try:
+        adapter = adapters.Adapter.from_files(members, device=device)
+        return adapters.AdapterModel(
+            adapter, adapters.shared_base(adapter.base_model, device=device)
+        )
+    except (adapters.AdapterError, base_models.BaseModelUnavailable) as error:
+        raise ModelLoadError(str(error)) from error
 
 
 _templates: dict[tuple[str, str], torch.nn.Module] = {}

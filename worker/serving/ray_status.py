@@ -206,7 +206,11 @@ def _public(stats: Mapping[str, Any]) -> dict[str, Any]:
         "memory_used_bytes",
         "socket_requests",
     )
-    return {**{k: stats.get(k) for k in keep}, "models": stats["models"]}
+    return {
+        **{k: stats.get(k) for k in keep},
+        "bases": stats.get("bases", []),  # replicas of older code publish none
+        "models": stats["models"],
+    }
 
 
 def _readiness(

@@ -71,6 +71,60 @@ def variant(model_dir: Path, target: Path, *, seed: int, noise: float = 0.05) ->
     return target
 
 
+def train_adapter(work_dir: Path, *, seed: int, labels: list[str] = LABELS[:4]) -> Path:
+    """A small LoRA adapter on the shared MiniLM (rank 4, 1 epoch on 12 rows per label)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data = write_slice(work_dir / "slice.csv", labels, 12)
+    config = tiny_config(
+        base_model="minilm-l6-lora",
+        epochs=1,
+        seed=seed,
+        learning_rate=3e-3,
+        batch_size=16,
+        max_length=32,
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_dropout=0.1,
+        lora_target_modules=["query", "value"],
+    )
+    result = train(
+        config,
+        DataSpec(path=data, text_column="text", label_column="category", format="csv"),
+        validation_data=None,
+        work_dir=work_dir / "run",
+        callbacks=Recorder(),
+    )
+    return result.model_dir
+
+
+def adapter_variant(
+    model_dir: Path, target: Path, *, seed: int, rank: int | None = None, **meta: object
+) -> Path:
+    """Another tenant's adapter on the same base, without training it: the LoRA factors
+    and the head perturbed, the rank cut to ``rank`` when given, ``meta`` overriding
+    ``adapter.json`` (e.g. another ``base_sha256``)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(model_dir / "adapter.safetensors"))
+    config = json.loads((model_dir / "adapter.json").read_text())
+    r = rank or int(config["r"])
+    changed = {}
+    for name, tensor in tensors.items():
+        if name.endswith("lora_A"):
+            tensor = tensor[:r]
+        elif name.endswith("lora_B"):
+            tensor = tensor[:, :r]
+        noise = 0.5 if name.startswith("head.") else 0.05
+        changed[name] = (
+            tensor + noise * torch.randn(tensor.shape, generator=generator)
+        ).contiguous()
+    target.mkdir(parents=True)
+    save_file(changed, str(target / "adapter.safetensors"))
+    alpha = float(config["alpha"]) * r / int(config["r"])
+    (target / "adapter.json").write_text(json.dumps({**config, "r": r, "alpha": alpha, **meta}))
+    shutil.copyfile(model_dir / "labels.json", target / "labels.json")
+    return target
+
+
 def narrower(model_dir: Path, target: Path, *, keep: int) -> Path:
     """A copy of ``model_dir`` that knows only its first ``keep`` labels: a tenant with
     another head shape (the loader's templates must not care)."""
