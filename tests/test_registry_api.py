@@ -284,3 +284,10 @@ def test_the_notebook_client_exports_a_version_with_a_notebooks_token(
     with pytest.raises(WorkbenchError) as missing:
         wb.export_version("intents", 2, tmp_path / "none.tar")
     assert missing.value.status == 404 and not (tmp_path / "none.tar").exists()
+
+
+def test_a_version_whose_artifact_is_not_in_the_store_is_409(scientist, tenant, artifacts_dir):
+    placeholder_version(scientist, tenant, sha256="f" * 64)  # its artifact key names nothing
+    response = export(scientist)
+    assert response.status_code == 409, response.content
+    assert response.json()["error"]["code"] == "artifact_missing"

@@ -135,9 +135,10 @@ class ModelVersionExportApi(ModelVersionDetailApi):
             ),
             409: OpenApiResponse(
                 ErrorSerializer,
-                description="The export cannot be built on this host: the base weights are "
-                "not installed (`base_unavailable`) or differ from the adapter's "
-                "(`base_mismatch`).",
+                description="The export cannot be built: this host lacks the base weights "
+                "(`base_unavailable`) or holds other ones than the adapter's (`base_mismatch`), "
+                "or the artifact store lacks the version's bytes (`artifact_missing`, "
+                "`artifact_mismatch`).",
             ),
         },
     )

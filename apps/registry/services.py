@@ -108,6 +108,11 @@ def version_export(version: ModelVersion) -> tuple[str, str, int]:
         with store.open(meta_key) as fh:
             meta = json.loads(fh.read())
         return key, str(meta["sha256"]), int(meta["size"])
+    if not store.exists(version.artifact_key):
+        raise DomainError(
+            f"the version's artifact {version.artifact_key} is not in the store",
+            code="artifact_missing",
+        )
     with tempfile.TemporaryDirectory(prefix="workbench-export-") as tmp:
         work = Path(tmp)
         digest = download(version.artifact_key, work / "artifact.tar")
