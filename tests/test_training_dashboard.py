@@ -337,6 +337,8 @@ def test_form_lora_fields_shape_an_adapter_run_and_are_ignored_for_a_full_base(
     assert (adapter.params["lora_r"], adapter.params["lora_alpha"]) == (4, 8.0)
     assert adapter.params["lora_dropout"] == 0.0
     assert adapter.params["lora_target_modules"] == ["query", "key", "value"]
+    page = client.get(response["Location"]).content.decode()
+    assert '<th scope="row">lora_target_modules</th><td><code>query, key, value</code>' in page
     response = client.post("/t/acme/runs/", form_data(version_id, **lora))  # tiny-bert
     assert response.status_code == 302
     full = TrainingRun.objects.exclude(pk=adapter.pk).get()

@@ -253,6 +253,8 @@ def _shown(value: Any) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, list):  # lora_target_modules
+        return ", ".join(_shown(item) for item in value)
     return str(value)
 
 
