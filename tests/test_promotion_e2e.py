@@ -1,7 +1,8 @@
 """Train, evaluate on a golden set on a real worker, pass the gates, approve: the MLflow
 registry alias moves to the approved version, and the fleet controller (its own process)
 deploys it onto the real Ray fleet, where it answers the REST API's predict like the
-evaluation said it would."""
+evaluation said it would — for a whole tiny BERT and for a LoRA adapter on the shared
+MiniLM alike."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.celery_worker
 API = "/api/v1/tenants/acme"
 
 
+# (base model, its params): a full model trained from scratch, and an adapter.
+BASES = {
+    "tiny-bert": {"epochs": 3, "learning_rate": 0.003, "max_length": 32},
+    "minilm-l6-lora": {"epochs": 2, "learning_rate": 0.003, "max_length": 32, "lora_r": 4},
+}
+
+
+@pytest.mark.parametrize("base_model", list(BASES))
 def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
+    base_model,
     celery_worker_process,
     fleet_controller_process,
     mlflow_server,
@@ -39,12 +49,18 @@ def test_promotion_end_to_end_moves_the_mlflow_alias_and_serves_the_model(
     policy = {"gates": [{"metric": "macro_f1", "op": ">=", "value": 0.2}],
               "latency_budget_ms": 5000}  # fmt: skip
     assert admin.api("put", f"{API}/policies/classifier/", policy).status_code == 200
-    launch = {"dataset_version": train_version, "base_model": "tiny-bert", "model_name": "promoted",
-              "params": {"epochs": 3, "learning_rate": 0.003, "max_length": 32}}  # fmt: skip
+    launch = {"dataset_version": train_version, "base_model": base_model, "model_name": "promoted",
+              "params": BASES[base_model]}  # fmt: skip
     run_id = scientist.api("post", f"{API}/runs/", launch).json()["id"]
     wait_for(lambda: TrainingRun.objects.get(pk=run_id).status in ("succeeded", "failed"),
              timeout=240)  # fmt: skip
     version = ModelVersion.objects.get(run_id=run_id)
+    if base_model == "minilm-l6-lora":
+        # Only what the tenant adds is the version's: the 87 MB base is shared.
+        assert version.format == "adapter" and len(version.base_sha256) == 64
+        assert version.memory_bytes < 500_000 < 80_000_000 < version.base_memory_bytes
+    else:
+        assert version.format == "full" and version.base_sha256 == ""
 
     response = scientist.api("post", f"{API}/promotions/",
                              {"model_version": version.pk, "target": "staging"})  # fmt: skip
