@@ -261,6 +261,8 @@ def test_an_adapter_run_registers_an_adapter_version_on_its_base(
     assert version.base_memory_bytes > 50_000_000  # the shared MiniLM, counted apart
     assert 0 < version.memory_bytes < 1_000_000  # the tenant's adapter and head only
     assert version.labels == list(LABELS)
+    shown = scientist.api("get", f"/api/v1/tenants/acme/runs/{run.pk}/").json()["model_version"]
+    assert (shown["number"], shown["format"]) == (version.number, "adapter")
 
 
 # --- the notebook client ------------------------------------------------------------------

@@ -204,6 +204,7 @@ class RunOutputSerializer(serializers.ModelSerializer[TrainingRun]):
             "model": version.registered_model.name,
             "number": version.number,
             "sha256": version.sha256,
+            "format": version.format,
         }
 
     def get_mlflow_url(self, run: TrainingRun) -> str:
