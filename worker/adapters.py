@@ -27,6 +27,7 @@ weights, ``W + (alpha / r) B A``) that plain ``transformers`` loads.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -92,12 +93,22 @@ def load_base_encoder(base_model: str, *, pooler: bool = False) -> Any:
     the token states; an export keeps it so that ``AutoModel`` finds every weight)."""
     from transformers import BertModel
 
-    encoder = BertModel.from_pretrained(
-        base_dir(base_model),
-        local_files_only=True,
-        use_safetensors=True,
-        add_pooling_layer=pooler,
-    )
+    import worker.modeling  # noqa: F401 - turns transformers' progress bars off
+
+    # Without the pooler its weights are "unexpected", and a single process is "not
+    # sharded": both expected here, so no load report.
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        encoder = BertModel.from_pretrained(
+            base_dir(base_model),
+            local_files_only=True,
+            use_safetensors=True,
+            add_pooling_layer=pooler,
+        )
+    finally:
+        quiet.setLevel(level)
     encoder.train(False)
     return encoder
 
