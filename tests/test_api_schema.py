@@ -214,3 +214,16 @@ def test_the_schema_describes_what_evaluation_requests_and_notebook_stops_answer
     assert schema["components"]["schemas"][ref]["properties"]["evaluations"]["type"] == "array"
     stopped = paths["/api/v1/tenants/{tenant}/notebooks/{notebook_id}/"]["delete"]["responses"]
     assert "200" in stopped and "204" not in stopped
+
+
+def test_the_schema_describes_the_fleets_bases_and_each_models_format(admin):
+    schemas = openapi(admin)["components"]["schemas"]
+    replica = schemas["FleetReplica"]
+    assert replica["properties"]["bases"]["items"] == {"$ref": "#/components/schemas/FleetBase"}
+    assert {"bases", "models", "other_tenants_models"} <= set(replica["required"])
+    assert set(schemas["FleetBase"]["required"]) == {
+        "base_model", "name", "sha256", "memory_bytes", "adapters",
+    }  # fmt: skip
+    model = schemas["FleetModel"]
+    assert {"format", "base_sha256"} <= set(model["required"])
+    assert "hits" not in model["required"]  # backends differ in what they measure

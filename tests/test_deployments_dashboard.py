@@ -683,6 +683,236 @@ def test_fleet_page_shows_the_last_published_status_and_says_the_controller_is_g
     assert ("ray-head:6379 refused" in body) == (who == "staff")
 
 
+# --- the fleet: shared bases and adapters -------------------------------------------------
+
+KIB = 2**10
+BASE_SHA = "cd" * 32
+
+
+def adapter_version(actor: Actor, tenant: Tenant, name: str, own_bytes: int) -> ModelVersion:
+    """A tenant's adapter version on the shared MiniLM, as publish_run registers it."""
+    from apps.datasets.models import Dataset
+
+    dataset = Dataset.objects.create(tenant=tenant, name=f"{name}-data", kind="training")
+    data = DatasetVersion.objects.create(
+        dataset=dataset, number=1, sha256="ee" * 32, size_bytes=1, rows=10, format="csv",
+        storage_key=f"x/{tenant.slug}/{name}", text_column="text", label_column="label",
+        labels={"a": 10}, duplicate_texts=0, preview=[],
+    )  # fmt: skip
+    run = training.run_launch(actor=actor.user, tenant=tenant, dataset_version=data,
+                              base_model="tiny-bert", params={}, model_name=name)  # fmt: skip
+    return model_version_create(
+        run=run, artifact_key=f"models/{name}/model.tar", sha256="ab" * 32, size_bytes=1,
+        memory_bytes=own_bytes, predictions_key="", labels=["a"], metrics={},
+        format="adapter", base_sha256=BASE_SHA, base_memory_bytes=87 * MIB,
+    )  # fmt: skip
+
+
+def replica_entry(version: ModelVersion, **extra: Any) -> dict[str, Any]:
+    """A model as a replica of today's code reports it (worker/serving/app.py)."""
+    return {"model_id": version.pk, "sha256": version.sha256, "pinned": True, "loaded": True,
+            "format": version.format, "base_sha256": version.base_sha256,
+            "memory_bytes": version.memory_bytes, "load_ms": 3.0, "hits": 1, "misses": 0,
+            "requests": 1, "errors": 0, "latency_ms_p50": 1.0, "latency_ms_p99": 1.0,
+            "error": None, **extra}  # fmt: skip
+
+
+@pytest.fixture
+def adapters_published(scientist, outsider, tenant, other_tenant) -> dict[str, Any]:
+    """A published pool: one replica holding the shared base once and three adapters on it
+    (acme's and two of globex's); the tail's replica runs older code (no bases, no format)
+    and holds acme's full model."""
+    from apps.deployments.models import FleetLease, ServingPool
+
+    ours = adapter_version(scientist, tenant, "intents", 410 * KIB)
+    theirs = [adapter_version(outsider, other_tenant, f"secret-{i}", 400 * KIB) for i in (1, 2)]
+    full = make_version(scientist, tenant, name="full-intents")
+    for version in (ours, *theirs, full):
+        deploy(version, "warm")
+    versions = [ours, *theirs]
+    now = timezone.now()
+    ServingPool.objects.create(
+        kind="classifier", replica_memory_bytes=512 * MIB, max_sets=1, tail_memory_bytes=64 * MIB,
+        min_replicas=1, max_replicas=1, observed_at=now,
+        observed={
+            "kind": "classifier", "app": "workbench-classifier",
+            "sets": [{
+                "name": "classifier-set-0", "index": 0, "budget_bytes": 512 * MIB,
+                "models": [v.pk for v in versions],
+                "replicas": [{
+                    "replica_id": "r-0", "started_at": now.timestamp(), "device": "cpu",
+                    "version": "abc", "rss_bytes": 900 * MIB,
+                    "memory_used_bytes": 87 * MIB + 1210 * KIB, "socket_requests": 0,
+                    "bases": [{"base_model": "minilm-l6-lora", "sha256": BASE_SHA,
+                               "memory_bytes": 87 * MIB, "adapters": 3}],
+                    "models": [replica_entry(v) for v in versions],
+                }],
+            }],
+            "tail": {
+                "name": "classifier-tail", "index": -1, "budget_bytes": 64 * MIB, "models": [],
+                "replicas": [{"replica_id": "r-tail", "device": "cpu",
+                              "models": [{"model_id": full.pk, "loaded": True,
+                                          "memory_bytes": 3 * MIB}]}],
+            },
+        },
+    )  # fmt: skip
+    FleetLease.objects.create(pk="fleet", holder="host:1", heartbeat_at=now,
+                              expires_at=now + timedelta(seconds=15))  # fmt: skip
+    return {"ours": ours, "theirs": theirs, "full": full}
+
+
+def test_fleet_api_shows_the_shared_base_and_only_the_callers_adapters(
+    adapters_published, viewer, staff
+):
+    import json
+
+    ours, theirs = adapters_published["ours"], adapters_published["theirs"]
+    response = viewer.api("get", "/api/v1/fleet/")
+    assert response.status_code == 200
+    (pool,) = response.json()["pools"]
+    (replica,) = pool["sets"][0]["replicas"]
+    # The base is shared weights: named, with its bytes and every tenant's adapter count.
+    assert replica["bases"] == [
+        {
+            "base_model": "minilm-l6-lora",
+            "name": "all-MiniLM-L6-v2",
+            "sha256": BASE_SHA,
+            "memory_bytes": 87 * MIB,
+            "adapters": 3,
+        }
+    ]
+    (model,) = replica["models"]
+    assert model["model_id"] == ours.pk and model["tenant"] == "acme"
+    assert (model["format"], model["base_sha256"]) == ("adapter", BASE_SHA)
+    assert model["memory_bytes"] == 410 * KIB  # its own, not the base's
+    # globex's adapters: counted with their own bytes, never named.
+    assert replica["other_tenants_models"] == 2
+    assert replica["other_tenants_memory_bytes"] == 800 * KIB
+    dumped = json.dumps(response.json())
+    assert all(v.pk not in dumped for v in theirs) and "secret-" not in dumped
+    # A replica of older code publishes no bases; the registry knows its model is full.
+    (tail_replica,) = pool["tail"]["replicas"]
+    assert tail_replica["bases"] == []
+    assert [(m["format"], m["base_sha256"]) for m in tail_replica["models"]] == [("full", "")]
+    # Staff see every adapter on the base.
+    every = staff.api("get", "/api/v1/fleet/").json()
+    shown = every["pools"][0]["sets"][0]["replicas"][0]["models"]
+    assert sorted(m["model_id"] for m in shown) == sorted(v.pk for v in [ours, *theirs])
+    assert {m["format"] for m in shown} == {"adapter"}
+
+
+def test_fleet_page_draws_the_shared_base_once_and_the_tenants_adapters(adapters_published, viewer):
+    ours, theirs = adapters_published["ours"], adapters_published["theirs"]
+    body = login(viewer).get("/fleet/").content.decode()
+    replica = re.search(r'<div class="replica" data-replica="r-0">.*?<p class="muted small '
+                        r'other-tenants"', body, re.S)  # fmt: skip
+    assert replica is not None
+    html = replica.group(0)
+    # The bar: the base as its own segment, then acme's adapter, then other tenants'.
+    segments = re.findall(r'<rect class="segment" data-name="([^"]+)"', html)
+    assert segments[:3] == [f"base-{BASE_SHA}", ours.pk, "other-tenants"]
+    assert "all-MiniLM-L6-v2 (shared base) · 87.0\xa0MB · 3 adapters" in html
+    assert "intents v1 (adapter): 410.0\xa0KB" in html
+    # The line under the bar: the base (sha256 shortened), every tenant's adapter count.
+    line = re.search(r'<p class="muted small replica-bases".*?</p>', html, re.S)
+    assert line is not None
+    assert "bases: <span" in line.group(0) and f'<code title="sha256 {BASE_SHA}">' in html
+    assert f">{BASE_SHA[:12]}</code> 87.0\xa0MB" in line.group(0)
+    assert "adapters: 3 (1 listed below)" in line.group(0)
+    assert 'class="badge model-format"' in html
+    assert all(v.pk not in body for v in theirs) and "secret-" not in body
+    # The tail's replica runs older code: no base line, its full model as before.
+    tail = body[body.index('data-replica="r-tail"') :]
+    assert "replica-bases" not in tail and "full-intents v1" in tail
+
+
+def test_fleet_view_counts_a_base_once_against_the_budget():
+    status = status_with(hidden=1, hidden_bytes=400 * KIB)
+    (replica,) = status["pools"][0]["sets"][0]["replicas"]
+    replica["bases"] = [
+        {
+            "base_model": "minilm-l6-lora",
+            "name": "all-MiniLM-L6-v2",
+            "sha256": BASE_SHA,
+            "memory_bytes": 8 * MIB,
+            "adapters": 2,
+        }
+    ]
+    replica["models"][0].update(format="adapter", base_sha256=BASE_SHA, memory_bytes=512 * KIB)
+    (view_replica,) = fleet_view(status).pools[0].sets[0].replicas
+    (base,) = view_replica.bases
+    assert (base.name, base.short_sha256, base.adapters, base.own_adapters) == (
+        "all-MiniLM-L6-v2", BASE_SHA[:12], 2, 1,
+    )  # fmt: skip
+    assert view_replica.adapter_count == 2 and view_replica.own_adapter_count == 1
+    (model,) = view_replica.models
+    assert model.adapter and model.base_sha256 == BASE_SHA
+    # 8 MiB of base + 0.5 MiB adapter + 0.4 MiB other tenant's, against 16 MiB (360 px).
+    assert [(s.name, s.width) for s in view_replica.bar.segments] == [
+        (f"base-{BASE_SHA}", 180.0), ("mv_1", 11.25), ("other-tenants", 8.79),
+    ]  # fmt: skip
+    assert view_replica.bar.used_bytes == 8 * MIB + 912 * KIB
+
+
+@pytest.mark.parametrize("bases", [None, "x", [None, 3, {"sha256": ""}, {"memory_bytes": "?"}]])
+def test_fleet_view_without_bases_or_with_malformed_ones_draws_the_models(bases):
+    status = status_with()
+    (replica,) = status["pools"][0]["sets"][0]["replicas"]
+    replica["bases"] = bases
+    (view_replica,) = fleet_view(status).pools[0].sets[0].replicas
+    assert view_replica.bases == [] and view_replica.adapter_count == 0
+    assert [s.name for s in view_replica.bar.segments] == ["mv_1", "other-tenants"]
+
+
+def test_a_sagemaker_status_keeps_other_tenants_models_unnamed_and_has_no_bases(
+    scientist, outsider, tenant, other_tenant, viewer
+):
+    """worker/serving/sagemaker.py: an endpoint instance lists model ids; their details are
+    the pool's ``models``, filtered like the replicas' (an artifact's S3 key names it)."""
+    import json
+
+    from apps.deployments.models import ServingPool
+
+    ours = adapter_version(scientist, tenant, "intents", 410 * KIB)
+    theirs = adapter_version(outsider, other_tenant, "secret-1", 400 * KIB)
+    for version in (ours, theirs):
+        deploy(version, "warm")
+    pool = {
+        "kind": "classifier", "endpoint": "workbench-classifier",
+        "sets": [{"index": 0, "replicas": [{"replica_id": "workbench-classifier/AllTraffic/0",
+                                            "state": "InService",
+                                            "models": [ours.pk, theirs.pk]}]}],
+        "models": [{"model_id": v.pk, "pinned": True, "memory_bytes": v.memory_bytes,
+                    "artifact": f"s3://b/classifier/{v.pk}.tar.gz", "requests": 2}
+                   for v in (ours, theirs)],
+    }  # fmt: skip
+    ServingPool.objects.create(
+        kind="classifier", replica_memory_bytes=512 * MIB, max_sets=1, tail_memory_bytes=0,
+        min_replicas=1, max_replicas=1, observed_at=timezone.now(), observed=pool,
+    )  # fmt: skip
+    seen = viewer.api("get", "/api/v1/fleet/").json()
+    assert theirs.pk not in json.dumps(seen)
+    (published,) = seen["pools"]
+    assert [m["model_id"] for m in published["models"]] == [ours.pk]
+    (replica,) = published["sets"][0]["replicas"]
+    assert replica["bases"] == [] and replica["other_tenants_memory_bytes"] == 400 * KIB
+    (model,) = replica["models"]
+    assert (model["memory_bytes"], model["requests"]) == (410 * KIB, 2)
+    assert (model["format"], model["base_sha256"]) == ("adapter", BASE_SHA)  # the registry's
+    body = login(viewer).get("/fleet/").content.decode()
+    assert f'<tr data-model="{ours.pk}">' in body and "410.0\xa0KB" in body
+    assert "replica-bases" not in body and theirs.pk not in body
+
+
+def test_deployment_page_of_an_adapter_reads_its_own_memory_and_the_shared_base(
+    scientist, tenant, viewer
+):
+    deployment = deploy(adapter_version(scientist, tenant, "intents", 410 * KIB), "warm")
+    body = login(viewer).get(f"{BASE}/{deployment.pk}/").content.decode()
+    assert "adapter · 410.0\xa0KB own + shared base 87.0\xa0MB" in body
+    assert f'title="base sha256 {BASE_SHA}"' in body
+
+
 @pytest.fixture
 def real_fleet(request, settings, artifacts_dir, tmp_path) -> Any:
     """The Ray fleet of ``ray_address`` (tests/conftest.py), with two tenants' models

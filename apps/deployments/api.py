@@ -241,17 +241,97 @@ class ModelPredictApi(TenantScopedMixin, APIView):
         )
 
 
+# The fleet's shape (RayFleet.status in worker/serving/fleet.py, as fleet_status_for
+# filters it), for the schema only: the view answers the published dict. Backends differ
+# (SageMaker's replicas are endpoint instances), so only what fleet_status_for always
+# writes is required.
+_OPT: dict[str, Any] = {"required": False}
+_NULL: dict[str, Any] = {"required": False, "allow_null": True}
+
+
+class FleetBaseSerializer(serializers.Serializer[Any]):
+    base_model = serializers.CharField(help_text="the catalogue entry, e.g. minilm-l6-lora")
+    name = serializers.CharField(help_text="the shared weights, e.g. all-MiniLM-L6-v2")
+    sha256 = serializers.CharField()
+    memory_bytes = serializers.IntegerField(help_text="held once by the replica")
+    adapters = serializers.IntegerField(
+        help_text="adapters loaded on it, every tenant's (only yours are in `models`)"
+    )
+
+
+# Inline: a model's `errors` count would shadow Serializer.errors on a class.
+FleetModelSerializer = inline_serializer(
+    "FleetModel",
+    {
+        "model_id": serializers.CharField(help_text="the model version's id"),
+        "format": serializers.ChoiceField(choices=["full", "adapter"]),
+        "base_sha256": serializers.CharField(help_text="an adapter's base; empty for a full model"),
+        "memory_bytes": serializers.IntegerField(
+            help_text="its own, without a shared base", **_NULL
+        ),
+        "sha256": serializers.CharField(**_NULL),
+        "pinned": serializers.BooleanField(**_OPT),
+        "loaded": serializers.BooleanField(**_OPT),
+        "load_ms": serializers.FloatField(**_NULL),
+        "hits": serializers.IntegerField(**_OPT),
+        "misses": serializers.IntegerField(**_OPT),
+        "requests": serializers.IntegerField(**_OPT),
+        "errors": serializers.IntegerField(**_OPT),
+        "latency_ms_p50": serializers.FloatField(**_NULL),
+        "latency_ms_p99": serializers.FloatField(**_NULL),
+        "error": serializers.CharField(**_NULL),
+        "tenant": serializers.CharField(**_OPT),
+        "model": serializers.CharField(**_OPT),
+        "version": serializers.IntegerField(**_OPT),
+        "deployments": serializers.ListField(child=serializers.DictField(), **_OPT),
+    },
+)
+
+
+class FleetReplicaSerializer(serializers.Serializer[Any]):
+    replica_id = serializers.CharField()
+    bases = FleetBaseSerializer(many=True, help_text="empty where it holds no shared base")
+    models = serializers.ListField(child=FleetModelSerializer)
+    other_tenants_models = serializers.IntegerField()
+    other_tenants_memory_bytes = serializers.IntegerField()
+    memory_used_bytes = serializers.IntegerField(
+        help_text="every model's own bytes and each shared base once", **_OPT
+    )
+    started_at = serializers.FloatField(**_OPT)
+    device = serializers.CharField(**_OPT)
+    version = serializers.CharField(**_OPT)
+    rss_bytes = serializers.IntegerField(**_OPT)
+    state = serializers.CharField(**_OPT)
+
+
+class FleetSetSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField(**_OPT)
+    index = serializers.IntegerField(help_text="-1 for the long tail", **_OPT)
+    budget_bytes = serializers.IntegerField(**_OPT)
+    models = serializers.ListField(child=serializers.CharField(), **_OPT)
+    other_tenants_models = serializers.IntegerField(**_OPT)
+    replicas = FleetReplicaSerializer(many=True)
+
+
+class FleetPoolSerializer(serializers.Serializer[Any]):
+    kind = serializers.CharField()
+    capacity = serializers.DictField(**_OPT)
+    sets = FleetSetSerializer(many=True)
+    tail = FleetSetSerializer(**_NULL)
+
+
 class FleetApi(APIView):
     """The serving fleet as the fleet controller last published it (``published_at``,
     ``age_seconds``, ``controller``: whether one holds the lease): pools, replica sets,
-    replicas, the models on each with their memory, load time, cache hits/misses, request
-    counts and latency percentiles. Other tenants' models are counted, not named."""
+    replicas, the shared bases each holds (once, whoever's adapters use them) and the
+    models on each with their format, memory, load time, cache hits/misses, request counts
+    and latency percentiles. Other tenants' models are counted, not named."""
 
     @extend_schema(
         responses=inline_serializer(
             "Fleet",
             {
-                "pools": serializers.ListField(child=serializers.DictField()),
+                "pools": FleetPoolSerializer(many=True),
                 "published_at": serializers.DateTimeField(allow_null=True),
                 "age_seconds": serializers.FloatField(allow_null=True),
                 "controller": serializers.DictField(),

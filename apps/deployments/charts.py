@@ -9,11 +9,15 @@ The fleet status read here is ``ServingBackend.status()`` as ``fleet_status_for`
 it: see ``worker/serving/fleet.py`` (Ray) and ``worker/serving/sagemaker.py`` for the
 shapes. Pools have ``sets`` and a ``tail`` of ``replicas``, each listing its ``models``
 (entries with ``memory_bytes``, ``loaded``, ``load_ms``, ``hits``, ``misses``,
-``requests``, ``latency_ms_p50``/``p99``, ``error``; or, for SageMaker, model ids whose
-entries are the pool's ``models``); ``fleet_status_for`` adds the pool's ``capacity``, the
-owner of each model the user may see (``tenant``, ``model``, ``version``, ``deployments``)
-and, per replica, ``other_tenants_models`` / ``other_tenants_memory_bytes``. The shape is
-read defensively: any key may be missing, and a missing number shows as "—".
+``requests``, ``latency_ms_p50``/``p99``, ``error``, ``format``, ``base_sha256``; or, for
+SageMaker, model ids whose entries are the pool's ``models``) and, on Ray, the shared
+``bases`` it holds (``base_model``, ``sha256``, ``memory_bytes``, ``adapters``); a model's
+``memory_bytes`` is its own, an adapter's without its base. ``fleet_status_for`` adds the
+pool's ``capacity``, the owner of each model the user may see (``tenant``, ``model``,
+``version``, ``deployments``), each base's ``name`` and, per replica,
+``other_tenants_models`` / ``other_tenants_memory_bytes``. The shape is read defensively:
+any key may be missing (older replicas and SageMaker publish no ``bases``), and a missing
+number shows as "—".
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ BAR_HEIGHT = 16
 SMALL_BAR_WIDTH = 120
 SMALL_BAR_HEIGHT = 10
 OTHERS_FILL = "#9aa5b1"
+BASE_FILL = "#52606d"
 OVER_FILL = "#b42318"
 
 
@@ -76,7 +81,7 @@ class Segment:
     width: float
     fill: str
     title: str
-    name: str  # data-name: a model id, or "other-tenants"
+    name: str  # data-name: a model id, "base-<sha256>" or "other-tenants"
 
 
 @dataclass(frozen=True)
@@ -153,8 +158,10 @@ class FleetModel:
     name: str
     version: int | None
     deployments: list[DeploymentRef]
-    memory_bytes: int
+    memory_bytes: int  # its own: an adapter's without the shared base
     loaded: bool  # False: listed (a tail model asked for) but not in memory
+    adapter: bool
+    base_sha256: str  # an adapter's base; "" for a full model
     bar: MemoryBar
     fill: str
     load_ms: float | None
@@ -175,6 +182,11 @@ class FleetModel:
         return self.model_id
 
     @property
+    def segment_title(self) -> str:
+        kind = " (adapter)" if self.adapter else ""
+        return f"{self.label}{kind}: {size(self.memory_bytes)}"
+
+    @property
     def hit_ratio(self) -> float | None:
         if self.hits is None or self.misses is None or self.hits + self.misses == 0:
             return None
@@ -187,15 +199,44 @@ class FleetModel:
 
 
 @dataclass(frozen=True)
+class FleetBase:
+    """Shared weights a replica holds once for all its adapters, whoever's they are."""
+
+    name: str  # the weights' name ("all-MiniLM-L6-v2")
+    sha256: str
+    memory_bytes: int
+    adapters: int  # loaded on it, every tenant's
+    own_adapters: int  # of those, the ones the viewer sees
+
+    @property
+    def short_sha256(self) -> str:
+        return self.sha256[:12]
+
+    @property
+    def title(self) -> str:
+        count = f"{self.adapters} adapter{'' if self.adapters == 1 else 's'}"
+        return f"{self.name} (shared base) · {size(self.memory_bytes)} · {count}"
+
+
+@dataclass(frozen=True)
 class FleetReplica:
     replica_id: str
     state: str
     device: str
     started_at: datetime | None
     models: list[FleetModel]
+    bases: list[FleetBase]
     other_models: int
     other_bytes: int
     bar: MemoryBar
+
+    @property
+    def adapter_count(self) -> int:
+        return sum(b.adapters for b in self.bases)
+
+    @property
+    def own_adapter_count(self) -> int:
+        return sum(b.own_adapters for b in self.bases)
 
 
 @dataclass(frozen=True)
@@ -335,6 +376,8 @@ def _model(entry: Mapping[str, Any], budget: int | None, fill: str, warmups: War
         deployments=refs,
         memory_bytes=footprint,
         loaded=entry.get("loaded") is not False,
+        adapter=entry.get("format") == "adapter",
+        base_sha256=str(entry.get("base_sha256") or ""),
         bar=memory_bar([], budget),
         fill=fill,
         load_ms=number(entry.get("load_ms")),
@@ -373,13 +416,12 @@ def _replica(
     models.sort(key=lambda m: (-m.memory_bytes, m.label))
     other_bytes = _int(replica.get("other_tenants_memory_bytes"))
     other_models = _int(replica.get("other_tenants_models"))
-    # Only what is in memory counts against the budget (a tail replica also lists the
-    # models it was asked for and has not loaded).
-    parts = [
-        (m.model_id, f"{m.label}: {size(m.memory_bytes)}", m.memory_bytes, m.fill)
-        for m in models
-        if m.loaded
-    ]
+    bases = _bases(replica, models)
+    # Each shared base once, then what each model adds. Only what is in memory counts
+    # against the budget (a tail replica also lists the models it was asked for and has
+    # not loaded).
+    parts = [(f"base-{b.sha256}", b.title, b.memory_bytes, BASE_FILL) for b in bases]
+    parts += [(m.model_id, m.segment_title, m.memory_bytes, m.fill) for m in models if m.loaded]
     if other_bytes:
         title = f"other tenants' models ({other_models}): {size(other_bytes)}"
         parts.append(("other-tenants", title, other_bytes, OTHERS_FILL))
@@ -389,10 +431,30 @@ def _replica(
         device=str(replica.get("device") or ""),
         started_at=_time(replica.get("started_at")),
         models=models,
+        bases=bases,
         other_models=other_models,
         other_bytes=other_bytes,
         bar=memory_bar(parts, budget),
     )
+
+
+def _bases(replica: Mapping[str, Any], models: Sequence[FleetModel]) -> list[FleetBase]:
+    bases = []
+    for raw in map(_dict, _list(replica.get("bases"))):
+        sha256 = str(raw.get("sha256") or "")
+        if not sha256:
+            continue
+        own = sum(1 for m in models if m.loaded and m.adapter and m.base_sha256 == sha256)
+        bases.append(
+            FleetBase(
+                name=str(raw.get("name") or raw.get("base_model") or sha256[:12]),
+                sha256=sha256,
+                memory_bytes=_int(raw.get("memory_bytes")),
+                adapters=_int(raw.get("adapters")),
+                own_adapters=own,
+            )
+        )
+    return bases
 
 
 def fleet_view(status: Mapping[str, Any], warmups: Warmups | None = None) -> FleetView:

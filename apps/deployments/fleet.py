@@ -30,6 +30,7 @@ from apps.deployments.models import (
 )
 from apps.registry.models import RegisteredModel
 from apps.tenants.models import Tenant
+from worker import base_models
 from worker.serving.specs import Placement, ServingBackend
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,9 @@ def published_status() -> dict[str, Any]:
 
 def fleet_status_for(user: Any) -> dict[str, Any]:
     """The published fleet status, with other tenants' models hidden from a non-staff user
-    (they see that memory is used, not by whom)."""
+    (they see that memory is used, not by whom). Each replica lists the shared bases it
+    holds (``bases``, empty where it holds none or publishes none) and each model shown
+    its ``format`` and ``base_sha256``."""
     status = published_status()
     if not user.is_staff:
         status["controller"]["last_error"] = ""
@@ -163,6 +166,14 @@ def fleet_status_for(user: Any) -> dict[str, Any]:
                 "min_replicas": pool.min_replicas,
                 "max_replicas": pool.max_replicas,
             }
+        # SageMaker's replicas list model ids; the models' details are the pool's.
+        details = {
+            str(m.get("model_id")): m
+            for m in _list(pool_status.get("models"))
+            if isinstance(m, dict)
+        }
+        if "models" in pool_status and not see_all:
+            pool_status["models"] = [m for key, m in details.items() if key in visible]
         for group in [*pool_status.get("sets", []), pool_status.get("tail") or {}]:
             if "models" in group and not see_all:
                 ids = [m for m in group["models"] if str(m) in visible]
@@ -171,18 +182,50 @@ def fleet_status_for(user: Any) -> dict[str, Any]:
         for _, replica in replicas_of(pool_status):
             shown = []
             hidden_bytes = hidden = 0
-            for entry in model_entries(replica):
+            for listed in model_entries(replica):
+                entry = {**details.get(str(listed.get("model_id")), {}), **listed}
                 info = visible.get(str(entry.get("model_id")))
                 if info is None and not see_all:
                     if entry.get("loaded", True):  # the tail lists models asked for, too
                         hidden += 1
                         hidden_bytes += int(entry.get("memory_bytes") or 0)
                     continue
-                shown.append({**entry, **(info or {})})
+                # The registry's format and base where it knows the version (older
+                # replicas and SageMaker's, which list model ids, say nothing of them).
+                shown.append({"format": "full", "base_sha256": "", **entry, **(info or {})})
             replica["models"] = shown
             replica["other_tenants_models"] = hidden
             replica["other_tenants_memory_bytes"] = hidden_bytes
+            # A base is shared weights, not a tenant's: its name, bytes and how many
+            # adapters use it are shown to all; which adapters is shown through the models.
+            replica["bases"] = [_base_entry(raw) for raw in _list(replica.get("bases"))]
     return status
+
+
+def _base_entry(raw: Any) -> dict[str, Any]:
+    """A base a replica holds, with the shared weights' name from the catalogue. Only the
+    known keys pass, so nothing a replica adds later reaches other tenants unread."""
+    base = raw if isinstance(raw, dict) else {}
+    base_model = str(base.get("base_model") or "")
+    try:
+        name = base_models.get(base_model).base or base_model
+    except base_models.UnknownBaseModel:  # a base since taken out of the catalogue
+        name = base_model
+    return {
+        "base_model": base_model,
+        "name": name,
+        "sha256": str(base.get("sha256") or ""),
+        "memory_bytes": _count(base.get("memory_bytes")),
+        "adapters": _count(base.get("adapters")),
+    }
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _visible_models(user: Any) -> dict[str, dict[str, Any]]:
@@ -198,6 +241,8 @@ def _visible_models(user: Any) -> dict[str, dict[str, Any]]:
                 "tenant": dep.tenant.slug,
                 "model": dep.model_version.registered_model.name,
                 "version": dep.model_version.number,
+                "format": dep.model_version.format,
+                "base_sha256": dep.model_version.base_sha256,
                 "deployments": [],
             },
         )
