@@ -203,6 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "yes" if test_accuracy >= TARGET_ACCURACY else "NO",
             ],
             [
+                "test macro-F1 against the default promotion gate",
+                f"{test_f1:.4f}",
+                "—",
+                "—",
+                "≥ 0.7 (DEFAULT_GATES)",
+                "yes" if test_f1 >= 0.7 else "NO",
+            ],
+            [
                 f"training run wall time ({config.epochs} epochs, {result.train_rows} rows)",
                 f"{wall_s / 60:.1f} min",
                 "—",

@@ -36,6 +36,22 @@ def test_seed_demo_creates_a_usable_demo_tenant_and_is_idempotent(artifacts_dir)
     client = Client()
     assert client.login(username="scientist", password="workbench-demo")
     assert client.get("/api/v1/tenants/demo/datasets/").json()["count"] == 2
+    # The scientist's first run, naming nothing but the data, trains the adapter base with
+    # the defaults benchmarks/adapter_training.py measures on exactly this data (banking77
+    # full train -> its test set, the demo's golden set), which pass the default policy.
+    run = client.post(
+        "/api/v1/tenants/demo/runs/",
+        {"dataset_version": train.pk},
+        content_type="application/json",
+    )
+    assert run.status_code == 202, run.content
+    body = run.json()
+    assert body["base_model"] == "minilm-l6-lora"
+    assert {k: body["params"][k] for k in ("epochs", "batch_size", "lora_r")} == {
+        "epochs": 5,
+        "batch_size": 32,
+        "lora_r": 8,
+    }
 
 
 def test_worker_package_never_imports_django_or_apps():
