@@ -473,17 +473,18 @@ class SharedBase:
         batch = {
             k: v.to(self.device) for k, v in collate([ids for _, ids in chunk], self.pad_id).items()
         }
-        members = sorted({g for g, _ in chunk})
-        adapters = [groups[g][0] for g in members]
-        position = {g: i for i, g in enumerate(members)}
-        row_adapter = torch.tensor([position[g] for g, _ in chunk], device=self.device)
-        try:
-            self._select(adapters, row_adapter)
-            states = self.encoder(**batch)[0]
-        finally:
-            for layer in self.layers.values():
-                layer.rows, layer.shared = None, False
-        pooled = mean_pool(states, batch["attention_mask"]).float()
+        # One slot per distinct adapter: several requests of one tenant share theirs.
+        adapters: list[Adapter] = []
+        slots: dict[int, int] = {}  # id(adapter) -> its slot
+        row_slots = []
+        for g, _ in chunk:
+            adapter = groups[g][0]
+            slot = slots.setdefault(id(adapter), len(adapters))
+            if slot == len(adapters):
+                adapters.append(adapter)
+            row_slots.append(slot)
+        row_adapter = torch.tensor(row_slots, device=self.device)
+        pooled = self._pooled(adapters, row_adapter, batch)
         out: list[_Prediction | None] = [None] * len(chunk)
         for i, adapter in enumerate(adapters):
             picked = (row_adapter == i).nonzero(as_tuple=True)[0]
@@ -494,6 +495,32 @@ class SharedBase:
             ):
                 out[row] = _Prediction(label=adapter.labels[label], score=score)
         return [p for p in out if p is not None]
+
+    def probabilities(self, adapter: Adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One adapter's class probabilities for a collated batch (evaluation's timed pass)."""
+        if adapter.base_sha256 != self.sha256:
+            raise AdapterError(
+                f"adapter for base sha256 {adapter.base_sha256}; this base is {self.sha256}"
+            )
+        rows = batch["input_ids"].shape[0]
+        with self.lock:
+            pooled = self._pooled(
+                [adapter], torch.zeros(rows, dtype=torch.long, device=self.device), batch
+            )
+        logits = pooled @ adapter.head_weight.t() + adapter.head_bias
+        return torch.softmax(logits, dim=-1)
+
+    def _pooled(
+        self, adapters: list[Adapter], row_adapter: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The mean-pooled token states of a batch, each row through its adapter."""
+        try:
+            self._select(adapters, row_adapter)
+            states = self.encoder(**batch)[0]
+        finally:
+            for layer in self.layers.values():
+                layer.rows, layer.shared = None, False
+        return mean_pool(states, batch["attention_mask"]).float()
 
     def _select(self, adapters: list[Adapter], row_adapter: torch.Tensor) -> None:
         """Give each adapted layer the rows' factors for this pass: the adapter's own when
@@ -556,9 +583,25 @@ class AdapterModel:
         self.labels = adapter.labels
         self.weight_bytes = adapter.weight_bytes
 
+    @property
+    def device(self) -> str:
+        return self.base.device
+
     def predict(self, texts: list[str], *, batch_size: int = FORWARD_ROWS) -> list[_Prediction]:
         del batch_size  # the shared base batches FORWARD_ROWS rows at a time
         return self.base.predict([(self.adapter, texts)])[0]
+
+    def collate(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``texts`` as one padded batch on the device (what :meth:`probabilities` takes)."""
+        from worker.modeling import collate
+
+        ids = self.base.encode(texts, self.adapter.max_length)
+        return {k: v.to(self.device) for k, v in collate(ids, self.base.pad_id).items()}
+
+    @torch.inference_mode()
+    def probabilities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class probabilities (rows x labels) for a batch from :meth:`collate`."""
+        return self.base.probabilities(self.adapter, batch)
 
 
 def load_adapter_model(directory: Path, *, device: str) -> AdapterModel:

@@ -42,13 +42,14 @@ import gc
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
 
+from worker.adapters import AdapterModel
 from worker.footprint import _reset_peak_resident, _status_bytes
 from worker.inference import Classifier, load_classifier
 from worker.modeling import collate, encode
@@ -148,7 +149,7 @@ def sample_rows(data: DataSpec, n: int, seed: int) -> list[Example]:
 
 
 def evaluate_classifier(
-    classifier: Classifier,
+    classifier: Classifier | AdapterModel,
     examples: Sequence[Example],
     *,
     batch_size: int = 32,
@@ -202,7 +203,7 @@ def _check_arguments(*, batch_size: int, max_predictions: int) -> None:
 
 
 def _run(
-    classifier: Classifier, texts: list[str], batch_size: int
+    classifier: Classifier | AdapterModel, texts: list[str], batch_size: int
 ) -> tuple[list[str], list[float], list[float], int]:
     """Predicted labels, their probabilities, seconds per batch, and peak memory in bytes.
 
@@ -212,21 +213,32 @@ def _run(
     """
     device = classifier.device
     cuda = device.startswith("cuda")
-    batches = [
-        {
-            name: tensor.to(device)
-            for name, tensor in collate(
-                encode(
-                    classifier.tokenizer, texts[start : start + batch_size], classifier.max_length
-                ),
-                classifier.pad_token_id,
-            ).items()
-        }
-        for start in range(0, len(texts), batch_size)
-    ]
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    if isinstance(classifier, AdapterModel):
+        # The shared base's own encoding and pass, as a replica runs the adapter.
+        batches = [
+            classifier.collate(texts[start : start + batch_size])
+            for start in range(0, len(texts), batch_size)
+        ]
+        forward = classifier.probabilities
+    else:
+        batches = [
+            {
+                name: tensor.to(device)
+                for name, tensor in collate(
+                    encode(
+                        classifier.tokenizer,
+                        texts[start : start + batch_size],
+                        classifier.max_length,
+                    ),
+                    classifier.pad_token_id,
+                ).items()
+            }
+            for start in range(0, len(texts), batch_size)
+        ]
 
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.softmax(classifier.model(**batch).logits.float(), dim=-1)
+        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.softmax(classifier.model(**batch).logits.float(), dim=-1)
 
     predicted: list[str] = []
     scores: list[float] = []
@@ -259,8 +271,12 @@ def _run(
     if cuda:
         peak = int(torch.cuda.max_memory_allocated(device))
     else:
-        tensors = [*classifier.model.parameters(), *classifier.model.buffers()]
-        peak = sum(t.numel() * t.element_size() for t in tensors)
+        if isinstance(classifier, AdapterModel):
+            # The adapter ran on the base: both were resident.
+            peak = classifier.weight_bytes + classifier.base.weight_bytes
+        else:
+            tensors = [*classifier.model.parameters(), *classifier.model.buffers()]
+            peak = sum(t.numel() * t.element_size() for t in tensors)
         rss_after = _status_bytes("VmHWM" if peak_was_reset else "VmRSS")
         if rss_before is not None and rss_after is not None:
             peak += max(0, rss_after - rss_before)

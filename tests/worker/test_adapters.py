@@ -189,3 +189,27 @@ def test_lora_parameters_are_checked() -> None:
     assert "query" in errors["lora_target_modules"]
     full = tiny_config(lora_r=8).validate()
     assert "Only adapter base models" in full["lora_r"]
+
+
+def test_evaluation_of_an_adapter_predicts_as_serving_does(trained: TrainResult) -> None:
+    from worker.evaluation import evaluate
+    from worker.training.config import DataSpec
+
+    import csv
+
+    rows = trained.validation_predictions
+    data = trained.model_dir.parent / "golden.csv"
+    with data.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows([r["text"], r["label"]] for r in rows)
+    result = evaluate(
+        trained.model_dir,
+        DataSpec(path=data, text_column="text", label_column="label"),
+        device="cpu",
+        batch_size=4,
+    )
+    served = load_classifier(trained.model_dir, device="cpu").predict([r["text"] for r in rows])
+    assert [p["predicted"] for p in result.predictions] == [p["label"] for p in served]
+    assert result.accuracy == trained.metrics["val_accuracy"]
+    assert result.device == "cpu" and result.peak_memory_bytes > 80_000_000
