@@ -192,10 +192,10 @@ def test_lora_parameters_are_checked() -> None:
 
 
 def test_evaluation_of_an_adapter_predicts_as_serving_does(trained: TrainResult) -> None:
+    import csv
+
     from worker.evaluation import evaluate
     from worker.training.config import DataSpec
-
-    import csv
 
     rows = trained.validation_predictions
     data = trained.model_dir.parent / "golden.csv"
