@@ -17,6 +17,7 @@ from rest_framework.views import APIView
 
 from apps.deployments import fleet, selectors, services
 from apps.deployments.models import Deployment, Environment, FleetAlert, Warmup
+from apps.registry.models import ArtifactFormat
 from apps.tenants.auth import request_via
 from apps.tenants.models import Role
 from apps.tenants.scoping import TenantScopedMixin
@@ -264,7 +265,7 @@ FleetModelSerializer = inline_serializer(
     "FleetModel",
     {
         "model_id": serializers.CharField(help_text="the model version's id"),
-        "format": serializers.ChoiceField(choices=["full", "adapter"]),
+        "format": serializers.ChoiceField(choices=ArtifactFormat.choices),
         "base_sha256": serializers.CharField(help_text="an adapter's base; empty for a full model"),
         "memory_bytes": serializers.IntegerField(
             help_text="its own, without a shared base", **_NULL

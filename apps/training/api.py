@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 from apps.core.api import Pagination
 from apps.datasets.models import DatasetVersion
 from apps.datasets.selectors import versions_for_tenant
+from apps.registry.models import ArtifactFormat
 from apps.tenants.auth import request_via
 from apps.tenants.scoping import TenantScopedMixin
 from apps.training import selectors, services
@@ -32,7 +33,7 @@ class BaseModelSerializer(serializers.Serializer[Any]):
     name = serializers.CharField()
     kind = serializers.CharField()
     format = serializers.ChoiceField(
-        choices=["full", "adapter"],
+        choices=ArtifactFormat.choices,
         help_text="full: a version holds the whole model; adapter: only the tenant's adapter "
         "and head, on shared base weights every replica holds once",
     )
