@@ -4,10 +4,13 @@
     .venv/bin/python benchmarks/training_overhead.py --quick    # CI smoke: 770 rows
     .venv/bin/python benchmarks/training_overhead.py --profile  # + cProfile of the callbacks
 
-Both sides train the same model in this one process: the tiny BERT of
+Both sides train the same model in this one process: by default the tiny BERT of
 ``worker.base_models`` (WordPiece tokenizer trained on the run's rows by
-``worker.training.base.build``), the same seed, rows, batch size, max_length, AdamW
-(same lr, weight decay groups, multi-tensor), LR schedule and gradient clipping.
+``worker.training.base.build``); with ``--base-model minilm-l6-lora`` a LoRA adapter and
+head on the shared MiniLM with the base's defaults (the bare side steps the same peft
+model, frozen base left out of its optimizer as the project does); the same seed, rows,
+batch size, max_length, AdamW (same lr, weight decay groups, multi-tensor), LR schedule
+and gradient clipping.
 Interleaved A B A B:
 
 * A, the project: ``apps.training.runner.execute`` on a real run in a throwaway workbench
@@ -465,13 +468,18 @@ class BareTrainer:
         examples = read_examples(DataSpec(path=data, text_column="text", label_column="label"))
         train, _ = split_validation(examples, float(params["validation_split"]), self.seed)
         labels = sorted({e.label for e in train})
+        from worker import base_models
+
+        # An adapter run's LoRA shape, as the project resolved it into the run's params.
+        lora = {k: params[k] for k in base_models.LORA_PARAMS if params.get(k) is not None}
         self.model, tokenizer = base.build(
             BASE_MODEL,
             texts=[e.text for e in train],
             labels=labels,
             max_length=int(params["max_length"]),
+            lora=lora or None,
         )
-        self.model.to(self.device)  # type: ignore[arg-type]
+        self.model.to(self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.ids = encode(tokenizer, [e.text for e in train], int(params["max_length"]))
         label_ids = {label: i for i, label in enumerate(labels)}
@@ -480,6 +488,8 @@ class BareTrainer:
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []
         for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:  # an adapter's frozen base
+                continue
             (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
         fused = self.device == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -994,10 +1004,11 @@ def run(args: argparse.Namespace) -> int:
         from worker.training.config import TrainConfig
 
         # As the API resolves a run's params: the base model's learning rate, then defaults.
-        default_lr = getattr(base_models.get(BASE_MODEL), "default_learning_rate", None)
-        lr = {"learning_rate": default_lr} if default_lr else {}
-        params = TrainConfig(base_model=BASE_MODEL, **lr, **PARAM_OVERRIDES).to_dict()
+        # The base's defaults (its learning rate; an adapter's epochs, batch and LoRA shape).
+        defaults = base_models.get(BASE_MODEL).defaults()
+        params = TrainConfig(base_model=BASE_MODEL, **{**defaults, **PARAM_OVERRIDES}).to_dict()
         params.pop("base_model")
+        params = {k: v for k, v in params.items() if v is not None}
         version = bench.add_version("banking77-slice", data)
         warm_version = bench.add_version("banking77-warmup", warm)
 
@@ -1064,6 +1075,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 rows per label, 1 rep (CI)")
     parser.add_argument(
+        "--base-model",
+        default="tiny-bert",
+        help="the catalogue entry both sides train (default tiny-bert; minilm-l6-lora: a "
+        "LoRA adapter on the shared MiniLM, the bare side a plain loop over the same peft model)",
+    )
+    parser.add_argument(
         "--per-label", type=int, help="banking77 rows per label (default 120; 10 with --quick)"
     )
     parser.add_argument("--reps", type=int, help="A B repetitions (default 4; 1 with --quick)")
@@ -1091,6 +1108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_record_flags(parser)
     args = parser.parse_args(argv)
+    global BASE_MODEL
+    BASE_MODEL = args.base_model
     args.per_label = args.per_label or (10 if args.quick else 120)
     args.reps = args.reps or (1 if args.quick else 4)
     if args.lockstep_reps is None:
