@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from worker import base_models
+from worker.serving.specs import Output  # a label and its score, as every classifier answers
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -62,11 +63,6 @@ TOKENIZER_FILES = (
 
 class AdapterError(ValueError):
     """An adapter that cannot be used here: unreadable, malformed, or for another base."""
-
-
-class _Prediction(TypedDict):
-    label: str
-    score: float
 
 
 def is_adapter_dir(directory: Path) -> bool:
@@ -443,17 +439,14 @@ class SharedBase:
         return rows
 
     @torch.inference_mode()
-    def predict(self, groups: Sequence[tuple[Adapter, Sequence[str]]]) -> list[list[_Prediction]]:
+    def predict(self, groups: Sequence[tuple[Adapter, Sequence[str]]]) -> list[list[Output]]:
         """Each group's texts through its adapter; the rows of every group share each
         forward pass of the base (``FORWARD_ROWS`` rows at a time)."""
         rows: list[tuple[int, list[int]]] = []  # (group index, token ids)
         for index, (adapter, texts) in enumerate(groups):
-            if adapter.base_sha256 != self.sha256:
-                raise AdapterError(
-                    f"adapter for base sha256 {adapter.base_sha256}; this base is {self.sha256}"
-                )
+            self._check_holds(adapter)
             rows += [(index, ids) for ids in self.encode(texts, adapter.max_length)]
-        results: list[list[_Prediction]] = [[] for _ in groups]
+        results: list[list[Output]] = [[] for _ in groups]
         with self.lock:
             for start in range(0, len(rows), FORWARD_ROWS):
                 chunk = rows[start : start + FORWARD_ROWS]
@@ -467,7 +460,7 @@ class SharedBase:
         self,
         groups: Sequence[tuple[Adapter, Sequence[str]]],
         chunk: list[tuple[int, list[int]]],
-    ) -> list[_Prediction]:
+    ) -> list[Output]:
         from worker.modeling import collate
 
         batch = {
@@ -485,7 +478,7 @@ class SharedBase:
             row_slots.append(slot)
         row_adapter = torch.tensor(row_slots, device=self.device)
         pooled = self._pooled(adapters, row_adapter, batch)
-        out: list[_Prediction | None] = [None] * len(chunk)
+        out: list[Output | None] = [None] * len(chunk)
         for i, adapter in enumerate(adapters):
             picked = (row_adapter == i).nonzero(as_tuple=True)[0]
             logits = pooled[picked] @ adapter.head_weight.t() + adapter.head_bias
@@ -493,15 +486,12 @@ class SharedBase:
             for row, label, score in zip(
                 picked.tolist(), indices.tolist(), scores.tolist(), strict=True
             ):
-                out[row] = _Prediction(label=adapter.labels[label], score=score)
+                out[row] = Output(label=adapter.labels[label], score=score)
         return [p for p in out if p is not None]
 
     def probabilities(self, adapter: Adapter, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One adapter's class probabilities for a collated batch (evaluation's timed pass)."""
-        if adapter.base_sha256 != self.sha256:
-            raise AdapterError(
-                f"adapter for base sha256 {adapter.base_sha256}; this base is {self.sha256}"
-            )
+        self._check_holds(adapter)
         rows = batch["input_ids"].shape[0]
         with self.lock:
             pooled = self._pooled(
@@ -509,6 +499,12 @@ class SharedBase:
             )
         logits = pooled @ adapter.head_weight.t() + adapter.head_bias
         return torch.softmax(logits, dim=-1)
+
+    def _check_holds(self, adapter: Adapter) -> None:
+        if adapter.base_sha256 != self.sha256:
+            raise AdapterError(
+                f"adapter for base sha256 {adapter.base_sha256}; this base is {self.sha256}"
+            )
 
     def _pooled(
         self, adapters: list[Adapter], row_adapter: torch.Tensor, batch: dict[str, torch.Tensor]
@@ -587,7 +583,7 @@ class AdapterModel:
     def device(self) -> str:
         return self.base.device
 
-    def predict(self, texts: list[str], *, batch_size: int = FORWARD_ROWS) -> list[_Prediction]:
+    def predict(self, texts: list[str], *, batch_size: int = FORWARD_ROWS) -> list[Output]:
         del batch_size  # the shared base batches FORWARD_ROWS rows at a time
         return self.base.predict([(self.adapter, texts)])[0]
 
@@ -611,9 +607,9 @@ def load_adapter_model(directory: Path, *, device: str) -> AdapterModel:
 
 def predict_mixed(
     requests: Sequence[tuple[AdapterModel, Sequence[str]]],
-) -> list[list[_Prediction]]:
+) -> list[list[Output]]:
     """Requests of many adapters: one shared forward pass per base for all their rows."""
-    results: list[list[_Prediction]] = [[] for _ in requests]
+    results: list[list[Output]] = [[] for _ in requests]
     by_base: dict[int, list[int]] = {}
     for position, (model, _) in enumerate(requests):
         by_base.setdefault(id(model.base), []).append(position)
@@ -708,7 +704,7 @@ def predict(texts):
 """
 
 
-def load_export(directory: Path) -> Callable[[list[str]], list[_Prediction]]:
+def load_export(directory: Path) -> Callable[[list[str]], list[Output]]:
     """The README's recipe, as a function (what the export's round-trip test runs)."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -720,7 +716,7 @@ def load_export(directory: Path) -> Callable[[list[str]], list[_Prediction]]:
     max_length = int(config["max_length"])
 
     @torch.no_grad()
-    def predict(texts: list[str]) -> list[_Prediction]:
+    def predict(texts: list[str]) -> list[Output]:
         batch = tokenizer(
             texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
@@ -729,7 +725,7 @@ def load_export(directory: Path) -> Callable[[list[str]], list[_Prediction]]:
         probs = F.softmax(pooled @ head["weight"].t() + head["bias"], dim=-1)
         scores, ids = probs.max(dim=-1)
         return [
-            _Prediction(label=labels[i], score=s)
+            Output(label=labels[i], score=s)
             for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
         ]
 

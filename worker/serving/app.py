@@ -289,7 +289,7 @@ class ModelReplica:
                 [(items[p][0], items[p][1]) for p in on_bases]  # type: ignore[misc]
             )
             for p, outputs in zip(on_bases, mixed, strict=True):
-                results[p] = [Output(label=o["label"], score=o["score"]) for o in outputs]
+                results[p] = outputs
         for positions in groups.values():
             classifier = items[positions[0]][0]
             texts = [text for p in positions for text in items[p][1]]

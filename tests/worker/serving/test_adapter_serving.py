@@ -6,8 +6,6 @@ and the replica's statistics showing the base and its adapters."""
 from __future__ import annotations
 
 import concurrent.futures
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,17 +44,6 @@ def adapter_spec(packed: PackedModel, model_id: str) -> ModelSpec:
         base_sha256=base_models.minilm_sha256(),
         base_memory_bytes=adapters.base_memory_bytes("minilm-l6-lora"),
     )
-
-
-@pytest.fixture(scope="module")
-def fleet(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayFleet]:
-    fleet = RayFleet(
-        address=ray_address,
-        namespace=f"test-{uuid.uuid4().hex[:6]}",
-        local_dir=tmp_path_factory.mktemp("fleet"),
-    )
-    yield fleet
-    fleet.shutdown_pool(KIND)
 
 
 def test_one_replica_holds_the_base_once_and_serves_every_tenant_as_alone(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,6 @@ TEXTS = [
 KIND = "classifier"
 # Two pinned models per set (budget 25 MB, 10 MB each), so three pinned models need two sets.
 POOL = PoolSpec(kind=KIND, replica_memory_bytes=25_000_000, max_sets=2, max_replicas=1)
-
-
-@pytest.fixture(scope="module")
-def fleet(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayFleet]:
-    fleet = RayFleet(
-        address=ray_address,
-        namespace=f"test-{uuid.uuid4().hex[:6]}",
-        local_dir=tmp_path_factory.mktemp("fleet"),
-    )
-    yield fleet
-    fleet.shutdown_pool(KIND)
 
 
 def specs_for(models: list[PackedModel]) -> list[ModelSpec]:
