@@ -25,6 +25,8 @@ def writer_role(kind: str) -> Role:
 
 class Task(models.TextChoices):
     TEXT_CLASSIFICATION = "text-classification", "Text classification"
+    # Pairs (query, document id) with the knowledge base the ids point into.
+    RETRIEVAL = "retrieval", "Retrieval"
 
 
 class Dataset(models.Model):
@@ -67,7 +69,13 @@ class Dataset(models.Model):
 
 class DatasetVersion(models.Model):
     """One uploaded file, frozen: its bytes live in the artifact store under ``storage_key``
-    and never change; ``sha256`` is of exactly those bytes."""
+    and never change; ``sha256`` is of exactly those bytes.
+
+    A retrieval version is two files: the pairs (``storage_key``..., ``text_column`` names
+    the query column and ``label_column`` the document-id column) and the knowledge base
+    (``documents_*``: ids, texts, optional titles). A classification version's
+    ``documents_*`` are empty. A version's content is the pair of hashes: the same pairs
+    with another knowledge base is another version."""
 
     class Format(models.TextChoices):
         CSV = "csv", "CSV"
@@ -89,6 +97,22 @@ class DatasetVersion(models.Model):
     duplicate_texts = models.PositiveIntegerField(help_text="rows whose text appeared earlier")
     preview = models.JSONField(help_text="the first rows, as {text, label}")
     original_filename = models.CharField(max_length=255, blank=True)
+    documents_storage_key = models.CharField(max_length=300, blank=True, default="", editable=False)
+    documents_format = models.CharField(
+        max_length=8, choices=Format.choices, blank=True, default=""
+    )
+    documents_sha256 = models.CharField(max_length=64, blank=True, default="")
+    documents_size_bytes = models.BigIntegerField(default=0)
+    documents_original_filename = models.CharField(max_length=255, blank=True, default="")
+    documents_count = models.PositiveIntegerField(default=0)
+    documents_preview = models.JSONField(
+        default=list, blank=True, help_text="the first documents, as {id, title, text}"
+    )
+    profile = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="retrieval: {pairs, distinct_queries, documents, unreferenced_documents}",
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -98,7 +122,10 @@ class DatasetVersion(models.Model):
         ordering = ["dataset", "-number"]
         constraints = [
             models.UniqueConstraint(fields=["dataset", "number"], name="version_number_unique"),
-            models.UniqueConstraint(fields=["dataset", "sha256"], name="version_content_unique"),
+            # documents_sha256 is "" for classification: one version per file, as always.
+            models.UniqueConstraint(
+                fields=["dataset", "sha256", "documents_sha256"], name="version_content_unique"
+            ),
         ]
 
     def __str__(self) -> str:
