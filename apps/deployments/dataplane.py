@@ -20,14 +20,15 @@ import hashlib
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 
 from apps.core.errors import ServiceUnavailable
 from apps.deployments.models import ServingPool
-from worker.serving.fastpath import Endpoint, FastClient, FastPathUnavailable
-from worker.serving.routing import ModelNotHere, tail_deployment
+from worker.serving.fastpath import BadRequest, Endpoint, FastClient, FastPathUnavailable
+from worker.serving.routing import IndexNotHere, ModelNotHere, tail_deployment
 from worker.serving.specs import ModelLoadError, PredictResult
 
 # How long a replica socket that could not be reached is skipped.
@@ -67,6 +68,51 @@ class RoutedFleet:
     def predict(self, kind: str, model_id: str, texts: list[str]) -> PredictResult:
         """Raises ModelLoadError (the replica cannot load it), FleetUnavailable."""
         started = time.perf_counter()
+        reply, endpoint = self._send(
+            kind,
+            model_id,
+            lambda endpoint: self._client.call(
+                endpoint, model_id, texts, timeout_s=settings.PREDICT_TIMEOUT_SECONDS
+            ),
+        )
+        return PredictResult(
+            outputs=reply["outputs"],
+            latency_ms=(time.perf_counter() - started) * 1000,
+            replica_id=str(reply.get("replica_id", endpoint.replica_id)),
+        )
+
+    def embed(self, kind: str, model_id: str, texts: list[str], role: str) -> dict[str, Any]:
+        """An embedding model's vectors (``{"embeddings", "dim", "replica_id",
+        "latency_ms"}``); raises as :meth:`predict`, BadRequest."""
+        return self._operate(
+            kind, model_id, {"op": "embed", "model_id": model_id, "texts": texts, "role": role}
+        )
+
+    def search(
+        self, kind: str, model_id: str, query: str, k: int, *, index: str = ""
+    ) -> dict[str, Any]:
+        """The best ``k`` documents of the model's index (``{"results", "index",
+        "replica_id", "latency_ms"}``); raises as :meth:`predict`, IndexNotHere."""
+        message = {"op": "search", "model_id": model_id, "query": query, "k": k, "index": index}
+        return self._operate(kind, model_id, message)
+
+    def _operate(self, kind: str, model_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        reply, endpoint = self._send(
+            kind,
+            model_id,
+            lambda endpoint: self._client.request(
+                endpoint, message, timeout_s=settings.PREDICT_TIMEOUT_SECONDS
+            ),
+        )
+        reply.setdefault("replica_id", endpoint.replica_id)
+        reply["latency_ms"] = (time.perf_counter() - started) * 1000
+        return reply
+
+    def _send(
+        self, kind: str, model_id: str, call: Callable[[Endpoint], dict[str, Any]]
+    ) -> tuple[dict[str, Any], Endpoint]:
+        """``call`` on a replica of the model, by the routing table (see :meth:`predict`)."""
         deadline = time.monotonic() + settings.PREDICT_CONNECT_TIMEOUT_SECONDS
         why = "the fleet has published no route to it yet"
         for attempt in range(2):
@@ -93,9 +139,7 @@ class RoutedFleet:
                 if tried and time.monotonic() > deadline:
                     break
                 try:
-                    reply = self._client.call(
-                        endpoint, model_id, texts, timeout_s=settings.PREDICT_TIMEOUT_SECONDS
-                    )
+                    reply = call(endpoint)
                 except FastPathUnavailable as error:
                     self._unreachable[endpoint] = time.monotonic()
                     why = f"replica {endpoint.replica_id} did not answer ({error})"
@@ -103,16 +147,12 @@ class RoutedFleet:
                 except ModelNotHere:
                     why = "the model moved"
                     break
-                except ModelLoadError:
+                except (ModelLoadError, IndexNotHere, BadRequest):
                     raise
                 except Exception as error:  # the replica failed the request
                     why = f"replica {endpoint.replica_id} failed: {error}"
                     continue
-                return PredictResult(
-                    outputs=reply["outputs"],
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    replica_id=str(reply.get("replica_id", endpoint.replica_id)),
-                )
+                return reply, endpoint
         raise FleetUnavailable(f"The model is temporarily unavailable: {why}.")
 
     def _endpoints(

@@ -42,8 +42,9 @@ from worker import adapters
 from worker.serving import ray_private
 from worker.serving.autoscaling import FAST_ONGOING
 from worker.serving.cache import FrequencyCache
+from worker.serving.embedding import EmbeddingModel, read_index
 from worker.serving.fastpath import FastServer
-from worker.serving.loading import Served, default_device, load_model
+from worker.serving.loading import Served, default_device, fetch_bytes, load_model
 from worker.serving.routing import (
     STATS_PUSH_INTERVAL_S,
     ModelEntry,
@@ -71,6 +72,9 @@ class ModelState:
     memory_bytes: int = 0  # of the loaded weights
     load_ms: float | None = None
     error: str | None = None
+    # An embedding model's staged index that failed to load (its served index failing is
+    # the model's ``error``).
+    index_error: str | None = None
     hits: int = 0
     misses: int = 0
     requests: int = 0
@@ -80,7 +84,7 @@ class ModelState:
 
     def report(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ms)
-        return {
+        report: dict[str, Any] = {
             "model_id": self.entry["model_id"],
             "sha256": self.entry["sha256"],
             "pinned": self.entry["pinned"],
@@ -98,6 +102,18 @@ class ModelState:
             "latency_ms_p99": _percentile(ordered, 0.99),
             "error": self.error,
         }
+        model = self.classifier
+        if isinstance(model, EmbeddingModel):
+            report.update(index=model.current, indexes=sorted(model.indexes))
+        if self.entry.get("index_sha256") or isinstance(model, EmbeddingModel):
+            report.setdefault("index", "")
+            report.setdefault("indexes", [])
+            report["index_error"] = self.index_error
+        return report
+
+
+def _indexes_of(entry: ModelEntry) -> tuple[str, str]:
+    return entry.get("index_sha256", ""), entry.get("staged_index_sha256", "")
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:
@@ -135,7 +151,11 @@ class ModelReplica:
         self.applied_version = ""
         self.cache: FrequencyCache | None = None
         self._pusher: asyncio.Task[None] | None = None
-        self.fast = FastServer(self.predict, replica_id=self.replica_id)
+        self.fast = FastServer(
+            self.predict,
+            replica_id=self.replica_id,
+            ops={"embed": self._embed_frame, "search": self._search_frame},
+        )
 
     # --- configuration ---------------------------------------------------------------
 
@@ -152,6 +172,12 @@ class ModelReplica:
                 del self.models[model_id]
                 if self.cache is not None:
                     self.cache.remove(model_id)
+            elif _indexes_of(kept) != _indexes_of(state.entry):
+                # A reindex (staged, or made the served one): the model stays loaded.
+                state.entry = kept
+                if isinstance(state.classifier, EmbeddingModel):
+                    self._sync_indexes(state, state.classifier)
+                    state.memory_bytes = state.classifier.weight_bytes
         new = [model_id for model_id in wanted if model_id not in self.models]
         for model_id in new:
             self.models[model_id] = ModelState(entry=wanted[model_id])
@@ -198,9 +224,44 @@ class ModelReplica:
             state.error = str(error)
             logger.warning("model %s failed to load: %s", entry["model_id"], error)
             return None
+        if isinstance(loaded.classifier, EmbeddingModel):
+            self._sync_indexes(state, loaded.classifier)
+            if state.error is not None:
+                return None
         state.error = None
         state.load_ms = loaded.load_ms
         return loaded.classifier
+
+    def _sync_indexes(self, state: ModelState, model: EmbeddingModel) -> None:
+        """Hold exactly the indexes the entry names (the served one and a staged one),
+        each read once and checked by sha256; the served one becomes ``current``. The
+        served index failing fails the model (``error``); a staged one, ``index_error``."""
+        entry = state.entry
+        served = entry.get("index_sha256", "")
+        wanted = {
+            sha: uri
+            for sha, uri in (
+                (served, entry.get("index_uri", "")),
+                (entry.get("staged_index_sha256", ""), entry.get("staged_index_uri", "")),
+            )
+            if sha
+        }
+        state.index_error = None
+        for sha, uri in wanted.items():
+            if sha in model.indexes:
+                continue
+            try:
+                model.indexes[sha] = read_index(fetch_bytes(uri), sha)
+            except ModelLoadError as error:
+                logger.warning("index %s of %s failed to load: %s", sha, entry["model_id"], error)
+                if sha == served:
+                    state.error = f"index: {error}"
+                else:
+                    state.index_error = str(error)
+        for sha in list(model.indexes):
+            if sha not in wanted:
+                del model.indexes[sha]
+        model.current = served if served in model.indexes else ""
 
     @staticmethod
     def _hold(state: ModelState, classifier: Served) -> None:
@@ -236,6 +297,8 @@ class ModelReplica:
             if self.role == "tail":
                 await self._register_routing(model_id)
             classifier = await self._classifier(state)
+            if isinstance(classifier, EmbeddingModel):
+                raise ValueError("an embedding model answers embed and search, not predict")
             outputs = await self._batched((classifier, texts))
         except BaseException:
             state.errors += 1
@@ -243,6 +306,57 @@ class ModelReplica:
         state.requests += 1
         state.latencies_ms.append((time.perf_counter() - started) * 1000)
         return {"outputs": outputs, "replica_id": self.replica_id}
+
+    async def embed(self, model_id: str, texts: list[str], role: str) -> dict[str, Any]:
+        """Embeddings of ``texts`` by the query or the document encoder (float32 values)."""
+
+        def run(model: EmbeddingModel) -> dict[str, Any]:
+            vectors = model.embed(texts, role)
+            return {"embeddings": vectors.tolist(), "dim": model.dim}
+
+        return await self._embedding_call(model_id, run)
+
+    async def search(self, model_id: str, query: str, k: int, index: str = "") -> dict[str, Any]:
+        """The ``k`` best documents for ``query`` in the model's index (or the staged one
+        named by ``index``, which the warm-up verifies before it serves)."""
+
+        def run(model: EmbeddingModel) -> dict[str, Any]:
+            results = model.search(query, k, index)
+            return {"results": results, "index": index or model.current}
+
+        return await self._embedding_call(model_id, run)
+
+    async def _embed_frame(self, message: dict[str, Any]) -> dict[str, Any]:
+        texts = message.get("texts")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("expected texts (list of str)")
+        return await self.embed(message["model_id"], texts, str(message.get("role", "query")))
+
+    async def _search_frame(self, message: dict[str, Any]) -> dict[str, Any]:
+        query, k = message.get("query"), message.get("k", 5)
+        if not isinstance(query, str) or not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError("expected query (str), k (int)")
+        return await self.search(message["model_id"], query, k, str(message.get("index") or ""))
+
+    async def _embedding_call(self, model_id: str, run: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        state = self.models.get(model_id)
+        if state is None:
+            raise ModelNotHere(f"model {model_id} is not on {self.app}/{self.deployment}")
+        try:
+            if self.role == "tail":
+                await self._register_routing(model_id)
+            model = await self._classifier(state)
+            if not isinstance(model, EmbeddingModel):
+                raise ValueError(f"model {model_id} is not an embedding model")
+            reply: dict[str, Any] = run(model)
+        except BaseException:
+            state.errors += 1
+            raise
+        state.requests += 1
+        state.latencies_ms.append((time.perf_counter() - started) * 1000)
+        reply["replica_id"] = self.replica_id
+        return reply
 
     async def _classifier(self, state: ModelState) -> Served:
         model_id = state.entry["model_id"]
@@ -293,7 +407,7 @@ class ModelReplica:
         for positions in groups.values():
             classifier = items[positions[0]][0]
             texts = [text for p in positions for text in items[p][1]]
-            outputs = classifier.predict(texts)
+            outputs = classifier.predict(texts)  # type: ignore[union-attr]
             start = 0
             for p in positions:
                 count = len(items[p][1])
@@ -368,8 +482,11 @@ class ModelReplica:
         held: dict[str, tuple[adapters.SharedBase, int]] = {}
         for state in self.models.values():
             model = state.classifier
-            if isinstance(model, adapters.AdapterModel):
-                base, count = held.get(model.base.sha256, (model.base, 0))
+            shared = model.base if isinstance(model, adapters.AdapterModel) else None
+            if isinstance(model, EmbeddingModel):
+                shared = getattr(model.embedder, "base", None)
+            if isinstance(shared, adapters.SharedBase):
+                base, count = held.get(shared.sha256, (shared, 0))
                 held[base.sha256] = (base, count + 1)
         return [
             {

@@ -17,6 +17,14 @@ secret); then, one at a time, ``{"model_id": ..., "texts": [...]}`` answered
 code ``not_here`` (:class:`~worker.serving.routing.ModelNotHere`), ``load_error``
 (:class:`~worker.serving.specs.ModelLoadError`), ``bad_request`` or ``internal``.
 
+A frame with an ``op`` is another request than a classifier's predict (a predict frame has
+none, exactly as before): ``{"op": "embed", "model_id", "texts", "role"}`` answered
+``{"embeddings": [[...]], "dim", "replica_id"}``, and ``{"op": "search", "model_id",
+"query", "k", "index"}`` (``index``: an index sha256, "" for the one the model serves)
+answered ``{"results": [{"document_id", "title", "score"}], "index", "replica_id"}``; the
+same error frames, plus ``index_not_here``
+(:class:`~worker.serving.routing.IndexNotHere`). An unknown op is a ``bad_request``.
+
 Serve does not see these requests, so the replica reports them to Serve's autoscaler
 itself (``record_autoscaling_stats``, see :mod:`worker.serving.autoscaling`). Anything
 that goes wrong with the socket (a replica gone, a port unreachable from this host) makes
@@ -34,11 +42,11 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.serving.routing import ModelNotHere
+from worker.serving.routing import IndexNotHere, ModelNotHere
 from worker.serving.specs import ModelLoadError
 
 _LENGTH = struct.Struct(">I")
@@ -63,6 +71,10 @@ class FastPathUnavailable(ConnectionError):
 class ReplicaError(RuntimeError):
     """The replica failed the request for a reason other than a missing or unloadable
     model (the message says which)."""
+
+
+class BadRequest(ReplicaError, ValueError):
+    """The replica refused the request as malformed (``bad_request``)."""
 
 
 @dataclass(frozen=True)
@@ -112,13 +124,22 @@ def _checked_length(header: bytes, limit: int = MAX_FRAME_BYTES) -> int:
 # --- replica side -----------------------------------------------------------------------
 
 Predict = Callable[[str, list[str]], Awaitable[dict[str, Any]]]
+# A request with an ``op``: the whole frame in, the reply out.
+Operation = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class FastServer:
     """The socket a replica serves predicts on (runs on the replica's event loop)."""
 
-    def __init__(self, predict: Predict, *, replica_id: str) -> None:
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        replica_id: str,
+        ops: Mapping[str, Operation] | None = None,
+    ) -> None:
         self.predict = predict
+        self.ops = dict(ops or {})
         self.replica_id = replica_id
         self.secret = os.urandom(24).hex()
         self.ongoing = 0  # requests being worked on: the replica's load for autoscaling
@@ -169,6 +190,9 @@ class FastServer:
             writer.close()
 
     async def _answer(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message.get("op")
+        if op is not None:
+            return await self._operation(op, message)
         model_id, texts = message.get("model_id"), message.get("texts")
         if (
             not isinstance(model_id, str)
@@ -185,6 +209,23 @@ class FastServer:
             return {"error": "not_here", "message": str(error)}
         except ModelLoadError as error:
             return {"error": "load_error", "message": str(error)}
+        except Exception as error:
+            return {"error": "internal", "message": f"{type(error).__name__}: {error}"}
+
+    async def _operation(self, op: object, message: dict[str, Any]) -> dict[str, Any]:
+        handler = self.ops.get(op) if isinstance(op, str) else None
+        if handler is None or not isinstance(message.get("model_id"), str):
+            return {"error": "bad_request", "message": f"unknown op {op!r} or no model_id"}
+        try:
+            return await handler(message)
+        except ModelNotHere as error:
+            return {"error": "not_here", "message": str(error)}
+        except IndexNotHere as error:
+            return {"error": "index_not_here", "message": str(error)}
+        except ModelLoadError as error:
+            return {"error": "load_error", "message": str(error)}
+        except (ValueError, TypeError) as error:
+            return {"error": "bad_request", "message": str(error)}
         except Exception as error:
             return {"error": "internal", "message": f"{type(error).__name__}: {error}"}
 
@@ -220,10 +261,17 @@ class FastClient:
     ) -> dict[str, Any]:
         """The replica's reply to one predict; raises ModelNotHere, ModelLoadError,
         ReplicaError, or FastPathUnavailable when the socket could not carry it."""
+        return self.request(endpoint, {"model_id": model_id, "texts": texts}, timeout_s=timeout_s)
+
+    def request(
+        self, endpoint: Endpoint, message: dict[str, Any], *, timeout_s: float
+    ) -> dict[str, Any]:
+        """The replica's reply to one frame (a predict, or an ``op``); raises as
+        :meth:`call` does, and IndexNotHere."""
         sock = self._take(endpoint)
         try:
             sock.settimeout(timeout_s)
-            sock.sendall(encode({"model_id": model_id, "texts": texts}))
+            sock.sendall(encode(message))
             reply = _receive(sock)
         except (OSError, FrameError) as error:
             sock.close()
@@ -232,12 +280,16 @@ class FastClient:
         code = reply.get("error")
         if code is None:
             return reply
-        message = str(reply.get("message", ""))
+        said = str(reply.get("message", ""))
         if code == "not_here":
-            raise ModelNotHere(message)
+            raise ModelNotHere(said)
         if code == "load_error":
-            raise ModelLoadError(message)
-        raise ReplicaError(f"{code}: {message}")
+            raise ModelLoadError(said)
+        if code == "index_not_here":
+            raise IndexNotHere(said)
+        if code == "bad_request":
+            raise BadRequest(f"{code}: {said}")
+        raise ReplicaError(f"{code}: {said}")
 
     def forget(self, endpoint: Endpoint) -> None:
         with self._lock:

@@ -100,6 +100,7 @@ from worker.serving.routing import (
     Route,
     app_name,
     replica_config,
+    route_of,
     set_deployment,
     tail_deployment,
 )
@@ -117,6 +118,7 @@ SERVING_SOURCES = (
     "app.py",
     "autoscaling.py",
     "cache.py",
+    "embedding.py",
     "fastpath.py",
     "loading.py",
     "ray_private.py",
@@ -226,11 +228,11 @@ class RayFleet(RayStatus):
             self._routes.pop(kind, None)
             return
         routes: dict[str, Route] = {
-            spec.model_id: Route(
-                deployment=set_deployment(kind, assignment[spec.model_id])
+            spec.model_id: route_of(
+                spec,
+                set_deployment(kind, assignment[spec.model_id])
                 if spec.pinned
                 else tail_deployment(kind),
-                sha256=spec.sha256,
             )
             for spec in models
         }

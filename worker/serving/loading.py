@@ -18,7 +18,9 @@ resolution, module construction, weight init, file I/O); this path avoids all of
 Predictions equal :class:`worker.inference.Classifier`'s for the same model directory (the
 tests check it). An adapter artifact (``adapter.json``, see :mod:`worker.adapters`) becomes
 an :class:`~worker.adapters.AdapterModel` on the process's one copy of its base: reading
-the adapter's few hundred kilobytes is the whole load. Nothing here imports Django.
+the adapter's few hundred kilobytes is the whole load. An embedding artifact
+(``embedder.json``, see :mod:`worker.embeddings`) becomes a
+:class:`~worker.serving.embedding.EmbeddingModel` on that same base. Nothing here imports Django.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tokenizers import Tokenizer
 
 from worker import adapters, base_models
 from worker.modeling import LABELS_FILE, collate
+from worker.serving.embedding import EmbeddingModel
 from worker.serving.specs import ModelLoadError, Output
 
 # An artifact bigger than this is refused before it is read whole into memory.
@@ -177,8 +180,11 @@ class FastClassifier:
         return outputs
 
 
-# What a replica serves: a whole tenant model, or a tenant's adapter on a shared base.
-Served = FastClassifier | adapters.AdapterModel
+# What a replica serves: a whole tenant model, a tenant's adapter on a shared base, or a
+# tenant's embedding model (encoders on the shared base, and its indexes).
+Served = FastClassifier | adapters.AdapterModel | EmbeddingModel
+# An embedding model's artifact (see worker.embeddings): its config and one or two encoders.
+EMBEDDER_MEMBERS = ("embedder.json", "query.safetensors", "document.safetensors")
 
 
 @dataclass
@@ -209,8 +215,12 @@ def build_classifier(data: bytes, *, device: str) -> Served:
     """The classifier in the (already verified) tar ``data``: a full model, or an adapter
     on this process's shared base (refused when this host's base has another sha256)."""
     members = read_members(
-        data, (), (*REQUIRED_MEMBERS, *OPTIONAL_MEMBERS, *adapters.ADAPTER_MEMBERS)
+        data,
+        (),
+        (*REQUIRED_MEMBERS, *OPTIONAL_MEMBERS, *adapters.ADAPTER_MEMBERS, *EMBEDDER_MEMBERS),
     )
+    if EMBEDDER_MEMBERS[0] in members:
+        return _build_embedder(members, device)
     if adapters.ADAPTER_CONFIG in members:
         return _build_adapter(members, device)
     missing = [name for name in REQUIRED_MEMBERS if name not in members]
@@ -257,6 +267,19 @@ def _build_adapter(members: dict[str, bytes], device: str) -> adapters.AdapterMo
         )
     except (adapters.AdapterError, base_models.BaseModelUnavailable) as error:
         raise ModelLoadError(str(error)) from error
+
+
+def _build_embedder(members: dict[str, bytes], device: str) -> EmbeddingModel:
+    """An embedding model on this process's shared base (its indexes come separately)."""
+    from worker.embeddings import load_embedder_files
+
+    try:
+        embedder = load_embedder_files(
+            {k: v for k, v in members.items() if k in EMBEDDER_MEMBERS}, device=device
+        )
+    except (adapters.AdapterError, base_models.BaseModelUnavailable, ValueError) as error:
+        raise ModelLoadError(str(error)) from error
+    return EmbeddingModel(embedder, weight_bytes=int(embedder.weight_bytes))
 
 
 _templates: dict[tuple[str, str], torch.nn.Module] = {}

@@ -63,6 +63,59 @@ class RayRouting(RayConnection):
             )
         raise KeyError(f"model {model_id} is not in the {kind} pool")
 
+    def embed(self, kind: str, model_id: str, texts: list[str], role: str) -> dict[str, Any]:
+        """An embedding model's vectors for ``texts`` (``role`` "query" or "document"):
+        ``{"embeddings", "dim", "replica_id", "latency_ms"}``."""
+        message = {"op": "embed", "model_id": model_id, "texts": texts, "role": role}
+        return self._operate(kind, model_id, message)
+
+    def search(
+        self, kind: str, model_id: str, query: str, k: int, *, index: str = ""
+    ) -> dict[str, Any]:
+        """The ``k`` best documents of the model's index (or of the staged ``index``):
+        ``{"results": [{"document_id", "title", "score"}], "index", "replica_id",
+        "latency_ms"}``; IndexNotHere when a replica does not hold ``index``."""
+        message = {"op": "search", "model_id": model_id, "query": query, "k": k, "index": index}
+        return self._operate(kind, model_id, message)
+
+    def _operate(self, kind: str, model_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        if not self._connect(start=False):
+            raise KeyError(f"model {model_id} is not in the {kind} pool (no fleet running)")
+        for attempt in range(3):
+            route = self._route(kind, model_id, refresh=attempt > 0)
+            try:
+                reply: dict[str, Any] = self._call_op(kind, route["deployment"], model_id, message)
+            except ModelNotHere:
+                continue
+            reply["latency_ms"] = (time.perf_counter() - started) * 1000
+            return reply
+        raise KeyError(f"model {model_id} is not in the {kind} pool")
+
+    def _call_op(
+        self, kind: str, deployment: str, model_id: str, message: dict[str, Any]
+    ) -> dict[str, Any]:
+        """An ``op`` request: the replica's socket, else Serve's handle (its methods)."""
+        if self.direct:
+            replica = self._direct_replica(kind, deployment, model_id)
+            endpoint = replica.endpoint if replica is not None else None
+            if endpoint is not None and self._fast_usable(endpoint):
+                try:
+                    return self._fast.request(endpoint, message, timeout_s=PREDICT_TIMEOUT_S)
+                except FastPathUnavailable as error:
+                    logger.info("replica socket unusable, using Serve: %s", error)
+                    self._fast.forget(endpoint)
+                    self._fast_failed[endpoint] = time.monotonic()
+        handle = self._handle(kind, deployment, model_id)
+        if message["op"] == "embed":
+            call = handle.embed.remote(model_id, message["texts"], message["role"])
+        else:
+            call = handle.search.remote(
+                model_id, message["query"], message["k"], message.get("index", "")
+            )
+        result: dict[str, Any] = call.result(timeout_s=PREDICT_TIMEOUT_S)
+        return result
+
     def _call(self, kind: str, deployment: str, model_id: str, texts: list[str]) -> Any:
         """One predict call: straight to a replica when ``direct`` (its socket, else a Ray
         actor call; see the module docstring), through the deployment's handle otherwise or

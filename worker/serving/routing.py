@@ -10,9 +10,9 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict, cast
 
-from worker.serving.specs import ModelSpec, PoolSpec
+from worker.serving.specs import INDEX_FIELDS, ModelSpec, PoolSpec
 
 # Serve's own namespace: its replica actors are named there (see :func:`replica_actor_prefix`).
 SERVE_NAMESPACE = "serve"
@@ -27,6 +27,11 @@ class ModelNotHere(LookupError):
     """The replica asked does not hold the model (the driver's routing table is stale)."""
 
 
+class IndexNotHere(LookupError):
+    """The replica does not hold the embedding index asked for (a staged index still
+    loading, or one it let go)."""
+
+
 class ModelEntry(TypedDict):
     """A :class:`~worker.serving.specs.ModelSpec` as a replica is given it. Configs written
     before adapters lack the two base keys: replicas read them with ``.get``."""
@@ -38,11 +43,19 @@ class ModelEntry(TypedDict):
     pinned: bool
     base_sha256: str  # "" for a full model
     base_memory_bytes: int  # 0 for a full model
+    # An embedding model's index and staged index (absent for classifiers).
+    index_uri: NotRequired[str]
+    index_sha256: NotRequired[str]
+    staged_index_uri: NotRequired[str]
+    staged_index_sha256: NotRequired[str]
 
 
 class Route(TypedDict):
     deployment: str
     sha256: str
+    # An embedding model's index (and staged index) sha256; absent for classifiers.
+    index_sha256: NotRequired[str]
+    staged_index_sha256: NotRequired[str]
 
 
 class ReplicaConfig(TypedDict):
@@ -62,6 +75,16 @@ class ReplicaConfig(TypedDict):
     routes: dict[str, Route]
     pool: dict[str, Any]  # the PoolSpec's fields, and "sets": the set indices deployed
     version: str  # a digest of the fields above, so a driver can tell a replica is current
+
+
+def route_of(spec: ModelSpec, deployment: str) -> Route:
+    """A model's route; an embedding model's names its index (and staged one)."""
+    route = Route(deployment=deployment, sha256=spec.sha256)
+    if spec.index_sha256:
+        route["index_sha256"] = spec.index_sha256
+    if spec.staged_index_sha256:
+        route["staged_index_sha256"] = spec.staged_index_sha256
+    return route
 
 
 def app_name(namespace: str, kind: str) -> str:
@@ -96,7 +119,7 @@ def replica_config(
     sets: Sequence[int] = (),
 ) -> ReplicaConfig:
     entries = [
-        ModelEntry(**asdict(spec))  # type: ignore[typeddict-item]
+        cast(ModelEntry, {k: v for k, v in asdict(spec).items() if v or k not in INDEX_FIELDS})
         for spec in sorted(models, key=lambda spec: spec.model_id)
     ]
     body: dict[str, Any] = {

@@ -34,6 +34,11 @@ class ModelSpec:
     whose base it does not hold) and ``base_memory_bytes`` the base's footprint, which a
     replica holds once for all its adapters on it; ``memory_bytes`` is then only what the
     tenant adds. Both are empty/0 for a full model.
+
+    An embedding model names the index its searches use (``index_uri``, bound by
+    ``index_sha256``: :mod:`worker.serving.embedding`) and, during a reindex, the staged one
+    being verified (``staged_index_*``): a replica holds both until the staged one is made
+    the index. Empty for classifiers.
     """
 
     model_id: str
@@ -43,6 +48,10 @@ class ModelSpec:
     pinned: bool = True
     base_sha256: str = ""
     base_memory_bytes: int = 0
+    index_uri: str = ""
+    index_sha256: str = ""
+    staged_index_uri: str = ""
+    staged_index_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ class Placement:
     assignment: dict[str, int]
     moved: list[str] = field(default_factory=list)  # models that changed set (not new ones)
     used_bytes: list[int] = field(default_factory=list)  # per set, pinned bytes + bases
+
+
+INDEX_FIELDS = ("index_uri", "index_sha256", "staged_index_uri", "staged_index_sha256")
 
 
 class Output(TypedDict):
