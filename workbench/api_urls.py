@@ -35,6 +35,11 @@ tenant_patterns = [
         datasets_api.DatasetVersionDownloadApi.as_view(),
         name="dataset-version-download",
     ),
+    path(
+        "datasets/<str:dataset_id>/versions/<str:version>/documents/download",
+        datasets_api.DatasetVersionDocumentsDownloadApi.as_view(),
+        name="dataset-version-documents-download",
+    ),
     path("audit/", AuditEventListApi.as_view(), name="audit-list"),
     path("runs/", training_api.RunListCreateApi.as_view(), name="run-list"),
     path("runs/<str:run_id>/", training_api.RunDetailApi.as_view(), name="run-detail"),

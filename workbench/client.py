@@ -189,23 +189,34 @@ class Workbench:
         dataset_id: str,
         path: str | os.PathLike[str],
         *,
-        text_column: str = "text",
-        label_column: str = "label",
+        documents: str | os.PathLike[str] | None = None,
+        text_column: str | None = None,
+        label_column: str | None = None,
     ) -> Any:
-        """Upload a file as a new (immutable) version of one of the tenant's datasets."""
-        source = Path(path)
+        """Upload a file as a new (immutable) version of one of the tenant's datasets.
+
+        A retrieval dataset's version is its pairs (``path``: a query and a document-id
+        column, by default ``query`` and ``document_id``) with the knowledge base they point
+        into (``documents``: columns ``id``, ``text`` and optionally ``title``). Columns not
+        named are the dataset task's defaults (``text`` and ``label`` for classification)."""
         boundary = uuid.uuid4().hex
         fields = {"text_column": text_column, "label_column": label_column}
         parts = [
             f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
             for k, v in fields.items()
+            if v is not None
         ]
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="{source.name}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-            + source.read_bytes()
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
+        files = {"file": Path(path), "documents": Path(documents) if documents else None}
+        for name, source in files.items():
+            if source is not None:
+                parts.append(
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                    f'filename="{source.name}"\r\nContent-Type: application/octet-stream'
+                    "\r\n\r\n".encode()
+                    + source.read_bytes()
+                    + b"\r\n"
+                )
+        parts.append(f"--{boundary}--\r\n".encode())
         path_ = self._tenant_path(f"datasets/{urllib.parse.quote(dataset_id)}/versions/")
         with self._open(
             "POST", path_, b"".join(parts), f"multipart/form-data; boundary={boundary}"

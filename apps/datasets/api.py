@@ -14,7 +14,14 @@ from apps.core.artifacts import get_store
 from apps.core.uploads import HashedUploadedFile
 from apps.datasets import selectors, services
 from apps.datasets.filters import DatasetFilter
-from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task, writer_role
+from apps.datasets.models import (
+    Dataset,
+    DatasetKind,
+    DatasetVersion,
+    Task,
+    default_columns,
+    writer_role,
+)
 from apps.tenants.auth import request_via
 from apps.tenants.scoping import TenantAccess, TenantScopedMixin, role_error
 
@@ -91,21 +98,54 @@ class DatasetVersionOutputSerializer(serializers.ModelSerializer[DatasetVersion]
             "duplicate_texts",
             "preview",
             "original_filename",
+            "documents_format",
+            "documents_sha256",
+            "documents_size_bytes",
+            "documents_original_filename",
+            "documents_count",
+            "documents_preview",
+            "profile",
             "created_by",
             "created_at",
         ]
 
 
 class DatasetVersionUploadSerializer(serializers.Serializer[Any]):
-    file = serializers.FileField(help_text="CSV (with a header) or JSON lines, UTF-8")
-    text_column = serializers.CharField(default="text", max_length=100)
-    label_column = serializers.CharField(default="label", max_length=100)
+    file = serializers.FileField(
+        help_text="CSV (with a header) or JSON lines, UTF-8; for a retrieval dataset the "
+        "pairs (a query column and a document-id column)"
+    )
+    documents = serializers.FileField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="retrieval datasets only, and required there: the knowledge base, CSV or "
+        "JSON lines with the columns id, text and optionally title",
+    )
+    text_column = serializers.CharField(
+        required=False,
+        max_length=100,
+        help_text="default 'text'; for a retrieval dataset the query column, default 'query'",
+    )
+    label_column = serializers.CharField(
+        required=False,
+        max_length=100,
+        help_text="default 'label'; for a retrieval dataset the document-id column, "
+        "default 'document_id'",
+    )
     format = serializers.ChoiceField(
         choices=DatasetVersion.Format.choices,
         required=False,
         allow_null=True,
         default=None,
         help_text="default: from the file name or content",
+    )
+    documents_format = serializers.ChoiceField(
+        choices=DatasetVersion.Format.choices,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="the documents file's; default: from its name or content",
     )
 
 
@@ -201,8 +241,13 @@ def _upload_version(request: Request, dataset: Dataset) -> Response:
     try:
         data.is_valid(raise_exception=True)
         upload = data.validated_data["file"]
-        if not isinstance(upload, HashedUploadedFile):
-            raise serializers.ValidationError({"file": ["Upload the file as multipart/form-data."]})
+        documents = data.validated_data["documents"]
+        for name, uploaded in (("file", upload), ("documents", documents)):
+            if uploaded is not None and not isinstance(uploaded, HashedUploadedFile):
+                raise serializers.ValidationError(
+                    {name: ["Upload the file as multipart/form-data."]}
+                )
+        text_default, label_default = default_columns(dataset.task)
         result = services.dataset_version_create(
             actor=request.user,
             dataset=dataset,
@@ -211,14 +256,25 @@ def _upload_version(request: Request, dataset: Dataset) -> Response:
             size_bytes=upload.size or 0,
             filename=upload.name or "",
             fmt=data.validated_data["format"],
-            text_column=data.validated_data["text_column"].strip(),
-            label_column=data.validated_data["label_column"].strip(),
+            text_column=data.validated_data.get("text_column", "").strip() or text_default,
+            label_column=data.validated_data.get("label_column", "").strip() or label_default,
             first_nul=upload.first_nul,
+            documents=services.UploadedFile(
+                path=documents.path,
+                sha256=documents.sha256,
+                size_bytes=documents.size or 0,
+                filename=documents.name or "",
+                first_nul=documents.first_nul,
+                fmt=data.validated_data["documents_format"],
+            )
+            if documents is not None
+            else None,
             via=request_via(request),
         )
     finally:
-        for uploaded in request.FILES.values():
-            uploaded.close()
+        for name in request.FILES:
+            for uploaded in request.FILES.getlist(name):
+                uploaded.close()
     return Response(
         DatasetVersionOutputSerializer(result.version).data,
         status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK,
@@ -244,18 +300,39 @@ class DatasetVersionDownloadApi(DatasetVersionDetailApi):
         return download_response(self.get_version())
 
 
-def download_response(found: DatasetVersion) -> StreamingHttpResponse:
-    """A version's bytes, streamed from the artifact store, with their sha256."""
+class DatasetVersionDocumentsDownloadApi(DatasetVersionDetailApi):
+    """A retrieval version's knowledge base (404 for a version that has none)."""
+
+    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+    def get(self, request: Request, tenant: str, dataset_id: str, version: str) -> Any:
+        found = self.get_version()
+        if not found.documents_storage_key:
+            raise Http404("This version has no documents file (only retrieval versions do).")
+        return download_response(found, documents=True)
+
+
+def download_response(found: DatasetVersion, *, documents: bool = False) -> StreamingHttpResponse:
+    """A version's bytes (or its knowledge base's), streamed from the artifact store, with
+    their sha256."""
     store = get_store()
-    response = StreamingHttpResponse(
-        store.iter_bytes(found.storage_key), content_type="application/octet-stream"
+    key, fmt, size, sha256 = (
+        (
+            found.documents_storage_key,
+            found.documents_format,
+            found.documents_size_bytes,
+            found.documents_sha256,
+        )
+        if documents
+        else (found.storage_key, found.format, found.size_bytes, found.sha256)
     )
-    extension = "jsonl" if found.format == DatasetVersion.Format.JSONL else "csv"
-    filename = f"{found.dataset.name}-v{found.number}.{extension}".replace('"', "")
+    response = StreamingHttpResponse(store.iter_bytes(key), content_type="application/octet-stream")
+    extension = "jsonl" if fmt == DatasetVersion.Format.JSONL else "csv"
+    suffix = "-documents" if documents else ""
+    filename = f"{found.dataset.name}-v{found.number}{suffix}.{extension}".replace('"', "")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    response["Content-Length"] = str(found.size_bytes)
-    response["ETag"] = f'"{found.sha256}"'
-    response["X-Content-SHA256"] = found.sha256
+    response["Content-Length"] = str(size)
+    response["ETag"] = f'"{sha256}"'
+    response["X-Content-SHA256"] = sha256
     return response
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 
-from apps.datasets.models import DatasetKind, DatasetVersion, Task
+from apps.datasets.models import DatasetKind, DatasetVersion, Task, default_columns
 
 
 class DatasetCreateForm(forms.Form):
@@ -35,18 +37,49 @@ class DatasetCreateForm(forms.Form):
 
 class VersionUploadForm(forms.Form):
     file = forms.FileField(help_text="CSV with a header row, or JSON lines; UTF-8.")
+    documents = forms.FileField(
+        required=False,
+        label="Documents",
+        help_text="The knowledge base the pairs point into: CSV or JSON lines with the "
+        "columns id, text and optionally title.",
+    )
     text_column = forms.CharField(max_length=100, required=False, initial="text")
     label_column = forms.CharField(max_length=100, required=False, initial="label")
     format = forms.ChoiceField(
         choices=[("", "Detect from the file"), *DatasetVersion.Format.choices],
         required=False,
     )
+    documents_format = forms.ChoiceField(
+        choices=[("", "Detect from the file"), *DatasetVersion.Format.choices],
+        required=False,
+        label="Documents format",
+    )
+
+    def __init__(self, *args: Any, task: str = Task.TEXT_CLASSIFICATION, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.task = task
+        self.default_columns = default_columns(task)
+        text_field, label_field = self.fields["text_column"], self.fields["label_column"]
+        text_field.initial, label_field.initial = self.default_columns
+        if task == Task.RETRIEVAL:
+            self.fields["file"].label = "Pairs"
+            self.fields["file"].help_text = (
+                "One row per query and the id of the document that answers it: CSV with a "
+                "header row, or JSON lines; UTF-8."
+            )
+            self.fields["documents"].required = True
+            text_field.label, label_field.label = "Query column", "Document id column"
+        else:  # only retrieval versions have a knowledge base
+            del self.fields["documents"], self.fields["documents_format"]
 
     def clean_text_column(self) -> str:
-        return str(self.cleaned_data["text_column"]).strip() or "text"
+        return str(self.cleaned_data["text_column"]).strip() or self.default_columns[0]
 
     def clean_label_column(self) -> str:
-        return str(self.cleaned_data["label_column"]).strip() or "label"
+        return str(self.cleaned_data["label_column"]).strip() or self.default_columns[1]
 
     def clean_format(self) -> str | None:
         return str(self.cleaned_data["format"]) or None
+
+    def clean_documents_format(self) -> str | None:
+        return str(self.cleaned_data["documents_format"]) or None

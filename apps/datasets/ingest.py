@@ -40,6 +40,10 @@ CSV_LARGE_BLOCK_SIZE = 16 * 1024 * 1024
 CSV_GROUP_BYTES = 1024 * 1024  # small blocks are checked in groups of about this size
 PREVIEW_ROWS = 5
 BOM = codecs.BOM_UTF8
+# What the two columns are called in messages: a retrieval pairs file's "text" is its
+# query and its "label" the document id (the fields stay text_column / label_column).
+Roles = tuple[str, str]
+CLASSIFICATION_ROLES: Roles = ("text", "label")
 
 
 @dataclass
@@ -255,24 +259,32 @@ def _csv_header(path: Path) -> list[str]:
     return [h.strip() for h in header]
 
 
-def _check_columns(columns: list[str], text_column: str, label_column: str) -> None:
+def _check_columns(
+    columns: list[str], text_column: str, label_column: str, roles: Roles = CLASSIFICATION_ROLES
+) -> None:
     found = ", ".join(repr(c) for c in columns) or "none"
-    for role, name in (("text", text_column), ("label", label_column)):
+    for role, field_role, name in zip(
+        roles, CLASSIFICATION_ROLES, (text_column, label_column), strict=True
+    ):
         if name not in columns:
             raise _bad(
                 f"missing the {role} column {name!r}; the columns found are {found}. "
-                f"Name the right one with '{role}_column'.",
+                f"Name the right one with '{field_role}_column'.",
                 code="missing_column",
                 line=1,
-                field_name=f"{role}_column",
+                field_name=f"{field_role}_column",
             )
     if text_column == label_column:
         raise _bad(
-            "the text and label columns must differ", code="invalid", field_name="label_column"
+            f"the {roles[0]} and {roles[1]} columns must differ",
+            code="invalid",
+            field_name="label_column",
         )
 
 
-def reference_check_csv(path: Path, *, text_column: str, label_column: str) -> None:
+def reference_check_csv(
+    path: Path, *, text_column: str, label_column: str, roles: Roles = CLASSIFICATION_ROLES
+) -> None:
     """Row-by-row CSV check with exact line numbers; raises on the first problem."""
     with path.open("r", encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, strict=True)
@@ -296,26 +308,35 @@ def reference_check_csv(path: Path, *, text_column: str, label_column: str) -> N
                     line=line,
                 )
             if not row[t_idx].strip():
-                raise _bad(f"the text ({text_column!r}) is empty", code="empty_text", line=line)
+                raise _bad(
+                    f"the {roles[0]} ({text_column!r}) is empty", code="empty_text", line=line
+                )
             if not row[l_idx].strip():
-                raise _bad(f"the label ({label_column!r}) is empty", code="empty_label", line=line)
+                raise _bad(
+                    f"the {roles[1]} ({label_column!r}) is empty", code="empty_label", line=line
+                )
 
 
 def profile_csv(
-    path: Path, *, text_column: str, label_column: str, need_two_labels: bool
+    path: Path,
+    *,
+    text_column: str,
+    label_column: str,
+    need_two_labels: bool,
+    roles: Roles = CLASSIFICATION_ROLES,
 ) -> Profile:
     import pyarrow as pa
     import pyarrow.compute as pc
     from pyarrow import csv as pacsv
 
     columns = _csv_header(path)
-    _check_columns(columns, text_column, label_column)
+    _check_columns(columns, text_column, label_column, roles)
     profile = Profile(
         format="csv", text_column=text_column, label_column=label_column, columns=columns
     )
 
     def fail_precisely(fallback: str) -> InvalidInput:
-        reference_check_csv(path, text_column=text_column, label_column=label_column)
+        reference_check_csv(path, text_column=text_column, label_column=label_column, roles=roles)
         return _bad(fallback, code="csv")
 
     raw_names = _raw_header(path)
@@ -336,9 +357,9 @@ def profile_csv(
 
     def take(texts: Any, batch_labels: Any, rows: int, *, decides: bool) -> None:
         if is_blank(texts):
-            raise fail_precisely("a text is empty") if decides else _Reread()
+            raise fail_precisely(f"a {roles[0]} is empty") if decides else _Reread()
         if is_blank(batch_labels):
-            raise fail_precisely("a label is empty") if decides else _Reread()
+            raise fail_precisely(f"a {roles[1]} is empty") if decides else _Reread()
         counts = pc.value_counts(batch_labels)
         for value, count in zip(
             counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
@@ -422,11 +443,18 @@ def _raw_header(path: Path) -> list[str]:
 
 
 def profile_jsonl(
-    path: Path, *, text_column: str, label_column: str, need_two_labels: bool
+    path: Path,
+    *,
+    text_column: str,
+    label_column: str,
+    need_two_labels: bool,
+    roles: Roles = CLASSIFICATION_ROLES,
 ) -> Profile:
     if text_column == label_column:
         raise _bad(
-            "the text and label columns must differ", code="invalid", field_name="label_column"
+            f"the {roles[0]} and {roles[1]} columns must differ",
+            code="invalid",
+            field_name="label_column",
         )
     profile = Profile(
         format="jsonl", text_column=text_column, label_column=label_column, columns=[]
@@ -446,33 +474,37 @@ def profile_jsonl(
                 raise _bad("expected a JSON object per line", code="json", line=line_no)
             if not profile.columns:
                 profile.columns = list(obj)
-            for role, name in (("text", text_column), ("label", label_column)):
+            for role, field_role, name in zip(
+                roles, CLASSIFICATION_ROLES, (text_column, label_column), strict=True
+            ):
                 if name not in obj:
                     raise _bad(
                         f"missing the {role} field {name!r}; this line has "
                         f"{', '.join(repr(k) for k in obj) or 'no fields'}. "
-                        f"Name the right one with '{role}_column'.",
+                        f"Name the right one with '{field_role}_column'.",
                         code="missing_column",
                         line=line_no,
-                        field_name=f"{role}_column",
+                        field_name=f"{field_role}_column",
                     )
             text, label = obj[text_column], obj[label_column]
             if not isinstance(text, str):
                 raise _bad(
-                    f"the text ({text_column!r}) must be a string", code="json", line=line_no
+                    f"the {roles[0]} ({text_column!r}) must be a string", code="json", line=line_no
                 )
             if isinstance(label, bool) or not isinstance(label, str | int):
                 raise _bad(
-                    f"the label ({label_column!r}) must be a string or an integer",
+                    f"the {roles[1]} ({label_column!r}) must be a string or an integer",
                     code="json",
                     line=line_no,
                 )
             label = str(label)
             if not text.strip():
-                raise _bad(f"the text ({text_column!r}) is empty", code="empty_text", line=line_no)
+                raise _bad(
+                    f"the {roles[0]} ({text_column!r}) is empty", code="empty_text", line=line_no
+                )
             if not label.strip():
                 raise _bad(
-                    f"the label ({label_column!r}) is empty", code="empty_label", line=line_no
+                    f"the {roles[1]} ({label_column!r}) is empty", code="empty_label", line=line_no
                 )
             labels[label] += 1
             hashes.append(hash(text))
@@ -502,6 +534,7 @@ def profile_file(
     need_two_labels: bool,
     max_line_bytes: int,
     first_nul: int | None = None,
+    roles: Roles = CLASSIFICATION_ROLES,
 ) -> Profile:
     """Check an uploaded file completely; raise ``InvalidInput`` naming the first problem."""
     if path.stat().st_size == 0:
@@ -514,7 +547,12 @@ def profile_file(
             text_column=text_column,
             label_column=label_column,
             need_two_labels=need_two_labels,
+            roles=roles,
         )
     return profile_csv(
-        path, text_column=text_column, label_column=label_column, need_two_labels=need_two_labels
+        path,
+        text_column=text_column,
+        label_column=label_column,
+        need_two_labels=need_two_labels,
+        roles=roles,
     )

@@ -29,6 +29,12 @@ class Task(models.TextChoices):
     RETRIEVAL = "retrieval", "Retrieval"
 
 
+def default_columns(task: str) -> tuple[str, str]:
+    """The (text, label) columns a version's file is read by when the upload names none: a
+    retrieval pairs file's text is its query and its label the id of the document."""
+    return ("query", "document_id") if task == Task.RETRIEVAL else ("text", "label")
+
+
 class Dataset(models.Model):
     """A named collection of immutable versions, owned by one tenant."""
 

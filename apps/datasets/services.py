@@ -9,13 +9,13 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Max, ProtectedError
+from django.db.models import Max, ProtectedError, Q
 
 from apps.audit.services import audit_record
 from apps.core.artifacts import get_store
-from apps.core.errors import DomainError
-from apps.datasets import ingest
-from apps.datasets.models import Dataset, DatasetKind, DatasetVersion
+from apps.core.errors import DomainError, InvalidInput
+from apps.datasets import ingest, retrieval_ingest
+from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task
 from apps.tenants.models import Tenant
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,10 @@ def dataset_delete(*, actor: Any, dataset: Dataset, via: str = "") -> None:
 
     with transaction.atomic():
         locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
-        versions = list(locked.versions.values_list("number", "storage_key"))
-        before = {**_dataset_state(locked), "versions": [n for n, _ in versions]}
+        versions = list(
+            locked.versions.values_list("number", "storage_key", "documents_storage_key")
+        )
+        before = {**_dataset_state(locked), "versions": [n for n, _, _ in versions]}
         try:
             locked.delete()
         except ProtectedError as exc:
@@ -120,7 +122,8 @@ def dataset_delete(*, actor: Any, dataset: Dataset, via: str = "") -> None:
             before=before,
             via=via,
         )
-        keys = [key for _, key in versions]
+        # Versions may share a file (the same pairs with another knowledge base): once each.
+        keys = sorted({key for _, *both in versions for key in both if key})
         # The bytes go only once the rows are gone for good, and on a worker: a refused or
         # rolled-back delete must leave every stored object in place.
         if keys:
@@ -134,7 +137,9 @@ def discard_unreferenced(*, dataset: Dataset, key: str) -> bool:
     try:
         with transaction.atomic():
             Dataset.objects.select_for_update().filter(pk=dataset.pk).first()
-            if DatasetVersion.objects.filter(storage_key=key).exists():
+            if DatasetVersion.objects.filter(
+                Q(storage_key=key) | Q(documents_storage_key=key)
+            ).exists():
                 log.info("upload cleanup kept bytes a version references", extra={"key": key})
                 return False
             get_store().delete(key)
@@ -144,6 +149,18 @@ def discard_unreferenced(*, dataset: Dataset, key: str) -> bool:
         log.warning("upload cleanup could not check references; kept", extra={"key": key})
         return False
     return True
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A file on local disk, hashed on its way in (``apps.core.uploads``)."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    filename: str
+    first_nul: int | None = None
+    fmt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,24 +181,58 @@ def dataset_version_create(
     text_column: str = "text",
     label_column: str = "label",
     first_nul: int | None = None,
+    documents: UploadedFile | None = None,
     via: str = "",
 ) -> VersionResult:
     """Check an uploaded file, store its bytes, record it as the dataset's next version.
 
-    The same bytes uploaded again return the existing version (``created`` False). A file
-    that fails any check raises ``InvalidInput`` before anything is stored or written.
+    A retrieval dataset's version is two files: ``path`` holds the pairs (``text_column``
+    the query, ``label_column`` the document id) and ``documents`` the knowledge base they
+    point into. The same bytes uploaded again return the existing version (``created``
+    False). A file that fails any check raises ``InvalidInput`` before anything is stored
+    or written.
     """
+    retrieval = dataset.task == Task.RETRIEVAL
+    if retrieval and documents is None:
+        raise _documents_error(
+            "a retrieval version needs its knowledge base: upload the documents file "
+            "(columns id, text and optionally title) as 'documents' beside the pairs",
+            code="required",
+        )
+    if not retrieval and documents is not None:
+        raise _documents_error(
+            f"a {dataset.get_task_display().lower()} dataset takes no documents file: "
+            "only retrieval versions have a knowledge base",
+            code="unexpected",
+        )
+    docs = None
+    if documents is not None:
+        docs = retrieval_ingest.profile_documents(
+            documents.path,
+            filename=documents.filename,
+            fmt=documents.fmt,
+            max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+            first_nul=documents.first_nul,
+        )
     profile = ingest.profile_file(
         path,
         filename=filename,
         fmt=fmt,
         text_column=text_column,
         label_column=label_column,
-        need_two_labels=dataset.kind == DatasetKind.TRAINING,
+        need_two_labels=dataset.kind == DatasetKind.TRAINING and not retrieval,
         max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
         first_nul=first_nul,
+        roles=retrieval_ingest.PAIR_ROLES if retrieval else ingest.CLASSIFICATION_ROLES,
     )
-    existing = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
+    summary: dict[str, int] = {}
+    if documents is not None and docs is not None:
+        summary = retrieval_ingest.check_references(path, profile, docs)
+        # A retrieval version's figures are its profile's; the document ids are no label
+        # space (thousands of them, in every listing).
+        profile.labels = {}
+    content = {"sha256": sha256, "documents_sha256": documents.sha256 if documents else ""}
+    existing = DatasetVersion.objects.filter(dataset=dataset, **content).first()
     if existing is not None:
         return VersionResult(existing, created=False)
 
@@ -190,16 +241,20 @@ def dataset_version_create(
     # and discarded only when no version references them: a twin version committed by that
     # retry keeps its bytes whichever upload finishes first. (Uploads to one dataset wait
     # for each other while bytes are stored: the price of never losing them.)
-    key = f"datasets/{dataset.tenant_id or 'shared'}/{dataset.pk}/{sha256}"
+    prefix = f"datasets/{dataset.tenant_id or 'shared'}/{dataset.pk}"
+    key = f"{prefix}/{sha256}"
+    documents_key = f"{prefix}/documents/{documents.sha256}" if documents else ""
     store = get_store()
     try:
         with transaction.atomic():
             # Lock the dataset so two uploads cannot take the same version number.
             Dataset.objects.select_for_update().get(pk=dataset.pk)
-            twin = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
+            twin = DatasetVersion.objects.filter(dataset=dataset, **content).first()
             if twin is not None:  # committed by a concurrent upload while this one waited
                 return VersionResult(twin, created=False)
             store.put_file(key, path, move=True)
+            if documents is not None:
+                store.put_file(documents_key, documents.path, move=True)
             number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
             version = DatasetVersion.objects.create(
                 dataset=dataset,
@@ -215,6 +270,14 @@ def dataset_version_create(
                 duplicate_texts=profile.duplicate_texts,
                 preview=profile.preview,
                 original_filename=filename[:255],
+                documents_storage_key=documents_key,
+                documents_format=docs.format if docs else "",
+                documents_sha256=content["documents_sha256"],
+                documents_size_bytes=documents.size_bytes if documents else 0,
+                documents_original_filename=documents.filename[:255] if documents else "",
+                documents_count=docs.count if docs else 0,
+                documents_preview=docs.preview if docs else [],
+                profile=summary,
                 created_by=actor,
             )
             audit_record(
@@ -228,19 +291,27 @@ def dataset_version_create(
                     "sha256": sha256,
                     "rows": profile.rows,
                     "size_bytes": size_bytes,
+                    **(
+                        {
+                            "documents_sha256": documents.sha256,
+                            "documents": summary["documents"],
+                        }
+                        if documents
+                        else {}
+                    ),
                 },
                 via=via,
             )
     except IntegrityError:
         # The same bytes won a race from another upload (a database without row locks):
         # same key, same bytes, theirs now.
-        existing = DatasetVersion.objects.filter(dataset=dataset, sha256=sha256).first()
+        existing = DatasetVersion.objects.filter(dataset=dataset, **content).first()
         if existing is not None:
             return VersionResult(existing, created=False)
-        discard_unreferenced(dataset=dataset, key=key)
+        _discard(dataset, key, documents_key)
         raise
     except BaseException:
-        discard_unreferenced(dataset=dataset, key=key)
+        _discard(dataset, key, documents_key)
         raise
     log.info(
         "dataset version stored",
@@ -252,3 +323,13 @@ def dataset_version_create(
         },
     )
     return VersionResult(version, created=True)
+
+
+def _discard(dataset: Dataset, *keys: str) -> None:
+    for key in keys:
+        if key:
+            discard_unreferenced(dataset=dataset, key=key)
+
+
+def _documents_error(message: str, *, code: str) -> InvalidInput:
+    return InvalidInput(message, code=code, fields={retrieval_ingest.FIELD: [message]})

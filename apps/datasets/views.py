@@ -14,7 +14,7 @@ from apps.core.uploads import HashedUploadedFile, UploadTooLarge
 from apps.datasets import charts, selectors, services
 from apps.datasets.filters import DatasetFilter
 from apps.datasets.forms import DatasetCreateForm, VersionUploadForm
-from apps.datasets.models import Dataset, writer_role
+from apps.datasets.models import Dataset, Task, writer_role
 from apps.tenants.dashboard import (
     VIA,
     csrf_rejection,
@@ -101,7 +101,7 @@ def _detail(
         selected = versions[0] if versions else None
     can_write = access.allows(writer_role(dataset.kind))
     if can_write and upload_form is None:
-        upload_form = VersionUploadForm()
+        upload_form = VersionUploadForm(task=dataset.task)
     return render_tenant(
         request,
         access,
@@ -111,6 +111,7 @@ def _detail(
             "versions": versions,
             "selected": selected,
             "chart": charts.label_chart(selected.labels) if selected is not None else None,
+            "retrieval": dataset.task == Task.RETRIEVAL,
             "upload_form": upload_form if can_write else None,
             "upload_error": upload_error,
             "upload_error_line": upload_error_line,
@@ -136,14 +137,14 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
     # Checked before the body is read, so a refused upload is never written to disk.
     require_role(access, writer_role(dataset.kind))
     try:
-        form = VersionUploadForm(request.POST, request.FILES)
+        form = VersionUploadForm(request.POST, request.FILES, task=dataset.task)
     except UploadTooLarge as exc:
         # The handler stopped at the limit and removed its partial file; nothing to close.
         return _detail(
             request,
             access,
             dataset,
-            upload_form=VersionUploadForm(),
+            upload_form=VersionUploadForm(task=dataset.task),
             upload_error=str(exc.detail),
             status=exc.status_code,
         )
@@ -154,8 +155,12 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
         if not form.is_valid():
             return _detail(request, access, dataset, upload_form=form, status=400)
         upload = form.cleaned_data["file"]
-        if not isinstance(upload, HashedUploadedFile):  # another upload handler is configured
-            form.add_error("file", "The upload could not be read; try again.")
+        documents = form.cleaned_data.get("documents")
+        for name, uploaded in (("file", upload), ("documents", documents)):
+            if uploaded is not None and not isinstance(uploaded, HashedUploadedFile):
+                # another upload handler is configured
+                form.add_error(name, "The upload could not be read; try again.")
+        if form.errors:
             return _detail(request, access, dataset, upload_form=form, status=400)
         try:
             result = services.dataset_version_create(
@@ -169,6 +174,16 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
                 text_column=form.cleaned_data["text_column"],
                 label_column=form.cleaned_data["label_column"],
                 first_nul=upload.first_nul,
+                documents=services.UploadedFile(
+                    path=documents.path,
+                    sha256=documents.sha256,
+                    size_bytes=documents.size or 0,
+                    filename=documents.name or "",
+                    first_nul=documents.first_nul,
+                    fmt=form.cleaned_data["documents_format"],
+                )
+                if documents is not None
+                else None,
                 via=VIA,
             )
         except InvalidInput as exc:
@@ -187,15 +202,22 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
                 uploaded.close()
 
     version = result.version
-    if result.created:
+    if result.created and version.documents_sha256:
+        messages.success(
+            request,
+            f"Version {version.number} stored: {version.rows:,} pairs, "
+            f"{version.documents_count:,} documents.",
+        )
+    elif result.created:
         messages.success(
             request,
             f"Version {version.number} stored: {version.rows:,} rows, "
             f"{version.label_count} labels.",
         )
     else:
+        what = "These files are" if version.documents_sha256 else "This file is"
         messages.info(
-            request, f"This file is identical to version {version.number}; nothing new was stored."
+            request, f"{what} identical to version {version.number}; nothing new was stored."
         )
     url = reverse(
         "dataset-detail-page", kwargs={"tenant": access.tenant.slug, "dataset_id": dataset.pk}
