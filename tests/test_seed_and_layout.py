@@ -27,7 +27,12 @@ def test_seed_demo_creates_a_usable_demo_tenant_and_is_idempotent(artifacts_dir)
     )
     assert roles == {"scientist": "scientist", "reviewer": "reviewer", "admin": "admin"}
     datasets = {d.name: d for d in Dataset.objects.filter(tenant__slug="demo")}
-    assert set(datasets) == {"banking77-train", "banking77-golden"}
+    assert set(datasets) == {
+        "banking77-train",
+        "banking77-golden",
+        "stackfaq-train",
+        "stackfaq-golden",
+    }
     train = datasets["banking77-train"].versions.get()
     assert train.rows > 10_000 and len(train.labels) == 77
     assert datasets["banking77-golden"].versions.count() == 1
@@ -35,7 +40,15 @@ def test_seed_demo_creates_a_usable_demo_tenant_and_is_idempotent(artifacts_dir)
     assert datasets["banking77-golden"].versions.get().created_by.username == "reviewer"
     client = Client()
     assert client.login(username="scientist", password="workbench-demo")
-    assert client.get("/api/v1/tenants/demo/datasets/").json()["count"] == 2
+    assert client.get("/api/v1/tenants/demo/datasets/").json()["count"] == 4
+    # StackFAQ for retrieval: its pairs with the 125 FAQ answers, the test pairs golden.
+    faq_train = datasets["stackfaq-train"].versions.get()
+    faq_golden = datasets["stackfaq-golden"].versions.get()
+    assert datasets["stackfaq-train"].task == "retrieval"
+    assert faq_train.documents_count == faq_golden.documents_count == 125
+    assert faq_train.documents_sha256 == faq_golden.documents_sha256
+    assert faq_train.profile["pairs"] == 874 and faq_golden.profile["pairs"] == 375
+    assert faq_golden.created_by.username == "reviewer"
     # The scientist's first run, naming nothing but the data, trains the adapter base with
     # the defaults benchmarks/adapter_training.py measures on exactly this data (banking77
     # full train -> its test set, the demo's golden set), which pass the default policy.

@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 
 from apps.datasets import services as dataset_services
-from apps.datasets.models import Dataset
+from apps.datasets.models import Dataset, Task
 from apps.tenants import services
 from apps.tenants.models import Membership, Role, Tenant
 
@@ -19,8 +19,21 @@ DEMO_USERS = [("scientist", Role.SCIENTIST), ("reviewer", Role.REVIEWER), ("admi
 DEMO_PASSWORD = "workbench-demo"  # noqa: S105 - a local demo login, printed on purpose
 
 
-def _default_data_dir() -> Path:
-    return Path(settings.BASE_DIR).parent / "shared" / "datasets" / "banking77"
+def _default_data_dir(name: str = "banking77") -> Path:
+    return Path(settings.BASE_DIR).parent / "shared" / "datasets" / name
+
+
+def _staged(source: Path, tmp: Path) -> dataset_services.UploadedFile:
+    """A copy of ``source`` as an upload (the store moves its file in)."""
+    copy = tmp / source.name
+    shutil.copyfile(source, copy)
+    data = copy.read_bytes()
+    return dataset_services.UploadedFile(
+        path=copy,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        filename=source.name,
+    )
 
 
 class Command(BaseCommand):
@@ -34,6 +47,12 @@ class Command(BaseCommand):
             type=Path,
             default=None,
             help="folder with banking77 train.csv and test.csv",
+        )
+        parser.add_argument(
+            "--stackfaq-dir",
+            type=Path,
+            default=None,
+            help="folder with stackfaq train.csv, test.csv and documents.csv (retrieval)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -55,14 +74,30 @@ class Command(BaseCommand):
             users[username] = user
 
         data_dir: Path = options["data_dir"] or _default_data_dir()
-        # The golden set is the reviewer's: golden and sample sets decide promotions, so only
-        # reviewers and admins create and change them.
+        faq_dir: Path = options["stackfaq_dir"] or _default_data_dir("stackfaq")
+        # The golden sets are the reviewer's: golden and sample sets decide promotions, so
+        # only reviewers and admins create and change them. A retrieval version is its pairs
+        # with the knowledge base they point into (the same documents for train and test).
         seeds = [
-            ("banking77-train", "training", "train.csv", users["scientist"]),
-            ("banking77-golden", "golden", "test.csv", users["reviewer"]),
+            ("banking77-train", "training", data_dir / "train.csv", None, users["scientist"]),
+            ("banking77-golden", "golden", data_dir / "test.csv", None, users["reviewer"]),
+            (
+                "stackfaq-train",
+                "training",
+                faq_dir / "train.csv",
+                faq_dir / "documents.csv",
+                users["scientist"],
+            ),
+            (
+                "stackfaq-golden",
+                "golden",
+                faq_dir / "test.csv",
+                faq_dir / "documents.csv",
+                users["reviewer"],
+            ),
         ]
-        for name, kind, filename, owner in seeds:
-            source = data_dir / filename
+        for name, kind, source, documents, owner in seeds:
+            retrieval = documents is not None
             dataset = Dataset.objects.filter(tenant=tenant, name=name).first()
             if dataset is None:
                 dataset = dataset_services.dataset_create(
@@ -70,29 +105,33 @@ class Command(BaseCommand):
                     tenant=tenant,
                     name=name,
                     kind=kind,
-                    task="text-classification",
+                    task=Task.RETRIEVAL if retrieval else Task.TEXT_CLASSIFICATION,
                     domain="banking",
-                    description=f"banking77 {filename}: customer-support queries, 77 intents",
+                    description=(
+                        f"StackFAQ {source.name}: questions and the FAQ answer each one needs"
+                        if retrieval
+                        else f"banking77 {source.name}: customer-support queries, 77 intents"
+                    ),
                     via="cli",
                 )
             if dataset.versions.exists():
                 continue
-            if not source.is_file():
-                self.stderr.write(f"skipped {name}: {source} not found")
+            missing = [p for p in (source, documents) if p is not None and not p.is_file()]
+            if missing:
+                self.stderr.write(f"skipped {name}: {missing[0]} not found")
                 continue
             with tempfile.TemporaryDirectory(dir=settings.UPLOAD_TMP_DIR) as tmp:
-                copy = Path(tmp) / filename
-                shutil.copyfile(source, copy)
-                data = copy.read_bytes()
+                pairs = _staged(source, Path(tmp))
                 dataset_services.dataset_version_create(
                     actor=owner,
                     dataset=dataset,
-                    path=copy,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    size_bytes=len(data),
-                    filename=filename,
-                    text_column="text",
-                    label_column="category",
+                    path=pairs.path,
+                    sha256=pairs.sha256,
+                    size_bytes=pairs.size_bytes,
+                    filename=pairs.filename,
+                    text_column="query" if retrieval else "text",
+                    label_column="document_id" if retrieval else "category",
+                    documents=_staged(documents, Path(tmp)) if documents else None,
                     via="cli",
                 )
         self.stdout.write(
