@@ -29,11 +29,18 @@ def launch(actor, version_id: str, **extra):
     return actor.api("post", RUNS, body)
 
 
-def test_base_model_catalogue_lists_both_models(scientist):
+def test_base_model_catalogue_lists_the_classifiers_and_the_embedding_model(scientist):
     body = scientist.api("get", "/api/v1/base-models/").json()
     ids = {m["id"]: m for m in body}
-    assert {"tiny-bert", "minilm-l6"} <= set(ids)
-    assert all(m["size_bytes"] > 0 and m["kind"] == "classifier" for m in body)
+    assert {"tiny-bert", "minilm-l6", "minilm-l6-embed"} <= set(ids)
+    assert all(m["size_bytes"] > 0 for m in body)
+    assert {m["id"] for m in body if m["kind"] == "embedding"} == {"minilm-l6-embed"}
+    assert {m["kind"] for m in body} == {"classifier", "embedding"}
+    embed = ids["minilm-l6-embed"]
+    assert (embed["format"], embed["base"]) == ("adapter", "all-MiniLM-L6-v2")
+    assert embed["base_sha256"] == ids["minilm-l6-lora"]["base_sha256"]  # one shared base
+    assert embed["defaults"]["max_length"] == 256
+    assert embed["defaults"]["document_fields"] == "title_text"
 
 
 def test_catalogue_states_format_base_and_defaults(scientist):

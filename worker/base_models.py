@@ -18,6 +18,11 @@ from typing import Any
 TINY_BERT = "tiny-bert"
 MINILM_L6 = "minilm-l6"
 MINILM_L6_LORA = "minilm-l6-lora"
+MINILM_L6_EMBED = "minilm-l6-embed"
+
+# What a catalogue entry's model is: a text classifier, or an embedding model (retrieval).
+KIND_CLASSIFIER = "classifier"
+KIND_EMBEDDING = "embedding"
 
 # What a catalogue entry's artifact holds: a whole model, or an adapter on a shared base.
 FORMAT_FULL = "full"
@@ -27,6 +32,11 @@ FORMAT_ADAPTER = "adapter"
 LORA_TARGET_MODULES = ("query", "key", "value", "attention.output.dense", "intermediate.dense")
 # The hyper-parameters only adapter runs take; a full model's run refuses them.
 LORA_PARAMS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# The hyper-parameters only embedding runs take; a classifier's run refuses them.
+EMBEDDING_PARAMS = ("separate_encoders", "document_fields")
+# How a document becomes the text an embedding model embeds (worker.embeddings): "text" the
+# body alone, "title_text" the title, a newline and the body.
+DOCUMENT_FIELDS = ("text", "title_text")
 
 # The tiny BERT's WordPiece vocabulary is trained on each run's data; this is its ceiling.
 # Small data yields fewer entries, so the real model is at most this big.
@@ -56,7 +66,7 @@ class BaseModel:
 
     id: str
     name: str
-    kind: str = "classifier"
+    kind: str = KIND_CLASSIFIER
     description: str = ""
     # Hyper-parameters a run gets when it names none: a model trained from scratch wants
     # a far larger learning rate than a pretrained encoder being fine-tuned.
@@ -111,6 +121,30 @@ _CATALOGUE = (
             ("lora_alpha", 16.0),
             ("lora_dropout", 0.1),
             ("lora_target_modules", ["query", "value"]),
+        ),
+    ),
+    BaseModel(
+        id=MINILM_L6_EMBED,
+        name="all-MiniLM-L6-v2 + LoRA embedding adapter (shared base)",
+        kind=KIND_EMBEDDING,
+        description=(
+            "An embedding model for retrieval over a knowledge base: a LoRA adapter on the "
+            "shared all-MiniLM-L6-v2 encoder (mean pooled, normalised), trained on "
+            "query/document pairs with in-batch negatives; optionally separate query and "
+            "document encoders. One replica holds the encoder once for every tenant."
+        ),
+        format=FORMAT_ADAPTER,
+        base="all-MiniLM-L6-v2",
+        default_learning_rate=2e-4,
+        default_params=(
+            ("epochs", 4),
+            ("batch_size", 32),
+            ("max_length", 256),
+            ("lora_r", 16),
+            ("lora_alpha", 32.0),
+            ("lora_dropout", 0.1),
+            ("lora_target_modules", ["query", "key", "value", "attention.output.dense"]),
+            ("document_fields", "title_text"),
         ),
     ),
 )
@@ -209,7 +243,7 @@ def size_bytes(model_id: str) -> int:
     hundreds of MB on a first request). MiniLM: the size of its safetensors file.
     """
     get(model_id)
-    if model_id in (MINILM_L6, MINILM_L6_LORA):
+    if model_id in (MINILM_L6, MINILM_L6_LORA, MINILM_L6_EMBED):
         # The adapter entry's shared base: what a replica holds once for all its adapters.
         return (minilm_path() / "model.safetensors").stat().st_size
     return _bert_parameters(vocab_size=TINY_BERT_VOCAB_SIZE, num_labels=2, **TINY_BERT_SHAPE) * 4

@@ -40,8 +40,11 @@ def measure_memory_bytes(
     """
     if not sample_texts:
         raise ValueError("measure_memory_bytes needs at least one sample text")
-    from worker import adapters
+    from worker import adapters, embeddings
 
+    if embeddings.is_embedder_dir(model_dir):
+        # An embedding model is LoRA on the shared base too: its own tensors alone.
+        return embeddings.embedder_bytes(model_dir)
     if adapters.is_adapter_dir(model_dir):
         # What the tenant adds to a replica that already holds the shared base: the
         # adapter and head tensors. The base is counted once per replica, by placement.

@@ -72,12 +72,16 @@ def load_model_dir(
 
 def artifact_format(directory: Path) -> dict[str, Any]:
     """What the registry records of a model directory's format: ``{"format": "full"}``, or
-    for an adapter its base (catalogue id, weights sha256, the bytes a replica holds once)."""
-    from worker import adapters
+    for an adapter (a classifier's or an embedding model's) its base (catalogue id, weights
+    sha256, the bytes a replica holds once)."""
+    from worker import adapters, embeddings
 
-    if not adapters.is_adapter_dir(directory):
+    if embeddings.is_embedder_dir(directory):
+        meta = embeddings.read_meta(directory)
+    elif adapters.is_adapter_dir(directory):
+        meta = adapters.read_meta(directory)
+    else:
         return {"format": "full"}
-    meta = adapters.read_meta(directory)
     base_model = str(meta["base_model"])
     return {
         "format": "adapter",

@@ -4,7 +4,8 @@ API and the launch form share.
 What a run does not name comes from its base model's defaults (``BaseModel.defaults()``: an
 adapter run gets 5 epochs and its LoRA shape), then from ``TrainConfig``'s. What is recorded
 with the run is the whole resolved config, so a rerun or a reader of the run sees exactly
-what trained; a full model's run records no LoRA keys at all.
+what trained; a full model's run records no LoRA keys at all, a classifier's run no
+embedding keys (``separate_encoders``, ``document_fields``).
 """
 
 from __future__ import annotations
@@ -51,5 +52,10 @@ def params_resolve(
         resolved.update(copy.deepcopy(config.lora()))
     else:
         for name in base_models.LORA_PARAMS:
+            resolved.pop(name, None)
+    if entry.kind == base_models.KIND_EMBEDDING:
+        resolved["document_fields"] = config.resolved_document_fields()
+    else:
+        for name in base_models.EMBEDDING_PARAMS:
             resolved.pop(name, None)
     return resolved, {}

@@ -80,13 +80,25 @@ def test_data_spec_round_trips_through_json_types() -> None:
 
 def test_catalogue_lists_the_full_and_the_adapter_base_models() -> None:
     models = {model.id: model for model in base_models.catalogue()}
-    assert set(models) == {"tiny-bert", "minilm-l6", "minilm-l6-lora"}
-    assert all(model.kind == "classifier" and model.name for model in models.values())
+    assert set(models) == {"tiny-bert", "minilm-l6", "minilm-l6-lora", "minilm-l6-embed"}
+    assert all(model.name for model in models.values())
+    assert {m.id: m.kind for m in models.values()} == {
+        "tiny-bert": "classifier",
+        "minilm-l6": "classifier",
+        "minilm-l6-lora": "classifier",
+        "minilm-l6-embed": "embedding",
+    }
     assert {m.id: m.format for m in models.values()} == {
         "tiny-bert": "full",
         "minilm-l6": "full",
         "minilm-l6-lora": "adapter",
+        "minilm-l6-embed": "adapter",
     }
+    # The embedding entry adapts the very weights the classifier adapters do: one base.
+    embed = models["minilm-l6-embed"]
+    assert embed.base == models["minilm-l6-lora"].base
+    assert base_models.base_sha256("minilm-l6-embed") == base_models.base_sha256("minilm-l6-lora")
+    assert base_models.size_bytes("minilm-l6-embed") == base_models.size_bytes("minilm-l6-lora")
     adapter = models["minilm-l6-lora"]
     assert adapter.base == "all-MiniLM-L6-v2"
     assert base_models.base_sha256("minilm-l6-lora") == base_models.minilm_sha256()
@@ -111,3 +123,15 @@ def test_size_bytes_of_the_tiny_bert_is_its_parameters_in_float32() -> None:
 def test_size_bytes_of_minilm_is_its_safetensors_file() -> None:
     weights = base_models.minilm_path() / "model.safetensors"
     assert base_models.size_bytes("minilm-l6") == weights.stat().st_size > 80_000_000
+
+
+def test_embedding_parameters_are_for_embedding_base_models_only() -> None:
+    assert TrainConfig(base_model="minilm-l6-embed", separate_encoders=True).validate() == {}
+    errors = TrainConfig(base_model="minilm-l6-lora", separate_encoders=True).validate()
+    assert "separate_encoders" in errors
+    assert (
+        "document_fields" in TrainConfig(base_model="tiny-bert", document_fields="text").validate()
+    )
+    bad = TrainConfig(base_model="minilm-l6-embed", document_fields="summary").validate()
+    assert "document_fields" in bad
+    assert TrainConfig(base_model="minilm-l6-embed").resolved_document_fields() == "title_text"

@@ -45,6 +45,22 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     lora_target_modules: list[str] | None = None
+    # Embedding base models only: separate query and document encoders (two adapters, one
+    # model), and how a document's title and text make the text it is embedded as (None:
+    # the catalogue entry's default; see base_models.DOCUMENT_FIELDS).
+    separate_encoders: bool = False
+    document_fields: str | None = None
+
+    def is_embedding(self) -> bool:
+        try:
+            return base_models.get(self.base_model).kind == base_models.KIND_EMBEDDING
+        except base_models.UnknownBaseModel:
+            return False
+
+    def resolved_document_fields(self) -> str:
+        if self.document_fields is not None:
+            return self.document_fields
+        return str(base_models.get(self.base_model).defaults()["document_fields"])
 
     def lora(self) -> dict[str, Any]:
         """The LoRA parameters with the base model's defaults for those left at None."""
@@ -109,7 +125,23 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, 0.0, 100.0, low_open=False)
         check_int("log_every_steps", self.log_every_steps, 1, 10_000)
         self._validate_lora(errors, check_int, check_float)
+        self._validate_embedding(errors)
         return errors
+
+    def _validate_embedding(self, errors: dict[str, str]) -> None:
+        if not isinstance(self.separate_encoders, bool):
+            errors["separate_encoders"] = "Must be true or false."
+        if not self.is_embedding():
+            for name in base_models.EMBEDDING_PARAMS:
+                if getattr(self, name) not in (None, False):
+                    errors[name] = (
+                        f"Only embedding base models take {name}; "
+                        f"{self.base_model!r} is a classifier."
+                    )
+            return
+        fields = self.document_fields
+        if fields is not None and fields not in base_models.DOCUMENT_FIELDS:
+            errors["document_fields"] = f"Must be one of: {', '.join(base_models.DOCUMENT_FIELDS)}."
 
     def _validate_lora(self, errors: dict[str, str], check_int: Any, check_float: Any) -> None:
         try:
@@ -157,10 +189,24 @@ class DataSpec:
     text_column: str
     label_column: str
     format: str = "csv"  # one of DATA_FORMATS; the reader refuses any other
+    # Retrieval data: text_column holds the query, label_column the document id, and the
+    # knowledge base (columns id, text, optional title) lies here.
+    documents_path: Path | None = None
+    documents_format: str = "csv"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "path": str(self.path)}
+        data = {**dataclasses.asdict(self), "path": str(self.path)}
+        if self.documents_path is not None:
+            data["documents_path"] = str(self.documents_path)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSpec:
-        return cls(**{**data, "path": Path(data["path"])})
+        documents = data.get("documents_path")
+        return cls(
+            **{
+                **data,
+                "path": Path(data["path"]),
+                "documents_path": Path(documents) if documents is not None else None,
+            }
+        )
