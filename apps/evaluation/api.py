@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import Http404
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -17,11 +17,78 @@ from apps.tenants.models import Role
 from apps.tenants.scoping import TenantScopedMixin
 
 
+class RetrievalMetricsSerializer(serializers.Serializer[Any]):
+    """An embedding model's ranking quality on one retrieval set (worker.retrieval's
+    definitions: recall@k the share of queries with a relevant document in the first k)."""
+
+    recall_at_1 = serializers.FloatField()
+    recall_at_5 = serializers.FloatField()
+    recall_at_10 = serializers.FloatField()
+    mrr_at_10 = serializers.FloatField()
+    ndcg_at_10 = serializers.FloatField()
+
+
+class BaseRetrievalMetricsSerializer(RetrievalMetricsSerializer):
+    base_model = serializers.CharField(help_text="the catalogue's base model the version tunes")
+    base_sha256 = serializers.CharField(help_text="the base weights measured")
+    max_length = serializers.IntegerField(help_text="the version's, so both read the same text")
+    reused_from = serializers.CharField(
+        allow_null=True,
+        help_text="the evaluation whose measurement of this base on this set was reused",
+    )
+
+
+class RetrievalResultSerializer(serializers.Serializer[Any]):
+    """What an embedding evaluation measured; null for a classifier's."""
+
+    metrics = RetrievalMetricsSerializer()
+    base = BaseRetrievalMetricsSerializer(
+        allow_null=True, help_text="the un-tuned base on the same set, measured the same way"
+    )
+    curve = serializers.ListField(
+        child=serializers.FloatField(), help_text="recall@k for k = 1..20"
+    )
+    base_curve = serializers.ListField(child=serializers.FloatField())
+    queries = serializers.IntegerField(help_text="distinct queries")
+    documents = serializers.IntegerField()
+    wrong_queries = serializers.IntegerField(
+        help_text="queries whose first result is not a relevant document"
+    )
+
+
+def _retrieval(evaluation: Evaluation) -> dict[str, Any] | None:
+    metrics = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    if metrics.get("task") != "retrieval":
+        return None
+    base = evaluation.base_metrics if isinstance(evaluation.base_metrics, dict) else {}
+    keys = services.RETRIEVAL_METRICS
+    return {
+        "metrics": {k: metrics.get(k) for k in keys},
+        "base": {
+            **{k: base.get(k) for k in keys},
+            **{k: base.get(k) for k in ("base_model", "base_sha256", "max_length")},
+            "reused_from": base.get("reused_from"),
+        }
+        if base
+        else None,
+        "curve": metrics.get("recall_curve") or [],
+        "base_curve": base.get("recall_curve") or [],
+        "queries": metrics.get("queries", 0),
+        "documents": metrics.get("documents", 0),
+        "wrong_queries": metrics.get("wrong_queries", 0),
+    }
+
+
 class EvaluationOutputSerializer(serializers.ModelSerializer[Evaluation]):
     model_version = serializers.CharField(source="model_version_id", read_only=True)
     dataset_version = serializers.CharField(source="dataset_version_id", read_only=True)
     dataset = serializers.CharField(source="dataset_version.dataset.name", read_only=True)
     dataset_kind = serializers.CharField(source="dataset_version.dataset.kind", read_only=True)
+    retrieval = serializers.SerializerMethodField()
+
+    @extend_schema_field(RetrievalResultSerializer(allow_null=True))
+    def get_retrieval(self, evaluation: Evaluation) -> dict[str, Any] | None:
+        return _retrieval(evaluation)
 
     class Meta:
         model = Evaluation
@@ -35,6 +102,7 @@ class EvaluationOutputSerializer(serializers.ModelSerializer[Evaluation]):
             "artifact_sha256",
             "max_rows",
             "metrics",
+            "retrieval",
             "error",
             "created_at",
             "finished_at",

@@ -40,6 +40,15 @@ class Evaluation(models.Model):
     # The first rows' inputs and predictions ({text, label, predicted, score}): what a
     # deployment's warm-up sends through the fleet and must get back unchanged.
     samples = models.JSONField(default=list)
+    # An embedding model's evaluation also measures the un-tuned base it was trained from,
+    # the same way on the same set ({recall_at_1, ..., recall_curve, base_model,
+    # base_sha256, max_length, reused_from}): the champion when there is none, and the
+    # yardstick the review page shows beside the version. {} for a classifier.
+    base_metrics = models.JSONField(default=dict)
+    # The queries the version ranks wrong (its first result not relevant), the first
+    # ``tasks.MAX_WRONG_QUERIES`` in file order: {query, document_id, relevant,
+    # first_hit, ranked: [{document_id, title, score}]}. Only of the tenant's own sets.
+    wrong_queries = models.JSONField(default=list)
     error = models.TextField(blank=True)
     attempt = models.PositiveIntegerField(default=0)
     claimed_by = models.CharField(max_length=200, blank=True)

@@ -21,15 +21,33 @@ from django.utils import timezone
 from apps.audit.services import audit_record
 from apps.core.errors import InvalidInput
 from apps.core.leases import queue_depth
-from apps.datasets.models import DatasetKind, DatasetVersion
+from apps.datasets.models import DatasetKind, DatasetVersion, Task
 from apps.evaluation.models import EvalStatus, Evaluation, PromotionPolicy
-from apps.registry.models import ModelVersion
+from apps.registry.models import ModelKind, ModelVersion
 from apps.tenants.models import Tenant
 
 DEFAULT_GATES: list[dict[str, Any]] = [
     {"metric": "macro_f1", "op": ">=", "value": 0.7, "dataset": None},
     {"metric": "latency_ms_p95", "op": "<=", "value": 50.0, "dataset": None},
 ]
+# An embedding model: the issue's StackFAQ anchors for the un-tuned MiniLM are recall@1
+# 0.720, recall@5 0.885, MRR@10 0.794; these floors refuse a broken model, and the
+# no-regression check (max_regression_vs_champion 0) asks a tuned one to do no worse than
+# the champion (or, with none in production, the un-tuned base) on any of the four.
+DEFAULT_EMBEDDING_GATES: list[dict[str, Any]] = [
+    {"metric": "recall_at_1", "op": ">=", "value": 0.3, "dataset": None},
+    {"metric": "recall_at_5", "op": ">=", "value": 0.5, "dataset": None},
+    {"metric": "mrr_at_10", "op": ">=", "value": 0.4, "dataset": None},
+    {"metric": "ndcg_at_10", "op": ">=", "value": 0.45, "dataset": None},
+]
+DEFAULT_EMBEDDING_MAX_REGRESSION = 0.0
+RETRIEVAL_METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "ndcg_at_10")
+# The metrics compared with the champion's under ``max_regression_vs_champion``, by kind.
+REGRESSION_METRICS: dict[str, tuple[str, ...]] = {
+    ModelKind.EMBEDDING: ("recall_at_1", "recall_at_5", "mrr_at_10", "ndcg_at_10"),
+}
+DEFAULT_REGRESSION_METRICS = ("macro_f1",)
+RETRIEVAL_HEADLINE = ("recall_at_1", "recall_at_5", "mrr_at_10")
 GATE_METRICS = (
     "accuracy",
     "macro_f1",
@@ -37,18 +55,31 @@ GATE_METRICS = (
     "latency_ms_p50",
     "latency_ms_p95",
     "peak_memory_bytes",
+    *RETRIEVAL_METRICS,
 )
 GATE_OPS = (">=", ">", "<=", "<", "==")
 
 
-def default_evaluation_versions(*, tenant: Tenant) -> list[tuple[DatasetVersion, int | None]]:
+def dataset_task(model_kind: str) -> str:
+    """The task of the datasets a model of ``model_kind`` is measured on."""
+    return Task.RETRIEVAL if model_kind == ModelKind.EMBEDDING else Task.TEXT_CLASSIFICATION
+
+
+def default_evaluation_versions(
+    *, tenant: Tenant, model_kind: str = ModelKind.CLASSIFIER
+) -> list[tuple[DatasetVersion, int | None]]:
     """The n+1 kinds of datasets a model must pass: the latest version of each of the
     tenant's golden sets (all rows), of each shared golden set of the tenant's domain
-    vertical, and of each of its sample sets (a random ``EVALUATION_SAMPLE_ROWS`` rows)."""
+    vertical, and of each of its sample sets (a random ``EVALUATION_SAMPLE_ROWS`` rows) —
+    of the task the model's kind answers (an embedding model: retrieval sets, measured on
+    every pair)."""
+    task = dataset_task(model_kind)
     chosen: list[tuple[DatasetVersion, int | None]] = []
     latest = (
         DatasetVersion.objects.filter(
-            dataset__tenant=tenant, dataset__kind__in=[DatasetKind.GOLDEN, DatasetKind.SAMPLE]
+            dataset__tenant=tenant,
+            dataset__kind__in=[DatasetKind.GOLDEN, DatasetKind.SAMPLE],
+            dataset__task=task,
         )
         .values("dataset_id")
         .annotate(n=Max("number"))
@@ -58,7 +89,9 @@ def default_evaluation_versions(*, tenant: Tenant) -> list[tuple[DatasetVersion,
             dataset_id=row["dataset_id"], number=row["n"]
         )
         sample = (
-            settings.EVALUATION_SAMPLE_ROWS if version.dataset.kind == DatasetKind.SAMPLE else None
+            settings.EVALUATION_SAMPLE_ROWS
+            if version.dataset.kind == DatasetKind.SAMPLE and task != Task.RETRIEVAL
+            else None
         )
         chosen.append((version, sample))
     if tenant.domain:
@@ -67,6 +100,7 @@ def default_evaluation_versions(*, tenant: Tenant) -> list[tuple[DatasetVersion,
                 dataset__tenant__isnull=True,
                 dataset__domain=tenant.domain,
                 dataset__kind=DatasetKind.GOLDEN,
+                dataset__task=task,
             )
             .values("dataset_id")
             .annotate(n=Max("number"))
@@ -88,15 +122,31 @@ def evaluation_request(
     dataset_versions: list[DatasetVersion] | None = None,
     via: str = "",
 ) -> list[Evaluation]:
-    """Queue one evaluation per dataset version (default: every golden and sample set)."""
+    """Queue one evaluation per dataset version (default: every golden and sample set of
+    the task the model's kind answers)."""
+    kind = model_version.registered_model.kind
+    task = dataset_task(kind)
     if dataset_versions:
         targets: list[tuple[DatasetVersion, int | None]] = [(v, None) for v in dataset_versions]
+        unfit = [v for v in dataset_versions if v.dataset.task != task]
+        if unfit:
+            raise InvalidInput(
+                f"a {kind} model is evaluated on {task} datasets; {unfit[0].pk} is "
+                f"{unfit[0].dataset.task}",
+                fields={
+                    "dataset_versions": [
+                        f"{unfit[0].pk} is a {unfit[0].dataset.task} dataset version; "
+                        f"a {kind} model is evaluated on {task} data."
+                    ]
+                },
+            )
     else:
-        targets = default_evaluation_versions(tenant=tenant)
+        targets = default_evaluation_versions(tenant=tenant, model_kind=kind)
     if not targets:
+        what = "golden retrieval" if task == Task.RETRIEVAL else "golden or sample"
         raise InvalidInput(
-            "this tenant has no golden or sample dataset to evaluate on; upload one first",
-            fields={"dataset_versions": ["No golden or sample dataset version to evaluate on."]},
+            f"this tenant has no {what} dataset to evaluate on; upload one first",
+            fields={"dataset_versions": [f"No {what} dataset version to evaluate on."]},
         )
     created = []
     for version, max_rows in targets:
@@ -177,6 +227,8 @@ def evaluation_finish(
     attempt: int,
     metrics: dict[str, Any] | None = None,
     samples: list[dict[str, Any]] | None = None,
+    base_metrics: dict[str, Any] | None = None,
+    wrong_queries: list[dict[str, Any]] | None = None,
     error: str = "",
 ) -> Evaluation | None:
     """Record the attempt's result; None (nothing written) if it was superseded."""
@@ -186,6 +238,8 @@ def evaluation_finish(
     evaluation.status = EvalStatus.FAILED if error else EvalStatus.SUCCEEDED
     evaluation.metrics = metrics or {}
     evaluation.samples = samples or []
+    evaluation.base_metrics = base_metrics or {}
+    evaluation.wrong_queries = wrong_queries or []
     evaluation.error = error[-4000:]
     evaluation.finished_at = timezone.now()
     evaluation.save()
@@ -198,8 +252,14 @@ def evaluation_finish(
         obj=evaluation,
         after={
             "status": evaluation.status,
-            "accuracy": (metrics or {}).get("accuracy"),
-            "macro_f1": (metrics or {}).get("macro_f1"),
+            **{
+                key: (metrics or {}).get(key)
+                for key in (
+                    RETRIEVAL_HEADLINE
+                    if (metrics or {}).get("task") == Task.RETRIEVAL
+                    else ("accuracy", "macro_f1")
+                )
+            },
         },
         via="task",
     )
@@ -313,11 +373,28 @@ def _enqueue_promotion_checks() -> None:
     check_waiting_promotions.delay()
 
 
+def default_gates(model_kind: str) -> list[dict[str, Any]]:
+    gates = DEFAULT_EMBEDDING_GATES if model_kind == ModelKind.EMBEDDING else DEFAULT_GATES
+    return [dict(g) for g in gates]
+
+
+def _default_policy_fields(model_kind: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"gates": default_gates(model_kind)}
+    if model_kind == ModelKind.EMBEDDING:
+        fields["max_regression_vs_champion"] = DEFAULT_EMBEDDING_MAX_REGRESSION
+    return fields
+
+
+def regression_metrics(model_kind: str) -> tuple[str, ...]:
+    """What ``max_regression_vs_champion`` compares for a kind."""
+    return REGRESSION_METRICS.get(model_kind, DEFAULT_REGRESSION_METRICS)
+
+
 def policy_for(*, tenant: Tenant, model_kind: str) -> PromotionPolicy:
     """The tenant's policy for a kind; the sensible default (unsaved) when none was set."""
     found = PromotionPolicy.objects.filter(tenant=tenant, model_kind=model_kind).first()
     return found or PromotionPolicy(
-        tenant=tenant, model_kind=model_kind, gates=[dict(g) for g in DEFAULT_GATES]
+        tenant=tenant, model_kind=model_kind, **_default_policy_fields(model_kind)
     )
 
 
@@ -335,7 +412,7 @@ def policy_update(
     via: str = "",
 ) -> PromotionPolicy:
     policy, _ = PromotionPolicy.objects.select_for_update().get_or_create(
-        tenant=tenant, model_kind=model_kind, defaults={"gates": [dict(g) for g in DEFAULT_GATES]}
+        tenant=tenant, model_kind=model_kind, defaults=_default_policy_fields(model_kind)
     )
     before = {
         "gates": policy.gates,

@@ -14,10 +14,15 @@ from django.conf import settings
 
 from apps.core.artifacts import download
 from apps.core.leases import Heartbeat
-from apps.evaluation import services
+from apps.datasets.models import Task
+from apps.evaluation import selectors, services
 from apps.training.runner import worker_name
 
 log = logging.getLogger(__name__)
+# Wrong queries kept per evaluation of a tenant's own retrieval set (the review page's list),
+# and how many of each one's first results.
+MAX_WRONG_QUERIES = 200
+WRONG_QUERY_RESULTS = 3
 
 
 @shared_task(
@@ -46,7 +51,10 @@ def run_evaluation(evaluation_id: str) -> str:
     work = Path(settings.TRAINING_WORK_DIR) / f"{evaluation.pk}-a{attempt}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        metrics, samples = _evaluate(evaluation, work)
+        if evaluation.dataset_version.dataset.task == Task.RETRIEVAL:
+            metrics, samples, extra = _evaluate_retrieval(evaluation, work)
+        else:
+            (metrics, samples), extra = _evaluate(evaluation, work), {}
         # A superseded attempt logs nothing to MLflow and records nothing.
         if not heartbeat.held or not services.evaluation_heartbeat(
             evaluation_id=evaluation_id, attempt=attempt
@@ -54,7 +62,11 @@ def run_evaluation(evaluation_id: str) -> str:
             return "lost"
         metrics["mlflow_logged"] = _log_to_mlflow(evaluation, metrics)
         finished = services.evaluation_finish(
-            evaluation_id=evaluation_id, attempt=attempt, metrics=metrics, samples=samples
+            evaluation_id=evaluation_id,
+            attempt=attempt,
+            metrics=metrics,
+            samples=samples,
+            **extra,
         )
         return "succeeded" if finished is not None else "lost"
     except Exception as exc:
@@ -72,18 +84,10 @@ def run_evaluation(evaluation_id: str) -> str:
 def _evaluate(evaluation: Any, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Download the model (refusing other bytes than the evaluated sha256) and the data,
     and evaluate; the metrics and the warm-up samples."""
-    from apps.training.packaging import unpack
     from worker.evaluation import evaluate
     from worker.training.config import DataSpec
 
-    version = evaluation.model_version
-    digest = download(version.artifact_key, work / "model.tar")
-    if digest != evaluation.artifact_sha256:
-        raise RuntimeError(
-            f"the stored model's sha256 is {digest}, not the {evaluation.artifact_sha256} "
-            "this evaluation was asked for; refusing to evaluate other bytes"
-        )
-    model_dir = unpack(work / "model.tar", work / "model")
+    model_dir = _download_model(evaluation, work)
     data = evaluation.dataset_version
     path = work / f"data.{data.format}"
     download(data.storage_key, path)
@@ -107,6 +111,109 @@ def _evaluate(evaluation: Any, work: Path) -> tuple[dict[str, Any], list[dict[st
     return result.to_dict(), samples
 
 
+def _download_model(evaluation: Any, work: Path) -> Path:
+    from apps.training.packaging import unpack
+
+    digest = download(evaluation.model_version.artifact_key, work / "model.tar")
+    if digest != evaluation.artifact_sha256:
+        raise RuntimeError(
+            f"the stored model's sha256 is {digest}, not the {evaluation.artifact_sha256} "
+            "this evaluation was asked for; refusing to evaluate other bytes"
+        )
+    return Path(unpack(work / "model.tar", work / "model"))
+
+
+def _evaluate_retrieval(
+    evaluation: Any, work: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """An embedding model on a golden retrieval set against its own documents, and the
+    un-tuned base it was trained from measured the same way (max length and document text
+    as the version's), reused from an earlier evaluation of the same set when one measured
+    the same base so. The metrics, the warm-up samples, and ``base_metrics`` and
+    ``wrong_queries`` for ``evaluation_finish``."""
+    import torch
+
+    from worker.embeddings import base_embedder, load_embedder
+    from worker.retrieval_data import read_documents, read_pairs
+    from worker.retrieval_eval import evaluate_retrieval
+    from worker.training.config import DataSpec
+
+    model_dir = _download_model(evaluation, work)
+    data = evaluation.dataset_version
+    if not data.documents_storage_key:
+        raise RuntimeError(f"dataset version {data.pk} has no documents to search")
+    pairs_path = work / f"pairs.{data.format}"
+    documents_path = work / f"documents.{data.documents_format}"
+    download(data.storage_key, pairs_path)
+    download(data.documents_storage_key, documents_path)
+    pairs = read_pairs(
+        DataSpec(
+            path=pairs_path,
+            text_column=data.text_column,
+            label_column=data.label_column,
+            format=data.format,
+        )
+    )
+    documents = read_documents(documents_path, data.documents_format)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    embedder = load_embedder(model_dir, device=device)
+    result = evaluate_retrieval(embedder, pairs, documents)
+
+    base_key: dict[str, Any] = {
+        "base_model": embedder.base_model,
+        "base_sha256": embedder.base_sha256,
+        "max_length": embedder.max_length,
+        "document_fields": embedder.document_fields,
+    }
+    reused = selectors.cached_base_metrics(dataset_version_id=data.pk, **base_key)
+    if reused is not None:
+        base_metrics = {**reused.base_metrics, "reused_from": reused.pk}
+    else:
+        base = base_embedder(
+            embedder.base_model,
+            max_length=embedder.max_length,
+            device=device,
+            document_fields=embedder.document_fields,
+        )
+        base_metrics = {**evaluate_retrieval(base, pairs, documents).summary(), **base_key}
+        base_metrics["reused_from"] = None
+
+    # Query texts reach the tenant (the review page, the warm-up's mismatches): kept only of
+    # the tenant's own sets; a shared golden set's rows are for staff eyes only.
+    own = data.dataset.tenant_id is not None
+    titles = {d.id: d.title for d in documents}
+    wrong = [
+        {
+            "query": q.query,
+            "document_id": q.document_id,
+            "title": titles.get(q.document_id, ""),
+            "relevant": q.relevant,
+            "first_hit": q.first_hit,
+            "ranked": [
+                {"document_id": i, "title": titles.get(i, ""), "score": s}
+                for i, s in zip(
+                    q.ids[:WRONG_QUERY_RESULTS], q.scores[:WRONG_QUERY_RESULTS], strict=True
+                )
+            ],
+        }
+        for q in result.wrong[:MAX_WRONG_QUERIES]
+    ]
+    samples = (
+        [
+            *({"role": "query", **w} for w in result.warmup_queries),
+            *({"role": "document", **w} for w in result.warmup_documents),
+        ]
+        if own
+        else []
+    )
+    metrics = {**result.summary(), "documents_sha256": data.documents_sha256}
+    return (
+        metrics,
+        samples,
+        {"base_metrics": base_metrics, "wrong_queries": wrong if own else []},
+    )
+
+
 @shared_task(name="evaluation.requeue_stale", soft_time_limit=60, time_limit=90)
 def requeue_stale() -> list[str]:
     return services.evaluations_requeue_stale()
@@ -122,7 +229,14 @@ def _log_to_mlflow(evaluation: object, metrics: dict[str, object]) -> bool:
     name = evaluation.dataset_version.dataset.name  # type: ignore[attr-defined]
     try:
         client = MlflowClient(tracking_uri=settings.MLFLOW_TRACKING_URI)
-        for key in ("accuracy", "macro_f1", "ece", "latency_ms_p50", "latency_ms_p95"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "ece",
+            "latency_ms_p50",
+            "latency_ms_p95",
+            *services.RETRIEVAL_METRICS,
+        ):
             value = metrics.get(key)
             if isinstance(value, int | float):
                 client.log_metric(run_id, f"eval.{name}.{key}", float(value))

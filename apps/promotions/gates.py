@@ -22,12 +22,18 @@ def check_gates(
     latency_budget_ms: float | None = None,
     max_regression: float | None = None,
     champion: dict[str, dict[str, Any]] | None = None,
+    regression_metrics: tuple[str, ...] = ("macro_f1",),
+    champion_names: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per gate and dataset: ``{gate, dataset, metric, op, threshold, value, passed}``.
 
     ``results`` maps dataset id -> evaluation metrics (``{"dataset_name", "macro_f1", ...}``).
     A gate without a dataset applies to every evaluated dataset; a gate naming a dataset that
-    was not evaluated fails (a missing measurement never passes).
+    was not evaluated fails (a missing measurement never passes). With ``max_regression``,
+    each of ``regression_metrics`` may fall at most that far below the champion's on each
+    dataset the champion was measured on (``champion_names[dataset]`` says who that was, by
+    default "champion": an embedding model is held to its un-tuned base where no production
+    version was measured).
     """
     rows: list[dict[str, Any]] = []
     effective = [dict(g) for g in gates]
@@ -56,17 +62,20 @@ def check_gates(
             })  # fmt: skip
     if max_regression is not None and champion:
         for dataset, theirs in sorted(champion.items()):
-            ours = results.get(dataset, {}).get("macro_f1")
-            best = theirs.get("macro_f1")
-            if best is None:
-                continue
-            threshold = float(best) - max_regression
-            rows.append({
-                "gate": "regression vs champion", "dataset": dataset,
-                "dataset_name": results.get(dataset, {}).get("dataset_name", dataset),
-                "metric": "macro_f1", "op": ">=", "threshold": threshold,
-                "value": None if ours is None else float(ours),
-                "passed": ours is not None and float(ours) >= threshold,
-                "champion_value": float(best),
-            })  # fmt: skip
+            for metric in regression_metrics:
+                ours = results.get(dataset, {}).get(metric)
+                best = theirs.get(metric)
+                if best is None:
+                    continue
+                threshold = float(best) - max_regression
+                rows.append({
+                    "gate": f"regression vs {(champion_names or {}).get(dataset, 'champion')}",
+                    "dataset": dataset,
+                    "dataset_name": results.get(dataset, {}).get("dataset_name", dataset),
+                    "metric": metric, "op": ">=", "threshold": threshold,
+                    "value": None if ours is None else float(ours),
+                    # A hair of float noise (the same model measured twice) is no regression.
+                    "passed": ours is not None and float(ours) >= threshold - 1e-9,
+                    "champion_value": float(best),
+                })  # fmt: skip
     return rows

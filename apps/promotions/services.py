@@ -23,7 +23,7 @@ from apps.evaluation import services as evaluation_services
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.promotions.gates import check_gates
 from apps.promotions.models import OPEN, PromotionRequest, PromotionStatus, Target
-from apps.registry.models import ModelVersion, Stage
+from apps.registry.models import ModelKind, ModelVersion, Stage
 from apps.tenants.models import ROLE_RANK, Membership, Role, Tenant
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ def promotion_request(
         requested_by=actor if getattr(actor, "is_authenticated", False) else None,
     )
     reusable = _reusable_evaluations(model_version)
-    wanted = evaluation_services.default_evaluation_versions(tenant=tenant)
+    wanted = evaluation_services.default_evaluation_versions(
+        tenant=tenant, model_kind=model_version.registered_model.kind
+    )
     missing = [v for v, _ in wanted if v.pk not in reusable]
     created: list[Evaluation] = []
     if missing:
@@ -153,6 +155,18 @@ def _results(evaluations: list[Evaluation]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _base_results(evaluations: list[Evaluation]) -> dict[str, dict[str, Any]]:
+    """The un-tuned base's metrics measured beside each embedding evaluation, by dataset."""
+    return {
+        e.dataset_version.dataset_id: {
+            **e.base_metrics,
+            "dataset_name": e.dataset_version.dataset.name,
+        }
+        for e in evaluations
+        if isinstance(e.base_metrics, dict) and e.base_metrics
+    }
+
+
 def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
     """Move a checking request on once all its evaluations have finished."""
     with transaction.atomic():
@@ -196,6 +210,14 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
                     .order_by("created_at")
                 )
                 champion_results = _results(list(theirs))
+            champion_names = dict.fromkeys(champion_results or {}, "champion")
+            if version.registered_model.kind == ModelKind.EMBEDDING:
+                # The un-tuned base is the champion wherever no production version was
+                # measured: a tuned embedding model must at least match what it started from.
+                for dataset, base in _base_results(evaluations).items():
+                    if dataset not in champion_names:
+                        champion_results = {**(champion_results or {}), dataset: base}
+                        champion_names[dataset] = "un-tuned base"
             promotion.champion = champion
             promotion.gate_dataset_versions = _gate_dataset_versions(evaluations)
             promotion.gate_results = check_gates(
@@ -204,6 +226,10 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
                 latency_budget_ms=policy.latency_budget_ms,
                 max_regression=policy.max_regression_vs_champion,
                 champion=champion_results,
+                regression_metrics=evaluation_services.regression_metrics(
+                    version.registered_model.kind
+                ),
+                champion_names=champion_names,
             )
             passed = all(row["passed"] for row in promotion.gate_results)
             promotion.status = (
