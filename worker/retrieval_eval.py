@@ -19,6 +19,8 @@ Definitions, fixed here so that every evaluation means the same thing:
 - **latency**: wall time of one ``encode`` call of a batch of ``batch_size`` queries (the
   tokeniser included: it is what a search request pays), after one untimed warm-up call;
   p50/p95 as :func:`worker.evaluation.percentile`. The documents' encoding is timed whole.
+- **documents** are embedded as the model says (``Embedder.document_text``: the body, or
+  the title and the body), as its training and its deployment's index embed them.
 - **warm-up**: the first ``warmup_queries`` queries with their embeddings and top ``k``
   results, and the first ``warmup_documents`` documents with theirs: what a deployment must
   reproduce (cosine >= 1 - 1e-4, same ids) before it takes traffic.
@@ -64,6 +66,8 @@ class DocumentLike(Protocol):
     def id(self) -> str: ...
     @property
     def text(self) -> str: ...
+    @property
+    def title(self) -> str: ...
 
 
 @dataclass
@@ -179,7 +183,11 @@ def evaluate_retrieval(
     # Warm-up: the first call's allocations and kernel choices are not a batch's latency.
     embedder.encode(texts[:batch_size], role="query", batch_size=batch_size)
     started = time.perf_counter()
-    document_vectors = _encode(embedder, [d.text for d in documents], "document", batch_size)
+    # The model says how a document becomes text (body alone, or title and body), as its
+    # training and its deployment's index embed it.
+    compose = getattr(embedder, "document_text", None)
+    document_texts = [compose(d) if callable(compose) else d.text for d in documents]
+    document_vectors = _encode(embedder, document_texts, "document", batch_size)
     documents_seconds = time.perf_counter() - started
     latencies: list[float] = []
     blocks = []
@@ -230,7 +238,12 @@ def evaluate_retrieval(
             for i, q in enumerate(results[:warmup_queries])
         ],
         warmup_documents=[
-            {"id": d.id, "text": d.text, "embedding": [float(x) for x in document_vectors[i]]}
+            {
+                "id": d.id,
+                "title": d.title,
+                "text": d.text,
+                "embedding": [float(x) for x in document_vectors[i]],
+            }
             for i, d in enumerate(documents[:warmup_documents])
         ],
         query_embeddings_sha256=_digest(query_vectors),
