@@ -79,6 +79,17 @@ def post(
     return actor.client.post(f"{DATASETS}{dataset_id}/versions/", data)
 
 
+def grant(scientist: Actor, reviewer: Actor, dataset_id: str) -> None:
+    asked = scientist.api(
+        "post",
+        "/api/v1/tenants/acme/data-access/",
+        {"dataset": dataset_id, "purpose": "tune a retriever"},
+    )
+    assert asked.status_code == 201, asked.content
+    decided = f"/api/v1/tenants/acme/data-access/{asked.json()['id']}/grant"
+    assert reviewer.api("post", decided, {}).status_code == 200
+
+
 def assert_nothing_stored(artifacts_dir: Path, settings: Any, events_before: int) -> None:
     assert not DatasetVersion.objects.exists()
     assert stored_files(artifacts_dir) == []
@@ -317,10 +328,16 @@ def test_deleting_a_retrieval_dataset_removes_both_files(
     assert stored_files(artifacts_dir) == []
 
 
-def test_a_classification_version_has_no_documents_download(scientist, training_dataset, upload):
-    upload(scientist, training_dataset, "a.csv", b"text,label\na,x\nb,y\n")
+def test_a_classification_version_has_no_documents_download(
+    scientist, reviewer, training_dataset, upload
+):
+    version = upload(scientist, training_dataset, "a.csv", b"text,label\na,x\nb,y\n").json()
     url = f"{DATASETS}{training_dataset}/versions/1/documents/download"
     assert scientist.client.get(url).status_code == 404
+    grant(scientist, reviewer, training_dataset)
+    granted = f"/api/v1/tenants/acme/granted-data/{version['id']}/"
+    assert scientist.client.get(f"{granted}download").status_code == 200
+    assert scientist.client.get(f"{granted}documents/download").status_code == 404
 
 
 # --- dashboard ----------------------------------------------------------------------------
@@ -380,8 +397,8 @@ def test_dashboard_classification_upload_form_has_no_documents_field(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_notebook_client_uploads_pairs_with_their_documents(
-    live_server, scientist, tenant, artifacts_dir, tmp_path
+def test_the_notebook_client_uploads_pairs_with_their_documents_and_loads_them_granted(
+    live_server, scientist, reviewer, tenant, artifacts_dir, tmp_path
 ):
     from workbench.client import Workbench, WorkbenchError
 
@@ -396,3 +413,13 @@ def test_the_notebook_client_uploads_pairs_with_their_documents(
     assert version["number"] == 1 and version["documents_count"] == 3
     assert version["documents_original_filename"] == "kb.csv"
     assert json.loads(json.dumps(version["profile"]))["pairs"] == 3
+    # Read back as granted data, as a notebook does: the pairs and their knowledge base.
+    grant(scientist, reviewer, dataset)
+    (granted,) = wb.datasets()
+    assert (granted.documents_count, granted.documents_sha256) == (
+        3,
+        hashlib.sha256(DOCS_CSV).hexdigest(),
+    )
+    assert wb.load(version["id"])[1] == {"query": "I lost it", "document_id": "d2"}
+    documents = wb.load(version["id"], documents=True)
+    assert [d["id"] for d in documents] == ["d1", "d2", "d3"] and documents[1]["title"] == ""

@@ -53,6 +53,9 @@ class GrantedDataset:
     rows: int
     size_bytes: int
     format: str
+    # A retrieval version's knowledge base ("" and 0 for classification data).
+    documents_sha256: str = ""
+    documents_count: int = 0
 
     def __str__(self) -> str:
         return f"{self.name} v{self.number} ({self.id}, {self.rows} rows)"
@@ -140,6 +143,8 @@ class Workbench:
                 rows=row["rows"],
                 size_bytes=row["size_bytes"],
                 format=row["format"],
+                documents_sha256=row.get("documents_sha256", ""),
+                documents_count=row.get("documents_count", 0),
             )
             for row in self._pages(self._tenant_path("granted-data/"))
         ]
@@ -148,12 +153,20 @@ class Workbench:
         """The dataset version ids this notebook was started with."""
         return [v for v in os.environ.get("WORKBENCH_DATASETS", "").split(",") if v]
 
-    def download(self, version_id: str, path: str | os.PathLike[str] | None = None) -> Path:
-        """Save a granted version's file and check its sha256; refused if not granted."""
-        target = Path(path) if path is not None else Path(tempfile.gettempdir()) / version_id
+    def download(
+        self,
+        version_id: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        documents: bool = False,
+    ) -> Path:
+        """Save a granted version's file (``documents``: a retrieval version's knowledge
+        base) and check its sha256; refused if not granted."""
+        name = f"{version_id}-documents" if documents else version_id
+        target = Path(path) if path is not None else Path(tempfile.gettempdir()) / name
         quoted = urllib.parse.quote(version_id)
-        return self._save(self._tenant_path(f"granted-data/{quoted}/download"), target,
-                          what=version_id)  # fmt: skip
+        route = f"granted-data/{quoted}/{'documents/' if documents else ''}download"
+        return self._save(self._tenant_path(route), target, what=name)
 
     def _save(self, route: str, target: Path, *, what: str) -> Path:
         """Stream a download to ``target``, checking the sha256 the workbench sends."""
@@ -171,10 +184,12 @@ class Workbench:
         partial.replace(target)
         return target
 
-    def load(self, version_id: str) -> list[dict[str, str]]:
-        """A granted version's rows, as dicts (CSV or JSON lines)."""
+    def load(self, version_id: str, *, documents: bool = False) -> list[dict[str, Any]]:
+        """A granted version's rows, as dicts (CSV or JSON lines); ``documents``: a
+        retrieval version's knowledge base (id, text, title) instead of its pairs."""
         with tempfile.TemporaryDirectory() as tmp:
-            data = self.download(version_id, Path(tmp) / "data").read_text(encoding="utf-8")
+            saved = self.download(version_id, Path(tmp) / "data", documents=documents)
+            data = saved.read_text(encoding="utf-8-sig")
         if data.lstrip().startswith("{"):
             return [json.loads(line) for line in data.splitlines() if line.strip()]
         return list(csv.DictReader(io.StringIO(data)))

@@ -209,6 +209,11 @@ class GrantedVersionSerializer(serializers.ModelSerializer[DatasetVersion]):
             "label_column",
             "rows",
             "label_count",
+            "documents_format",
+            "documents_sha256",
+            "documents_size_bytes",
+            "documents_count",
+            "profile",
         ]
 
 
@@ -225,6 +230,7 @@ class GrantedDataListApi(TenantScopedMixin, generics.ListAPIView[DatasetVersion]
 
 class GrantedDataDownloadApi(TenantScopedMixin, generics.GenericAPIView[DatasetVersion]):
     serializer_class = GrantedVersionSerializer
+    documents = False  # the version's pairs file, or (a retrieval version's) knowledge base
 
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
     def get(self, request: Request, tenant: str, version_id: str) -> Any:
@@ -236,7 +242,15 @@ class GrantedDataDownloadApi(TenantScopedMixin, generics.GenericAPIView[DatasetV
                 f"You have no access grant for '{version.dataset.name}' v{version.number} "
                 f"({version.pk}): request access and wait for a reviewer to grant it."
             )
-        return download_response(version)
+        if self.documents and not version.documents_storage_key:
+            raise Http404("This version has no documents file (only retrieval versions do).")
+        return download_response(version, documents=self.documents)
+
+
+class GrantedDataDocumentsDownloadApi(GrantedDataDownloadApi):
+    """A granted retrieval version's knowledge base."""
+
+    documents = True
 
 
 # --- notebook servers -------------------------------------------------------------------

@@ -22,6 +22,7 @@ READ = frozenset({"GET", "HEAD", "OPTIONS"})
 NOTEBOOK_ROUTES: dict[str, frozenset[str]] = {
     "granted-data-list": READ,
     "granted-data-download": READ,
+    "granted-data-documents-download": READ,
     "access-request-list": READ | {"POST"},
     "access-request-detail": READ,
     "run-list": READ | {"POST"},

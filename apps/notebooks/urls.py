@@ -35,6 +35,11 @@ api_tenant_patterns = [
         api.GrantedDataDownloadApi.as_view(),
         name="granted-data-download",
     ),
+    path(
+        "granted-data/<str:version_id>/documents/download",
+        api.GrantedDataDocumentsDownloadApi.as_view(),
+        name="granted-data-documents-download",
+    ),
 ]
 
 dashboard_tenant_patterns = [
