@@ -291,24 +291,43 @@ def test_a_refused_second_version_leaves_the_first_and_its_files(scientist, tena
     assert DatasetVersion.objects.count() == 1 and stored_files(artifacts_dir) == before
 
 
-def test_a_failed_store_leaves_no_bytes_of_either_file(
-    scientist, tenant, artifacts_dir, monkeypatch
-):
-    from apps.datasets import services
-
-    dataset = create(scientist)
-    real = services.audit_record
+def _failing_audit(real: Any) -> Any:
+    """An audit log that fails the version's record (after its bytes are stored)."""
 
     def failing(**kwargs: Any) -> Any:
         if kwargs["verb"] == "dataset_version.create":
             raise RuntimeError("the audit log is unavailable")
         return real(**kwargs)
 
-    monkeypatch.setattr(services, "audit_record", failing)
+    return failing
+
+
+def test_a_failed_store_leaves_no_bytes_of_either_file(
+    scientist, tenant, artifacts_dir, monkeypatch
+):
+    from apps.datasets import services
+
+    dataset = create(scientist)
+    monkeypatch.setattr(services, "audit_record", _failing_audit(services.audit_record))
     with pytest.raises(RuntimeError):
         post(scientist, dataset, PAIRS_CSV, DOCS_CSV)
     assert not DatasetVersion.objects.exists()
     assert stored_files(artifacts_dir) == []
+
+
+def test_a_failed_second_version_keeps_the_pairs_file_the_first_shares(
+    scientist, tenant, artifacts_dir, monkeypatch
+):
+    from apps.datasets import services
+
+    dataset = create(scientist)
+    assert post(scientist, dataset, PAIRS_CSV, DOCS_CSV).status_code == 201
+    before = stored_files(artifacts_dir)
+    monkeypatch.setattr(services, "audit_record", _failing_audit(services.audit_record))
+    with pytest.raises(RuntimeError):
+        post(scientist, dataset, PAIRS_CSV, DOCS_CSV + b"d4,New,A new article\n")
+    assert DatasetVersion.objects.count() == 1
+    assert stored_files(artifacts_dir) == before  # v1's pairs kept, v2's documents gone
 
 
 def test_deleting_a_retrieval_dataset_removes_both_files(

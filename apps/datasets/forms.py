@@ -22,7 +22,12 @@ class DatasetCreateForm(forms.Form):
         help_text="Golden and sample sets decide promotions: only reviewers and admins "
         "create and change them.",
     )
-    task = forms.ChoiceField(choices=Task.choices, initial=Task.TEXT_CLASSIFICATION)
+    task = forms.ChoiceField(
+        choices=Task.choices,
+        initial=Task.TEXT_CLASSIFICATION,
+        help_text="Retrieval: each version is queries paired with the id of the document that "
+        "answers them, uploaded with that knowledge base.",
+    )
     domain = forms.RegexField(
         regex=r"^[a-z0-9-]{0,50}$",
         required=False,
