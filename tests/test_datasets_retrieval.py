@@ -164,6 +164,17 @@ def test_jsonl_files_with_mapped_columns_and_integer_ids(scientist, tenant, arti
         b'{"id": 1, "text": "Reset it from the login page"}\n\n{"id": 2, "text": "Ask us"}\n'
     )
     pairs = b'{"q": "forgot my password", "doc": 1}\n{"q": "help", "doc": "2"}\n'
+    unknown = post(
+        scientist, dataset, pairs + b'\n{"q": "fees?", "doc": 3}\n', documents,
+        pairs_name="p.jsonl", documents_name="kb.jsonl", text_column="q", label_column="doc",
+    )  # fmt: skip
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["line"] == 4 and "'3'" in unknown.json()["error"]["message"]
+    twice = post(
+        scientist, dataset, pairs, documents + b'{"id": "1", "text": "again"}\n',
+        pairs_name="p.jsonl", documents_name="kb.jsonl", text_column="q", label_column="doc",
+    )  # fmt: skip
+    assert twice.status_code == 400 and twice.json()["error"]["line"] == 4
     response = post(
         scientist, dataset, pairs, documents, pairs_name="p.jsonl", documents_name="kb.jsonl",
         text_column="q", label_column="doc",
@@ -186,6 +197,16 @@ REFUSALS = [
         5,
         "file",
         "'d9'",
+    ),
+    # Ids match as written, as training and evaluation read them.
+    (
+        "document id with a space",
+        b"query,document_id\nhello,d1\nbye, d2\n",
+        DOCS_CSV,
+        "unknown_document",
+        3,
+        "file",
+        "' d2'",
     ),
     (
         "duplicate document id",

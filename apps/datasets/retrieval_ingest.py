@@ -126,8 +126,9 @@ def profile_documents(
             if not isinstance(value, str):
                 raise _bad(f"the {name} must be a string", code="json", line=line_no)
             values[name] = value
-        doc_id = values[ID].strip()
-        if not doc_id:
+        # Ids are compared exactly as written, as training and evaluation read them.
+        doc_id = values[ID]
+        if not doc_id.strip():
             raise _bad("the id is empty", code="empty_label", line=line_no)
         if not values[TEXT].strip():
             raise _bad(f"the text of document {doc_id!r} is empty", code="empty_text", line=line_no)
@@ -156,7 +157,7 @@ def _first_missing(
         with io.open(path, encoding="utf-8-sig", newline="\n") as fh:  # noqa: UP020
             for line_no, line in enumerate(fh, start=1):
                 if line.strip():
-                    doc_id = str(json.loads(line)[document_column]).strip()
+                    doc_id = str(json.loads(line)[document_column])
                     if doc_id not in known:
                         return doc_id, line_no
     else:
@@ -168,8 +169,8 @@ def _first_missing(
                 row = next(reader, None)
                 if row is None:
                     break
-                if row and row[at].strip() not in known:
-                    return row[at].strip(), line_no
+                if row and row[at] not in known:
+                    return row[at], line_no
     raise AssertionError("no pair refers to a missing document")  # pragma: no cover
 
 
@@ -179,11 +180,8 @@ def check_references(
     """Refuse pairs that name a document the knowledge base lacks (400 naming the first
     one and its line); the version's profile: pairs, distinct queries, documents and
     documents that no pair refers to."""
-    referenced = set(pairs.labels)
-    # pyarrow keeps a CSV cell as written; the row-by-row reads strip it, ids are compared
-    # stripped on both sides.
-    stripped = {label.strip() for label in referenced}
-    if not stripped <= documents.ids:
+    referenced = set(pairs.labels)  # as written, like the documents' ids
+    if not referenced <= documents.ids:
         doc_id, line = _first_missing(
             pairs_path, pairs.format, document_column=pairs.label_column, known=documents.ids
         )
@@ -196,5 +194,5 @@ def check_references(
         "pairs": pairs.rows,
         "distinct_queries": pairs.rows - pairs.duplicate_texts,
         "documents": documents.count,
-        "unreferenced_documents": len(documents.ids - stripped),
+        "unreferenced_documents": len(documents.ids - referenced),
     }
