@@ -24,13 +24,22 @@ accesslog = "-"
 limit_request_line = 8190
 
 
+# The application is prewarmed in each worker once it is loaded (post_worker_init), not
+# on import (``wsgi.py``), so the worker keeps the database connection it warmed.
+os.environ["WORKBENCH_PREWARM"] = "worker"
+
+
 def post_worker_init(worker: Any) -> None:
-    """In each worker, once the application is loaded (and prewarmed, see ``wsgi.py``):
-    open its database connection, which the prewarm closed for servers that fork after
-    loading; a first connection costs a request several ms (SQLite registers Django's
-    functions on connect)."""
+    """In each worker, once the application is loaded: the prewarm of
+    ``apps.deployments.dataplane`` (views, routes, replica sockets, one request through
+    the stack, the predict path's reads), keeping its database connection open — a
+    first connection costs a request several ms (SQLite registers Django's functions on
+    connect) and a new one prepares every statement again."""
     from django.db import connection
 
+    from apps.deployments.dataplane import prewarm
+
+    prewarm(worker.wsgi, keep_connection=True)
     try:
         connection.ensure_connection()
     except Exception:  # the database is down: the first request reports it

@@ -216,12 +216,19 @@ def data_plane() -> Any:
         return _plane
 
 
-def prewarm(application: Any = None) -> None:
+def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
     """At a web or worker process's start: the URL resolver, the predict view and the
     routed fleet's connections, ready before the first request (best effort). Given the
-    WSGI application, one unauthenticated request also goes through the whole stack —
-    middleware, DRF's authentication, renderers and error envelope, imported and built on
-    first use — and is answered 401, changing nothing."""
+    WSGI application, one request with a token that matches none also goes through the
+    whole stack — middleware, DRF's authentication and its token query, renderers and
+    error envelope, imported and built on first use — and is answered 401, changing
+    nothing; then the predict path's other reads run once for a tenant and model that do
+    not exist (their SQL built and cached, the statements prepared on this connection).
+
+    ``keep_connection``: in the process that serves (a gunicorn worker after its fork,
+    see ``workbench/gunicorn_conf.py``) the warmed database connection is kept — a new
+    one would prepare every statement again. A server that forks after loading the
+    application must not share it, so by default it is closed."""
     import logging
 
     from django.urls import get_resolver
@@ -233,17 +240,34 @@ def prewarm(application: Any = None) -> None:
             plane.prewarm()
         if application is not None:
             _request(application, "POST", "/api/v1/tenants/-/models/-/predict")
+        _predict_reads()
     except Exception:  # a database not migrated yet, nothing published: the first call pays
         logging.getLogger(__name__).debug("prewarm skipped", exc_info=True)
     finally:
         from django.db import connections
 
-        connections.close_all()  # a forking server must not share this connection
+        if not keep_connection:
+            connections.close_all()  # a forking server must not share this connection
+
+
+def _predict_reads() -> None:
+    """The reads every predict makes after authentication, for ids no row has."""
+    from apps.deployments import selectors
+    from apps.registry.models import RegisteredModel
+    from apps.tenants.models import Tenant
+    from apps.tenants.scoping import membership_by_slug
+
+    nobody = "-prewarm-"
+    membership_by_slug(user_id=0, slug=nobody)
+    tenant, model = Tenant(pk=nobody), RegisteredModel(pk=nobody)
+    selectors.registered_model(tenant=tenant, name=nobody)
+    selectors.serving_deployment(tenant=tenant, model=model, environment="production")
 
 
 def _request(application: Any, method: str, path: str) -> str:
     """One request through ``application`` from inside the process; its status line."""
     import io
+    import secrets
 
     from apps.core.context import PREWARM_ENVIRON_KEY
 
@@ -253,6 +277,8 @@ def _request(application: Any, method: str, path: str) -> str:
         "REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
         "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
         "REMOTE_ADDR": "127.0.0.1", "CONTENT_TYPE": "application/json",
+        # A token no row has (random, never a real one): authentication runs its query.
+        "HTTP_AUTHORIZATION": f"Bearer prewarm-{secrets.token_hex(16)}",
         "CONTENT_LENGTH": str(len(body)), "HTTP_HOST": hosts[0] if hosts else "localhost",
         "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO(), "wsgi.version": (1, 0),
         "wsgi.url_scheme": "https" if settings.SECURE_SSL_REDIRECT else "http",
