@@ -1,8 +1,9 @@
-"""Display numbers for the review pages: the confusion matrix as a heat map.
+"""Display numbers for the review pages: the confusion matrix as a heat map, and an
+embedding model's recall@k curve beside its base's and its champion's.
 
-As in ``apps.training.charts``, this computes geometry only; the template
-(``promotions/_heatmap.html``) draws the SVG, so every label is autoescaped. Nothing here
-queries the database.
+As in ``apps.training.charts``, this computes geometry only; the templates
+(``promotions/_heatmap.html``, ``training/_line_chart.html``) draw the SVG, so every label
+is autoescaped. Nothing here queries the database.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from apps.training.charts import LineChart, SeriesData, line_chart
 
 MAX_GRID = 560  # the matrix itself fits in this many pixels square
 MIN_CELL, MAX_CELL = 6.0, 44.0
@@ -174,4 +177,36 @@ def confusion_heatmap(
             for c, name in zip(centres, names, strict=True)
         ],
         show_counts=cell >= 22,
+    )
+
+
+def _curve_points(curve: Any) -> list[tuple[float, float]]:
+    if not isinstance(curve, list):
+        return []
+    return [
+        (float(k), float(v))
+        for k, v in enumerate(curve, start=1)
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+
+
+def recall_curve_chart(
+    *, chart_id: str, title: str, curves: Sequence[tuple[str, str, Any]]
+) -> LineChart | None:
+    """recall@k against k for each ``(name, label, curve)`` (``curve[k-1]`` is recall@k);
+    curves without points are left out, None when none has any."""
+    series = [
+        SeriesData(name=name, label=label, points=_curve_points(curve))
+        for name, label, curve in curves
+    ]
+    series = [s for s in series if s.points]
+    if not series:
+        return None
+    return line_chart(
+        chart_id=chart_id,
+        title=title,
+        x_label="k",
+        y_label="recall@k",
+        series=series,
+        y_range=(0.0, 1.0),
     )

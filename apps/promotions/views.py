@@ -44,6 +44,18 @@ QUEUE_STATUSES = (
 )
 DEFAULT_STATUS = PromotionStatus.AWAITING_APPROVAL
 ALL = "all"
+# An embedding evaluation's table: (key, label, higher is better), beside the base's and
+# the champion's; and how many of its wrong queries the page lists.
+RETRIEVAL_COMPARED = (
+    ("recall_at_1", "Recall@1", True),
+    ("recall_at_5", "Recall@5", True),
+    ("recall_at_10", "Recall@10", True),
+    ("mrr_at_10", "MRR@10", True),
+    ("ndcg_at_10", "nDCG@10", True),
+    ("latency_ms_p50", "Encode p50 (ms / batch)", False),
+    ("latency_ms_p95", "Encode p95 (ms / batch)", False),
+)
+WRONG_QUERIES_SHOWN = 50
 # Metrics compared with the champion's: (key, label, higher is better).
 COMPARED = (
     ("accuracy", "Accuracy", True),
@@ -139,11 +151,36 @@ class MetricCell:
 
 
 @dataclass(frozen=True)
+class RetrievalCell:
+    key: str
+    label: str
+    ours: str
+    base: str
+    champion: str
+    vs_base: bool | None  # None: nothing to compare with, or equal
+    vs_champion: bool | None
+
+
+@dataclass(frozen=True)
+class RetrievalView:
+    """An embedding evaluation: its metrics beside the base's and the champion's, the
+    recall@k curves, and the first of the queries it ranks wrong."""
+
+    cells: list[RetrievalCell]
+    chart: Any  # apps.training.charts.LineChart | None
+    wrong: list[dict[str, Any]]
+    wrong_count: int  # all the wrong queries measured
+    wrong_kept: int  # those recorded (the tenant's own sets, capped)
+    base_label: str
+
+
+@dataclass(frozen=True)
 class EvaluationView:
     evaluation: Evaluation
     champion: Evaluation | None
     cells: list[MetricCell]
     heatmap: charts.HeatMap | None
+    retrieval: RetrievalView | None = None
 
 
 def _number(metrics: Any, key: str) -> float | None:
@@ -160,6 +197,52 @@ def _cells(ours: Any, theirs: Any) -> list[MetricCell]:
             better = mine > other if higher else mine < other
         cells.append(MetricCell(key, label, _shown(mine, key), _shown(other, key), better))
     return cells
+
+
+def _better(mine: float | None, other: float | None, higher: bool) -> bool | None:
+    if mine is None or other is None or mine == other:
+        return None
+    return mine > other if higher else mine < other
+
+
+def _retrieval_view(
+    evaluation: Evaluation, champion: Evaluation | None, champion_name: str
+) -> RetrievalView:
+    ours = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    base = evaluation.base_metrics if isinstance(evaluation.base_metrics, dict) else {}
+    theirs = champion.metrics if champion is not None and isinstance(champion.metrics, dict) else {}
+    cells = []
+    for key, label, higher in RETRIEVAL_COMPARED:
+        mine, b, c = _number(ours, key), _number(base, key), _number(theirs, key)
+        cells.append(
+            RetrievalCell(
+                key=key, label=label, ours=_shown(mine, key), base=_shown(b, key),
+                champion=_shown(c, key), vs_base=_better(mine, b, higher),
+                vs_champion=_better(mine, c, higher),
+            )
+        )  # fmt: skip
+    base_label = f"un-tuned base ({base.get('base_model', 'base')})"
+    dataset = evaluation.dataset_version.dataset.name
+    chart = charts.recall_curve_chart(
+        chart_id=f"recall-curve-{evaluation.pk}",
+        title=f"Recall@k on {dataset} v{evaluation.dataset_version.number}, k = 1..20",
+        curves=[
+            ("version", "this version", ours.get("recall_curve")),
+            ("base", base_label, base.get("recall_curve")),
+            ("champion", f"champion ({champion_name})", theirs.get("recall_curve")),
+        ],
+    )
+    recorded = evaluation.wrong_queries if isinstance(evaluation.wrong_queries, list) else []
+    wrong = [w for w in recorded if isinstance(w, dict)][:WRONG_QUERIES_SHOWN]
+    count = ours.get("wrong_queries")
+    return RetrievalView(
+        cells=cells,
+        chart=chart,
+        wrong=[{**w, "first": (w.get("ranked") or [{}])[0]} for w in wrong],
+        wrong_count=count if isinstance(count, int) else len(recorded),
+        wrong_kept=len(recorded),
+        base_label=base_label,
+    )
 
 
 def _evaluation_views(promotion: PromotionRequest) -> list[EvaluationView]:
@@ -189,12 +272,16 @@ def _evaluation_views(promotion: PromotionRequest) -> list[EvaluationView]:
                 labels=metrics.get("labels") or [],
                 matrix=metrics.get("confusion"),
             )
+        retrieval = None
+        if metrics.get("task") == "retrieval":
+            retrieval = _retrieval_view(evaluation, champion, str(promotion.champion or ""))
         views.append(
             EvaluationView(
                 evaluation=evaluation,
                 champion=champion,
                 cells=_cells(metrics, champion.metrics if champion else None),
                 heatmap=heatmap,
+                retrieval=retrieval,
             )
         )
     return views
