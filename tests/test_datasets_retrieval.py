@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from apps.audit.models import AuditEvent
 from apps.datasets.models import Dataset, DatasetVersion
@@ -463,3 +466,52 @@ def test_the_notebook_client_uploads_pairs_with_their_documents_and_loads_them_g
     assert wb.load(version["id"])[1] == {"query": "I lost it", "document_id": "d2"}
     documents = wb.load(version["id"], documents=True)
     assert [d["id"] for d in documents] == ["d1", "d2", "d3"] and documents[1]["title"] == ""
+
+
+# --- property: the reference check against the knowledge base -----------------------------
+
+_ids = st.text(alphabet="abc d", min_size=1, max_size=3).filter(lambda s: s.strip() != "")
+
+
+@hyp_settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    documents=st.lists(_ids, min_size=1, max_size=8, unique=True),
+    referenced=st.lists(_ids, min_size=1, max_size=12),
+)
+def test_pairs_are_accepted_exactly_when_every_id_is_a_document_else_the_first_is_named(
+    documents, referenced, tmp_path
+):
+    from apps.core.errors import InvalidInput
+    from apps.datasets import ingest, retrieval_ingest
+
+    docs_path, pairs_path = tmp_path / "documents.csv", tmp_path / "pairs.csv"
+    docs_path.write_bytes(
+        _csv_bytes(["id", "text"], [{"id": d, "text": f"about {d}"} for d in documents])
+    )
+    pairs = [{"query": f"q{i}", "document_id": d} for i, d in enumerate(referenced)]
+    pairs_path.write_bytes(_csv_bytes(["query", "document_id"], pairs))
+    kb = retrieval_ingest.profile_documents(
+        docs_path, filename="documents.csv", fmt=None, max_line_bytes=4096
+    )
+    profile = ingest.profile_file(
+        pairs_path, filename="pairs.csv", fmt=None, text_column="query",
+        label_column="document_id", need_two_labels=False, max_line_bytes=4096,
+        roles=retrieval_ingest.PAIR_ROLES,
+    )  # fmt: skip
+    missing = [(i, d) for i, d in enumerate(referenced) if d not in documents]
+    try:
+        summary = retrieval_ingest.check_references(pairs_path, profile, kb)
+    except InvalidInput as exc:
+        assert missing, exc.message
+        first_index, first_id = missing[0]
+        assert exc.line == first_index + 2 and f"{first_id!r}" in exc.message
+    else:
+        assert not missing
+        assert summary == {
+            "pairs": len(referenced),
+            "distinct_queries": len(referenced),
+            "documents": len(documents),
+            "unreferenced_documents": len(set(documents) - set(referenced)),
+        }
