@@ -8,6 +8,7 @@ and, as its own process under faults, in test_fleet_faults.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -124,3 +125,39 @@ def test_alerts_of_a_deployment_no_longer_live_are_resolved(warm):
     Deployment.objects.filter(pk=warm.pk).update(status="retired")
     look(replicas("r1"))
     assert not FleetAlert.objects.filter(resolved_at__isnull=True).exists()
+
+
+class _GoneCluster:
+    """A backend whose cluster has gone (what RayFleet.lost() says once the head died)."""
+
+    def lost(self) -> bool:
+        return True
+
+
+@pytest.mark.django_db(transaction=True)  # the watchdog thread has its own connection
+def test_a_loop_stuck_on_a_lost_cluster_exits_within_seconds_not_while_it_connects(
+    monkeypatch,
+):
+    """The head died and the loop sits in a call to it (Ray would hold it 60 s, then end
+    the process): the watchdog exits the controller after WATCHDOG_STUCK_S so that a fresh
+    one starts the new head at once — but never while the loop is starting that head."""
+    monkeypatch.setattr(fleet_controller, "WATCHDOG_STUCK_S", 0.5)
+    exits: list[float] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(time.monotonic())
+        runner.stop()
+
+    monkeypatch.setattr(fleet_controller.os, "_exit", fake_exit)
+    runner = Controller(holder="w", backend=_GoneCluster())  # type: ignore[arg-type]
+    runner._connecting = True  # the loop is starting a new head: slow, not stuck
+    runner.last_turn = time.monotonic() - 60
+    started = time.monotonic()
+    watchdog = threading.Thread(target=runner._watch_cluster, daemon=True)
+    watchdog.start()
+    time.sleep(3.0)
+    assert exits == []
+    runner._connecting = False  # now the loop sits in a call to the dead cluster
+    watchdog.join(timeout=10)
+    assert len(exits) == 1
+    assert exits[0] - started < fleet_controller.WATCHDOG_EXIT_S

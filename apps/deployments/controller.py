@@ -62,6 +62,11 @@ LEASE = "fleet"
 RESTART_WINDOW_SECONDS = 3600
 # A controller whose loop has not reconnected this long after its cluster went exits.
 WATCHDOG_EXIT_S = 30.0
+# ... and sooner when its loop has not turned for this long since then: it sits in a Ray
+# call to the dead cluster, which would hold it until Ray ends the process (60 s); a
+# fresh controller starts the new head at once. Not while the loop is connecting (a new
+# embedded head takes ~20 s to start).
+WATCHDOG_STUCK_S = 5.0
 # Readiness answers that mean "not yet", not "broken".
 _WAITING = ("timeout", "pending")
 
@@ -164,6 +169,8 @@ class Controller:
         self._force: set[str] = set()
         # When the loop last made progress (its health check reads it).
         self.last_turn = time.monotonic()
+        # The loop is (re)connecting to the cluster: slow, not stuck.
+        self._connecting = False
 
     @property
     def backend(self) -> ServingBackend:
@@ -211,9 +218,10 @@ class Controller:
     def _watch_cluster(self) -> None:
         """Beside the loop, every second: is the cluster this process drives gone? Then say
         so at once (deployments degraded, routes withdrawn), whatever the loop is doing;
-        and if the loop has not reconnected within WATCHDOG_EXIT_S (it sits in a Ray call
-        to the dead cluster, which Ray ends by killing the process after 60 s anyway),
-        exit, so that the process manager starts a fresh controller, which reconnects."""
+        and if the loop, not connecting, has not turned for WATCHDOG_STUCK_S since (it sits
+        in a Ray call to the dead cluster, which Ray ends by killing the process after
+        60 s anyway) or has not reconnected within WATCHDOG_EXIT_S, exit, so that the
+        process manager starts a fresh controller, which starts or finds the new head."""
         from django.db import connection
 
         lost_since: float | None = None
@@ -237,12 +245,17 @@ class Controller:
                             )
                     except Exception:
                         log.exception("could not record the lost fleet")
-                elif time.monotonic() - lost_since > WATCHDOG_EXIT_S:
+                elif not self._connecting and self._stuck_on_lost(lost_since):
                     log.error("fleet controller stuck on a lost cluster; exiting to be restarted")
                     lease_release(holder=self.holder)
                     os._exit(75)
         finally:
             connection.close()
+
+    def _stuck_on_lost(self, lost_since: float) -> bool:
+        now = time.monotonic()
+        stalled = now - max(self.last_turn, lost_since) > WATCHDOG_STUCK_S
+        return stalled or now - lost_since > WATCHDOG_EXIT_S
 
     def _renew(self) -> None:
         self.last_turn = time.monotonic()
@@ -259,7 +272,12 @@ class Controller:
             # Say so before reconnecting (starting a new embedded head takes a while):
             # nothing is served now, and every page and predict should know it.
             self._fleet_lost(report, "the serving fleet was lost (its cluster is gone)")
-        report.connected = self.backend.ensure_connected()
+        self._connecting = True
+        try:
+            report.connected = self.backend.ensure_connected()
+        finally:
+            self._connecting = False
+            self.last_turn = time.monotonic()
         kinds = set(ServingPool.objects.values_list("kind", flat=True))
         kinds |= set(
             selectors.fleet_deployments_all().values_list(
