@@ -352,3 +352,30 @@ def test_the_review_page_draws_the_recall_curve_and_lists_the_wrong_queries(
     assert "Strikethrough with GitHub Markdown" in page and "faq009" in page
     assert "Bold text in Slack" in page
     assert "regression vs un-tuned base" in page
+
+
+@pytest.mark.django_db
+def test_an_admin_edits_the_embedding_policy_on_the_policies_page(admin, tenant):
+    from apps.evaluation.models import PromotionPolicy
+
+    client = Client()
+    client.force_login(admin.user)
+    page = client.get("/t/acme/policies/").content.decode()
+    assert 'id="edit-policy-embedding"' in page
+    form = client.get("/t/acme/policies/?kind=embedding").content.decode()
+    assert "Edit the embedding policy" in form and 'action="?kind=embedding"' in form
+    assert '<option value="recall_at_5"' in form
+    data = {
+        "gates-TOTAL_FORMS": "2", "gates-INITIAL_FORMS": "0", "gates-MIN_NUM_FORMS": "0",
+        "gates-MAX_NUM_FORMS": "5", "gates-0-metric": "recall_at_5", "gates-0-op": ">=",
+        "gates-0-value": "0.9", "gates-0-dataset": "", "gates-1-metric": "", "gates-1-op": "",
+        "gates-1-value": "", "gates-1-dataset": "", "max_regression_vs_champion": "0",
+    }  # fmt: skip
+    too_high = client.post("/t/acme/policies/?kind=embedding", {**data, "gates-0-value": "2"})
+    assert too_high.status_code == 400 and "between 0 and 1" in too_high.content.decode()
+    response = client.post("/t/acme/policies/?kind=embedding", data)
+    assert response.status_code == 302 and response["Location"].endswith("?kind=embedding")
+    policy = PromotionPolicy.objects.get(tenant=tenant, model_kind="embedding")
+    assert policy.gates == [{"metric": "recall_at_5", "op": ">=", "value": 0.9, "dataset": None}]
+    assert policy.max_regression_vs_champion == 0.0
+    assert not PromotionPolicy.objects.filter(tenant=tenant, model_kind="classifier").exists()

@@ -6,7 +6,7 @@ from typing import Any
 
 from django import forms
 
-from apps.evaluation.services import GATE_METRICS, GATE_OPS
+from apps.evaluation.services import GATE_METRICS, GATE_OPS, RETRIEVAL_METRICS
 
 MAX_GATES = 5
 
@@ -27,7 +27,7 @@ class GateForm(forms.Form):
     def clean_value(self) -> float:
         value = self.cleaned_data["value"]
         metric = self.cleaned_data.get("metric")
-        if metric in ("accuracy", "macro_f1") and not 0.0 <= value <= 1.0:
+        if metric in ("accuracy", "macro_f1", *RETRIEVAL_METRICS) and not 0.0 <= value <= 1.0:
             raise forms.ValidationError("A score is between 0 and 1.")
         if value < 0:
             raise forms.ValidationError("Must not be negative.")
@@ -83,7 +83,9 @@ class PolicyForm(forms.Form):
         required=False,
         min_value=0.0,
         max_value=1.0,
-        help_text="How far macro-F1 may fall below the production model's on the same sets.",
+        help_text="How far macro-F1 (a classifier) or recall@1, recall@5, MRR@10 and nDCG@10 "
+        "(an embedding model) may fall below the production model's on the same sets; an "
+        "embedding model with none in production is held to its un-tuned base.",
     )
     latency_budget_ms = forms.FloatField(
         required=False, min_value=0.0, help_text="p95 latency per batch, in milliseconds."

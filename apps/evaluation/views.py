@@ -1,6 +1,6 @@
 """Dashboard page for the tenant's promotion policies: every member reads them, admins edit
-the classifier policy (gates as rows, then the policy-wide limits) through
-``services.policy_update``, which audits the change."""
+the classifier or the embedding policy (``?kind=``; gates as rows, then the policy-wide
+limits) through ``services.policy_update``, which audits the change."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
+from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
 from apps.core.errors import DomainError, InvalidInput
@@ -23,15 +24,20 @@ from apps.tenants.models import Role
 from apps.tenants.scoping import TenantAccess
 
 SECTION = "policies-page"
-EDITABLE_KIND = ModelKind.CLASSIFIER.value
+EDITABLE_KIND = ModelKind.CLASSIFIER.value  # the form's kind when the page names none
+EDITABLE_KINDS = (ModelKind.CLASSIFIER.value, ModelKind.EMBEDDING.value)
 
 
-def _golden_datasets(access: TenantAccess) -> list[Dataset]:
-    own = list(datasets_for_tenant(tenant=access.tenant).filter(kind=DatasetKind.GOLDEN))
+def _golden_datasets(access: TenantAccess, kind: str) -> list[Dataset]:
+    """The golden sets a policy of ``kind`` may name: those of its models' task."""
+    task = services.dataset_task(kind)
+    own = list(datasets_for_tenant(tenant=access.tenant).filter(kind=DatasetKind.GOLDEN, task=task))
     shared: list[Dataset] = []
     if access.tenant.domain:
         shared = list(
-            shared_datasets().filter(domain=access.tenant.domain, kind=DatasetKind.GOLDEN)
+            shared_datasets().filter(
+                domain=access.tenant.domain, kind=DatasetKind.GOLDEN, task=task
+            )
         )
     return own + shared
 
@@ -71,7 +77,11 @@ def _policy_initial(policy: PromotionPolicy) -> dict[str, Any]:
 
 
 def _save(
-    request: HttpRequest, access: TenantAccess, form: PolicyForm, formset: BaseGateFormSet
+    request: HttpRequest,
+    access: TenantAccess,
+    form: PolicyForm,
+    formset: BaseGateFormSet,
+    kind: str,
 ) -> bool:
     if not (form.is_valid() and formset.is_valid()):
         return False
@@ -80,7 +90,7 @@ def _save(
         services.policy_update(
             actor=request.user,
             tenant=access.tenant,
-            model_kind=EDITABLE_KIND,
+            model_kind=kind,
             gates=formset.gates(),
             max_regression_vs_champion=data["max_regression_vs_champion"],
             latency_budget_ms=data["latency_budget_ms"],
@@ -98,12 +108,13 @@ def _save(
 @tenant_view
 def policies_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
     can_edit = access.allows(Role.ADMIN)
-    datasets = _golden_datasets(access)
-    names = {d.pk: d.name for d in datasets}
-    policies = [
-        services.policy_for(tenant=access.tenant, model_kind=kind) for kind in ModelKind.values
-    ]
-    editable = next(p for p in policies if p.model_kind == EDITABLE_KIND)
+    kind = request.GET.get("kind") or EDITABLE_KIND
+    if kind not in EDITABLE_KINDS:
+        kind = EDITABLE_KIND
+    datasets = _golden_datasets(access, kind)
+    names = {d.pk: d.name for k in EDITABLE_KINDS for d in _golden_datasets(access, k)}
+    policies = [services.policy_for(tenant=access.tenant, model_kind=k) for k in ModelKind.values]
+    editable = next(p for p in policies if p.model_kind == kind)
     choices = _dataset_choices(datasets, editable)
     status = 200
     form: PolicyForm | None = None
@@ -112,9 +123,10 @@ def policies_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         require_role(access, Role.ADMIN)
         form = PolicyForm(request.POST)
         formset = gate_formset(data=request.POST, initial=_gate_initial(editable), datasets=choices)
-        if _save(request, access, form, formset):
-            messages.success(request, "The classifier policy was saved.")
-            return redirect("policies-page", tenant=access.tenant.slug)
+        if _save(request, access, form, formset, kind):
+            messages.success(request, f"The {kind} policy was saved.")
+            target = reverse("policies-page", kwargs={"tenant": access.tenant.slug})
+            return redirect(target if kind == EDITABLE_KIND else f"{target}?kind={kind}")
         status = 400
     elif can_edit:
         form = PolicyForm(initial=_policy_initial(editable))
@@ -135,7 +147,8 @@ def policies_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         "can_edit": can_edit,
         "form": form,
         "formset": formset,
-        "editable_kind": EDITABLE_KIND,
+        "editable_kind": kind,
+        "editable_kinds": EDITABLE_KINDS,
         "max_gates": MAX_GATES,
     }
     return render_tenant(
