@@ -92,6 +92,8 @@ tenant_patterns = [
         name="model-version-export",
     ),
     path("models/<str:name>/predict", deployments_api.ModelPredictApi.as_view(), name="predict"),
+    path("models/<str:name>/embed", deployments_api.ModelEmbedApi.as_view(), name="embed"),
+    path("models/<str:name>/search", deployments_api.ModelSearchApi.as_view(), name="search"),
     path("deployments/", deployments_api.DeploymentListApi.as_view(), name="deployment-list"),
     path(
         "deployments/<str:deployment_id>/",
@@ -112,6 +114,11 @@ tenant_patterns = [
         "deployments/<str:deployment_id>/retire",
         deployments_api.DeploymentRetireApi.as_view(),
         name="deployment-retire",
+    ),
+    path(
+        "deployments/<str:deployment_id>/reindex",
+        deployments_api.DeploymentReindexApi.as_view(),
+        name="deployment-reindex",
     ),
     *notebook_patterns,
 ]

@@ -42,9 +42,12 @@ NO_CONFLICT: dict[str, frozenset[str]] = {
 }
 
 # Operations that depend on a service outside the database and answer 503 while it does
-# not: predicts (the serving fleet), starting and stopping notebook servers (JupyterHub).
+# not: predicts, embeds and searches (the serving fleet), starting and stopping notebook
+# servers (JupyterHub).
 UNAVAILABLE: dict[str, frozenset[str]] = {
     "ModelPredictApi": frozenset({"POST"}),
+    "ModelEmbedApi": frozenset({"POST"}),
+    "ModelSearchApi": frozenset({"POST"}),
     "NotebookListCreateApi": frozenset({"POST"}),
     "NotebookDetailApi": frozenset({"DELETE"}),
 }

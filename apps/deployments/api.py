@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from apps.deployments import fleet, selectors, services
+from apps.deployments import fleet, indexing, selectors, services
 from apps.deployments.models import Deployment, Environment, FleetAlert, Warmup
 from apps.registry.models import ArtifactFormat
 from apps.tenants.auth import request_via
@@ -54,6 +54,17 @@ class DeploymentOutputSerializer(serializers.ModelSerializer[Deployment]):
     promotion = serializers.CharField(source="promotion_id", read_only=True, allow_null=True)
     replaces = serializers.CharField(source="replaces_id", read_only=True, allow_null=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)  # type: ignore[var-annotated]
+    # Embedding deployments: the knowledge base and its index ("" / null for classifiers).
+    corpus = serializers.CharField(source="corpus_id", read_only=True, allow_null=True)
+    index_dataset_version = serializers.CharField(
+        source="index_dataset_version_id", read_only=True, allow_null=True
+    )
+    staged_dataset_version = serializers.CharField(
+        source="staged_dataset_version_id",
+        read_only=True,
+        allow_null=True,
+        help_text="a reindex in progress: the knowledge base being indexed",
+    )
 
     class Meta:
         model = Deployment
@@ -80,6 +91,14 @@ class DeploymentOutputSerializer(serializers.ModelSerializer[Deployment]):
             "load_attempts",
             "degraded_at",
             "warmup_requested_at",
+            "corpus",
+            "index_sha256",
+            "index_documents",
+            "index_dataset_version",
+            "staged_dataset_version",
+            "staged_index_sha256",
+            "index_error",
+            "reindexed_at",
         ]
 
 
@@ -240,6 +259,199 @@ class ModelPredictApi(TenantScopedMixin, APIView):
                 environment=data.validated_data["environment"],
             )
         )
+
+
+class EmbedInputSerializer(serializers.Serializer[Any]):
+    inputs = serializers.ListField(
+        child=serializers.CharField(
+            allow_blank=False, trim_whitespace=False, max_length=settings.PREDICT_MAX_INPUT_CHARS
+        ),
+        min_length=1,
+        max_length=settings.PREDICT_MAX_INPUTS,
+    )
+    role = serializers.ChoiceField(choices=["query", "document"], default="query")
+    environment = serializers.ChoiceField(
+        choices=Environment.choices, default=Environment.PRODUCTION
+    )
+
+
+EmbedOutputSerializer = inline_serializer(
+    "EmbedOutput",
+    {
+        "embeddings": serializers.ListField(
+            child=serializers.ListField(child=serializers.FloatField()),
+            help_text="one L2-normalised vector per input, in order",
+        ),
+        "dim": serializers.IntegerField(),
+        "role": serializers.CharField(),
+        "model_version": serializers.CharField(),
+        "version": serializers.IntegerField(),
+        "environment": serializers.CharField(),
+        "latency_ms": serializers.FloatField(),
+    },
+)
+
+
+class SearchInputSerializer(serializers.Serializer[Any]):
+    query = serializers.CharField(
+        allow_blank=False, trim_whitespace=False, max_length=settings.PREDICT_MAX_INPUT_CHARS
+    )
+    k = serializers.IntegerField(min_value=1, max_value=100, default=5)
+    environment = serializers.ChoiceField(
+        choices=Environment.choices, default=Environment.PRODUCTION
+    )
+
+
+SearchOutputSerializer = inline_serializer(
+    "SearchOutput",
+    {
+        "results": serializers.ListField(
+            child=inline_serializer(
+                "SearchResult",
+                {
+                    "document_id": serializers.CharField(),
+                    "title": serializers.CharField(),
+                    "score": serializers.FloatField(help_text="cosine similarity"),
+                },
+            ),
+            help_text="best first",
+        ),
+        "k": serializers.IntegerField(),
+        "index_sha256": serializers.CharField(),
+        "dataset_version": serializers.CharField(
+            allow_null=True, help_text="the knowledge base indexed"
+        ),
+        "model_version": serializers.CharField(),
+        "version": serializers.IntegerField(),
+        "environment": serializers.CharField(),
+        "latency_ms": serializers.FloatField(),
+    },
+)
+
+_EMBEDDING_ERRORS = {
+    409: OpenApiResponse(
+        description="Not an embedding model (`not_embedding`), or no warm deployment in "
+        "that environment (`not_warm`, naming the latest status)."
+    ),
+    503: OpenApiResponse(
+        description="No replica answered (`model_unavailable`): the fleet is recovering or "
+        "unreachable; see `Retry-After`."
+    ),
+}
+
+
+class ModelEmbedApi(TenantScopedMixin, APIView):
+    """Embed texts with the tenant's embedding model as its environment's warm deployment
+    serves it: the query encoder (``role: query``, the default) or the document encoder.
+    Vectors are L2-normalised float32 values; errors as for predict."""
+
+    required_roles = {"POST": Role.VIEWER}
+
+    @extend_schema(
+        request=EmbedInputSerializer, responses={200: EmbedOutputSerializer, **_EMBEDDING_ERRORS}
+    )
+    def post(self, request: Request, tenant: str, name: str) -> Response:
+        model = selectors.registered_model(tenant=self.tenant, name=name)
+        if model is None:
+            raise Http404("No such model.")
+        data = EmbedInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return Response(
+            fleet.embed(
+                tenant=self.tenant,
+                model=model,
+                inputs=data.validated_data["inputs"],
+                role=data.validated_data["role"],
+                environment=data.validated_data["environment"],
+            )
+        )
+
+
+class ModelSearchApi(TenantScopedMixin, APIView):
+    """Search the knowledge base of the tenant's embedding model's warm deployment: the
+    ``k`` (1..100) nearest documents to the query by cosine, best first (brute force over
+    the deployment's index). Errors as for predict."""
+
+    required_roles = {"POST": Role.VIEWER}
+
+    @extend_schema(
+        request=SearchInputSerializer,
+        responses={200: SearchOutputSerializer, **_EMBEDDING_ERRORS},
+    )
+    def post(self, request: Request, tenant: str, name: str) -> Response:
+        model = selectors.registered_model(tenant=self.tenant, name=name)
+        if model is None:
+            raise Http404("No such model.")
+        data = SearchInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return Response(
+            fleet.search(
+                tenant=self.tenant,
+                model=model,
+                query=data.validated_data["query"],
+                k=data.validated_data["k"],
+                environment=data.validated_data["environment"],
+            )
+        )
+
+
+class ReindexInputSerializer(serializers.Serializer[Any]):
+    dataset_version = serializers.CharField(
+        help_text="a retrieval dataset version of this tenant: its knowledge base is indexed"
+    )
+
+
+class DeploymentReindexApi(DeploymentScopedMixin, generics.GenericAPIView[Deployment]):
+    """Index another knowledge base into a warm embedding deployment, without retraining
+    (202). Blue/green: the current index serves every search until the new one is loaded
+    on every replica and verified by a warm-up, then the deployment switches to it; a new
+    index that fails is dropped and the current one keeps serving. 400
+    `unknown_dataset_version` / `not_retrieval`; 409 `not_embedding`, `not_warm`,
+    `reindex_in_progress`."""
+
+    serializer_class = DeploymentOutputSerializer
+    required_roles = {"POST": Role.REVIEWER}
+
+    @extend_schema(
+        request=ReindexInputSerializer,
+        responses={
+            202: DeploymentOutputSerializer,
+            400: OpenApiResponse(
+                description="Not a retrieval dataset version of this tenant "
+                "(`unknown_dataset_version`, `not_retrieval`)."
+            ),
+            409: OpenApiResponse(
+                description="Not an embedding deployment (`not_embedding`), not warm "
+                "(`not_warm`), or a reindex already in progress (`reindex_in_progress`)."
+            ),
+        },
+    )
+    def post(self, request: Request, tenant: str, deployment_id: str) -> Response:
+        from apps.core.errors import InvalidInput
+        from apps.datasets.models import DatasetVersion
+
+        deployment = self.get_deployment()
+        data = ReindexInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset_version = (
+            DatasetVersion.objects.select_related("dataset")
+            .filter(pk=data.validated_data["dataset_version"], dataset__tenant=self.tenant)
+            .first()
+        )
+        if dataset_version is None:
+            raise InvalidInput(
+                "No such dataset version in this tenant.",
+                code="unknown_dataset_version",
+                fields={"dataset_version": ["not found"]},
+            )
+        reindexed = indexing.deployment_reindex(
+            actor=request.user,
+            deployment=deployment,
+            dataset_version=dataset_version,
+            via=request_via(request),
+        )
+        fresh = selectors.deployments_for(self.tenant).get(pk=reindexed.pk)
+        return Response(DeploymentOutputSerializer(fresh).data, status=status.HTTP_202_ACCEPTED)
 
 
 # The fleet's shape (RayFleet.status in worker/serving/fleet.py, as fleet_status_for

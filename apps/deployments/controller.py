@@ -42,7 +42,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from apps.audit.services import audit_record
-from apps.deployments import alerts, selectors, services
+from apps.deployments import alerts, indexing, selectors, services
 from apps.deployments.backends import get_backend, pool_spec
 from apps.deployments.fleet import model_entries, pool_apply, pool_for, replicas_of
 from apps.deployments.models import (
@@ -59,6 +59,7 @@ from worker.serving.specs import InsufficientCapacity, ServingBackend
 log = logging.getLogger(__name__)
 
 LEASE = "fleet"
+EMBEDDING = "embedding"
 RESTART_WINDOW_SECONDS = 3600
 # A controller whose loop has not reconnected this long after its cluster went exits.
 WATCHDOG_EXIT_S = 30.0
@@ -298,9 +299,12 @@ class Controller:
 
     def _reconcile_pool(self, kind: str, report: PassReport) -> None:
         pool_for(kind)
-        for deployment_id in Deployment.objects.filter(
+        pending = Deployment.objects.filter(
             model_version__registered_model__kind=kind, status=DeploymentStatus.PENDING
-        ).values_list("pk", flat=True):
+        )
+        if kind == EMBEDDING:
+            pending = pending.exclude(index_sha256="")  # its index is still being built
+        for deployment_id in pending.values_list("pk", flat=True):
             claimed = services.deployment_claim(deployment_id=deployment_id)
             if claimed is not None and claimed.status == DeploymentStatus.FAILED:
                 report.failed.append(claimed.pk)
@@ -333,6 +337,8 @@ class Controller:
             if deployment.status == DeploymentStatus.LOADING:
                 self._step_loading(deployment, ready.get(deployment.model_version_id), report)
             elif deployment.status == DeploymentStatus.WARM:
+                if deployment.staged_index_sha256:
+                    self._step_reindex(deployment, pool_status or {}, report)
                 self._step_warm(deployment, served.get(deployment.model_version_id), rewarm, report)
             else:
                 self._step_degraded(deployment, served.get(deployment.model_version_id), report)
@@ -374,6 +380,11 @@ class Controller:
             on_tail = str(route.get("deployment", "")).endswith("-tail")
             if route.get("sha256") != spec.sha256 or on_tail == spec.pinned:
                 return True
+            if (
+                route.get("index_sha256", "") != spec.index_sha256
+                or route.get("staged_index_sha256", "") != spec.staged_index_sha256
+            ):
+                return True  # an embedding model's index changed (a reindex)
         if desired and pool_status is not None:
             pool = ServingPool.objects.get(kind=kind)
             wanted = pool_spec(pool)
@@ -473,6 +484,34 @@ class Controller:
         report.resolved_alerts += alerts.alerts_resolve(
             deployment=deployment, kind=AlertKind.LOAD_FAILING
         )
+
+    def _step_reindex(
+        self, deployment: Deployment, pool_status: dict[str, Any], report: PassReport
+    ) -> None:
+        """A reindex: once every replica serving the model holds the staged index, verify
+        it with a warm-up against its own reference, then switch to it; the served index
+        answers searches until then. One that fails to load or verify is dropped."""
+        staged = deployment.staged_index_sha256
+        holding, failed = _staged_index_state(pool_status, deployment.model_version_id, staged)
+        if failed:
+            indexing.reindex_fail(
+                deployment=deployment, reason=f"the new index failed to load: {failed}"
+            )
+            report.failed.append(deployment.pk)
+            return
+        if not holding:
+            return  # not loaded everywhere yet: the next pass looks again
+        warmup = services.warmup_run(
+            deployment=deployment, trigger=WarmupTrigger.REINDEX, backend=self.backend, staged=True
+        )
+        report.warmups += 1
+        if warmup.ok:
+            indexing.index_switch(deployment=deployment, warmup=warmup)
+            report.went_live.append(deployment.pk)
+        else:
+            indexing.reindex_fail(deployment=deployment, reason=f"warm-up failed: {warmup.error}")
+            report.failed.append(deployment.pk)
+        deployment.refresh_from_db()
 
     def _step_degraded(
         self, deployment: Deployment, served: str | None, report: PassReport
@@ -577,6 +616,24 @@ class Controller:
                     deployment=alert.deployment, kind=alert.kind
                 )
         return rewarm
+
+
+def _staged_index_state(
+    pool_status: dict[str, Any], model_id: str, staged: str
+) -> tuple[bool, str]:
+    """(every replica that holds the model loaded has the staged index too, and at least
+    one does; the first replica's error loading it, "")."""
+    holders = 0
+    for _, replica in replicas_of(pool_status):
+        for model in model_entries(replica):
+            if model.get("model_id") != model_id or not model.get("loaded"):
+                continue
+            if model.get("index_error"):
+                return False, str(model["index_error"])
+            if staged not in (model.get("indexes") or []):
+                return False, ""
+            holders += 1
+    return holders > 0, ""
 
 
 def _models_of_set(pool_status: dict[str, Any], set_name: str) -> set[str]:

@@ -20,7 +20,7 @@ from django.utils import timezone
 from apps.core.errors import DomainError
 from apps.deployments import selectors
 from apps.deployments.backends import pool_spec
-from apps.deployments.dataplane import data_plane
+from apps.deployments.dataplane import FleetUnavailable, data_plane
 from apps.deployments.models import (
     ACTIVE,
     Deployment,
@@ -34,6 +34,8 @@ from worker import base_models
 from worker.serving.specs import Placement, ServingBackend
 
 log = logging.getLogger(__name__)
+
+EMBEDDING = "embedding"
 
 
 def pool_for(kind: str) -> ServingPool:
@@ -99,10 +101,7 @@ def model_entries(replica: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def predict(
-    *, tenant: Tenant, model: RegisteredModel, inputs: list[str], environment: str
-) -> dict[str, Any]:
-    """Route a tenant's request to the warm deployment of its model's environment."""
+def _warm(*, tenant: Tenant, model: RegisteredModel, environment: str) -> Deployment:
     warm, latest = selectors.serving_deployment(tenant=tenant, model=model, environment=environment)
     if warm is None:
         state = latest.status if latest is not None else "not_deployed"
@@ -111,6 +110,19 @@ def predict(
             code="not_warm",
             status=state,
         )
+    return warm
+
+
+def predict(
+    *, tenant: Tenant, model: RegisteredModel, inputs: list[str], environment: str
+) -> dict[str, Any]:
+    """Route a tenant's request to the warm deployment of its model's environment."""
+    if model.kind == EMBEDDING:
+        raise DomainError(
+            f"{model.name} is an embedding model: it answers embed and search, not predict.",
+            code="not_a_classifier",
+        )
+    warm = _warm(tenant=tenant, model=model, environment=environment)
     started = time.perf_counter()
     result = data_plane().predict(model.kind, warm.model_version_id, inputs)
     return {
@@ -118,6 +130,66 @@ def predict(
         "version": warm.model_version.number,
         "environment": environment,
         "outputs": result.outputs,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+
+
+def _embedding_plane(model: RegisteredModel) -> Any:
+    if model.kind != EMBEDDING:
+        raise DomainError(
+            f"{model.name} is a {model.kind} model; embed and search need an embedding model.",
+            code="not_embedding",
+        )
+    plane = data_plane()
+    if not hasattr(plane, "search"):
+        raise DomainError(
+            "This workbench's serving backend does not serve embedding models.",
+            code="not_supported",
+        )
+    return plane
+
+
+def embed(
+    *, tenant: Tenant, model: RegisteredModel, inputs: list[str], role: str, environment: str
+) -> dict[str, Any]:
+    """The L2-normalised embeddings of ``inputs`` by the warm deployment of the tenant's
+    embedding model (its query or its document encoder)."""
+    plane = _embedding_plane(model)
+    warm = _warm(tenant=tenant, model=model, environment=environment)
+    started = time.perf_counter()
+    reply = plane.embed(model.kind, warm.model_version_id, inputs, role)
+    return {
+        "embeddings": reply["embeddings"],
+        "dim": reply["dim"],
+        "role": role,
+        "model_version": warm.model_version_id,
+        "version": warm.model_version.number,
+        "environment": environment,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+
+
+def search(
+    *, tenant: Tenant, model: RegisteredModel, query: str, k: int, environment: str
+) -> dict[str, Any]:
+    """The ``k`` documents of the deployment's knowledge base nearest to ``query``."""
+    from worker.serving.routing import IndexNotHere
+
+    plane = _embedding_plane(model)
+    warm = _warm(tenant=tenant, model=model, environment=environment)
+    started = time.perf_counter()
+    try:
+        reply = plane.search(model.kind, warm.model_version_id, query, k)
+    except IndexNotHere as error:  # a replica between two indexes: a moment, not a fault
+        raise FleetUnavailable(f"The model's index is not loaded right now: {error}.") from error
+    return {
+        "results": reply["results"],
+        "k": k,
+        "index_sha256": warm.index_sha256,
+        "dataset_version": warm.index_dataset_version_id,
+        "model_version": warm.model_version_id,
+        "version": warm.model_version.number,
+        "environment": environment,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
     }
 

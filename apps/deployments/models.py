@@ -139,6 +139,43 @@ class Deployment(models.Model):
     retired_at = models.DateTimeField(null=True, blank=True)
     last_warmup_at = models.DateTimeField(null=True, blank=True)
     last_warmup_ms = models.FloatField(null=True, blank=True)
+    # Embedding deployments: the knowledge base searched (``corpus``, or else the model's
+    # training dataset version) and its index, an artifact bound by sha256 (built by the
+    # ``deployments.build_index`` task; the deployment is claimed once it exists). A reindex
+    # builds a staged index the fleet loads beside the served one; after a verified
+    # warm-up it becomes the index (blue/green). Empty for classifiers.
+    corpus = models.ForeignKey(
+        "datasets.DatasetVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    index_key = models.CharField(max_length=300, blank=True, default="")
+    index_sha256 = models.CharField(max_length=64, blank=True, default="")
+    index_size_bytes = models.BigIntegerField(default=0)
+    index_documents = models.PositiveIntegerField(default=0)
+    index_dataset_version = models.ForeignKey(
+        "datasets.DatasetVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    staged_dataset_version = models.ForeignKey(
+        "datasets.DatasetVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    staged_index_key = models.CharField(max_length=300, blank=True, default="")
+    staged_index_sha256 = models.CharField(max_length=64, blank=True, default="")
+    staged_index_size_bytes = models.BigIntegerField(default=0)
+    staged_index_documents = models.PositiveIntegerField(default=0)
+    # Why the last index build or reindex failed ("" when it did not).
+    index_error = models.TextField(blank=True, default="")
+    reindexed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "id"]
@@ -165,6 +202,7 @@ class WarmupTrigger(models.TextChoices):
     REPLICA_RESTART = "replica_restart", "Replica restart"
     MANUAL = "manual", "Manual"
     RECOVERY = "recovery", "Recovery"
+    REINDEX = "reindex", "Reindex"
 
 
 class Warmup(models.Model):

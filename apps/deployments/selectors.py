@@ -46,18 +46,36 @@ def desired_models(kind: str) -> list[ModelSpec]:
     by_version: dict[str, ModelSpec] = {}
     for deployment in rows.order_by("created_at"):
         version = deployment.model_version
+        # An embedding deployment is held once its index is built; its searches use that
+        # index, and during a reindex the staged one is loaded beside it. (Two deployments
+        # of one version share its replicas' copy: the later one's index is searched.)
+        indexed = kind != "embedding" or bool(deployment.index_sha256)
+        if not indexed:
+            continue
         earlier = by_version.get(version.pk)
         pinned = deployment.pinned or (earlier is not None and earlier.pinned)
+        index: dict[str, str] = {}
+        if deployment.index_sha256:
+            index = {
+                "index_uri": store.uri(deployment.index_key),
+                "index_sha256": deployment.index_sha256,
+            }
+        if deployment.staged_index_sha256:
+            index["staged_index_uri"] = store.uri(deployment.staged_index_key)
+            index["staged_index_sha256"] = deployment.staged_index_sha256
         by_version[version.pk] = ModelSpec(
             model_id=version.pk,
             artifact_uri=store.uri(version.artifact_key),
             sha256=deployment.artifact_sha256,
-            memory_bytes=version.memory_bytes,
+            memory_bytes=version.memory_bytes
+            + deployment.index_size_bytes
+            + deployment.staged_index_size_bytes,
             pinned=pinned,
             # An adapter's shared base (placement counts it once per replica set); ""/0 for
             # a full model.
             base_sha256=version.base_sha256,
             base_memory_bytes=version.base_memory_bytes,
+            **index,
         )
     return sorted(by_version.values(), key=lambda spec: spec.model_id)
 
@@ -169,3 +187,24 @@ def warmup_samples(version: ModelVersion, limit: int) -> list[dict[str, Any]]:
                     {"text": row["text"], "predicted": row["predicted"], "score": row["score"]}
                 )
     return samples
+
+
+def embedding_warmup_queries(version: ModelVersion, limit: int) -> list[dict[str, Any]]:
+    """Golden queries with the embeddings the version's evaluation recorded for them (the
+    tenant's own sets only, as :func:`warmup_samples`): ``[{"query", "embedding"}]``; []
+    where the evaluation kept none."""
+    evaluations = Evaluation.objects.filter(
+        model_version=version,
+        status=EvalStatus.SUCCEEDED,
+        artifact_sha256=version.sha256,
+        dataset_version__dataset__tenant_id=version.registered_model.tenant_id,
+    ).order_by("-finished_at")
+    for evaluation in evaluations[:5]:
+        found = [
+            {"query": str(s["query"]), "embedding": list(s["embedding"])}
+            for s in (evaluation.samples or [])
+            if isinstance(s, dict) and s.get("query") and s.get("embedding")
+        ]
+        if found:
+            return found[:limit]
+    return []

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from apps.audit.services import audit_record
 from apps.core.errors import DomainError
-from apps.deployments import alerts, selectors
+from apps.deployments import alerts, indexing, selectors
 from apps.deployments.models import (
     ACTIVE,
     SERVING,
@@ -38,6 +38,7 @@ from apps.deployments.models import (
 from apps.evaluation.services import policy_for
 from apps.promotions import services as promotions
 from apps.promotions.models import PromotionRequest
+from apps.registry.models import ModelKind
 from worker.serving.specs import ModelLoadError, ServingBackend
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def deployment_create(*, actor: Any, promotion: PromotionRequest, via: str = "")
         created_by=actor,
     )
     promotions.promotion_deploying(promotion=promotion, deployment_id=deployment.pk)
+    if version.registered_model.kind == ModelKind.EMBEDDING:
+        indexing.index_request(deployment)  # claimed once its index exists
     audit_record(
         actor=actor,
         tenant=promotion.tenant,
@@ -129,7 +132,10 @@ def deployment_rollback(*, actor: Any, deployment: Deployment, via: str = "") ->
         replaces=locked,
         is_rollback=True,
         created_by=actor,
+        corpus_id=target.corpus_id,
     )
+    if target.model_version.registered_model.kind == ModelKind.EMBEDDING:
+        indexing.index_request(rollback)
     audit_record(
         actor=actor,
         tenant=locked.tenant,
@@ -391,24 +397,32 @@ def deployment_fail(*, deployment: Deployment, reason: str) -> Deployment:
     return locked
 
 
-def warmup_run(*, deployment: Deployment, trigger: str, backend: ServingBackend) -> Warmup:
+def warmup_run(
+    *, deployment: Deployment, trigger: str, backend: ServingBackend, staged: bool = False
+) -> Warmup:
     """Send golden-set samples through the fleet one request at a time, the way customers
     call; pass if every prediction equals the evaluation's and the median latency is
-    within the policy's budget."""
+    within the policy's budget. An embedding deployment's warm-up checks its index (or,
+    ``staged``, the staged index of a reindex): see :func:`_embedding_checks`."""
     version = deployment.model_version
     kind = version.registered_model.kind
     policy = policy_for(tenant=deployment.tenant, model_kind=kind)
     warmup = Warmup.objects.create(
         deployment=deployment, trigger=trigger, latency_budget_ms=policy.latency_budget_ms
     )
-    samples = selectors.warmup_samples(version, settings.DEPLOYMENT_WARMUP_SAMPLES)
+    embedding = kind == ModelKind.EMBEDDING
+    samples = (
+        [] if embedding else selectors.warmup_samples(version, settings.DEPLOYMENT_WARMUP_SAMPLES)
+    )
     latencies: list[float] = []
     mismatches: list[dict[str, Any]] = []
     error = ""
     try:
-        if not samples:
+        if embedding:
+            samples = _embedding_checks(deployment, backend, latencies, mismatches, staged=staged)
+        elif not samples:
             raise ModelLoadError("no recorded predictions to warm up with")
-        for sample in samples:
+        for sample in [] if embedding else samples:
             started = time.perf_counter()
             result = backend.predict(kind, version.pk, [sample["text"]])
             latencies.append((time.perf_counter() - started) * 1000)
@@ -430,7 +444,8 @@ def warmup_run(*, deployment: Deployment, trigger: str, backend: ServingBackend)
     p50 = statistics.median(latencies) if latencies else None
     if not error and mismatches:
         error = (
-            f"{len(mismatches)} of {len(samples)} predictions differ from the evaluation's "
+            f"{len(mismatches)} of {len(samples)} "
+            f"{'answers' if embedding else 'predictions'} differ from the evaluation's "
             f"(first: {mismatches[0]['text']!r} -> {mismatches[0]['got']}, "
             f"expected {mismatches[0]['expected']})"
         )
@@ -459,3 +474,96 @@ def warmup_run(*, deployment: Deployment, trigger: str, backend: ServingBackend)
             message=f"Warm-up of {version} ({deployment.environment}) failed: {error}",
         )
     return warmup
+
+
+# Embeddings served equal the reference's when their cosine is at least this.
+EMBEDDING_COSINE_MIN = 1 - 1e-4
+
+
+def _embedding_checks(
+    deployment: Deployment,
+    backend: Any,
+    latencies: list[float],
+    mismatches: list[dict[str, Any]],
+    *,
+    staged: bool,
+) -> list[Any]:
+    """An embedding deployment's warm-up, against the reference its index artifact holds
+    (computed in-process from the version's own artifact when the index was built, see
+    :mod:`apps.deployments.indexing`): each golden query searched one at a time (the
+    policy's latency budget applies to these), the top ids equal to the reference's; the
+    golden queries' embeddings (query role) and the first documents' (document role) at a
+    cosine of at least ``EMBEDDING_COSINE_MIN`` to the reference's; and the queries of the
+    version's evaluation on the tenant's golden retrieval sets, where it recorded their
+    embeddings, likewise. Returns the checks made; fills ``latencies`` and ``mismatches``."""
+    import numpy as np
+
+    from worker.serving.embedding import REFERENCE_K
+
+    key, sha = (
+        (deployment.staged_index_key, deployment.staged_index_sha256)
+        if staged
+        else (deployment.index_key, deployment.index_sha256)
+    )
+    if not sha:
+        raise ModelLoadError("the deployment has no index to warm up with")
+    if not hasattr(backend, "search") or not hasattr(backend, "embed"):
+        raise ModelLoadError("this serving backend does not serve embedding models")
+    index = indexing.index_of(key, sha)
+    reference = index.reference
+    if not reference.queries:
+        raise ModelLoadError("the index holds no golden queries to warm up with")
+    kind, model_id = ModelKind.EMBEDDING, deployment.model_version_id
+    checks: list[Any] = []
+    for query, expected in zip(reference.queries, reference.ids, strict=True):
+        started = time.perf_counter()
+        reply = backend.search(kind, model_id, query, REFERENCE_K, index=sha if staged else "")
+        latencies.append((time.perf_counter() - started) * 1000)
+        checks.append(query)
+        got = [r["document_id"] for r in reply["results"]]
+        if got != expected:
+            mismatches.append(
+                {
+                    "text": query[:200],
+                    "check": "search",
+                    "expected": ", ".join(expected[:5]),
+                    "got": ", ".join(got[:5]),
+                }
+            )
+
+    def compare(texts: list[str], role: str, wanted: Any, what: str) -> None:
+        if not texts:
+            return
+        reply = backend.embed(kind, model_id, texts, role)
+        served = np.asarray(reply["embeddings"], dtype=np.float32)
+        wanted = np.asarray(wanted, dtype=np.float32)
+        if served.shape != wanted.shape:
+            mismatches.append(
+                {
+                    "text": texts[0][:200],
+                    "check": what,
+                    "expected": f"shape {wanted.shape}",
+                    "got": f"shape {served.shape}",
+                }
+            )
+            return
+        for text, cosine in zip(texts, (served * wanted).sum(axis=1).tolist(), strict=True):
+            checks.append(text)
+            if cosine < EMBEDDING_COSINE_MIN:
+                mismatches.append(
+                    {
+                        "text": text[:200],
+                        "check": what,
+                        "expected": f"cosine >= {EMBEDDING_COSINE_MIN}",
+                        "got": f"cosine {cosine:.6f}",
+                    }
+                )
+
+    compare(reference.queries, "query", reference.vectors, "embed_query")
+    documents = reference.documents
+    compare(documents, "document", index.vectors[: len(documents)], "embed_document")
+    golden = selectors.embedding_warmup_queries(
+        deployment.model_version, settings.DEPLOYMENT_WARMUP_SAMPLES
+    )
+    compare([g["query"] for g in golden], "query", [g["embedding"] for g in golden], "evaluation")
+    return checks

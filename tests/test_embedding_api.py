@@ -1,0 +1,283 @@
+"""Embedding deployments where no fleet is involved: the embed, search and reindex doors'
+validation, tenancy and state errors; the index a deployment searches, built from the
+version's own artifact; and the warm-up's checks (search ids, query and document
+embeddings) against a backend answering in-process — a mismatch fails it. The replica path
+on a real Ray is in test_embedding_fleet.py."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+from apps.core.artifacts import get_store
+from apps.deployments import indexing, services
+from apps.deployments.models import Deployment, FleetAlert
+from apps.registry.models import ModelVersion
+from tests.embedding_helpers import register_embedding, retrieval_version
+from tests.test_deployments_api import deploy, make_version
+from tests.worker.serving.embedding_models import (
+    PackedEmbedder,
+    stackfaq_documents,
+    stackfaq_queries,
+    tiny_embedder,
+)
+from worker.serving.embedding import EmbeddingModel, read_index
+from worker.serving.loading import load_model
+
+API = "/api/v1/tenants/acme"
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> PackedEmbedder:
+    return tiny_embedder(tmp_path_factory.mktemp("embedder"), seed=5, separate=True)
+
+
+def knowledge_base(tenant: Any, name: str = "faq", *, start: int = 0, count: int = 10) -> Any:
+    documents = stackfaq_documents(count, start=start)
+    by_text = {d.id: d for d in documents}
+    queries = stackfaq_queries(documents, 3 * count)
+    pairs = []
+    for query in queries:
+        # stackfaq_queries keeps the test file's order: pair each with its document.
+        pairs.append((query, _document_of(query, by_text)))
+    return retrieval_version(tenant, name, documents, pairs)
+
+
+def _document_of(query: str, documents: dict[str, Any]) -> str:
+    import csv
+
+    from tests.worker.serving.embedding_models import STACKFAQ
+
+    with (STACKFAQ / "test.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["query"] == query and row["document_id"] in documents:
+                return str(row["document_id"])
+    raise AssertionError(query)
+
+
+@pytest.fixture
+def embedding_version(tenant, artifacts_dir, packed) -> ModelVersion:
+    return register_embedding(tenant, "faq-search", packed, knowledge_base(tenant))
+
+
+class FakePlane:
+    """A data plane answering embed and search from fixed values."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def embed(self, kind: str, model_id: str, texts: list[str], role: str) -> dict[str, Any]:
+        self.calls.append(("embed", kind, model_id, tuple(texts), role))
+        return {"embeddings": [[0.6, 0.8]] * len(texts), "dim": 2, "replica_id": "r"}
+
+    def search(self, kind: str, model_id: str, query: str, k: int, index: str = "") -> Any:
+        self.calls.append(("search", kind, model_id, query, k))
+        hits = [
+            {"document_id": f"faq{i:03d}", "title": f"t{i}", "score": 1 - i / 10} for i in range(k)
+        ]
+        return {"results": hits, "index": "x"}
+
+
+def test_embed_and_search_of_another_tenants_model_are_404(embedding_version, outsider):
+    deploy(embedding_version, "warm")
+    for door, body in (("embed", {"inputs": ["hi"]}), ("search", {"query": "hi"})):
+        assert outsider.api("post", f"{API}/models/faq-search/{door}", body).status_code == 404
+        own = outsider.api("post", f"/api/v1/tenants/globex/models/faq-search/{door}", body)
+        assert own.status_code == 404
+
+
+def test_embed_and_search_without_a_warm_deployment_are_409_naming_the_status(
+    embedding_version, viewer
+):
+    for door, body in (("embed", {"inputs": ["hi"]}), ("search", {"query": "hi"})):
+        none_yet = viewer.api("post", f"{API}/models/faq-search/{door}", body)
+        assert none_yet.status_code == 409
+        assert none_yet.json()["error"]["code"] == "not_warm"
+        assert none_yet.json()["error"]["status"] == "not_deployed"
+    deploy(embedding_version, "pending")
+    pending = viewer.api("post", f"{API}/models/faq-search/search", {"query": "hi"})
+    assert pending.status_code == 409 and pending.json()["error"]["status"] == "pending"
+
+
+def test_a_classifier_has_no_embed_and_an_embedding_model_no_predict(
+    embedding_version, scientist, tenant, viewer
+):
+    deploy(make_version(scientist, tenant), "warm")
+    deploy(embedding_version, "warm")
+    embed = viewer.api("post", f"{API}/models/intents/embed", {"inputs": ["hi"]})
+    assert embed.status_code == 409 and embed.json()["error"]["code"] == "not_embedding"
+    search = viewer.api("post", f"{API}/models/intents/search", {"query": "hi"})
+    assert search.status_code == 409 and search.json()["error"]["code"] == "not_embedding"
+    predict = viewer.api("post", f"{API}/models/faq-search/predict", {"inputs": ["hi"]})
+    assert predict.status_code == 409 and predict.json()["error"]["code"] == "not_a_classifier"
+
+
+@pytest.mark.parametrize(
+    ("door", "body", "field"),
+    [
+        ("embed", {}, "inputs"),
+        ("embed", {"inputs": []}, "inputs"),
+        ("embed", {"inputs": [""]}, "inputs"),
+        ("embed", {"inputs": ["ok"] * 65}, "inputs"),
+        ("embed", {"inputs": ["ok"], "role": "answer"}, "role"),
+        ("search", {}, "query"),
+        ("search", {"query": ""}, "query"),
+        ("search", {"query": "ok", "k": 0}, "k"),
+        ("search", {"query": "ok", "k": 101}, "k"),
+        ("search", {"query": "ok", "environment": "prod"}, "environment"),
+    ],
+)
+def test_embed_and_search_refuse_bad_input_naming_the_field(
+    embedding_version, viewer, door, body, field
+):
+    deploy(embedding_version, "warm")
+    response = viewer.api("post", f"{API}/models/faq-search/{door}", body)
+    assert response.status_code == 400, response.content
+    assert field in response.json()["error"]["fields"]
+
+
+def test_embed_and_search_answer_what_the_fleet_serves(embedding_version, viewer, monkeypatch):
+    deployment = deploy(embedding_version, "warm", index_sha256="c" * 64)
+    plane = FakePlane()
+    monkeypatch.setattr("apps.deployments.fleet.data_plane", lambda: plane)
+    embed = viewer.api(
+        "post", f"{API}/models/faq-search/embed", {"inputs": ["a", "b"], "role": "document"}
+    )
+    assert embed.status_code == 200, embed.content
+    body = embed.json()
+    assert body["embeddings"] == [[0.6, 0.8], [0.6, 0.8]] and body["dim"] == 2
+    assert body["role"] == "document" and body["model_version"] == embedding_version.pk
+    assert body["version"] == 1 and body["latency_ms"] >= 0
+    search = viewer.api("post", f"{API}/models/faq-search/search", {"query": "strike"})
+    assert search.status_code == 200, search.content
+    found = search.json()
+    assert len(found["results"]) == 5 and found["k"] == 5  # the default k
+    assert set(found["results"][0]) == {"document_id", "title", "score"}
+    assert found["index_sha256"] == deployment.index_sha256
+    assert plane.calls == [
+        ("embed", "embedding", embedding_version.pk, ("a", "b"), "document"),
+        ("search", "embedding", embedding_version.pk, "strike", 5),
+    ]
+
+
+def test_reindex_refusals_are_clear_and_change_nothing(
+    embedding_version, scientist, reviewer, tenant, other_tenant, outsider
+):
+    classifier = deploy(make_version(scientist, tenant), "warm")
+    newer = knowledge_base(tenant, "faq-v2", start=10)
+    url = f"{API}/deployments/{{}}/reindex"
+    body = {"dataset_version": newer.pk}
+    assert scientist.api("post", url.format(classifier.pk), body).status_code == 403
+    refused = reviewer.api("post", url.format(classifier.pk), body)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_embedding"
+    loading = deploy(embedding_version, "loading")
+    refused = reviewer.api("post", url.format(loading.pk), body)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_warm"
+    Deployment.objects.filter(pk=loading.pk).update(status="warm")
+    theirs = knowledge_base(other_tenant, "their-faq")
+    refused = reviewer.api("post", url.format(loading.pk), {"dataset_version": theirs.pk})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "unknown_dataset_version"
+    classification = classifier.model_version.run.dataset_version
+    refused = reviewer.api("post", url.format(loading.pk), {"dataset_version": classification.pk})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_retrieval"
+    assert reviewer.api("post", url.format(loading.pk), {}).status_code == 400
+    # Another tenant's deployment: not found at all.
+    assert outsider.api("post", url.format(loading.pk), body).status_code == 404
+    loading.refresh_from_db()
+    assert loading.staged_dataset_version_id is None
+
+
+def test_a_reindex_is_accepted_once_at_a_time(
+    embedding_version, reviewer, tenant, django_capture_on_commit_callbacks
+):
+    warm = deploy(embedding_version, "warm")
+    newer = knowledge_base(tenant, "faq-v2", start=10)
+    url = f"{API}/deployments/{warm.pk}/reindex"
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        accepted = reviewer.api("post", url, {"dataset_version": newer.pk})
+    assert accepted.status_code == 202, accepted.content
+    assert accepted.json()["staged_dataset_version"] == newer.pk
+    assert len(callbacks) == 1  # the index build, sent on commit
+    again = reviewer.api("post", url, {"dataset_version": newer.pk})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "reindex_in_progress"
+
+
+class InProcessBackend:
+    """Answers embed and search as a replica would, from the version's own artifact and
+    the deployment's index; ``tamper`` changes one kind of answer."""
+
+    def __init__(self, version: ModelVersion, deployment: Deployment, tamper: str = "") -> None:
+        store = get_store()
+        loaded = load_model(store.uri(version.artifact_key), version.sha256, device="cpu")
+        assert isinstance(loaded.classifier, EmbeddingModel)
+        self.model = loaded.classifier
+        with store.open(deployment.index_key) as fh:
+            index = read_index(fh.read(), deployment.index_sha256)
+        self.model.indexes[index.sha256] = index
+        self.model.current = index.sha256
+        self.tamper = tamper
+
+    def embed(self, kind: str, model_id: str, texts: list[str], role: str) -> dict[str, Any]:
+        vectors = self.model.embed(texts, role)
+        if self.tamper == role:
+            vectors = np.roll(vectors, 1, axis=1)
+        return {"embeddings": vectors.tolist(), "dim": self.model.dim}
+
+    def search(self, kind: str, model_id: str, query: str, k: int, index: str = "") -> Any:
+        results = self.model.search(query, k, index)
+        if self.tamper == "search":
+            results = results[::-1]
+        return {"results": results}
+
+
+def test_the_index_is_built_from_the_versions_artifact_and_the_warmup_checks_it(
+    embedding_version, tenant, settings
+):
+    settings.DEPLOYMENT_WARMUP_SAMPLES = 4
+    deployment = deploy(embedding_version, "pending")
+    built = indexing.build(deployment_id=deployment.pk, staged=False)
+    assert built is not None and built.index_sha256 and not built.index_error
+    data_version = embedding_version.run.dataset_version
+    assert built.index_dataset_version_id == data_version.pk
+    with get_store().open(built.index_key) as fh:
+        data = fh.read()
+    assert hashlib.sha256(data).hexdigest() == built.index_sha256
+    index = read_index(data, built.index_sha256)
+    assert len(index.ids) == built.index_documents == 10
+    assert len(index.reference.queries) == 4  # the first distinct queries of its pairs
+
+    backend = InProcessBackend(embedding_version, built)
+    good = services.warmup_run(deployment=built, trigger="deploy", backend=backend)
+    assert good.ok, good.error
+    assert good.samples == 4 and not good.mismatches
+    for tamper, check in (
+        ("search", "search"),
+        ("query", "embed_query"),
+        ("document", "embed_document"),
+    ):
+        backend.tamper = tamper
+        bad = services.warmup_run(deployment=built, trigger="deploy", backend=backend)
+        assert not bad.ok
+        assert {m["check"] for m in bad.mismatches} == {check}, bad.mismatches
+        assert "differ from the evaluation's" in bad.error
+    alert = FleetAlert.objects.get(deployment=built, kind="warmup_failed", resolved_at=None)
+    assert "Warm-up of faq-search v1" in alert.message
+
+
+def test_a_knowledge_base_without_documents_fails_the_deployment_naming_why(
+    embedding_version, tenant
+):
+    data = embedding_version.run.dataset_version
+    type(data).objects.filter(pk=data.pk).update(documents_storage_key="")
+    deployment = deploy(embedding_version, "pending")
+    failed = indexing.build(deployment_id=deployment.pk, staged=False)
+    assert failed is not None
+    failed.refresh_from_db()
+    assert failed.status == "failed" and "no documents to index" in failed.failure
+    assert "no documents" in failed.index_error
