@@ -18,7 +18,13 @@ from apps.registry.models import ModelVersion, RegisteredModel
 from apps.registry.services import model_version_create
 from apps.tenants.models import Tenant
 from apps.training.models import TrainingRun
-from tests.worker.serving.embedding_models import Doc, PackedEmbedder
+from tests.worker.serving.embedding_models import (
+    STACKFAQ,
+    Doc,
+    PackedEmbedder,
+    stackfaq_documents,
+    stackfaq_queries,
+)
 from worker import base_models
 
 
@@ -64,13 +70,21 @@ def retrieval_version(
 
 
 def register_embedding(
-    tenant: Tenant, name: str, packed: PackedEmbedder, data: DatasetVersion, **extra: Any
+    tenant: Tenant,
+    name: str,
+    packed: PackedEmbedder,
+    data: DatasetVersion,
+    *,
+    trainer: Any = None,
+    **extra: Any,
 ) -> ModelVersion:
-    """An embedding model version trained (as far as the registry knows) on ``data``."""
+    """An embedding model version trained (as far as the registry knows) on ``data`` by
+    ``trainer`` (a user)."""
     RegisteredModel.objects.get_or_create(tenant=tenant, name=name, defaults={"kind": "embedding"})
     run = TrainingRun.objects.create(
         tenant=tenant, dataset_version=data, model_name=name,
         base_model=base_models.MINILM_L6_EMBED, params={}, status="succeeded",
+        created_by=trainer,
     )  # fmt: skip
     key = f"models/{tenant.slug}/{run.pk}/model.tar"
     get_store().put_file(key, packed.tar)
@@ -80,3 +94,21 @@ def register_embedding(
         format="adapter", base_sha256=base_models.base_sha256(base_models.MINILM_L6_EMBED) or "",
         base_memory_bytes=0, **extra,
     )  # fmt: skip
+
+
+def knowledge_base(
+    tenant: Tenant, name: str = "faq", *, start: int = 0, count: int = 10
+) -> DatasetVersion:
+    documents = stackfaq_documents(count, start=start)
+    by_id = {d.id: d for d in documents}
+    queries = stackfaq_queries(documents, 3 * count)
+    pairs = [(query, _document_of(query, by_id)) for query in queries]
+    return retrieval_version(tenant, name, documents, pairs)
+
+
+def _document_of(query: str, documents: dict[str, Any]) -> str:
+    with (STACKFAQ / "test.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["query"] == query and row["document_id"] in documents:
+                return str(row["document_id"])
+    raise AssertionError(query)

@@ -16,14 +16,9 @@ from apps.core.artifacts import get_store
 from apps.deployments import indexing, services
 from apps.deployments.models import Deployment, FleetAlert
 from apps.registry.models import ModelVersion
-from tests.embedding_helpers import register_embedding, retrieval_version
+from tests.embedding_helpers import knowledge_base, register_embedding
 from tests.test_deployments_api import deploy, make_version
-from tests.worker.serving.embedding_models import (
-    PackedEmbedder,
-    stackfaq_documents,
-    stackfaq_queries,
-    tiny_embedder,
-)
+from tests.worker.serving.embedding_models import PackedEmbedder, tiny_embedder
 from worker.serving.embedding import EmbeddingModel, read_index
 from worker.serving.loading import load_model
 
@@ -35,29 +30,6 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> PackedEmbedder:
     return tiny_embedder(tmp_path_factory.mktemp("embedder"), seed=5, separate=True)
-
-
-def knowledge_base(tenant: Any, name: str = "faq", *, start: int = 0, count: int = 10) -> Any:
-    documents = stackfaq_documents(count, start=start)
-    by_text = {d.id: d for d in documents}
-    queries = stackfaq_queries(documents, 3 * count)
-    pairs = []
-    for query in queries:
-        # stackfaq_queries keeps the test file's order: pair each with its document.
-        pairs.append((query, _document_of(query, by_text)))
-    return retrieval_version(tenant, name, documents, pairs)
-
-
-def _document_of(query: str, documents: dict[str, Any]) -> str:
-    import csv
-
-    from tests.worker.serving.embedding_models import STACKFAQ
-
-    with (STACKFAQ / "test.csv").open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["query"] == query and row["document_id"] in documents:
-                return str(row["document_id"])
-    raise AssertionError(query)
 
 
 @pytest.fixture

@@ -467,11 +467,13 @@ def warmup_run(
     if warmup.ok:
         alerts.alerts_resolve(deployment=deployment, kind="warmup_failed")
     else:
+        what = f"the new index of {version}" if staged else str(version)
+        kept = "; the previous index keeps serving" if staged else ""
         alerts.alert_raise(
             tenant=deployment.tenant,
             deployment=deployment,
             kind="warmup_failed",
-            message=f"Warm-up of {version} ({deployment.environment}) failed: {error}",
+            message=f"Warm-up of {what} ({deployment.environment}) failed{kept}: {error}",
         )
     return warmup
 
@@ -526,8 +528,8 @@ def _embedding_checks(
                 {
                     "text": query[:200],
                     "check": "search",
-                    "expected": ", ".join(expected[:5]),
-                    "got": ", ".join(got[:5]),
+                    "expected": ", ".join(expected),
+                    "got": ", ".join(got),
                 }
             )
 
