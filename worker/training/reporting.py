@@ -35,6 +35,8 @@ PROGRESS_INTERVAL_S = 1.0
 # its size, and the reporting thread's Python competes with the training thread's for the GIL.
 METRICS_INTERVAL_S = 5.0
 RUNNING_LOSS_STEPS = 50
+# The validation metrics each epoch reports (an embedding run names its own).
+CLASSIFIER_EPOCH_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
 
 
 @dataclass
@@ -52,7 +54,8 @@ class Progress:
 @dataclass
 class MetricPoint:
     """One value of a metric: ``train_loss`` per few steps; ``val_loss``, ``val_accuracy``,
-    ``val_macro_f1`` and ``epoch`` per epoch."""
+    ``val_macro_f1`` (an embedding run: ``val_recall_at_1/5/10``, ``val_mrr_at_10``,
+    ``val_ndcg_at_10``) and ``epoch`` per epoch."""
 
     name: str
     step: int
@@ -225,8 +228,13 @@ class Reporter:
             state.epoch_loss_steps += 1
         self.pending_losses.clear()
 
-    def epoch_metrics(self, state: LoopState, epoch: int, metrics: dict[str, float]) -> None:
-        names = ("val_loss", "val_accuracy", "val_macro_f1")
+    def epoch_metrics(
+        self,
+        state: LoopState,
+        epoch: int,
+        metrics: dict[str, float],
+        names: tuple[str, ...] = CLASSIFIER_EPOCH_METRICS,
+    ) -> None:
         self.points += [
             MetricPoint(n, state.step, metrics[n], epoch) for n in names if n in metrics
         ]
