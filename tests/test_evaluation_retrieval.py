@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from django.db import transaction
 from django.test import Client
 
 from apps.audit.models import AuditEvent
@@ -28,7 +29,6 @@ from apps.evaluation.tasks import run_evaluation
 from apps.promotions import services as promotions
 from apps.promotions.gates import check_gates
 from apps.registry.models import ModelKind, ModelVersion, RegisteredModel, Stage
-from apps.registry.services import model_version_create
 from apps.training import services as training
 from apps.training.packaging import pack_dir
 from tests.conftest import Actor
@@ -109,13 +109,20 @@ def embedding_version(
     RegisteredModel.objects.get_or_create(
         tenant=tenant, name=name, defaults={"kind": ModelKind.EMBEDDING}
     )
-    run = training.run_launch(actor=actor.user, tenant=tenant, dataset_version=data,
-                              base_model="tiny-bert", params={}, model_name=name)  # fmt: skip
-    return model_version_create(
-        run=run, artifact_key=key, sha256=sha256, size_bytes=size, memory_bytes=size,
-        predictions_key="", labels=[], metrics={}, format="adapter",
-        base_sha256=str(meta["base_sha256"]),
-    )  # fmt: skip
+    # Launched, claimed and finished in one transaction: no worker trains the run.
+    with transaction.atomic():
+        run = training.run_launch(actor=actor.user, tenant=tenant, dataset_version=data,
+                                  base_model="tiny-bert", params={}, model_name=name)  # fmt: skip
+        assert training.run_claim(run_id=run.pk, worker="this-test:1") is not None
+        training.run_succeed(
+            run_id=run.pk, attempt=1, metrics={}, stop_reason="completed", stop_detail="",
+            progress={}, version_fields={
+                "artifact_key": key, "sha256": sha256, "size_bytes": size,
+                "memory_bytes": size, "predictions_key": "", "labels": [], "metrics": {},
+                "format": "adapter", "base_sha256": str(meta["base_sha256"]),
+            },
+        )  # fmt: skip
+    return ModelVersion.objects.get(run_id=run.pk)
 
 
 @pytest.fixture
@@ -379,3 +386,43 @@ def test_an_admin_edits_the_embedding_policy_on_the_policies_page(admin, tenant)
     assert policy.gates == [{"metric": "recall_at_5", "op": ">=", "value": 0.9, "dataset": None}]
     assert policy.max_regression_vs_champion == 0.0
     assert not PromotionPolicy.objects.filter(tenant=tenant, model_kind="classifier").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.celery_worker
+def test_a_promotion_of_an_embedding_version_is_evaluated_on_a_real_worker_and_gated(
+    celery_worker_process, scientist, reviewer, tenant, settings, tmp_path
+):
+    from tests.training_helpers import wait_for
+
+    settings.ARTIFACT_STORE = f"file://{celery_worker_process.artifacts_root}"
+    golden = golden_retrieval_version(reviewer)
+    version = embedding_version(scientist, tenant, tmp_path, noise=0.0)
+    response = scientist.api(
+        "post", f"{API}/promotions/", {"model_version": version.pk, "target": "staging"}
+    )
+    assert response.status_code == 202, response.content
+    promotion_id = response.json()["id"]
+
+    def decided() -> str | None:
+        status = scientist.api("get", f"{API}/promotions/{promotion_id}/").json()["status"]
+        return status if status != "checking" else None
+
+    # The worker claims the evaluation, heartbeats, measures the version and its base,
+    # finishes it and checks the waiting promotion against the default embedding policy.
+    status = wait_for(decided, timeout=240)
+    body = scientist.api("get", f"{API}/promotions/{promotion_id}/").json()
+    assert status == "awaiting_approval", body
+    (evaluation_id,) = body["evaluation_ids"]
+    evaluation = Evaluation.objects.get(pk=evaluation_id)
+    assert evaluation.dataset_version_id == golden.pk and evaluation.attempt == 1
+    assert evaluation.claimed_by and evaluation.heartbeat_at is not None
+    assert evaluation.base_metrics["recall_at_1"] == evaluation.metrics["recall_at_1"]
+    gates = {(r["gate"], r["metric"]) for r in body["gate_results"]}
+    assert ("regression vs un-tuned base", "recall_at_1") in gates
+    assert ("policy", "recall_at_5") in gates and all(r["passed"] for r in body["gate_results"])
+    client = Client()
+    client.force_login(reviewer.user)
+    page = client.get(f"/t/acme/reviews/{promotion_id}/").content.decode()
+    assert f'id="recall-curve-{evaluation_id}"' in page
+    assert f'id="wrong-queries-{evaluation_id}"' in page or "finds a relevant document" in page
