@@ -253,3 +253,29 @@ def test_a_knowledge_base_without_documents_fails_the_deployment_naming_why(
     failed.refresh_from_db()
     assert failed.status == "failed" and "no documents to index" in failed.failure
     assert "no documents" in failed.index_error
+
+
+def test_the_deployment_page_of_an_embedding_model_has_a_search_box(
+    embedding_version, viewer, scientist, tenant, monkeypatch
+):
+    from django.test import Client
+
+    warm = deploy(embedding_version, "warm", index_sha256="c" * 64, index_documents=10,
+                  index_dataset_version=embedding_version.run.dataset_version)  # fmt: skip
+    plane = FakePlane()
+    monkeypatch.setattr("apps.deployments.fleet.data_plane", lambda: plane)
+    client = Client()
+    client.force_login(viewer.user)
+    page = client.get(f"/t/acme/deployments/{warm.pk}/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'id="search-form"' in html and 'id="search-results"' not in html
+    assert "10 documents from faq" in html
+    found = client.get(f"/t/acme/deployments/{warm.pk}/?q=strikethrough&k=3")
+    html = found.content.decode()
+    assert 'id="search-results"' in html
+    assert html.count("<code>faq00") == 3 and "t2" in html and "0.8000" in html
+    assert plane.calls == [("search", "embedding", embedding_version.pk, "strikethrough", 3)]
+    # A classifier's page has no search box.
+    other = deploy(make_version(scientist, tenant), "warm")
+    assert 'id="search"' not in client.get(f"/t/acme/deployments/{other.pk}/").content.decode()

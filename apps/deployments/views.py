@@ -15,6 +15,7 @@ the deployment. Success redirects with a message (POST/redirect/GET). Without sc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.audit.models import AuditEvent
-from apps.core.errors import DomainError
+from apps.core.errors import DomainError, ServiceUnavailable
 from apps.deployments import charts, dashboard_selectors, fleet, selectors, services
 from apps.deployments.forms import DeploymentFilterForm
 from apps.deployments.models import SERVING, Deployment, DeploymentStatus, FleetAlert
@@ -220,6 +221,11 @@ HISTORY_TEXT = {
     "deployment.warmup_requested": "warm-up requested",
     "deployment.degraded": "stopped being served (degraded)",
     "deployment.recovered": "served again, warm-up verified",
+    "deployment.index_built": "its knowledge base was indexed",
+    "deployment.reindex": "reindex requested",
+    "deployment.index_staged": "the new index was built",
+    "deployment.reindexed": "switched to the new index, warm-up verified",
+    "deployment.reindex_failed": "reindex failed; the previous index serves on",
 }
 
 
@@ -275,10 +281,50 @@ def _detail_page(
         "replaced_by": list(dashboard_selectors.replaced_by(deployment)),
         "refused": refused,
         "refresh": status == 200 and deployment.status in IN_PROGRESS,
+        "search": _search_box(request, access, deployment),
     }
     return render_tenant(
         request, access, "deployments/detail.html", context, section=SECTION, status=status
     )
+
+
+SEARCH_K_CHOICES = (3, 5, 10, 20)
+
+
+def _search_box(
+    request: HttpRequest, access: TenantAccess, deployment: Deployment
+) -> dict[str, Any] | None:
+    """An embedding deployment's search box (while it serves): the query of ``?q=``
+    searched in its knowledge base as the search API does, the top ``k`` documents."""
+    model = deployment.model_version.registered_model
+    if model.kind != "embedding":
+        return None
+    box: dict[str, Any] = {
+        "live": deployment.status in SERVING,
+        "query": request.GET.get("q", "").strip()[: settings.PREDICT_MAX_INPUT_CHARS],
+        "k": 5,
+        "k_choices": SEARCH_K_CHOICES,
+        "results": None,
+        "error": "",
+    }
+    with contextlib.suppress(ValueError):
+        box["k"] = max(1, min(100, int(request.GET.get("k", 5))))
+    if not box["query"] or not box["live"]:
+        return box
+    try:
+        found = fleet.search(
+            tenant=access.tenant,
+            model=model,
+            query=box["query"],
+            k=box["k"],
+            environment=deployment.environment,
+        )
+    except (DomainError, ServiceUnavailable) as exc:
+        box["error"] = exc.message
+        return box
+    box["results"] = found["results"]
+    box["latency_ms"] = found["latency_ms"]
+    return box
 
 
 @require_http_methods(["GET", "HEAD"])
