@@ -279,3 +279,27 @@ def test_the_deployment_page_of_an_embedding_model_has_a_search_box(
     # A classifier's page has no search box.
     other = deploy(make_version(scientist, tenant), "warm")
     assert 'id="search"' not in client.get(f"/t/acme/deployments/{other.pk}/").content.decode()
+
+
+def test_the_notebook_client_embeds_searches_and_reindexes(
+    live_server, embedding_version, viewer, reviewer, tenant, monkeypatch
+):
+    from workbench.client import Workbench, WorkbenchError
+
+    warm = deploy(embedding_version, "warm", index_sha256="c" * 64)
+    plane = FakePlane()
+    monkeypatch.setattr("apps.deployments.fleet.data_plane", lambda: plane)
+    wb = Workbench(live_server.url, viewer.token, "acme")
+    embedded = wb.embed("faq-search", "strikethrough", role="document")
+    assert embedded["embeddings"] == [[0.6, 0.8]] and embedded["dim"] == 2
+    found = wb.search("faq-search", "strikethrough", k=2)
+    assert [r["document_id"] for r in found["results"]] == ["faq000", "faq001"]
+    with pytest.raises(WorkbenchError) as missing:
+        wb.search("no-such-model", "x")
+    assert missing.value.status == 404
+    with pytest.raises(WorkbenchError) as refused:
+        wb.reindex(warm.pk, embedding_version.run.dataset_version_id)
+    assert refused.value.status == 403  # a viewer may search, not reindex
+    newer = knowledge_base(tenant, "faq-v2", start=10)
+    accepted = Workbench(live_server.url, reviewer.token, "acme").reindex(warm.pk, newer.pk)
+    assert accepted["staged_dataset_version"] == newer.pk

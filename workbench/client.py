@@ -6,6 +6,7 @@
     rows = wb.load("dv_...")              # download (sha256 checked) and parse
     run = wb.launch_run("dv_...", params={"epochs": 1})   # the default base model
     wb.export_version("support-intents", 3, "model.tar")  # a standalone merged model
+    wb.search("faq-search", "how do I reset my password?", k=5)["results"]
 
 Standard library only, and no Django: this module runs in notebook kernels, which may not
 have the workbench installed (copy this file next to the notebook). Every refusal by the
@@ -249,6 +250,40 @@ class Workbench:
         target = Path(path) if path is not None else Path(tempfile.gettempdir()) / name
         route = f"models/{urllib.parse.quote(model)}/versions/{int(number)}/export"
         return self._save(self._tenant_path(route), target, what=f"{model} v{number}")
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def embed(
+        self,
+        model: str,
+        inputs: str | list[str],
+        *,
+        role: str = "query",
+        environment: str = "production",
+    ) -> Any:
+        """Embed texts with an embedding model's warm deployment: ``role`` "query" (the
+        query encoder) or "document". The answer's ``embeddings`` hold one L2-normalised
+        vector (``dim`` floats) per input, in order."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        route = self._tenant_path(f"models/{urllib.parse.quote(model)}/embed")
+        payload = {"inputs": texts, "role": role, "environment": environment}
+        return self._json("POST", route, payload)
+
+    def search(self, model: str, query: str, *, k: int = 5, environment: str = "production") -> Any:
+        """The ``k`` (1..100) documents of the deployment's knowledge base nearest to
+        ``query``: the answer's ``results`` are ``{"document_id", "title", "score"}``, best
+        first."""
+        route = self._tenant_path(f"models/{urllib.parse.quote(model)}/search")
+        payload = {"query": query, "k": int(k), "environment": environment}
+        return self._json("POST", route, payload)
+
+    def reindex(self, deployment_id: str, dataset_version: str) -> Any:
+        """Index another knowledge base (a retrieval dataset version) into a warm embedding
+        deployment without retraining (202, a reviewer's call): the current index serves
+        until the new one is loaded and verified; follow ``staged_dataset_version`` and
+        ``index_dataset_version`` on the deployment."""
+        route = self._tenant_path(f"deployments/{urllib.parse.quote(deployment_id)}/reindex")
+        return self._json("POST", route, {"dataset_version": dataset_version})
 
     # --- training --------------------------------------------------------------------------
 
