@@ -236,7 +236,7 @@ REFERENCES = {
 NOT_REFERENCES = {
     "name", "description", "domain", "purpose", "comment", "model_name", "base_model",
     "username", "admins", "email", "password", "slug", "inputs", "label_column",
-    "text_column",
+    "text_column", "query",
 }  # fmt: skip
 # Values a body needs to get past validation to the id fields; the rest are filled by type.
 FILLERS: dict[str, Any] = {
@@ -405,12 +405,19 @@ def own_objects(outsider, upload, victim_objects) -> dict[str, str]:
         run=run, artifact_key="models/y/model.tar", sha256="1" * 64, size_bytes=1,
         memory_bytes=1, predictions_key="models/y/p.jsonl", labels=["a"], metrics={},
     )  # fmt: skip
+    from apps.deployments.models import Deployment
+
+    deployment = Deployment.objects.create(
+        tenant=globex, model_version=model_version, environment="production",
+        artifact_sha256=model_version.sha256, status="warm",
+    )  # fmt: skip
     return {
         "tenant": "globex",
         "dataset_id": dataset_id,
         "version_id": version.pk,
         "model_version_id": model_version.pk,
         "model_kind": "classifier",
+        "deployment_id": deployment.pk,  # a reindex names a knowledge base
     }
 
 

@@ -515,6 +515,9 @@ SPECTACULAR_SETTINGS = {
         "DeploymentStatusEnum": "apps.deployments.models.DeploymentStatus",
         # Promotion targets and deployment environments are the same two names.
         "EnvironmentEnum": "apps.deployments.models.Environment",
+        # A member's role, and the embed API's role (an encoder).
+        "RoleEnum": "apps.tenants.models.Role",
+        "EmbeddingRoleEnum": "apps.deployments.models.EmbeddingRole",
         "NotebookStatusEnum": "apps.notebooks.models.NotebookStatus",
         "AccessRequestStatusEnum": "apps.notebooks.models.AccessStatus",
         # Two fields named "format": a dataset version's file, a model version's artifact.

@@ -16,7 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.deployments import fleet, indexing, selectors, services
-from apps.deployments.models import Deployment, Environment, FleetAlert, Warmup
+from apps.deployments.models import Deployment, EmbeddingRole, Environment, FleetAlert, Warmup
 from apps.registry.models import ArtifactFormat
 from apps.tenants.auth import request_via
 from apps.tenants.models import Role
@@ -269,7 +269,7 @@ class EmbedInputSerializer(serializers.Serializer[Any]):
         min_length=1,
         max_length=settings.PREDICT_MAX_INPUTS,
     )
-    role = serializers.ChoiceField(choices=["query", "document"], default="query")
+    role = serializers.ChoiceField(choices=EmbeddingRole.choices, default=EmbeddingRole.QUERY)
     environment = serializers.ChoiceField(
         choices=Environment.choices, default=Environment.PRODUCTION
     )

@@ -20,6 +20,13 @@ class Environment(models.TextChoices):
     PRODUCTION = "production", "Production"
 
 
+class EmbeddingRole(models.TextChoices):
+    """Which encoder of an embedding model embeds a text (the embed API's ``role``)."""
+
+    QUERY = "query", "Query"
+    DOCUMENT = "document", "Document"
+
+
 class DeploymentStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     LOADING = "loading", "Loading"
