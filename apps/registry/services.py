@@ -15,6 +15,16 @@ from apps.core.errors import DomainError
 from apps.registry.models import ArtifactFormat, ModelKind, ModelVersion, RegisteredModel
 
 
+def _run_kind(run: Any) -> str:
+    """The registered model's kind: its run's base model's (a classifier, or embedding)."""
+    from worker import base_models
+
+    try:
+        return ModelKind(base_models.get(run.base_model).kind).value
+    except (base_models.UnknownBaseModel, ValueError):
+        return ModelKind.CLASSIFIER.value
+
+
 @transaction.atomic
 def model_version_create(
     *,
@@ -38,9 +48,15 @@ def model_version_create(
     existing = ModelVersion.objects.filter(run=run).first()
     if existing is not None:
         return existing
+    kind = _run_kind(run)
     model, _ = RegisteredModel.objects.get_or_create(
-        tenant=run.tenant, name=run.model_name, defaults={"kind": ModelKind.CLASSIFIER}
+        tenant=run.tenant, name=run.model_name, defaults={"kind": kind}
     )
+    if model.kind != kind:
+        # The launch refuses it; a model registered in between lands here.
+        raise DomainError(
+            f"model '{model.name}' holds {model.kind} versions, not {kind}", code="kind_mismatch"
+        )
     # Lock the model row: two runs finishing together must not take the same number.
     RegisteredModel.objects.select_for_update().get(pk=model.pk)
     number = (model.versions.aggregate(n=Max("number"))["n"] or 0) + 1

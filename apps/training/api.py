@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.core.api import Pagination
-from apps.datasets.models import DatasetVersion
+from apps.datasets.models import DatasetVersion, Task
 from apps.datasets.selectors import versions_for_tenant
 from apps.registry.models import ArtifactFormat
 from apps.tenants.auth import request_via
@@ -93,10 +93,16 @@ class TenantVersionField(serializers.CharField):
         return found
 
 
-def _default_base_model() -> str:
-    from worker.base_models import default_base_model
+def _base_model_for(attrs: dict[str, Any]) -> str:
+    """The base model named, or for none the catalogue's default for the data's task: an
+    embedding model for retrieval pairs, a classifier otherwise."""
+    from worker import base_models
 
-    return default_base_model()
+    if attrs.get("base_model"):
+        return str(attrs["base_model"])
+    if attrs["dataset_version"].dataset.task == Task.RETRIEVAL:
+        return base_models.MINILM_L6_EMBED
+    return base_models.default_base_model()
 
 
 class RunInputSerializer(serializers.Serializer[Any]):
@@ -104,9 +110,11 @@ class RunInputSerializer(serializers.Serializer[Any]):
     validation_version = TenantVersionField(required=False, allow_null=True, default=None)
     base_model = serializers.CharField(
         required=False,
-        default=_default_base_model,
-        help_text="A catalogue id (GET /api/v1/base-models/); empty: the catalogue's default, "
-        "the LoRA adapter base where its weights are installed.",
+        allow_blank=True,
+        default="",
+        help_text="A catalogue id (GET /api/v1/base-models/); empty: the catalogue's default "
+        "for the data's task, the LoRA adapter base where its weights are installed (the "
+        "embedding base, minilm-l6-embed, for retrieval data).",
     )
     model_name = serializers.RegexField(
         r"^[a-z0-9][a-z0-9._-]{0,99}$", required=False, allow_blank=True, default=""
@@ -116,12 +124,13 @@ class RunInputSerializer(serializers.Serializer[Any]):
         default=dict,
         help_text="TrainConfig's fields; those not named get the base model's defaults "
         "(its 'defaults' in the catalogue), then TrainConfig's. LoRA parameters (lora_r, "
-        "lora_alpha, lora_dropout, lora_target_modules) are for adapter bases only.",
+        "lora_alpha, lora_dropout, lora_target_modules) are for adapter bases only; "
+        "separate_encoders and document_fields for embedding bases only.",
     )
 
     def validate_base_model(self, value: str) -> str:
         known = _catalogue_ids()
-        if value not in known:
+        if value and value not in known:
             raise serializers.ValidationError(
                 f"Unknown base model '{value}'; choose one of: {', '.join(known)}."
             )
@@ -134,6 +143,7 @@ class RunInputSerializer(serializers.Serializer[Any]):
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs["base_model"] = _base_model_for(attrs)
         attrs["params"] = resolved_params(attrs["base_model"], attrs["params"])
         return attrs
 
@@ -310,17 +320,35 @@ class RunMetricsApi(RunScopedMixin, generics.ListAPIView[RunMetric]):
         )
 
 
+CLASSIFIER_SWEEP_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")
+EMBEDDING_SWEEP_METRICS = (
+    "val_mrr_at_10",
+    "val_recall_at_1",
+    "val_recall_at_5",
+    "val_recall_at_10",
+    "val_ndcg_at_10",
+)
+
+
+def _embedding_ids() -> set[str]:
+    from worker import base_models
+
+    return {m.id for m in base_models.catalogue() if m.kind == base_models.KIND_EMBEDDING}
+
+
 class SweepInputSerializer(serializers.Serializer[Any]):
     dataset_version = TenantVersionField()
     validation_version = TenantVersionField(required=False, allow_null=True, default=None)
-    base_model = serializers.CharField(required=False, default=_default_base_model)
+    base_model = serializers.CharField(required=False, allow_blank=True, default="")
     model_name = serializers.RegexField(
         r"^[a-z0-9][a-z0-9._-]{0,99}$", required=False, allow_blank=True, default=""
     )
     params = serializers.DictField(required=False, default=dict)
     grid = serializers.DictField(child=serializers.ListField(min_length=1, max_length=20))
     metric = serializers.ChoiceField(
-        choices=["val_macro_f1", "val_accuracy", "val_loss"], default="val_macro_f1"
+        choices=[*CLASSIFIER_SWEEP_METRICS, *EMBEDDING_SWEEP_METRICS],
+        required=False,
+        help_text="default: val_macro_f1 for a classifier, val_mrr_at_10 for an embedding model",
     )
     goal = serializers.ChoiceField(choices=["max", "min"], default="max")
 
@@ -331,7 +359,14 @@ class SweepInputSerializer(serializers.Serializer[Any]):
         grid = attrs["grid"]
         if not grid:
             raise serializers.ValidationError({"grid": ["Name at least one parameter to vary."]})
-        base_model = attrs["base_model"]
+        base_model = attrs["base_model"] = _base_model_for(attrs)
+        embedding = base_model in _embedding_ids()
+        metrics = EMBEDDING_SWEEP_METRICS if embedding else CLASSIFIER_SWEEP_METRICS
+        attrs.setdefault("metric", metrics[0])
+        if attrs["metric"] not in metrics:
+            raise serializers.ValidationError(
+                {"metric": [f"'{base_model}' runs report {', '.join(metrics)}."]}
+            )
         for point in services.grid_points(grid):
             message = unknown_params(point)
             _, problems = params_resolve(base_model=base_model, given={**attrs["params"], **point})

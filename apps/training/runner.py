@@ -252,27 +252,40 @@ def execute(run_id: str, worker: str | None = None) -> str:
 
 
 def train_run(run: TrainingRun, callbacks: RunCallbacks) -> TrainResult:
-    """Fetch the data (and the last checkpoint, whichever attempt stored it) and train."""
+    """Fetch the data (and the last checkpoint, whichever attempt stored it) and train: a
+    classifier, or for an embedding base model an embedding model on the pairs and their
+    knowledge base (the version's documents file)."""
+    from worker import base_models
     from worker.training.config import DataSpec, TrainConfig
+    from worker.training.embedding_loop import train_embedder
     from worker.training.loop import train
 
     work = callbacks.work_dir
+    embedding = base_models.get(run.base_model).kind == base_models.KIND_EMBEDDING
+
+    def spec(version: Any, name: str) -> DataSpec:
+        documents = None
+        if embedding:
+            if not version.documents_storage_key:
+                raise ValueError(f"dataset version {version.pk} has no documents file")
+            documents = _fetch(
+                version.documents_storage_key,
+                work / f"{name}-documents.{version.documents_format}",
+            )
+        return DataSpec(
+            path=_fetch(version.storage_key, work / f"{name}.{version.format}"),
+            text_column=version.text_column,
+            label_column=version.label_column,
+            format=version.format,
+            documents_path=documents,
+            documents_format=version.documents_format or "csv",
+        )
+
     version = run.dataset_version
-    train_spec = DataSpec(
-        path=_fetch(version.storage_key, work / f"train.{version.format}"),
-        text_column=version.text_column,
-        label_column=version.label_column,
-        format=version.format,
-    )
+    train_spec = spec(version, "train")
     validation_spec = None
     if run.validation_version is not None:
-        vv = run.validation_version
-        validation_spec = DataSpec(
-            path=_fetch(vv.storage_key, work / f"validation.{vv.format}"),
-            text_column=vv.text_column,
-            label_column=vv.label_column,
-            format=vv.format,
-        )
+        validation_spec = spec(run.validation_version, "validation")
     resume_dir = None
     if run.checkpoint_key:
         archive = _fetch(run.checkpoint_key, work / "resume.tar")
@@ -296,7 +309,7 @@ def train_run(run: TrainingRun, callbacks: RunCallbacks) -> TrainResult:
         environment=environment(run, device),
     )
     callbacks.log_line(f"attempt {run.attempt} on {worker_name()} ({device})")
-    return train(
+    return (train_embedder if embedding else train)(
         config,
         train_spec,
         validation_data=validation_spec,
@@ -332,10 +345,15 @@ def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) 
     sha256, size = pack_dir(result.model_dir, work / "model.tar")
     predictions = work / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(p) + "\n" for p in result.validation_predictions))
-    samples = [p["text"] for p in result.validation_predictions[:32]] or ["hello"]
+    # A validation row's text (a classifier's) or query (an embedding model's).
+    samples = [
+        str(p.get("text", p.get("query", ""))) for p in result.validation_predictions[:32]
+    ] or ["hello"]
     memory = measure_memory_bytes(result.model_dir, samples)
     shape = artifact_format(result.model_dir)  # an adapter's own bytes are in memory
-    labels = json.loads((result.model_dir / "labels.json").read_text())
+    labels: Any = []  # an embedding model has none
+    if (result.model_dir / "labels.json").is_file():
+        labels = json.loads((result.model_dir / "labels.json").read_text())
     if isinstance(labels, dict):
         labels = [labels[str(i)] for i in range(len(labels))]
     store = get_store()

@@ -27,7 +27,7 @@ from django.utils import timezone
 from apps.audit.services import audit_record
 from apps.core.errors import DomainError, InvalidInput
 from apps.core.leases import queue_depth
-from apps.datasets.models import DatasetKind, DatasetVersion
+from apps.datasets.models import DatasetKind, DatasetVersion, Task
 from apps.tenants.models import Tenant
 from apps.training.models import FINISHED, RunMetric, RunStatus, Sweep, TrainingRun
 
@@ -46,9 +46,14 @@ def _enqueue_dispatch() -> None:
 
 
 def check_training_data(
-    *, tenant: Tenant, dataset_version: DatasetVersion, validation_version: DatasetVersion | None
+    *,
+    tenant: Tenant,
+    dataset_version: DatasetVersion,
+    validation_version: DatasetVersion | None,
+    base_model: str | None = None,
 ) -> None:
-    """Refuse data a run cannot train on, naming each field (400)."""
+    """Refuse data a run cannot train on, naming each field (400): a retrieval dataset
+    trains an embedding base model and a classification dataset a classifier."""
     fields: dict[str, list[str]] = {}
     if dataset_version.dataset.tenant_id != tenant.pk:
         fields["dataset_version"] = ["No such dataset version."]
@@ -57,6 +62,11 @@ def check_training_data(
             f"'{dataset_version.dataset.name}' is a {dataset_version.dataset.kind} dataset; "
             "train on a training dataset (golden sets are for evaluation only)."
         ]
+    elif base_model is not None and (mismatch := _task_mismatch(dataset_version, base_model)):
+        fields["base_model"] = [mismatch]
+        fields["dataset_version"] = [mismatch]
+    elif dataset_version.dataset.task == Task.RETRIEVAL:
+        pass  # a document answers any number of queries, one is enough
     else:
         minimum = settings.TRAINING_MIN_ROWS_PER_LABEL
         thin = sorted(label for label, n in dataset_version.labels.items() if n < minimum)
@@ -77,8 +87,58 @@ def check_training_data(
             "dataset; validate on a training dataset (golden and sample sets are for "
             "evaluation only)."
         ]
+    elif validation_version is not None and (
+        validation_version.dataset.task != dataset_version.dataset.task
+    ):
+        fields["validation_version"] = [
+            f"'{validation_version.dataset.name}' is a {validation_version.dataset.task} "
+            f"dataset; validate a {dataset_version.dataset.task} run on "
+            f"{dataset_version.dataset.task} data."
+        ]
     if fields:
         raise InvalidInput(next(iter(fields.values()))[0], fields=fields)
+
+
+def _task_mismatch(dataset_version: DatasetVersion, base_model: str) -> str | None:
+    """Why ``base_model`` cannot train on this data's task, or None when it can."""
+    from worker import base_models
+
+    try:
+        kind = base_models.get(base_model).kind
+    except base_models.UnknownBaseModel:
+        return None  # the params check names it
+    task = dataset_version.dataset.task
+    wants = base_models.KIND_EMBEDDING if task == Task.RETRIEVAL else base_models.KIND_CLASSIFIER
+    if kind == wants:
+        return None
+    fitting = ", ".join(m.id for m in base_models.catalogue() if m.kind == wants)
+    return (
+        f"'{dataset_version.dataset.name}' is a {task} dataset and '{base_model}' "
+        f"{_a(kind)} base model; train it with {_a(wants)} base model ({fitting})."
+    )
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
+
+
+def check_model_kind(*, tenant: Tenant, model_name: str, base_model: str) -> None:
+    """A registered model holds versions of one kind: a run whose base model is of another
+    kind than the model it would register into is refused (400 on model_name)."""
+    from apps.registry.models import RegisteredModel
+    from worker import base_models
+
+    existing = RegisteredModel.objects.filter(tenant=tenant, name=model_name).first()
+    try:
+        kind = base_models.get(base_model).kind
+    except base_models.UnknownBaseModel:
+        return
+    if existing is not None and existing.kind != kind:
+        message = (
+            f"The model '{model_name}' holds {existing.kind} versions; '{base_model}' trains "
+            f"{_a(kind)} model. Name another model."
+        )
+        raise InvalidInput(message, fields={"model_name": [message]})
 
 
 @transaction.atomic
@@ -96,7 +156,13 @@ def run_launch(
     via: str = "",
 ) -> TrainingRun:
     check_training_data(
-        tenant=tenant, dataset_version=dataset_version, validation_version=validation_version
+        tenant=tenant,
+        dataset_version=dataset_version,
+        validation_version=validation_version,
+        base_model=base_model,
+    )
+    check_model_kind(
+        tenant=tenant, model_name=model_name or dataset_version.dataset.name, base_model=base_model
     )
     run = TrainingRun.objects.create(
         tenant=tenant,
@@ -550,7 +616,10 @@ def sweep_launch(
     via: str = "",
 ) -> Sweep:
     check_training_data(
-        tenant=tenant, dataset_version=dataset_version, validation_version=validation_version
+        tenant=tenant,
+        dataset_version=dataset_version,
+        validation_version=validation_version,
+        base_model=base_model,
     )
     points = grid_points(grid)
     if len(points) > settings.TRAINING_MAX_SWEEP_POINTS:
