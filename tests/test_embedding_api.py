@@ -241,6 +241,34 @@ def test_the_index_is_built_from_the_versions_artifact_and_the_warmup_checks_it(
     alert = FleetAlert.objects.get(deployment=built, kind="warmup_failed", resolved_at=None)
     assert "Warm-up of faq-search v1" in alert.message
 
+    # The evaluation's recorded queries: their embeddings, and (same knowledge base) their
+    # top 10, are checked too.
+    from apps.evaluation.models import Evaluation
+
+    backend.tamper = ""
+    query = "How do I delete my facebook account?"
+    vector = backend.model.embed([query], "query")[0]
+    top = [r["document_id"] for r in backend.model.search(query, 10)]
+    evaluation = Evaluation.objects.create(
+        tenant=tenant, model_version=embedding_version, dataset_version=data_version,
+        status="succeeded", artifact_sha256=embedding_version.sha256,
+        metrics={"documents_sha256": data_version.documents_sha256},
+        samples=[{"role": "query", "query": query, "embedding": vector.tolist(),
+                  "document_ids": top, "scores": []}],
+    )  # fmt: skip
+    assert services.warmup_run(deployment=built, trigger="manual", backend=backend).ok
+    evaluation.samples = [
+        {
+            "role": "query",
+            "query": query,
+            "embedding": (-vector).tolist(),
+            "document_ids": top[::-1],
+        }
+    ]
+    evaluation.save()
+    bad = services.warmup_run(deployment=built, trigger="manual", backend=backend)
+    assert {m["check"] for m in bad.mismatches} == {"evaluation", "evaluation_search"}
+
 
 def test_a_knowledge_base_without_documents_fails_the_deployment_naming_why(
     embedding_version, tenant

@@ -189,9 +189,13 @@ def warmup_samples(version: ModelVersion, limit: int) -> list[dict[str, Any]]:
     return samples
 
 
-def embedding_warmup_queries(version: ModelVersion, limit: int) -> list[dict[str, Any]]:
+def embedding_warmup_queries(
+    version: ModelVersion, limit: int, *, documents_sha256: str = ""
+) -> list[dict[str, Any]]:
     """Golden queries with the embeddings the version's evaluation recorded for them (the
-    tenant's own sets only, as :func:`warmup_samples`): ``[{"query", "embedding"}]``; []
+    tenant's own sets only, as :func:`warmup_samples`): ``[{"query", "embedding",
+    "document_ids"}]``, ``document_ids`` (its top 10) only where the golden set's knowledge
+    base is ``documents_sha256`` (the index's: only then are the rankings comparable); []
     where the evaluation kept none."""
     evaluations = Evaluation.objects.filter(
         model_version=version,
@@ -200,8 +204,14 @@ def embedding_warmup_queries(version: ModelVersion, limit: int) -> list[dict[str
         dataset_version__dataset__tenant_id=version.registered_model.tenant_id,
     ).order_by("-finished_at")
     for evaluation in evaluations[:5]:
+        metrics = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+        same = bool(documents_sha256) and metrics.get("documents_sha256") == documents_sha256
         found = [
-            {"query": str(s["query"]), "embedding": list(s["embedding"])}
+            {
+                "query": str(s["query"]),
+                "embedding": list(s["embedding"]),
+                "document_ids": [str(i) for i in s.get("document_ids") or []] if same else [],
+            }
             for s in (evaluation.samples or [])
             if isinstance(s, dict) and s.get("query") and s.get("embedding")
         ]

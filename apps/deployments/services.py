@@ -497,7 +497,9 @@ def _embedding_checks(
     golden queries' embeddings (query role) and the first documents' (document role) at a
     cosine of at least ``EMBEDDING_COSINE_MIN`` to the reference's; and the queries of the
     version's evaluation on the tenant's golden retrieval sets, where it recorded their
-    embeddings, likewise. Returns the checks made; fills ``latencies`` and ``mismatches``."""
+    embeddings, likewise, with their top 10 equal to the evaluation's where the golden
+    set's knowledge base is the one indexed (same documents sha256). Returns the checks
+    made; fills ``latencies`` and ``mismatches``."""
     import numpy as np
 
     from worker.serving.embedding import REFERENCE_K
@@ -564,8 +566,28 @@ def _embedding_checks(
     compare(reference.queries, "query", reference.vectors, "embed_query")
     documents = reference.documents
     compare(documents, "document", index.vectors[: len(documents)], "embed_document")
+    source = deployment.staged_dataset_version if staged else deployment.index_dataset_version
     golden = selectors.embedding_warmup_queries(
-        deployment.model_version, settings.DEPLOYMENT_WARMUP_SAMPLES
+        deployment.model_version,
+        settings.DEPLOYMENT_WARMUP_SAMPLES,
+        documents_sha256=source.documents_sha256 if source is not None else "",
     )
     compare([g["query"] for g in golden], "query", [g["embedding"] for g in golden], "evaluation")
+    for sample in golden:
+        if not sample["document_ids"]:
+            continue  # evaluated against other documents than the index holds
+        reply = backend.search(
+            kind, model_id, sample["query"], REFERENCE_K, index=sha if staged else ""
+        )
+        checks.append(sample["query"])
+        got = [r["document_id"] for r in reply["results"]]
+        if got != sample["document_ids"][:REFERENCE_K]:
+            mismatches.append(
+                {
+                    "text": sample["query"][:200],
+                    "check": "evaluation_search",
+                    "expected": ", ".join(sample["document_ids"][:REFERENCE_K]),
+                    "got": ", ".join(got),
+                }
+            )
     return checks
