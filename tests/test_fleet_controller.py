@@ -161,3 +161,20 @@ def test_a_loop_stuck_on_a_lost_cluster_exits_within_seconds_not_while_it_connec
     watchdog.join(timeout=10)
     assert len(exits) == 1
     assert exits[0] - started < fleet_controller.WATCHDOG_EXIT_S
+
+
+def test_a_controller_that_was_taken_over_cannot_publish_its_routes():
+    """Routes are fenced by the lease: a controller paused past its lease (then woken with
+    what it saw before) must not overwrite the new holder's routing table."""
+    ServingPool.objects.create(kind="classifier", replica_memory_bytes=1, max_sets=1,
+                               tail_memory_bytes=1, min_replicas=1, max_replicas=1)  # fmt: skip
+    old = {"models": {"mv_1": {"deployment": "classifier-set-0"}}, "endpoints": {}}
+    new = {"models": {"mv_1": {"deployment": "classifier-set-1"}}, "endpoints": {}}
+    assert lease_acquire(holder="a", seconds=15)
+    Controller(holder="a")._publish("classifier", {"kind": "classifier"}, old)
+    FleetLease.objects.filter(pk="fleet").update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert lease_acquire(holder="b", seconds=15)
+    Controller(holder="b")._publish("classifier", {"kind": "classifier"}, new)
+    with pytest.raises(fleet_controller.LeaseLost):
+        Controller(holder="a")._publish("classifier", {"kind": "classifier"}, old)
+    assert ServingPool.objects.get(kind="classifier").routes == new

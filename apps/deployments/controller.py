@@ -113,6 +113,10 @@ def lease_acquire(*, holder: str, seconds: float) -> bool:
     return True
 
 
+def _lease_duration() -> timedelta:
+    return timedelta(seconds=settings.FLEET_LEASE_SECONDS)
+
+
 def lease_release(*, holder: str) -> None:
     FleetLease.objects.filter(pk=LEASE, holder=holder).update(expires_at=timezone.now())
 
@@ -425,9 +429,20 @@ class Controller:
             return
 
     def _publish(self, kind: str, pool_status: dict[str, Any], routing: dict[str, Any]) -> None:
-        ServingPool.objects.filter(kind=kind).update(
-            routes=routing, observed=pool_status, observed_at=timezone.now()
-        )
+        """Publish what the fleet serves — fenced by the lease: only while no other
+        controller has taken it over. The lease row stays locked until the routes are
+        written, so a controller that was taken over (paused past its lease, then woken
+        with what it saw before) cannot overwrite the new holder's routing table; it
+        raises LeaseLost instead. (Its own lease run out during a long apply, with nobody
+        taking over, is renewed: the routes it saw are still the fleet's.)"""
+        now = timezone.now()
+        with transaction.atomic():
+            held = FleetLease.objects.select_for_update().filter(pk=LEASE, holder=self.holder)
+            if not held.update(heartbeat_at=now, expires_at=now + _lease_duration()):
+                raise LeaseLost(self.holder)
+            ServingPool.objects.filter(kind=kind).update(
+                routes=routing, observed=pool_status, observed_at=now
+            )
 
     # --- deployments -----------------------------------------------------------------
 
