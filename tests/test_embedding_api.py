@@ -331,3 +331,26 @@ def test_the_notebook_client_embeds_searches_and_reindexes(
     newer = knowledge_base(tenant, "faq-v2", start=10)
     accepted = Workbench(live_server.url, reviewer.token, "acme").reindex(warm.pk, newer.pk)
     assert accepted["staged_dataset_version"] == newer.pk
+
+
+def test_an_index_build_that_never_came_is_sent_again_then_fails_the_deployment(
+    embedding_version, settings, monkeypatch
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    sent: list[tuple[str, bool]] = []
+    monkeypatch.setattr(indexing, "_send", lambda pk, staged: sent.append((pk, staged)))
+    settings.DEPLOYMENT_LOAD_ATTEMPTS = 2
+    deployment = deploy(embedding_version, "pending")
+    assert indexing.watch_builds() == [] and sent == []  # just sent: still building
+    lost = timezone.now() - timedelta(seconds=indexing.BUILD_LOST_AFTER_SECONDS + 1)
+    Deployment.objects.filter(pk=deployment.pk).update(created_at=lost)
+    assert indexing.watch_builds() == [] and sent == [(deployment.pk, False)]
+    Deployment.objects.filter(pk=deployment.pk).update(claimed_at=lost)
+    assert indexing.watch_builds() == [deployment.pk]
+    deployment.refresh_from_db()
+    assert deployment.status == "failed" and "index was not built after 2 attempts" in (
+        deployment.failure
+    )

@@ -307,6 +307,7 @@ class Controller:
             model_version__registered_model__kind=kind, status=DeploymentStatus.PENDING
         )
         if kind == EMBEDDING:
+            report.failed += indexing.watch_builds()
             pending = pending.exclude(index_sha256="")  # its index is still being built
         for deployment_id in pending.values_list("pk", flat=True):
             claimed = services.deployment_claim(deployment_id=deployment_id)

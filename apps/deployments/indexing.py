@@ -232,6 +232,48 @@ def _index_failed(deployment: Deployment, reason: str) -> Deployment:
     return deployment
 
 
+# A build not recorded this long after it was sent was lost (its task's hard time limit).
+BUILD_LOST_AFTER_SECONDS = 3900
+
+
+def watch_builds() -> list[str]:
+    """The fleet controller's look at pending embedding deployments whose index never
+    came (a lost task message, a worker killed mid-build): the build is sent again, up to
+    DEPLOYMENT_LOAD_ATTEMPTS times, then the deployment fails naming why. Returns the
+    deployments failed."""
+    from datetime import timedelta
+
+    from apps.deployments.services import deployment_fail
+
+    now = timezone.now()
+    stale = Deployment.objects.filter(
+        status=DeploymentStatus.PENDING,
+        model_version__registered_model__kind=EMBEDDING,
+        index_sha256="",
+        index_error="",
+    ).select_related("model_version__registered_model", "tenant", "promotion")
+    failed = []
+    for deployment in stale:
+        sent = deployment.claimed_at or deployment.created_at
+        if now - sent < timedelta(seconds=BUILD_LOST_AFTER_SECONDS):
+            continue
+        attempts = max(1, deployment.load_attempts)
+        if attempts >= settings.DEPLOYMENT_LOAD_ATTEMPTS:
+            deployment_fail(
+                deployment=deployment,
+                reason=f"the index was not built after {attempts} attempts of "
+                f"{BUILD_LOST_AFTER_SECONDS} s each",
+            )
+            failed.append(deployment.pk)
+            continue
+        Deployment.objects.filter(pk=deployment.pk, status=DeploymentStatus.PENDING).update(
+            claimed_at=now, load_attempts=attempts + 1
+        )
+        log.warning("index build sent again", extra={"deployment": deployment.pk})
+        _send(deployment.pk, False)
+    return failed
+
+
 # --- reindexing --------------------------------------------------------------------------
 
 
