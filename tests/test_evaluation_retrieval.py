@@ -28,7 +28,7 @@ from apps.evaluation.models import EvalStatus, Evaluation
 from apps.evaluation.tasks import run_evaluation
 from apps.promotions import services as promotions
 from apps.promotions.gates import check_gates
-from apps.registry.models import ModelKind, ModelVersion, RegisteredModel, Stage
+from apps.registry.models import ModelKind, ModelVersion, Stage
 from apps.training import services as training
 from apps.training.packaging import pack_dir
 from tests.conftest import Actor
@@ -61,11 +61,13 @@ def stackfaq_files(documents: int = 20) -> tuple[bytes, bytes, list[dict[str, st
     return table(["query", "document_id"], pairs), table(["id", "title", "text"], docs), docs
 
 
-def golden_retrieval_version(actor: Actor, name: str = "help-golden") -> DatasetVersion:
+def golden_retrieval_version(
+    actor: Actor, name: str = "help-golden", kind: str = "golden"
+) -> DatasetVersion:
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     created = actor.api(
-        "post", f"{API}/datasets/", {"name": name, "kind": "golden", "task": "retrieval"}
+        "post", f"{API}/datasets/", {"name": name, "kind": kind, "task": "retrieval"}
     )
     assert created.status_code == 201, created.content
     pairs, documents, _ = stackfaq_files()
@@ -104,15 +106,12 @@ def embedding_version(
     sha256, size = pack_dir(folder / "model", folder / "model.tar")
     key = f"models/{tenant.pk}/{name}-{noise}/model.tar"
     get_store().put_file(key, folder / "model.tar")
-    data = DatasetVersion.objects.filter(dataset__tenant=tenant, dataset__name="train").first()
-    data = data or DatasetVersion.objects.get(pk=make_training_version(actor, name="train"))
-    RegisteredModel.objects.get_or_create(
-        tenant=tenant, name=name, defaults={"kind": ModelKind.EMBEDDING}
-    )
+    data = DatasetVersion.objects.filter(dataset__tenant=tenant, dataset__name="kb-train").first()
+    data = data or golden_retrieval_version(actor, name="kb-train", kind="training")
     # Launched, claimed and finished in one transaction: no worker trains the run.
     with transaction.atomic():
         run = training.run_launch(actor=actor.user, tenant=tenant, dataset_version=data,
-                                  base_model="tiny-bert", params={}, model_name=name)  # fmt: skip
+                                  base_model=base, params={}, model_name=name)  # fmt: skip
         assert training.run_claim(run_id=run.pk, worker="this-test:1") is not None
         training.run_succeed(
             run_id=run.pk, attempt=1, metrics={}, stop_reason="completed", stop_detail="",
@@ -122,7 +121,9 @@ def embedding_version(
                 "format": "adapter", "base_sha256": str(meta["base_sha256"]),
             },
         )  # fmt: skip
-    return ModelVersion.objects.get(run_id=run.pk)
+    version = ModelVersion.objects.select_related("registered_model").get(run_id=run.pk)
+    assert version.registered_model.kind == ModelKind.EMBEDDING
+    return version
 
 
 @pytest.fixture
@@ -258,6 +259,10 @@ def test_the_embedding_policy_has_defaults_and_is_edited_through_the_api(viewer,
     assert {g["metric"] for g in body["gates"]} == {
         "recall_at_1", "recall_at_5", "mrr_at_10", "ndcg_at_10"}  # fmt: skip
     assert body["max_regression_vs_champion"] == 0.0
+    wrong = admin.api("put", f"{API}/policies/embedding/",
+                      {"gates": [{"metric": "macro_f1", "op": ">=", "value": 0.8}]})  # fmt: skip
+    assert wrong.status_code == 400
+    assert "not measured on macro_f1" in str(wrong.json()["error"]["fields"]["gates"])
     change = {"gates": [{"metric": "recall_at_5", "op": ">=", "value": 0.8}],
               "max_regression_vs_champion": 0.01}  # fmt: skip
     response = admin.api("put", f"{API}/policies/embedding/", change)
@@ -371,7 +376,7 @@ def test_an_admin_edits_the_embedding_policy_on_the_policies_page(admin, tenant)
     assert 'id="edit-policy-embedding"' in page
     form = client.get("/t/acme/policies/?kind=embedding").content.decode()
     assert "Edit the embedding policy" in form and 'action="?kind=embedding"' in form
-    assert '<option value="recall_at_5"' in form
+    assert '<option value="recall_at_5"' in form and '<option value="macro_f1"' not in form
     data = {
         "gates-TOTAL_FORMS": "2", "gates-INITIAL_FORMS": "0", "gates-MIN_NUM_FORMS": "0",
         "gates-MAX_NUM_FORMS": "5", "gates-0-metric": "recall_at_5", "gates-0-op": ">=",

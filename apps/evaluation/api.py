@@ -211,6 +211,15 @@ class PolicySerializer(serializers.Serializer[Any]):
 
     def validate_gates(self, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tenant = self.context["tenant"]
+        kind = self.context.get("model_kind")
+        if kind:
+            allowed = services.gate_metrics(kind)
+            for gate in value:
+                if gate["metric"] not in allowed:
+                    raise serializers.ValidationError(
+                        f"A {kind} model is not measured on {gate['metric']}; "
+                        f"one of {', '.join(allowed)}."
+                    )
         for gate in value:
             dataset = gate.get("dataset")
             if (
@@ -264,7 +273,9 @@ class PolicyDetailApi(TenantScopedMixin, generics.GenericAPIView[PromotionPolicy
 
     def put(self, request: Request, tenant: str, model_kind: str) -> Response:
         kind = self._kind()
-        data = PolicySerializer(data=request.data, context={"tenant": self.tenant})
+        data = PolicySerializer(
+            data=request.data, context={"tenant": self.tenant, "model_kind": kind}
+        )
         data.is_valid(raise_exception=True)
         policy = services.policy_update(
             actor=request.user,

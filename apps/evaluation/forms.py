@@ -18,11 +18,20 @@ class GateForm(forms.Form):
     value = forms.FloatField()
     dataset = forms.ChoiceField(required=False)
 
-    def __init__(self, *args: Any, datasets: list[tuple[str, str]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        datasets: list[tuple[str, str]],
+        metrics: tuple[str, ...] = GATE_METRICS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         field = self.fields["dataset"]
         assert isinstance(field, forms.ChoiceField)
         field.choices = [("", "every evaluated dataset"), *datasets]
+        metric = self.fields["metric"]
+        assert isinstance(metric, forms.ChoiceField)
+        metric.choices = [("", "—"), *((m, m) for m in metrics)]
 
     def clean_value(self) -> float:
         value = self.cleaned_data["value"]
@@ -56,7 +65,11 @@ class BaseGateFormSet(forms.BaseFormSet):  # type: ignore[type-arg]
 
 
 def gate_formset(
-    *, data: Any = None, initial: list[dict[str, Any]], datasets: list[tuple[str, str]]
+    *,
+    data: Any = None,
+    initial: list[dict[str, Any]],
+    datasets: list[tuple[str, str]],
+    metrics: tuple[str, ...] = GATE_METRICS,
 ) -> BaseGateFormSet:
     extra = max(1, MAX_GATES - len(initial)) if len(initial) < MAX_GATES else 0
     factory = forms.formset_factory(
@@ -72,7 +85,7 @@ def gate_formset(
         data,
         initial=None if data is not None else initial,
         prefix="gates",
-        form_kwargs={"datasets": datasets},
+        form_kwargs={"datasets": datasets, "metrics": metrics},
     )
     assert isinstance(formset, BaseGateFormSet)
     return formset

@@ -385,6 +385,14 @@ def _default_policy_fields(model_kind: str) -> dict[str, Any]:
     return fields
 
 
+def gate_metrics(model_kind: str) -> tuple[str, ...]:
+    """The metrics an evaluation of a model of ``model_kind`` measures: what its policy's
+    gates may name (a gate on anything else would fail every version)."""
+    if model_kind == ModelKind.EMBEDDING:
+        return (*RETRIEVAL_METRICS, "latency_ms_p50", "latency_ms_p95")
+    return tuple(m for m in GATE_METRICS if m not in RETRIEVAL_METRICS)
+
+
 def regression_metrics(model_kind: str) -> tuple[str, ...]:
     """What ``max_regression_vs_champion`` compares for a kind."""
     return REGRESSION_METRICS.get(model_kind, DEFAULT_REGRESSION_METRICS)

@@ -122,7 +122,12 @@ def policies_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
     if request.method == "POST":
         require_role(access, Role.ADMIN)
         form = PolicyForm(request.POST)
-        formset = gate_formset(data=request.POST, initial=_gate_initial(editable), datasets=choices)
+        formset = gate_formset(
+            data=request.POST,
+            initial=_gate_initial(editable),
+            datasets=choices,
+            metrics=services.gate_metrics(kind),
+        )
         if _save(request, access, form, formset, kind):
             messages.success(request, f"The {kind} policy was saved.")
             target = reverse("policies-page", kwargs={"tenant": access.tenant.slug})
@@ -130,7 +135,9 @@ def policies_page(request: HttpRequest, access: TenantAccess) -> HttpResponse:
         status = 400
     elif can_edit:
         form = PolicyForm(initial=_policy_initial(editable))
-        formset = gate_formset(initial=_gate_initial(editable), datasets=choices)
+        formset = gate_formset(
+            initial=_gate_initial(editable), datasets=choices, metrics=services.gate_metrics(kind)
+        )
     context = {
         "policies": [
             {
