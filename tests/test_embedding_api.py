@@ -354,3 +354,51 @@ def test_an_index_build_that_never_came_is_sent_again_then_fails_the_deployment(
     assert deployment.status == "failed" and "index was not built after 2 attempts" in (
         deployment.failure
     )
+
+
+def test_the_controller_switches_to_a_staged_index_only_once_loaded_and_verified(
+    embedding_version, tenant, settings
+):
+    from apps.deployments.controller import Controller, PassReport
+
+    settings.DEPLOYMENT_WARMUP_SAMPLES = 2
+    deployment = deploy(embedding_version, "pending")
+    built = indexing.build(deployment_id=deployment.pk, staged=False)
+    assert built is not None
+    Deployment.objects.filter(pk=built.pk).update(status="warm")
+    newer = knowledge_base(tenant, "faq-v2", start=10, count=6)
+    Deployment.objects.filter(pk=built.pk).update(staged_dataset_version=newer)
+    staged = indexing.build(deployment_id=built.pk, staged=True)
+    assert staged is not None and staged.staged_index_sha256
+    old, new = staged.index_sha256, staged.staged_index_sha256
+    backend = InProcessBackend(embedding_version, staged)
+    with get_store().open(staged.staged_index_key) as fh:
+        backend.model.indexes[new] = read_index(fh.read(), new)
+    controller = Controller(holder="test", backend=backend)  # type: ignore[arg-type]
+
+    def pool(indexes: list[str], error: str | None = None) -> dict[str, Any]:
+        model = {"model_id": embedding_version.pk, "loaded": True, "indexes": indexes,
+                 "index_error": error}  # fmt: skip
+        return {"sets": [{"name": "embedding-set-0", "replicas": [{"models": [model]}]}]}
+
+    controller._step_reindex(staged, pool([old]), PassReport())  # not loaded yet: waits
+    staged.refresh_from_db()
+    assert staged.index_sha256 == old and staged.staged_index_sha256 == new
+    report = PassReport()
+    controller._step_reindex(staged, pool([old, new]), report)
+    staged.refresh_from_db()
+    assert report.went_live == [staged.pk] and report.warmups == 1
+    assert staged.index_sha256 == new and staged.staged_index_sha256 == ""
+    assert staged.index_dataset_version_id == newer.pk and staged.corpus_id == newer.pk
+    assert staged.warmups.filter(trigger="reindex", ok=True).count() == 1
+
+    # A staged index that fails to load on a replica: dropped, the index serves on.
+    Deployment.objects.filter(pk=staged.pk).update(
+        staged_dataset_version=embedding_version.run.dataset_version,
+        staged_index_sha256="e" * 64,
+    )
+    staged.refresh_from_db()
+    controller._step_reindex(staged, pool([new], error="index sha256 mismatch"), PassReport())
+    staged.refresh_from_db()
+    assert staged.index_sha256 == new and staged.staged_dataset_version_id is None
+    assert "failed to load: index sha256 mismatch" in staged.index_error

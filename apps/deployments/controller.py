@@ -508,7 +508,14 @@ class Controller:
         it with a warm-up against its own reference, then switch to it; the served index
         answers searches until then. One that fails to load or verify is dropped."""
         staged = deployment.staged_index_sha256
-        holding, failed = _staged_index_state(pool_status, deployment.model_version_id, staged)
+        model_id = deployment.model_version_id
+        holding, failed = _staged_index_state(pool_status, model_id, staged)
+        if not holding and not failed and not _loaded_anywhere(pool_status, model_id):
+            # A long-tail model no replica holds right now: the warm-up's first search
+            # loads it with both indexes, once the pool's routes name the staged one.
+            routes = ServingPool.objects.filter(kind=EMBEDDING).values_list("routes", flat=True)
+            route = ((routes.first() or {}).get("models") or {}).get(model_id) or {}
+            holding = route.get("staged_index_sha256") == staged
         if failed:
             indexing.reindex_fail(
                 deployment=deployment, reason=f"the new index failed to load: {failed}"
@@ -650,6 +657,14 @@ def _staged_index_state(
                 return False, ""
             holders += 1
     return holders > 0, ""
+
+
+def _loaded_anywhere(pool_status: dict[str, Any], model_id: str) -> bool:
+    return any(
+        model.get("model_id") == model_id and model.get("loaded")
+        for _, replica in replicas_of(pool_status)
+        for model in model_entries(replica)
+    )
 
 
 def _models_of_set(pool_status: dict[str, Any], set_name: str) -> set[str]:
