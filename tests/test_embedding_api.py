@@ -402,3 +402,25 @@ def test_the_controller_switches_to_a_staged_index_only_once_loaded_and_verified
     staged.refresh_from_db()
     assert staged.index_sha256 == new and staged.staged_dataset_version_id is None
     assert "failed to load: index sha256 mismatch" in staged.index_error
+
+
+def test_a_rollback_of_an_embedding_model_comes_back_with_the_index_it_served(
+    embedding_version, packed, tenant, reviewer, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    old = deploy(embedding_version, "retired", warm_at=timezone.now() - timedelta(days=1),
+                 standby=True, index_key="indexes/x/old.npz", index_sha256="a" * 64,
+                 index_size_bytes=10, index_documents=3,
+                 index_dataset_version=embedding_version.run.dataset_version)  # fmt: skip
+    newer = register_embedding(tenant, "faq-search", packed, knowledge_base(tenant, "faq-2"))
+    current = deploy(newer, "warm", warm_at=timezone.now(), replaces=old, index_sha256="b" * 64)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = reviewer.api("post", f"{API}/deployments/{current.pk}/rollback")
+    assert response.status_code == 202, response.content
+    rollback = Deployment.objects.get(pk=response.json()["id"])
+    assert rollback.index_sha256 == old.index_sha256 and rollback.index_key == old.index_key
+    assert rollback.index_dataset_version_id == old.index_dataset_version_id
+    assert len(callbacks) == 1  # the fleet nudge only: no index build

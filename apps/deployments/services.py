@@ -133,8 +133,17 @@ def deployment_rollback(*, actor: Any, deployment: Deployment, via: str = "") ->
         is_rollback=True,
         created_by=actor,
         corpus_id=target.corpus_id,
+        # An embedding version comes back with the index it served (still in the store,
+        # bound by its sha256): a rollback is a warm-up, not a rebuild.
+        index_key=target.index_key,
+        index_sha256=target.index_sha256,
+        index_size_bytes=target.index_size_bytes,
+        index_documents=target.index_documents,
+        index_dataset_version_id=target.index_dataset_version_id,
     )
-    if target.model_version.registered_model.kind == ModelKind.EMBEDDING:
+    if target.model_version.registered_model.kind == ModelKind.EMBEDDING and not (
+        target.index_sha256
+    ):
         indexing.index_request(rollback)
     audit_record(
         actor=actor,
