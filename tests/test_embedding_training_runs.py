@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.test import Client
 
 from apps.datasets.models import DatasetVersion
 from apps.registry.models import ModelVersion
@@ -97,8 +98,42 @@ def test_an_embedding_run_trains_on_a_worker_and_registers_an_embedding_version(
     assert 0 < version.memory_bytes < 1_000_000  # two small LoRA encoders, not the base
     assert version.base_memory_bytes > 50_000_000
 
+    # The run page draws the run's recall@k and MRR@10 per epoch.
+    browser = Client()
+    browser.force_login(scientist.user)
+    page = browser.get(f"/t/acme/runs/{run_id}/")
+    assert page.status_code == 200
+    assert b"Validation recall@k and MRR@10 per epoch" in page.content
+    assert b"validation recall@5" in page.content
+
     # The registered model holds embedding versions: a classifier run into it is refused.
     intents = make_training_version(scientist)
     mixed = scientist.api("post", RUNS, {"dataset_version": intents, "model_name": "faq-search"})
     assert mixed.status_code == 400, mixed.content
     assert "model_name" in mixed.json()["error"]["fields"]
+
+
+def test_the_launch_form_trains_an_embedding_model_with_its_defaults(
+    scientist: Any, tenant: Any, artifacts_dir: Any
+) -> None:
+    faq = knowledge_base(tenant, count=6)
+    browser = Client()
+    browser.force_login(scientist.user)
+    form = browser.get("/t/acme/runs/").content.decode()
+    assert f"v{faq.number} · {faq.rows:,} pairs · 6 documents" in form
+    data = {
+        "dataset_version": faq.pk, "validation_version": "", "base_model": "minilm-l6-embed",
+        "model_name": "", "epochs": "", "learning_rate": "", "batch_size": "",
+        "max_length": "", "seed": "0", "patience": "", "validation_split": "0.1",
+        "separate_encoders": "on",
+    }  # fmt: skip
+    response = browser.post("/t/acme/runs/", data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    run = TrainingRun.objects.get()
+    assert run.base_model == "minilm-l6-embed"
+    assert run.params["max_length"] == 256 and run.params["separate_encoders"] is True
+    # A classifier base on the same retrieval data: the form names the mismatch.
+    refused = browser.post("/t/acme/runs/", {**data, "base_model": "minilm-l6-lora"})
+    assert refused.status_code == 400
+    assert "minilm-l6-embed" in refused.content.decode()
+    assert TrainingRun.objects.count() == 1

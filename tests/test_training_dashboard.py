@@ -25,7 +25,13 @@ from apps.training.charts import SeriesData, line_chart, nice_ticks, progress_vi
 from apps.training.models import RunStatus, TrainingRun
 from tests.conftest import Actor
 from tests.training_helpers import banking_slice, make_training_version
-from worker.base_models import LORA_PARAMS, MINILM_L6_LORA, default_base_model, get
+from worker.base_models import (
+    EMBEDDING_PARAMS,
+    LORA_PARAMS,
+    MINILM_L6_LORA,
+    default_base_model,
+    get,
+)
 from worker.training.config import TrainConfig
 
 TRAIN_LOSS_STEPS = [10, 20, 30, 40, 50, 60, 70, 80, 90]
@@ -268,12 +274,14 @@ def test_launch_form_offers_training_versions_and_catalogue_with_config_defaults
     # Epochs and batch size are the chosen base's defaults when left empty.
     assert re.search(r'<input type="number" name="epochs"(?![^>]*value=)', form)
     assert re.search(r'<input type="number" name="batch_size"(?![^>]*value=)', form)
-    assert f'name="max_length" value="{defaults.max_length}"' in form
+    # So is the max length (the embedding base's is longer than TrainConfig's).
+    assert re.search(r'<input type="number" name="max_length"(?![^>]*value=)', form)
+    assert str(defaults.max_length) in form  # in its help
     assert 'name="patience"' in form
     # The adapter base is the default where its weights are installed; LoRA fields are
     # offered (the script shows them for adapter bases only).
     assert f'<option value="{default_base_model()}" selected>' in form
-    assert 'data-adapter-bases="minilm-l6-lora"' in form
+    assert 'data-adapter-bases="minilm-l6-lora minilm-l6-embed"' in form
     assert 'name="lora_r"' in form and 'name="lora_target_modules" value="query"' in form
 
 
@@ -299,7 +307,8 @@ def test_scientist_launches_a_run_from_the_form(
         patience=2,
         validation_split=0.2,
     ).to_dict()
-    for name in ("base_model", *LORA_PARAMS):  # a full base's run records no LoRA keys
+    # A full classifier base's run records no LoRA keys, nor embedding ones.
+    for name in ("base_model", *LORA_PARAMS, *EMBEDDING_PARAMS):
         expected.pop(name)
     assert run.params == expected  # the full resolved config, as the API records it
     page = client.get(response["Location"]).content.decode()

@@ -288,6 +288,13 @@ MetricRow = tuple[str, int, float | None, float]
 
 LOSS_SERIES = (("train_loss", "train loss (per step)"), ("val_loss", "validation loss (per epoch)"))
 VAL_SERIES = (("val_macro_f1", "validation macro-F1"), ("val_accuracy", "validation accuracy"))
+# An embedding run's validation: its held-out queries ranked against every document.
+RETRIEVAL_SERIES = (
+    ("val_recall_at_1", "validation recall@1"),
+    ("val_recall_at_5", "validation recall@5"),
+    ("val_recall_at_10", "validation recall@10"),
+    ("val_mrr_at_10", "validation MRR@10"),
+)
 
 
 def group_points(rows: Iterable[MetricRow]) -> dict[str, list[MetricRow]]:
@@ -311,7 +318,8 @@ def by_epoch(rows: Iterable[MetricRow]) -> list[Point]:
 
 def run_charts(points: Mapping[str, list[MetricRow]]) -> tuple[LineChart, LineChart]:
     """The run page's two charts: losses against the step (validation loss is recorded at
-    the step its epoch ended on) and validation scores against the epoch."""
+    the step its epoch ended on) and validation scores against the epoch (an embedding
+    run's: recall@1/5/10 and MRR@10)."""
     loss = line_chart(
         chart_id="loss-chart",
         title="Loss: training loss per logged step, validation loss at each epoch end",
@@ -323,14 +331,17 @@ def run_charts(points: Mapping[str, list[MetricRow]]) -> tuple[LineChart, LineCh
         ],
         x_from_zero=True,
     )
+    retrieval = any(name in points for name, _ in RETRIEVAL_SERIES)
     val = line_chart(
         chart_id="val-chart",
-        title="Validation accuracy and macro-F1 per epoch",
+        title="Validation recall@k and MRR@10 per epoch"
+        if retrieval
+        else "Validation accuracy and macro-F1 per epoch",
         x_label="epoch",
         y_label="score",
         series=[
             SeriesData(name=name, label=label, points=by_epoch(points.get(name, [])))
-            for name, label in VAL_SERIES
+            for name, label in (RETRIEVAL_SERIES if retrieval else VAL_SERIES)
         ],
         y_range=(0.0, 1.0),
     )

@@ -30,7 +30,7 @@ FORM_PARAMS = (
     "validation_split",
 )
 # Left empty, these take the chosen base model's default (patience: empty means never stop).
-BASE_DEFAULTED = ("epochs", "learning_rate", "batch_size")
+BASE_DEFAULTED = ("epochs", "learning_rate", "batch_size", "max_length")
 BASE_DEFAULT_HELP = "Empty: the base model's default."
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"  # as the runs API accepts
 
@@ -43,6 +43,8 @@ def _default(name: str) -> Any:
 
 
 def _version_label(version: DatasetVersion) -> str:
+    if version.documents_storage_key:  # retrieval pairs and their knowledge base
+        return f"v{version.number} · {version.rows:,} pairs · {version.documents_count} documents"
     return f"v{version.number} · {version.rows:,} rows · {version.label_count} labels"
 
 
@@ -74,18 +76,21 @@ class RunLaunchForm(forms.Form):
         required=False,
         label="Learning rate",
         help_text="Empty: the base model's default (1e-3 for Tiny BERT, 5e-5 for MiniLM, "
-        "2e-3 for the LoRA adapter).",
+        "2e-3 for the LoRA adapter, 3e-4 for the embedding adapter).",
     )
     batch_size = forms.IntegerField(required=False, label="Batch size", help_text=BASE_DEFAULT_HELP)
     max_length = forms.IntegerField(
-        initial=_default("max_length"), label="Max length", help_text="Tokens per text."
+        required=False,
+        label="Max length",
+        help_text=f"Tokens per text. Empty: the base model's default ({_default('max_length')}; "
+        "256 for the embedding base, whose documents are longer).",
     )
     seed = forms.IntegerField(initial=_default("seed"))
     patience = forms.IntegerField(
         required=False,
         initial=_default("patience"),
-        help_text="Stop after this many epochs without a better val_macro_f1; "
-        "empty: never stop early.",
+        help_text="Stop after this many epochs without a better val_macro_f1 (an embedding "
+        "model: val_mrr_at_10); empty: never stop early.",
     )
     validation_split = forms.FloatField(
         initial=_default("validation_split"),
@@ -145,6 +150,12 @@ class RunLaunchForm(forms.Form):
         )
         self.params: dict[str, Any] = {}
 
+    separate_encoders = forms.BooleanField(
+        required=False,
+        label="Separate query and document encoders",
+        help_text="Embedding bases only: two adapters, one for queries and one for documents.",
+    )
+
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         offered = (*FORM_PARAMS, *base_models.LORA_PARAMS)
@@ -159,6 +170,8 @@ class RunLaunchForm(forms.Form):
             for name in base_models.LORA_PARAMS:
                 if cleaned.get(name) not in (None, []):
                     given[name] = cleaned[name]
+        if cleaned.get("separate_encoders"):
+            given["separate_encoders"] = True  # a classifier base refuses it, by name
         resolved, problems = params_resolve(base_model=base, given=given)
         for name, message in problems.items():
             self.add_error(name if name in self.fields else None, message)

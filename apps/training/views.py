@@ -37,7 +37,20 @@ SECTION = "run-list-page"
 COMPARE_MIN, COMPARE_MAX = 2, 5
 ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
 # Scores where higher is better; any other metric (losses) is better lower.
-HIGHER_IS_BETTER = ("val_macro_f1", "val_accuracy", "val_f1", "accuracy", "macro_f1")
+HIGHER_IS_BETTER = (
+    "val_macro_f1",
+    "val_accuracy",
+    "val_f1",
+    "accuracy",
+    "macro_f1",
+    "val_recall_at_1",
+    "val_recall_at_5",
+    "val_recall_at_10",
+    "val_mrr_at_10",
+    "val_ndcg_at_10",
+)
+# The run list's score column: a classifier's macro-F1, an embedding model's MRR@10.
+KEY_METRICS = ("val_macro_f1", "val_mrr_at_10")
 FILTER_FIELDS = ("status", "dataset", "base_model", "model")
 
 
@@ -50,7 +63,8 @@ class RunRow:
 
     @property
     def key_metric(self) -> float | None:
-        value = self.run.metrics.get("val_macro_f1") if isinstance(self.run.metrics, dict) else None
+        metrics = self.run.metrics if isinstance(self.run.metrics, dict) else {}
+        value = next((metrics[k] for k in KEY_METRICS if k in metrics), None)
         return float(value) if isinstance(value, int | float) else None
 
 

@@ -95,6 +95,8 @@ def test_batches_never_hold_two_pairs_of_one_document() -> None:
     assert sorted(i for b in batches for i in b) == list(range(40))
     assert all(len(b) <= 4 and len({documents[i] for i in b}) == len(b) for b in batches)
     assert sum(len(b) == 4 for b in batches) >= 9  # dealt, not one pair a batch
+    # A pair left alone (its document's fourth, here) has no negatives: not a step.
+    assert plan_batches([0, 1, 2, 3], [0, 0, 1, 0], batch_size=4) == [[0, 2]]
 
 
 def test_queries_are_held_out_whole(faq_slice: DataSpec) -> None:
@@ -184,16 +186,15 @@ def test_resume_of_an_embedding_run_is_bit_identical(
         )
 
 
-def test_separate_encoders_store_two_and_cancel_stops_promptly(
-    faq_slice: DataSpec, tmp_path: Path
-) -> None:
-    # Past the first epoch's steps and validation, inside the second epoch.
-    recorder = Recorder(stop_after_steps=12)
+def test_separate_encoders_store_two_and_cancel_stops_promptly(tmp_path: Path) -> None:
+    tiny = write_stackfaq_slice(tmp_path / "data", documents=5)
+    # Past the first epoch's 5 steps and 2 validation batches, inside the second epoch.
+    recorder = Recorder(stop_after_steps=8)
     result = train_embedder(
         embed_config(separate_encoders=True, checkpoint_every_steps=100),
-        faq_slice,
+        tiny,
         validation_data=None,
-        work_dir=tmp_path,
+        work_dir=tmp_path / "run",
         callbacks=recorder,
     )
     assert result.stop_reason == "cancelled"

@@ -82,7 +82,7 @@ EMBEDDING_RESUME_MUST_MATCH = (*RESUME_MUST_MATCH, "separate_encoders", "documen
 def plan_batches(order: list[int], documents: list[int], batch_size: int) -> list[list[int]]:
     """Pair indices in ``order`` dealt into batches of at most ``batch_size`` with distinct
     documents (``documents[i]`` is pair i's): each into the first open batch without its
-    document, else a new one."""
+    document, else a new one; batches of one pair are left out."""
     batches: list[list[int]] = []
     held: list[set[int]] = []
     first_open = 0
@@ -98,7 +98,8 @@ def plan_batches(order: list[int], documents: list[int], batch_size: int) -> lis
             held.append({document})
         while first_open < len(batches) and len(batches[first_open]) >= batch_size:
             first_open += 1
-    return batches
+    # A lone pair has no negative to learn from (its loss is 0): it waits for the next epoch.
+    return [batch for batch in batches if len(batch) > 1]
 
 
 def train_embedder(
@@ -228,6 +229,8 @@ def _train(
         for epoch in range(1, config.epochs + 1)
     ]
     total_steps = sum(len(plan) for plan in plans)
+    if total_steps == 0:
+        raise DataError("the training pairs need at least two distinct documents")
 
     # -- optimizer, schedule, mixed precision ------------------------------------------------
     optimizer = make_optimizer(model, config, device)
