@@ -200,8 +200,8 @@ def test_an_embedding_version_is_evaluated_beside_its_base_on_the_golden_retriev
     assert retrieval["base_curve"] == base["recall_curve"]
     assert retrieval["wrong_queries"] == second.metrics["wrong_queries"]
     assert retrieval["base"]["base_model"] == "minilm-l6-embed"
-    classifier = scientist.api("get", f"{API}/evaluations/").json()["results"]
-    assert all(e["retrieval"] is not None for e in classifier)
+    listed = scientist.api("get", f"{API}/evaluations/").json()["results"]
+    assert {e["id"] for e in listed if e["retrieval"] is not None} == {first.pk, second.pk}
 
 
 @pytest.mark.django_db
@@ -219,6 +219,14 @@ def test_an_embedding_model_is_not_evaluated_on_classification_data(
     assert response.status_code == 400
     assert "retrieval" in response.json()["error"]["fields"]["dataset_versions"][0]
     assert not Evaluation.objects.exists() and no_dispatch == []
+
+
+def test_a_classifier_evaluation_has_no_retrieval_block():
+    from apps.evaluation.api import _retrieval
+
+    assert _retrieval(Evaluation(metrics={"macro_f1": 0.9, "accuracy": 0.9})) is None
+    block = _retrieval(Evaluation(metrics={"task": "retrieval", "recall_at_1": 0.5}))
+    assert block is not None and block["base"] is None and block["curve"] == []
 
 
 # --- gates ---------------------------------------------------------------------------------
