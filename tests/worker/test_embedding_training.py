@@ -230,3 +230,19 @@ def test_a_pair_for_a_missing_document_is_a_data_error(tmp_path: Path) -> None:
         )
     assert Document("a", "t") == Document(id="a", text="t", title="")
     assert Pair("q", "a").document_id == "a"
+
+
+def test_early_stopping_when_mrr_stops_improving(tmp_path: Path) -> None:
+    tiny = write_stackfaq_slice(tmp_path / "data", documents=5)
+    # A learning rate too small to change a ranking: epoch 2 cannot beat epoch 1.
+    recorder = Recorder()
+    result = train_embedder(
+        embed_config(epochs=3, learning_rate=1e-12, patience=1, checkpoint_every_steps=100),
+        tiny,
+        validation_data=None,
+        work_dir=tmp_path / "run",
+        callbacks=recorder,
+    )
+    assert result.stop_reason == "early_stopping"
+    assert result.best_epoch == 1 and "val_mrr_at_10 did not improve" in result.stop_detail
+    assert recorder.values("epoch") == [1.0, 2.0]  # the third epoch never ran
