@@ -130,6 +130,19 @@ def test_an_embedding_deployment_embeds_searches_and_reindexes_without_downtime(
     result = search(viewer, QUERIES[0], k=3).json()["results"][0]
     assert result["title"] == titles[result["document_id"]] and 0 < result["score"] <= 1
 
+    # The deployment page's search box answers the same, and the fleet shows the index.
+    from django.test import Client
+
+    client = Client()
+    client.force_login(viewer.user)
+    page = client.get(f"/t/acme/deployments/{deployment.pk}/?q={QUERIES[0]}&k=5").content
+    for document_id in brute_force(QUERIES[0], 5):
+        assert f"<code>{document_id}</code>".encode() in page
+    (pool,) = [p for p in viewer.api("get", "/api/v1/fleet/").json()["pools"]
+               if p["kind"] == "embedding"]  # fmt: skip
+    (model,) = [m for s in pool["sets"] for r in s["replicas"] for m in r["models"]]
+    assert model["model_id"] == version.pk and model["index"] == deployment.index_sha256
+
     # Another tenant's model: not found, by either path.
     assert search(outsider, QUERIES[0]).status_code == 404
     assert search(outsider, QUERIES[0], slug="globex").status_code == 404
