@@ -82,6 +82,26 @@ def golden_retrieval_version(
     return DatasetVersion.objects.select_related("dataset").get(pk=response.json()["id"])
 
 
+def shared_retrieval_version(staff: Actor) -> DatasetVersion:
+    """The banking domain's shared golden retrieval set, uploaded by staff."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    created = staff.api("post", "/api/v1/shared-datasets/",
+                        {"name": "banking-kb-golden", "domain": "banking",
+                         "task": "retrieval"})  # fmt: skip
+    assert created.status_code == 201, created.content
+    pairs, documents, _ = stackfaq_files()
+    response = staff.client.post(
+        f"/api/v1/shared-datasets/{created.json()['id']}/versions/",
+        {
+            "file": SimpleUploadedFile("pairs.csv", pairs),
+            "documents": SimpleUploadedFile("documents.csv", documents),
+        },
+    )
+    assert response.status_code == 201, response.content
+    return DatasetVersion.objects.get(pk=response.json()["id"])
+
+
 def embedding_version(
     actor: Actor, tenant: Any, tmp_path: Path, *, noise: float, name: str = "help-embed"
 ) -> ModelVersion:
@@ -137,7 +157,7 @@ def no_dispatch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.django_db(transaction=True)
 def test_an_embedding_version_is_evaluated_beside_its_base_on_the_golden_retrieval_sets(
-    scientist, reviewer, tenant, artifacts_dir, tmp_path, settings, no_dispatch
+    scientist, reviewer, staff, tenant, artifacts_dir, tmp_path, settings, no_dispatch
 ):
     settings.TRAINING_WORK_DIR = tmp_path / "work"
     golden = golden_retrieval_version(reviewer)
@@ -180,12 +200,23 @@ def test_an_embedding_version_is_evaluated_beside_its_base_on_the_golden_retriev
     event = AuditEvent.objects.get(verb="evaluation.succeeded", object_id=first.pk)
     assert event.after is not None and event.after["recall_at_1"] == metrics["recall_at_1"]
 
-    # Another version of the same base and max length: the base's numbers are reused.
+    # Another version of the same base and max length: the base's numbers are reused. The
+    # banking domain's shared golden retrieval set joins its evaluations, measured all the
+    # same, but none of its queries kept (they are for staff eyes only).
+    shared = shared_retrieval_version(staff)
     noisy = embedding_version(scientist, tenant, tmp_path, noise=2.0, name="help-embed-2")
-    (second,) = services.evaluation_request(
-        actor=scientist.user, tenant=tenant, model_version=noisy
+    second, on_shared = sorted(
+        services.evaluation_request(actor=scientist.user, tenant=tenant, model_version=noisy),
+        key=lambda e: e.dataset_version_id != golden.pk,
     )
-    assert run_evaluation(second.pk) == "succeeded", Evaluation.objects.get(pk=second.pk).error
+    assert on_shared.dataset_version_id == shared.pk
+    for evaluation in (second, on_shared):
+        outcome = run_evaluation(evaluation.pk)
+        assert outcome == "succeeded", Evaluation.objects.get(pk=evaluation.pk).error
+    on_shared.refresh_from_db()
+    assert on_shared.metrics["wrong_queries"] > 0 and on_shared.base_metrics["recall_at_1"] > 0
+    assert on_shared.wrong_queries == [] and on_shared.samples == []
+    assert on_shared.base_metrics["reused_from"] is None  # another set, measured afresh
     second.refresh_from_db()
     assert second.base_metrics["reused_from"] == first.pk
     assert second.base_metrics["recall_at_1"] == base["recall_at_1"]
@@ -201,7 +232,8 @@ def test_an_embedding_version_is_evaluated_beside_its_base_on_the_golden_retriev
     assert retrieval["wrong_queries"] == second.metrics["wrong_queries"]
     assert retrieval["base"]["base_model"] == "minilm-l6-embed"
     listed = scientist.api("get", f"{API}/evaluations/").json()["results"]
-    assert {e["id"] for e in listed if e["retrieval"] is not None} == {first.pk, second.pk}
+    assert {e["id"] for e in listed if e["retrieval"] is not None} == {
+        first.pk, second.pk, on_shared.pk}  # fmt: skip
 
 
 @pytest.mark.django_db
