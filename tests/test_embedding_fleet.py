@@ -126,6 +126,22 @@ def test_an_embedding_deployment_embeds_searches_and_reindexes_without_downtime(
         assert response.status_code == 200, response.content
         ids = [r["document_id"] for r in response.json()["results"]]
         assert ids == brute_force(query, 5)
+    # Concurrent searches and embeds (batched on the replica) each answer as alone.
+    import concurrent.futures
+
+    backend = get_backend()
+    queries = [*QUERIES, *stackfaq_queries(documents, 6)]
+
+    def ask(query: str) -> tuple[list[str], Any]:
+        found = backend.search("embedding", version.pk, query, 5)  # type: ignore[attr-defined]
+        embedded = backend.embed("embedding", version.pk, [query], "document")  # type: ignore[attr-defined]
+        return [r["document_id"] for r in found["results"]], embedded["embeddings"][0]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(queries)) as pool:
+        answered = list(pool.map(ask, queries))
+    for query, (ids, vector) in zip(queries, answered, strict=True):
+        assert ids == brute_force(query, 5)
+        np.testing.assert_allclose(vector, alone.encode([query], role="document")[0], atol=1e-5)
     titles = {d.id: d.title for d in documents}
     result = search(viewer, QUERIES[0], k=3).json()["results"][0]
     assert result["title"] == titles[result["document_id"]] and 0 < result["score"] <= 1

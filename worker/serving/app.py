@@ -18,6 +18,12 @@ One class, two roles, told apart by the ``user_config`` the driver pushes
 Concurrent requests are batched (``@serve.batch``; the pool's ``max_batch_size`` and
 ``batch_wait_timeout_s``): one forward pass per model in a batch. CUDA when present.
 
+An embedding pool's replicas hold embedding models
+(:class:`~worker.serving.embedding.EmbeddingModel`: an embedder on the shared base, and the
+indexes its entry names: the served one and, during a reindex, a staged one) and answer
+``embed`` and ``search`` (the socket's ``op`` frames, or Serve's handle); concurrent embeds
+and searches of a model share one encoder pass per role.
+
 Each replica publishes its statistics (see :meth:`ModelReplica.stats`) in Ray's GCS
 key-value store every second and after every reconfigure; the driver reads them there.
 They include the address and secret of the replica's own request socket
@@ -36,13 +42,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from ray import serve
 
 from worker import adapters
 from worker.serving import ray_private
 from worker.serving.autoscaling import FAST_ONGOING
 from worker.serving.cache import FrequencyCache
-from worker.serving.embedding import EmbeddingModel, read_index
+from worker.serving.embedding import (
+    EmbeddingModel,
+    check_k,
+    check_role,
+    read_index,
+    search_index,
+)
 from worker.serving.fastpath import FastServer
 from worker.serving.loading import Served, default_device, fetch_bytes, load_model
 from worker.serving.routing import (
@@ -161,9 +174,11 @@ class ModelReplica:
 
     async def reconfigure(self, config: ReplicaConfig) -> None:
         self.current = config
-        batcher: Any = self._batched  # serve.batch's setters are not in its type
-        batcher.set_max_batch_size(max(1, int(config["max_batch_size"])))
-        batcher.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        for batcher in (self._batched, self._encode_batched):
+            # serve.batch's setters are not in its type
+            any_batcher: Any = batcher
+            any_batcher.set_max_batch_size(max(1, int(config["max_batch_size"])))
+            any_batcher.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
         wanted = {entry["model_id"]: entry for entry in config["models"]}
         for model_id, state in list(self.models.items()):
             kept = wanted.get(model_id)
@@ -310,8 +325,10 @@ class ModelReplica:
     async def embed(self, model_id: str, texts: list[str], role: str) -> dict[str, Any]:
         """Embeddings of ``texts`` by the query or the document encoder (float32 values)."""
 
-        def run(model: EmbeddingModel) -> dict[str, Any]:
-            vectors = model.embed(texts, role)
+        check_role(role)
+
+        async def run(model: EmbeddingModel) -> dict[str, Any]:
+            vectors = await self._encode_batched((model, texts, role))
             return {"embeddings": vectors.tolist(), "dim": model.dim}
 
         return await self._embedding_call(model_id, run)
@@ -320,9 +337,12 @@ class ModelReplica:
         """The ``k`` best documents for ``query`` in the model's index (or the staged one
         named by ``index``, which the warm-up verifies before it serves)."""
 
-        def run(model: EmbeddingModel) -> dict[str, Any]:
-            results = model.search(query, k, index)
-            return {"results": results, "index": index or model.current}
+        check_k(k)
+
+        async def run(model: EmbeddingModel) -> dict[str, Any]:
+            chosen = model.index(index)
+            vectors = await self._encode_batched((model, [query], "query"))
+            return {"results": search_index(chosen, vectors, k)[0], "index": chosen.sha256}
 
         return await self._embedding_call(model_id, run)
 
@@ -349,7 +369,7 @@ class ModelReplica:
             model = await self._classifier(state)
             if not isinstance(model, EmbeddingModel):
                 raise ValueError(f"model {model_id} is not an embedding model")
-            reply: dict[str, Any] = run(model)
+            reply: dict[str, Any] = await run(model)
         except BaseException:
             state.errors += 1
             raise
@@ -385,6 +405,26 @@ class ModelReplica:
             if kept:
                 self._hold(state, classifier)
             return classifier  # not kept: serves this request, then goes
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _encode_batched(
+        self, items: list[tuple[EmbeddingModel, list[str], str]]
+    ) -> list[np.ndarray]:
+        """One encoder pass per model and role: concurrent embeds and searches of a model
+        share it (as classifier requests share a forward pass)."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for position, (model, _, role) in enumerate(items):
+            groups.setdefault((id(model), role), []).append(position)
+        results: list[np.ndarray] = [np.zeros((0, 0), dtype=np.float32) for _ in items]
+        for (_, role), positions in groups.items():
+            model = items[positions[0]][0]
+            vectors = model.embed([t for p in positions for t in items[p][1]], role)
+            start = 0
+            for p in positions:
+                count = len(items[p][1])
+                results[p] = vectors[start : start + count]
+                start += count
+        return results
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[tuple[Served, list[str]]]) -> list[list[Output]]:

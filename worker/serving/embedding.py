@@ -191,6 +191,12 @@ def search_index(index: Index, query_vectors: np.ndarray, k: int) -> list[list[d
     ]
 
 
+def check_k(k: int) -> int:
+    if not 1 <= int(k) <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}")
+    return int(k)
+
+
 def check_role(role: object) -> str:
     if role not in ROLES:
         raise ValueError(f"role must be 'query' or 'document', not {role!r}")
@@ -218,11 +224,14 @@ class EmbeddingModel:
     def embed(self, texts: list[str], role: str) -> np.ndarray:
         return self.embedder.encode(list(texts), role=check_role(role))
 
-    def search(self, query: str, k: int, index: str = "") -> list[dict[str, Any]]:
-        if not 1 <= int(k) <= MAX_K:
-            raise ValueError(f"k must be between 1 and {MAX_K}")
-        chosen = self.indexes.get(index or self.current)
+    def index(self, name: str = "") -> Index:
+        """The index ``name`` (a sha256), or the served one; IndexNotHere if not held."""
+        chosen = self.indexes.get(name or self.current)
         if chosen is None:
-            raise IndexNotHere(f"index {index or self.current or '(none)'} is not loaded here")
+            raise IndexNotHere(f"index {name or self.current or '(none)'} is not loaded here")
+        return chosen
+
+    def search(self, query: str, k: int, index: str = "") -> list[dict[str, Any]]:
+        chosen = self.index(index)
         vectors = self.embedder.encode([query], role="query")
-        return search_index(chosen, vectors, int(k))[0]
+        return search_index(chosen, vectors, check_k(k))[0]
