@@ -54,7 +54,7 @@ def embed_config(**overrides: Any) -> TrainConfig:
         "epochs": 2,
         "learning_rate": 1e-3,
         "batch_size": 16,
-        "max_length": 32,
+        "max_length": 24,
         "validation_split": 0.25,
         "lora_r": 4,
         "lora_alpha": 8.0,
@@ -69,8 +69,8 @@ def embed_config(**overrides: Any) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def faq_slice(tmp_path_factory: pytest.TempPathFactory) -> DataSpec:
-    """12 documents, their ~80 training pairs."""
-    return write_stackfaq_slice(tmp_path_factory.mktemp("stackfaq"), documents=12)
+    """8 documents, their 56 training pairs (42 to train on: 6 steps an epoch)."""
+    return write_stackfaq_slice(tmp_path_factory.mktemp("stackfaq"), documents=8)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_tuning_beats_the_base_on_the_held_out_queries(
     documents = read_documents(faq_slice.documents_path, "csv")
     queries = [p["query"] for p in result.validation_predictions]
     relevant = [set(p["document_ids"]) for p in result.validation_predictions]
-    base = base_embedder(max_length=32)
+    base = base_embedder(max_length=24)
     ranked = retrieval.search(
         base.encode(queries), base.encode_documents(documents), [d.id for d in documents], 10
     )
@@ -149,7 +149,7 @@ def test_resume_of_an_embedding_run_is_bit_identical(
     trained: tuple[TrainResult, Recorder], faq_slice: DataSpec, tmp_path: Path
 ) -> None:
     uninterrupted, _ = trained
-    crashing = Recorder(crash_at_checkpoint=2)
+    crashing = Recorder(crash_at_checkpoint=1)  # mid-epoch: step 3 of 6
     with pytest.raises(ReportingError) as crash:
         train_embedder(
             embed_config(),
@@ -160,7 +160,7 @@ def test_resume_of_an_embedding_run_is_bit_identical(
         )
     assert isinstance(crash.value.__cause__, SimulatedCrash)
     checkpoint_dir, step = crashing.checkpoints[-1]
-    assert step == 6
+    assert step == 3
     resumed = train_embedder(
         embed_config(),
         faq_slice,
@@ -169,7 +169,7 @@ def test_resume_of_an_embedding_run_is_bit_identical(
         callbacks=Recorder(),
         resume_dir=checkpoint_dir,
     )
-    assert resumed.resumed_from_step == 6
+    assert resumed.resumed_from_step == 3
     assert resumed.metrics == uninterrupted.metrics
     assert resumed.validation_predictions == uninterrupted.validation_predictions
     whole = load_file(uninterrupted.model_dir / "query.safetensors")
