@@ -24,13 +24,13 @@ from worker.training.loop import ReportingError, TrainResult
 STACKFAQ = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "stackfaq"
 
 
-def write_stackfaq_slice(directory: Path, documents: int) -> DataSpec:
-    """The first ``documents`` stackfaq documents and their training pairs."""
+def write_stackfaq_slice(directory: Path, documents: int, split: str = "train") -> DataSpec:
+    """The first ``documents`` stackfaq documents and their pairs of ``split``."""
     directory.mkdir(parents=True, exist_ok=True)
     with (STACKFAQ / "documents.csv").open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))[:documents]
     kept = {row["id"] for row in rows}
-    with (STACKFAQ / "train.csv").open(encoding="utf-8", newline="") as handle:
+    with (STACKFAQ / f"{split}.csv").open(encoding="utf-8", newline="") as handle:
         pairs = [p for p in csv.DictReader(handle) if p["document_id"] in kept]
     for name, columns, data in (
         ("documents.csv", ["id", "title", "text"], rows),
@@ -234,15 +234,20 @@ def test_a_pair_for_a_missing_document_is_a_data_error(tmp_path: Path) -> None:
 
 def test_early_stopping_when_mrr_stops_improving(tmp_path: Path) -> None:
     tiny = write_stackfaq_slice(tmp_path / "data", documents=5)
+    # Validated on other queries (stackfaq's test pairs), against the training documents.
+    test_pairs = write_stackfaq_slice(tmp_path / "test", documents=5, split="test")
+    validation = DataSpec(path=test_pairs.path, text_column="query", label_column="document_id")
     # A learning rate too small to change a ranking: epoch 2 cannot beat epoch 1.
     recorder = Recorder()
     result = train_embedder(
         embed_config(epochs=3, learning_rate=1e-12, patience=1, checkpoint_every_steps=100),
         tiny,
-        validation_data=None,
+        validation_data=validation,
         work_dir=tmp_path / "run",
         callbacks=recorder,
     )
+    assert result.validation_rows == len(read_pairs(validation))
+    assert result.train_rows == len(read_pairs(tiny))  # nothing held out
     assert result.stop_reason == "early_stopping"
     assert result.best_epoch == 1 and "val_mrr_at_10 did not improve" in result.stop_detail
     assert recorder.values("epoch") == [1.0, 2.0]  # the third epoch never ran
