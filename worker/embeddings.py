@@ -175,6 +175,9 @@ class Embedder:
                 k: v.to(self.device)
                 for k, v in collate([ids[i] for i in rows], self.base.pad_id).items()
             }
+            # The base's own pass for adapters (its LoRA layers given this encoder's factors,
+            # then mean pooling): an _Encoder has the factors, rank and base sha256 an
+            # Adapter has, and no head, which the embedding does not need.
             with self.base.lock:
                 pooled = self.base._pooled(
                     cast(Any, [encoder]),
