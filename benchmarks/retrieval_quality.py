@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         bases: dict[tuple[str, int], dict[str, float]] = {}
         # The base of every document_fields, at each max_length a row trained at (or the
         # catalogue's), whether or not a tuned model of it ran: the reference beside it.
-        lengths = sorted({int(r["params"]["max_length"]) for r in results} or {default_length})
+        lengths = sorted({int(r["params"]["max_length"]) for r in results} | {default_length})
         keys = [(f, n) for n in lengths for f in FIELDS]
         for result in results:
             result["key"] = (result["fields"], int(result["params"]["max_length"]))
