@@ -2,9 +2,12 @@
 API against a brute-force numpy search in-process on the same vectors, and embed throughput
 through the REST API against the bare encoder.
 
-    .venv/bin/python benchmarks/embedding_serving.py           # full: 3 reps; ~15-25 min on
-                                                               # 2 cores, most of it the index
+    .venv/bin/python benchmarks/embedding_serving.py           # full: 3 reps, 10,000 documents
     .venv/bin/python benchmarks/embedding_serving.py --quick   # smoke: 1,000 documents, 1 rep
+
+The quick run took 5.3 min on 2 shared cores (load average 4-7; the 1,000-document index
+and the Ray head's start 3.5 min of it); the full run's 10,000-document index is ~10x that
+index's encode, so expect 10-25 min by the load, most of it the index build.
 
 What runs, on a fresh workbench (``benchmarks/_embedding.py``: SQLite, local artifact store,
 a private local Ray head, gunicorn with 1 sync worker):

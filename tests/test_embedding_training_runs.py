@@ -131,7 +131,7 @@ def test_the_launch_form_trains_an_embedding_model_with_its_defaults(
     assert response.status_code == 302, response.content.decode()[:2000]
     run = TrainingRun.objects.get()
     assert run.base_model == "minilm-l6-embed"
-    assert run.params["max_length"] == 256 and run.params["separate_encoders"] is True
+    assert run.params["max_length"] == 128 and run.params["separate_encoders"] is True
     # A classifier base on the same retrieval data: the form names the mismatch.
     refused = browser.post("/t/acme/runs/", {**data, "base_model": "minilm-l6-lora"})
     assert refused.status_code == 400

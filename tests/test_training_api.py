@@ -39,7 +39,7 @@ def test_base_model_catalogue_lists_the_classifiers_and_the_embedding_model(scie
     embed = ids["minilm-l6-embed"]
     assert (embed["format"], embed["base"]) == ("adapter", "all-MiniLM-L6-v2")
     assert embed["base_sha256"] == ids["minilm-l6-lora"]["base_sha256"]  # one shared base
-    assert embed["defaults"]["max_length"] == 256
+    assert embed["defaults"]["max_length"] == 128
     assert embed["defaults"]["document_fields"] == "title_text"
 
 
