@@ -46,6 +46,7 @@ from apps.tenants.models import ApiToken, Role, Tenant
 from apps.tenants.services import token_create
 from apps.training import services as training
 from tests.conftest import Actor, free_port, make_actor
+from tests.embedding_helpers import knowledge_base
 from tests.training_helpers import make_training_version, placeholder_version, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -110,6 +111,8 @@ def seed(tenant: Tenant, fuzzer: Actor, scientist: Actor, reviewer: Actor) -> di
         tenant=tenant, user=fuzzer.user, hub_user=fuzzer.user.username, server_name="nb-fuzz"
     )
     spare = token_create(user=fuzzer.user, name="spare").token  # one the fuzzer may revoke
+    # A retrieval version: its knowledge base has a download of its own.
+    faq = knowledge_base(tenant, "faq", count=3)
     return {
         "dataset_id": version.dataset_id,
         "version": version.pk,
@@ -127,6 +130,8 @@ def seed(tenant: Tenant, fuzzer: Actor, scientist: Actor, reviewer: Actor) -> di
         "username": scientist.user.username,
         "token_id": spare.pk,
         "shared-dataset_id": shared.pk,
+        "retrieval-dataset_id": faq.dataset_id,
+        "retrieval-version": faq.pk,
     }
 
 
@@ -141,6 +146,8 @@ def with_examples(schema: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]
                     continue
                 if path.startswith("/api/v1/shared-datasets/"):
                     name = f"shared-{name}"
+                elif "/documents/" in path:  # only a retrieval version has documents
+                    name = f"retrieval-{name}"
                 if name in ids:
                     parameter["example"] = ids[name]
     return schema
