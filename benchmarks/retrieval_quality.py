@@ -6,9 +6,10 @@ model's REST search endpoint, against the un-tuned base measured the same way in
     .venv/bin/python benchmarks/retrieval_quality.py --document-fields text --only-tries \\
         --try '{"epochs": 2, "learning_rate": 1e-3, "max_length": 128}'  # another setting
 
-A run of the defaults (3 epochs of 787 pairs at max_length 256) trained at 0.42 samples/s on
-2 shared cores at load average 10 (~95 min); max_length 128 halves that. ``--quick`` takes
-~5 min.
+On 2 shared cores a training run of the catalogue's defaults (2 epochs of 787 pairs at
+max_length 128) took 2.4 min at load average ~2 and 10.5 min at 6-7; the former defaults (3
+epochs at 256) 13.1 min at 1-3. Add ~1 min a variant for the deployment and the searches, and
+the Ray head's start. ``--quick`` takes ~5 min.
 
 What runs, on a fresh workbench (``benchmarks/_embedding.py``: SQLite, local artifact
 store, a private local Ray head; StackFAQ read from ``../shared/datasets/stackfaq``):
@@ -132,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         for number, (label, fields, given) in enumerate(variants, start=1):
             name = f"stackfaq-{number}"
             print(f"A{number} ({label}): training ...", flush=True)
+            # ray.init (at the first deployment) installs a SIGTERM handler that ends the
+            # process at once: ours again, so a stop still reports the variants done.
+            signal.signal(signal.SIGTERM, _interrupt)
             try:
                 model_version, train_s = bench.train(version, name, given)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the variants done so far
