@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from django.db import transaction
 
 from apps.core.artifacts import get_store
 from apps.deployments import indexing, services
 from apps.deployments.models import Deployment, FleetAlert
+from apps.promotions.models import PromotionRequest
 from apps.registry.models import ModelVersion
 from tests.embedding_helpers import knowledge_base, register_embedding
 from tests.test_deployments_api import deploy, make_version
@@ -424,3 +426,32 @@ def test_a_rollback_of_an_embedding_model_comes_back_with_the_index_it_served(
     assert rollback.index_sha256 == old.index_sha256 and rollback.index_key == old.index_key
     assert rollback.index_dataset_version_id == old.index_dataset_version_id
     assert len(callbacks) == 1  # the fleet nudge only: no index build
+
+
+def test_a_version_deployed_twice_searches_one_knowledge_base_and_is_not_reindexed_apart(
+    embedding_version, reviewer, scientist, tenant
+):
+    """The fleet holds a version once, with one index: a second environment's deployment of
+    it indexes what the first one searches (here the knowledge base staging was reindexed
+    to), and neither may then be reindexed apart (409 index_shared, nothing changed)."""
+    newer = knowledge_base(tenant, "faq-v2", start=10)
+    staging = deploy(embedding_version, "warm", environment="staging")
+    Deployment.objects.filter(pk=staging.pk).update(index_dataset_version=newer)
+    assert indexing.shared_knowledge_base(embedding_version) == newer
+    promotion = PromotionRequest.objects.create(
+        tenant=tenant, model_version=embedding_version, target="production",
+        artifact_sha256=embedding_version.sha256, status="approved",
+        requested_by=scientist.user,
+    )  # fmt: skip
+    with transaction.atomic():
+        created = services.deployment_create(actor=reviewer.user, promotion=promotion)
+    assert created.corpus_id == newer.pk  # not the version's training data
+    production = Deployment.objects.get(pk=created.pk)
+    Deployment.objects.filter(pk=production.pk).update(status="warm")
+    url = f"{API}/deployments/{production.pk}/reindex"
+    refused = reviewer.api("post", url, {"dataset_version": newer.pk})
+    assert refused.status_code == 409, refused.content
+    assert refused.json()["error"]["code"] == "index_shared"
+    assert staging.pk in refused.json()["error"]["message"]
+    production.refresh_from_db()
+    assert production.staged_dataset_version_id is None

@@ -407,7 +407,8 @@ class DeploymentReindexApi(DeploymentScopedMixin, generics.GenericAPIView[Deploy
     on every replica and verified by a warm-up, then the deployment switches to it; a new
     index that fails is dropped and the current one keeps serving. 400
     `unknown_dataset_version` / `not_retrieval`; 409 `not_embedding`, `not_warm`,
-    `reindex_in_progress`."""
+    `reindex_in_progress`, `index_shared` (the version is deployed to another environment
+    too: the fleet holds it once, with one index)."""
 
     serializer_class = DeploymentOutputSerializer
     required_roles = {"POST": Role.REVIEWER}
@@ -422,7 +423,9 @@ class DeploymentReindexApi(DeploymentScopedMixin, generics.GenericAPIView[Deploy
             ),
             409: OpenApiResponse(
                 description="Not an embedding deployment (`not_embedding`), not warm "
-                "(`not_warm`), or a reindex already in progress (`reindex_in_progress`)."
+                "(`not_warm`), a reindex already in progress (`reindex_in_progress`), or "
+                "the version is deployed to another environment too, sharing its one "
+                "index (`index_shared`)."
             ),
         },
     )

@@ -33,7 +33,7 @@ from apps.audit.services import audit_record
 from apps.core.artifacts import get_store
 from apps.core.errors import DomainError, InvalidInput
 from apps.deployments import alerts
-from apps.deployments.models import SERVING, Deployment, DeploymentStatus
+from apps.deployments.models import ACTIVE, SERVING, Deployment, DeploymentStatus
 from apps.registry.models import ModelKind
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,32 @@ def knowledge_base(deployment: Deployment, *, staged: bool = False) -> Any:
         return deployment.corpus
     run = deployment.model_version.run
     return run.dataset_version
+
+
+def _other_active(deployment: Deployment) -> Deployment | None:
+    return (
+        Deployment.objects.filter(model_version=deployment.model_version_id, status__in=ACTIVE)
+        .exclude(pk=deployment.pk)
+        .first()
+    )
+
+
+def shared_knowledge_base(version: Any) -> Any:
+    """The knowledge base a new deployment of ``version`` must index: the fleet holds a
+    version once, with one index, so where the version is deployed already (another
+    environment) the new deployment searches what that one does — e.g. the knowledge base
+    staging was reindexed to and verified with. None: the version's training data (or
+    not an embedding model)."""
+    if version.registered_model.kind != EMBEDDING:
+        return None
+    other = (
+        Deployment.objects.filter(model_version=version, status__in=ACTIVE)
+        .order_by("-created_at")
+        .first()
+    )
+    if other is None:
+        return None
+    return other.index_dataset_version or knowledge_base(other)
 
 
 def check_corpus(*, tenant: Any, dataset_version: Any) -> None:
@@ -300,6 +326,15 @@ def deployment_reindex(
         raise DomainError(
             "A reindex of this deployment is already in progress; wait for it to finish.",
             code="reindex_in_progress",
+            status=locked.status,
+        )
+    other = _other_active(locked)
+    if other is not None:
+        raise DomainError(
+            f"{locked.model_version} is also deployed to {other.environment} ({other.pk}): "
+            "the fleet holds a version once, with one index, so both search the same "
+            "knowledge base. Retire one of them first, or promote a new version.",
+            code="index_shared",
             status=locked.status,
         )
     check_corpus(tenant=locked.tenant, dataset_version=dataset_version)

@@ -84,6 +84,7 @@ def deployment_create(*, actor: Any, promotion: PromotionRequest, via: str = "")
         promotion=promotion,
         replaces=selectors.current_deployment(version, promotion.target),
         created_by=actor,
+        corpus=indexing.shared_knowledge_base(version),
     )
     promotions.promotion_deploying(promotion=promotion, deployment_id=deployment.pk)
     if version.registered_model.kind == ModelKind.EMBEDDING:
