@@ -358,6 +358,35 @@ def test_an_index_build_that_never_came_is_sent_again_then_fails_the_deployment(
     )
 
 
+def test_a_reindex_whose_build_never_came_is_dropped_and_frees_the_next_one(
+    embedding_version, reviewer, tenant, monkeypatch
+):
+    """A lost staged build must not block the deployment's reindexes forever: past the
+    bound the reindex is dropped (the served index serving on, why recorded, alerted) and
+    a new reindex is accepted."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    monkeypatch.setattr(indexing, "_send", lambda pk, staged: None)  # the message is lost
+    warm = deploy(embedding_version, "warm", index_sha256="a" * 64)
+    newer = knowledge_base(tenant, "faq-v2", start=10)
+    url = f"{API}/deployments/{warm.pk}/reindex"
+    assert reviewer.api("post", url, {"dataset_version": newer.pk}).status_code == 202
+    indexing.watch_builds()
+    warm.refresh_from_db()
+    assert warm.staged_dataset_version_id == newer.pk  # just asked for: still building
+    lost = timezone.now() - timedelta(seconds=indexing.BUILD_LOST_AFTER_SECONDS + 1)
+    Deployment.objects.filter(pk=warm.pk).update(staged_requested_at=lost)
+    indexing.watch_builds()
+    warm.refresh_from_db()
+    assert warm.staged_dataset_version_id is None and warm.staged_requested_at is None
+    assert warm.status == "warm" and warm.index_sha256 == "a" * 64
+    assert "was not built within" in warm.index_error
+    assert FleetAlert.objects.filter(deployment=warm).exists()
+    assert reviewer.api("post", url, {"dataset_version": newer.pk}).status_code == 202
+
+
 def test_the_controller_switches_to_a_staged_index_only_once_loaded_and_verified(
     embedding_version, tenant, settings
 ):

@@ -297,6 +297,19 @@ def watch_builds() -> list[str]:
         )
         log.warning("index build sent again", extra={"deployment": deployment.pk})
         _send(deployment.pk, False)
+    # A reindex whose staged index never came is dropped (the served index serves on),
+    # so that it does not block every later reindex of the deployment.
+    lost_reindexes = Deployment.objects.filter(
+        staged_dataset_version__isnull=False,
+        staged_index_sha256="",
+        staged_requested_at__lt=now - timedelta(seconds=BUILD_LOST_AFTER_SECONDS),
+    )
+    for deployment in lost_reindexes:
+        reindex_fail(
+            deployment=deployment,
+            reason=f"the new index was not built within {BUILD_LOST_AFTER_SECONDS} s (its "
+            "build was lost); the current index keeps serving — ask for the reindex again",
+        )
     return failed
 
 
@@ -341,9 +354,11 @@ def deployment_reindex(
     locked.staged_dataset_version = dataset_version
     locked.staged_index_key = locked.staged_index_sha256 = ""
     locked.staged_index_size_bytes = locked.staged_index_documents = 0
+    locked.staged_requested_at = timezone.now()
     locked.index_error = ""
     locked.save(
         update_fields=[
+            "staged_requested_at",
             "staged_dataset_version",
             "staged_index_key",
             "staged_index_sha256",
@@ -438,6 +453,7 @@ def _clear_staged(deployment: Deployment) -> None:
     deployment.staged_dataset_version = None
     deployment.staged_index_key = deployment.staged_index_sha256 = ""
     deployment.staged_index_size_bytes = deployment.staged_index_documents = 0
+    deployment.staged_requested_at = None
 
 
 def index_of(key: str, sha256: str) -> Any:

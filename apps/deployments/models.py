@@ -180,6 +180,8 @@ class Deployment(models.Model):
     staged_index_sha256 = models.CharField(max_length=64, blank=True, default="")
     staged_index_size_bytes = models.BigIntegerField(default=0)
     staged_index_documents = models.PositiveIntegerField(default=0)
+    # When the reindex now in progress was asked for (its build is lost past a bound).
+    staged_requested_at = models.DateTimeField(null=True, blank=True)
     # Why the last index build or reindex failed ("" when it did not).
     index_error = models.TextField(blank=True, default="")
     reindexed_at = models.DateTimeField(null=True, blank=True)
