@@ -404,6 +404,15 @@ def test_the_review_page_draws_the_recall_curve_and_lists_the_wrong_queries(
     assert "Strikethrough with GitHub Markdown" in page and "faq009" in page
     assert "Bold text in Slack" in page
     assert "regression vs un-tuned base" in page
+    # The same list through the API, paginated; not another tenant's to read.
+    url = f"{API}/evaluations/{evaluation_id}/wrong-queries"
+    listed = scientist.api("get", url)
+    assert listed.status_code == 200, listed.content
+    (wrong,) = listed.json()["results"]
+    assert wrong["query"] == "How to strike <s>text</s> on github?" and wrong["first_hit"] == 3
+    assert wrong["ranked"][0] == {"document_id": "faq009", "title": "Bold text in Slack",
+                                  "score": 0.61}  # fmt: skip
+    assert scientist.api("get", f"{API}/evaluations/ev_nope/wrong-queries").status_code == 404
 
 
 @pytest.mark.django_db

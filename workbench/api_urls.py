@@ -54,6 +54,11 @@ tenant_patterns = [
         evaluation_api.EvaluationDetailApi.as_view(),
         name="evaluation-detail",
     ),
+    path(
+        "evaluations/<str:evaluation_id>/wrong-queries",
+        evaluation_api.EvaluationWrongQueriesApi.as_view(),
+        name="evaluation-wrong-queries",
+    ),
     path("policies/", evaluation_api.PolicyListApi.as_view(), name="policy-list"),
     path(
         "policies/<str:model_kind>/", evaluation_api.PolicyDetailApi.as_view(), name="policy-detail"

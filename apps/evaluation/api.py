@@ -179,6 +179,42 @@ class EvaluationDetailApi(TenantScopedMixin, generics.GenericAPIView[Evaluation]
         return Response(EvaluationOutputSerializer(found).data)
 
 
+class RankedDocumentSerializer(serializers.Serializer[Any]):
+    document_id = serializers.CharField()
+    title = serializers.CharField(allow_blank=True)
+    score = serializers.FloatField()
+
+
+class WrongQuerySerializer(serializers.Serializer[Any]):
+    """A golden query whose first result is not a relevant document."""
+
+    query = serializers.CharField()
+    document_id = serializers.CharField(help_text="the expected document")
+    title = serializers.CharField(allow_blank=True, help_text="the expected document's title")
+    relevant = serializers.ListField(child=serializers.CharField())
+    first_hit = serializers.IntegerField(
+        allow_null=True, help_text="rank of the first relevant document; null: not in the top 10"
+    )
+    ranked = RankedDocumentSerializer(many=True, help_text="what the version ranked first")
+
+
+class EvaluationWrongQueriesApi(TenantScopedMixin, generics.GenericAPIView[Evaluation]):
+    """The queries an embedding version ranks wrong on a golden retrieval set of the
+    tenant's own (a shared domain set keeps none), worst first as measured, paginated;
+    at most the first 200 are kept. A classifier's evaluation has none (an empty page)."""
+
+    serializer_class = WrongQuerySerializer
+
+    @extend_schema(responses=WrongQuerySerializer(many=True))
+    def get(self, request: Request, tenant: str, evaluation_id: str) -> Response:
+        found = _evaluations(self.tenant).filter(pk=evaluation_id).first()
+        if found is None:
+            raise Http404("No such evaluation.")
+        rows = found.wrong_queries if isinstance(found.wrong_queries, list) else []
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(WrongQuerySerializer(page, many=True).data)
+
+
 class GateSerializer(serializers.Serializer[Any]):
     metric = serializers.ChoiceField(choices=services.GATE_METRICS)
     op = serializers.ChoiceField(choices=services.GATE_OPS)
