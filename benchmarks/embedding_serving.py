@@ -71,6 +71,8 @@ TARGET_THROUGHPUT = 0.90
 K = 10
 WARMUP_CALLS = 30
 EMBED_BATCH = 32
+# torch intra-op threads of a replica (Ray: OMP_NUM_THREADS=1 for fractional-CPU actors).
+REPLICA_THREADS = 1
 LORA_MODULES = ("attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense")  # fmt: skip
 
@@ -151,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         bench.start()
         import torch
 
+        own_threads = torch.get_num_threads()
+
         from apps.core.artifacts import get_store
         from tests.embedding_helpers import register_embedding
         from worker import retrieval
@@ -170,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
             index = read_index(stored.read(), deployment.index_sha256)
         vectors = index.vectors
         bare = load_embedder(packed.model_dir)
+        # The in-process side runs as a replica does: Ray starts its fractional-CPU actors
+        # with OMP_NUM_THREADS=1, so a replica's torch has one intra-op thread. (At this
+        # process's two threads the bare encoder is ~2x faster on 2 cores: a comparison of
+        # thread counts, not of the serving path.)
+        torch.set_num_threads(REPLICA_THREADS)
         api = bench.start_web()
         base = f"/api/v1/tenants/{bench.tenant.slug}/models/faq"
 
@@ -226,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"embed rep {rep + 1}: REST {rates['rest']:.1f} texts/s, bare "
                   f"{rates['bare']:.1f} texts/s over {done} texts", flush=True)  # fmt: skip
         threads = torch.get_num_threads()
+        torch.set_num_threads(own_threads)
     finally:
         bench.stop()
     total_min = (time.perf_counter() - started_all) / 60
@@ -289,8 +299,9 @@ def report(
     )
     notes = [
         *_serving.machine_facts(),
-        f"load average at start: {facts['load_start']}, at end: {load_avg()}; torch threads "
-        f"in this process {facts['threads']}",
+        f"load average at start: {facts['load_start']}, at end: {load_avg()}; torch intra-op "
+        f"threads on the in-process side {facts['threads']}, as in a replica (Ray starts "
+        "fractional-CPU actors with OMP_NUM_THREADS=1)",
         f"{facts['reps']} reps x {facts['calls']} search calls per side, interleaved call by "
         f"call after {WARMUP_CALLS} warm-up calls (REST and numpy ids equal on each); embed: "
         f"per rep at least {facts['embed_seconds']:.0f} s of calls per side, interleaved; "

@@ -222,6 +222,11 @@ def main() -> int:
         from worker.inference import load_classifier
 
         bare = load_classifier(Path(setup["model_dir"]), device="cpu")
+        # The bare pass runs as the replica's does, on one torch thread (Ray starts its
+        # fractional-CPU actors with OMP_NUM_THREADS=1): the same computation on both sides.
+        import torch
+
+        torch.set_num_threads(1)
         api = Http(api_port, {"Authorization": f"Bearer {setup['token']}",
                               "Content-Type": "application/json"})  # fmt: skip
         ref = Http(mlflow_port, {"Content-Type": "application/json"})
@@ -380,7 +385,8 @@ def report(
         f"{os.getloadavg()[0]:.2f}.\n"
         f"{reps} reps x {calls} calls per side, interleaved call by call, one banking77 text "
         "per call, after 30 warm-up calls; gunicorn 1 sync worker; mlflow models serve 1 "
-        "worker; tiny BERT on CPU. Fresh web processes: a new gunicorn (same settings) per "
+        "worker; tiny BERT on CPU, the bare pass on one torch thread as in a replica. "
+        "Fresh web processes: a new gunicorn (same settings) per "
         f"rep, its first predict once /healthz answers, against the p50 of its next "
         f"{FRESH_STEADY_CALLS} calls.\n\n"
         f"{table}\n"
