@@ -204,6 +204,7 @@ class EvaluationWrongQueriesApi(TenantScopedMixin, generics.GenericAPIView[Evalu
     at most the first 200 are kept. A classifier's evaluation has none (an empty page)."""
 
     serializer_class = WrongQuerySerializer
+    queryset = Evaluation.objects.none()  # the schema's; get() reads the tenant's own
 
     @extend_schema(responses=WrongQuerySerializer(many=True))
     def get(self, request: Request, tenant: str, evaluation_id: str) -> Response:
