@@ -30,7 +30,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,6 +298,29 @@ def adapter_bytes(directory: Path) -> int:
 # --- serving and evaluation: one base, many adapters -----------------------------------
 
 
+def lora_factors(
+    tensors: Mapping[str, torch.Tensor], *, r: int, alpha: float, device: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (A, B scaled by alpha / r) for every ``<module>.lora_A`` in
+    ``tensors``, on ``device``, in the shape :class:`SharedBase` runs them; AdapterError
+    when a pair does not match or its rank is not ``r``."""
+    scale = alpha / r
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".lora_A"):
+            module = name[: -len(".lora_A")]
+            b = tensors.get(f"{module}.lora_B")
+            if b is None or tensor.dim() != 2 or b.dim() != 2 or b.shape[1] != tensor.shape[0]:
+                raise AdapterError(f"{module}: lora_A and lora_B do not match")
+            if tensor.shape[0] != r:
+                raise AdapterError(f"{module}: rank {tensor.shape[0]}, config says {r}")
+            factors[module] = (
+                tensor.float().to(device).contiguous(),
+                (b.float() * scale).to(device).contiguous(),
+            )
+    return factors
+
+
 class Adapter:
     """One tenant's adapter, ready for :class:`SharedBase`: per adapted module the low-rank
     factors on the device (``B`` pre-scaled by alpha / r), the head, the labels."""
@@ -321,21 +344,8 @@ class Adapter:
         r, alpha = int(meta["r"]), float(meta["alpha"])
         if r < 1:
             raise AdapterError("adapter rank must be >= 1")
-        scale = alpha / r
         self.rank = r
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
-            if name.endswith(".lora_A"):
-                module = name[: -len(".lora_A")]
-                b = tensors.get(f"{module}.lora_B")
-                if b is None or tensor.dim() != 2 or b.dim() != 2 or b.shape[1] != tensor.shape[0]:
-                    raise AdapterError(f"{module}: lora_A and lora_B do not match")
-                if tensor.shape[0] != r:
-                    raise AdapterError(f"{module}: rank {tensor.shape[0]}, config says {r}")
-                self.factors[module] = (
-                    tensor.float().to(device).contiguous(),
-                    (b.float() * scale).to(device).contiguous(),
-                )
+        self.factors = lora_factors(tensors, r=r, alpha=alpha, device=device)
         try:
             self.head_weight = tensors["head.weight"].float().to(device)
             self.head_bias = tensors["head.bias"].float().to(device)

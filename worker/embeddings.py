@@ -36,7 +36,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from worker import adapters, base_models
-from worker.adapters import AdapterError, SharedBase, mean_pool, shared_base
+from worker.adapters import AdapterError, SharedBase, lora_factors, mean_pool, shared_base
 from worker.retrieval import normalise
 
 EMBEDDER_CONFIG = "embedder.json"
@@ -90,20 +90,7 @@ class _Encoder:
     ) -> None:
         self.rank = r
         self.base_sha256 = sha256
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        scale = alpha / r
-        for name, tensor in tensors.items():
-            if name.endswith(".lora_A"):
-                module = name[: -len(".lora_A")]
-                b = tensors.get(f"{module}.lora_B")
-                if b is None or tensor.dim() != 2 or b.dim() != 2 or b.shape[1] != tensor.shape[0]:
-                    raise AdapterError(f"{module}: lora_A and lora_B do not match")
-                if tensor.shape[0] != r:
-                    raise AdapterError(f"{module}: rank {tensor.shape[0]}, config says {r}")
-                self.factors[module] = (
-                    tensor.float().to(device).contiguous(),
-                    (b.float() * scale).to(device).contiguous(),
-                )
+        self.factors = lora_factors(tensors, r=r, alpha=alpha, device=device)
         expected = {f"{m}.lora_{x}" for m in self.factors for x in "AB"}
         if unexpected := sorted(set(tensors) - expected):
             raise AdapterError(f"encoder has unexpected tensors: {', '.join(unexpected[:5])}")
