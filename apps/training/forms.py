@@ -148,6 +148,10 @@ class RunLaunchForm(forms.Form):
         base.widget.attrs["data-adapter-bases"] = " ".join(
             model.id for model in catalogue() if model.format == base_models.FORMAT_ADAPTER
         )
+        # Which bases take the separate-encoders choice (the script hides it for others).
+        self.embedding_bases = " ".join(
+            model.id for model in catalogue() if model.kind == base_models.KIND_EMBEDDING
+        )
         self.params: dict[str, Any] = {}
 
     separate_encoders = forms.BooleanField(

@@ -92,7 +92,8 @@
 })();
 
 // The launch form's LoRA fields show only while an adapter base model is chosen:
-// <select data-adapter-bases="id ..."> and a [data-lora-fields] block in the same form.
+// <select data-adapter-bases="id ..."> and a [data-lora-fields] block in the same form; a
+// block with data-for-bases="id ..." shows only while one of its own bases is chosen.
 (function () {
   "use strict";
   document.addEventListener("DOMContentLoaded", function () {
@@ -100,7 +101,13 @@
       var block = select.form && select.form.querySelector("[data-lora-fields]");
       if (!block) { return; }
       var adapters = select.getAttribute("data-adapter-bases").split(" ");
-      function sync() { block.hidden = adapters.indexOf(select.value) < 0; }
+      var only = select.form.querySelectorAll("[data-for-bases]");
+      function sync() {
+        block.hidden = adapters.indexOf(select.value) < 0;
+        only.forEach(function (el) {
+          el.hidden = el.getAttribute("data-for-bases").split(" ").indexOf(select.value) < 0;
+        });
+      }
       select.addEventListener("change", sync);
       sync();
     });

@@ -46,7 +46,14 @@ def sign_in_and_launch(page: Any, base_url: str, username: str) -> TrainingRun:
     open_section(page, "runs")
     assert page.locator("h1").inner_text() == "Training runs"
 
+    # The LoRA fields show for adapter bases, separate encoders for the embedding base only.
+    lora, separate = page.locator("[data-lora-fields]"), page.locator("#id_separate_encoders")
+    page.select_option("#id_base_model", "minilm-l6-lora")
+    assert lora.is_visible() and not separate.is_visible()
+    page.select_option("#id_base_model", "minilm-l6-embed")
+    assert lora.is_visible() and separate.is_visible()
     page.select_option("#id_base_model", "tiny-bert")
+    assert not lora.is_visible() and not separate.is_visible()
     page.fill("#id_model_name", "browser-intents")
     page.fill("#id_epochs", "2")
     page.fill("#id_batch_size", "8")
