@@ -156,21 +156,25 @@ class Bench:
             documents=docs_file,
         ).version  # fmt: skip
 
-    def train(self, version: Any, model_name: str, given: dict[str, Any]) -> tuple[Any, float]:
-        """A run of minilm-l6-embed with the catalogue's defaults under ``given``, executed
-        by the workbench's runner in this process: (the registered version, wall seconds)."""
+    def train(
+        self, version: Any, model_name: str, given: dict[str, Any], *, base_model: str = ""
+    ) -> tuple[Any, float]:
+        """A run of ``base_model`` (default minilm-l6-embed) with the catalogue's defaults
+        under ``given``, executed by the workbench's runner in this process: (the registered
+        version, wall seconds)."""
         from apps.registry.models import ModelVersion
         from apps.training import runner, services
         from apps.training.models import TrainingRun
         from apps.training.params import params_resolve
         from worker import base_models
 
-        params, problems = params_resolve(base_model=base_models.MINILM_L6_EMBED, given=given)
+        base_model = base_model or base_models.MINILM_L6_EMBED
+        params, problems = params_resolve(base_model=base_model, given=given)
         if problems:
             raise ValueError(f"parameters refused: {problems}")
         run = services.run_launch(
             actor=self.scientist.user, tenant=self.tenant, dataset_version=version,
-            base_model=base_models.MINILM_L6_EMBED, params=params, model_name=model_name,
+            base_model=base_model, params=params, model_name=model_name,
         )  # fmt: skip
         if run.pk not in services.runs_dispatch():
             raise RuntimeError(f"run {run.pk} was not dispatched")
@@ -224,11 +228,13 @@ class Bench:
             raise RuntimeError(f"the deployment is {deployment.status}: {deployment.failure}")
         return deployment
 
-    def start_web(self) -> Http:
+    def start_web(self, workers: int = 1) -> Http:
+        """gunicorn on a free port (``workers`` sync workers; 1 unless a benchmark sends
+        concurrent requests), once it answers /healthz."""
         self.port = free_port()
         self.web = Process(
             "gunicorn",
-            [str(BIN / "gunicorn"), "-c", "workbench/gunicorn_conf.py", "--workers", "1",
+            [str(BIN / "gunicorn"), "-c", "workbench/gunicorn_conf.py", "--workers", str(workers),
              "--bind", f"127.0.0.1:{self.port}", "workbench.wsgi"],
             {**os.environ, "PYTHONPATH": str(ROOT)}, self.var / "gunicorn.log",
         )  # fmt: skip
