@@ -27,12 +27,20 @@ class Task(models.TextChoices):
     TEXT_CLASSIFICATION = "text-classification", "Text classification"
     # Pairs (query, document id) with the knowledge base the ids point into.
     RETRIEVAL = "retrieval", "Retrieval"
+    # Agent replies (``text``), each with the customer message it answers (``context``,
+    # optional): what an autocomplete model learns to complete.
+    TEXT_GENERATION = "text-generation", "Text generation"
 
 
 def default_columns(task: str) -> tuple[str, str]:
     """The (text, label) columns a version's file is read by when the upload names none: a
-    retrieval pairs file's text is its query and its label the id of the document."""
-    return ("query", "document_id") if task == Task.RETRIEVAL else ("text", "label")
+    retrieval pairs file's text is its query and its label the id of the document; a reply
+    corpus's "label" is the optional context column (see ``DatasetVersion``)."""
+    if task == Task.RETRIEVAL:
+        return ("query", "document_id")
+    if task == Task.TEXT_GENERATION:
+        return ("text", "context")
+    return ("text", "label")
 
 
 class Dataset(models.Model):
@@ -81,7 +89,12 @@ class DatasetVersion(models.Model):
     the query column and ``label_column`` the document-id column) and the knowledge base
     (``documents_*``: ids, texts, optional titles). A classification version's
     ``documents_*`` are empty. A version's content is the pair of hashes: the same pairs
-    with another knowledge base is another version."""
+    with another knowledge base is another version.
+
+    A text-generation version is a reply corpus: ``text_column`` names the reply column and
+    ``label_column`` the context column (the message each reply answers), or is ``""`` when
+    the file has none; ``labels`` is empty and ``profile`` holds its figures. Worker code
+    reads it with ``worker.reply_data``."""
 
     class Format(models.TextChoices):
         CSV = "csv", "CSV"
@@ -117,7 +130,9 @@ class DatasetVersion(models.Model):
     profile = models.JSONField(
         default=dict,
         blank=True,
-        help_text="retrieval: {pairs, distinct_queries, documents, unreferenced_documents}",
+        help_text="retrieval: {pairs, distinct_queries, documents, unreferenced_documents}; "
+        "text-generation: {replies, words, vocabulary_size, longest_reply_words, with_context, "
+        "mean_reply_words}",
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
