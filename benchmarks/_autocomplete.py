@@ -69,23 +69,23 @@ def positions(replies: Sequence[Reply]) -> Iterator[Position]:
 class AutocompleteBench(Bench):
     """``Bench`` with reply corpora and tiny-gpt2 runs."""
 
-    def reply_version(self, name: str, replies: Sequence[Reply]) -> Any:
+    def reply_version(self, name: str, replies: Sequence[Reply], *, kind: str = "training") -> Any:
         """A text-generation dataset version (columns text, context) uploaded through the
-        datasets service."""
+        datasets service; a golden set by the reviewer (who alone may write yardsticks)."""
         from django.conf import settings
 
         from apps.datasets.services import UploadedFile, dataset_create, dataset_version_create
 
+        actor = self.scientist if kind == "training" else self.reviewer
         dataset = dataset_create(
-            actor=self.scientist.user, tenant=self.tenant, name=name, kind="training",
-            task="text-generation",
+            actor=actor.user, tenant=self.tenant, name=name, kind=kind, task="text-generation",
         )  # fmt: skip
         data = csv_bytes(["context", "text"], [[r.context, r.text] for r in replies])
         path = Path(tempfile.mkdtemp(dir=settings.UPLOAD_TMP_DIR)) / f"{name}.csv"
         path.write_bytes(data)  # the store moves it in
         upload = UploadedFile(path, hashlib.sha256(data).hexdigest(), len(data), path.name)
         return dataset_version_create(
-            actor=self.scientist.user, dataset=dataset, path=upload.path,
+            actor=actor.user, dataset=dataset, path=upload.path,
             sha256=upload.sha256, size_bytes=upload.size_bytes, filename=upload.filename,
             text_column="text",
         ).version  # fmt: skip
@@ -99,13 +99,33 @@ class AutocompleteBench(Bench):
 
         return self.train(version, model_name, given, base_model=base_models.TINY_GPT2)
 
+    def evaluate(self, model_version: Any, golden: Any) -> Any:
+        """The version evaluated on ``golden`` by the evaluation task's body in this process
+        (what a worker runs; the Celery hops stubbed out): the Evaluation, whose samples the
+        deployment's warm-up compares with and whose metrics (the model's and the trigram's,
+        on a capped sample) are reported beside the benchmark's own."""
+        from apps.evaluation import services as evaluations
+        from apps.evaluation.models import Evaluation
+        from apps.evaluation.tasks import run_evaluation
+
+        evaluations._send = lambda evaluation_id: None
+        evaluations._enqueue_promotion_checks = lambda: None
+        (evaluation,) = evaluations.evaluation_request(
+            actor=self.scientist.user, tenant=self.tenant, model_version=model_version,
+            dataset_versions=[golden],
+        )  # fmt: skip
+        status = run_evaluation(evaluation.pk)
+        evaluation = Evaluation.objects.get(pk=evaluation.pk)
+        if status != "succeeded":
+            raise RuntimeError(f"evaluation {evaluation.pk} ended {status}: {evaluation.error}")
+        return evaluation
+
     def completer(self, model_version: Any) -> Any:
         """The version's artifact, read back from the artifact store and loaded in this
         process the way a replica loads it."""
-        from worker.autocomplete import load_completer
-
         from apps.core.artifacts import get_store
         from apps.training.packaging import unpack
+        from worker.autocomplete import load_completer
 
         work = Path(tempfile.mkdtemp(dir=self.var))
         tar = work / "model.tar"
