@@ -18,18 +18,13 @@ from typing import Any
 
 from benchmarks._common import ROOT
 from benchmarks._embedding import Bench, csv_bytes
+from worker.reply_data import Reply
 
 SGD = Path(os.environ.get("SGD_REPLIES_DIR", ROOT.parent / "shared" / "datasets" / "sgd-replies"))
 SERVICES = ("banks_1", "hotels_2", "rentalcars_1", "restaurants_1", "services_1")
 # torch intra-op threads of a replica (Ray: OMP_NUM_THREADS=1 for fractional-CPU actors):
 # the in-process side runs as a replica does.
 REPLICA_THREADS = 1
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    context: str
 
 
 def read_replies(service: str, split: str) -> list[Reply]:
@@ -140,26 +135,14 @@ def random_completer(directory: Path, replies: Sequence[Reply], *, seed: int = 0
     ``replies`` (context + text, as a run learns it), written as a version's artifact is
     and loaded back. For timing only: what a trained model says is not this one's."""
     import torch
-    from transformers import GPT2LMHeadModel
 
     from worker import autocomplete
 
     texts = [t for r in replies for t in (r.context, r.text) if t]
     tokenizer = autocomplete.train_tokenizer(texts)
     torch.manual_seed(seed)
-    config = autocomplete.gpt2_config(tokenizer.get_vocab_size())
-    model = GPT2LMHeadModel(config).eval()
-    meta = {
-        "format": "workbench-autocomplete",
-        "version": 1,
-        "base_model": "tiny-gpt2",
-        "max_context_tokens": 64,
-        "max_length": 128,
-        "special_tokens": dict(autocomplete.SPECIAL),
-        "stop": {"sentence_ends": [".", "?", "!"], "end_token": autocomplete.SPECIAL["end"]},
-        "vocab_size": tokenizer.get_vocab_size(),
-    }
-    autocomplete.write_completer_dir(directory, model, tokenizer, meta)
+    model = autocomplete.build_model(autocomplete.gpt2_config(tokenizer.get_vocab_size()))
+    autocomplete.write_completer_dir(directory, model, tokenizer, autocomplete.new_meta(tokenizer))
     return autocomplete.load_completer(directory)
 
 

@@ -18,9 +18,9 @@ artifact store, a private local Ray head, gunicorn):
   no registered version); ``auto`` (default) — trained where the catalogue can train it.
   The entry says which.
 * prompts: banks_1's test replies typed to a word boundary (prefix + the customer's
-  message as context), sampled (seeded); those whose greedy completion runs the full 16
-  tokens (no sentence end or end token before) are the ones timed, so every call decodes
-  16 tokens.
+  message as context), sampled (seeded); those whose greedy completion decodes at least
+  16 tokens (``Completion.tokens``: the tokens that spell out the typed last word again,
+  token healing, included) are the ones timed, so every call is a 16-token completion.
 
 1. cache against recompute, in this process on one torch thread (a replica's): A
    ``Completer.complete(prefix, context, max_tokens=16)`` (``past_key_values`` reused
@@ -87,10 +87,12 @@ def timed_ms(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 
 def full_length(completer: Any, pool: Sequence[Position], wanted: int) -> list[Position]:
-    """The prompts of ``pool`` (in order) whose greedy completion decodes all MAX_TOKENS."""
+    """The prompts of ``pool`` (in order) whose greedy completion runs to MAX_TOKENS: at
+    least that many tokens decoded (``Completion.tokens`` counts the ones that spell out
+    the typed word again, token healing, which max_tokens does not)."""
     found = []
     for p in pool:
-        if completer.complete(p.prefix, p.context, max_tokens=MAX_TOKENS)[0].tokens == MAX_TOKENS:
+        if completer.complete(p.prefix, p.context, max_tokens=MAX_TOKENS)[0].tokens >= MAX_TOKENS:
             found.append(p)
             if len(found) >= wanted:
                 break
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         facts["prompts"], facts["pool"] = len(prompts), len(pool)
         if len(prompts) < CONCURRENT:
             raise RuntimeError(f"only {len(prompts)} prompts decode {MAX_TOKENS} tokens")
-        print(f"{len(prompts)} of {len(pool)} sampled prompts decode all {MAX_TOKENS} tokens")
+        print(f"{len(prompts)} of {len(pool)} sampled prompts decode {MAX_TOKENS}+ tokens")
         cache_vs_recompute(completer, prompts, WARMUP_CALLS, rng)  # warm-up, untimed
         latency = []
         for rep in range(reps):
@@ -366,7 +368,7 @@ def report(
         model_note,
         f"prompts: {facts['prompts']} of {facts['pool']} sampled {SERVICE} test prefixes "
         f"(word boundaries, with the customer's message as context) whose greedy completion "
-        f"decodes all {MAX_TOKENS} tokens",
+        f"decodes at least {MAX_TOKENS} tokens (the healed typed word's included)",
         f"latency: {facts['reps']} reps x {facts['calls']} calls per side, interleaved call "
         f"by call (order alternating) after {WARMUP_CALLS} warm-up pairs; cached and "
         "recomputed texts equal on every call; ms per token = the call's wall time / tokens "
