@@ -47,18 +47,15 @@ class Position:
 
 
 def positions(replies: Sequence[Reply]) -> Iterator[Position]:
-    """Every word boundary of every reply after its first word: the prefix typed so far
-    (the reply up to the start of word ``i``, trailing spaces dropped, as a user's text box
-    holds it before the next word) and word ``i`` (``autocomplete_text.words``' definition,
-    lower-cased), the word the completion's first word is compared with."""
-    from worker.autocomplete_text import word_spans, words
+    """Every word boundary of every reply after its first word, as the evaluation counts
+    them (``worker.autocomplete_eval.boundary_prefixes``): the reply typed up to the end of
+    word ``i - 1`` and word ``i``, the customer's message as context."""
+    from worker.autocomplete_eval import boundary_prefixes
 
     for reply in replies:
-        spans, said = word_spans(reply.text), words(reply.text)
-        for i in range(1, len(spans)):
-            prefix = reply.text[: spans[i][0]].rstrip()
+        for prefix, word in boundary_prefixes(reply.text):
             if prefix:
-                yield Position(prefix, reply.context, said[i])
+                yield Position(prefix, reply.context.strip(), word)
 
 
 class AutocompleteBench(Bench):

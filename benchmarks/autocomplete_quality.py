@@ -21,11 +21,13 @@ head, gunicorn with 1 sync worker):
   approved for production (the replica warm on the real local Ray, the fleet controller's
   passes in-process); then every test reply typed to each word boundary after its first
   word — the prefix up to word i, trailing spaces dropped, the customer's message as
-  context — through ``POST /api/v1/tenants/{t}/models/{name}/complete`` (greedy): the
-  next word is ``autocomplete_text.first_word`` of the completion, right when it equals word
-  i (``autocomplete_text.words``' definition: punctuation marks are words).
+  context, as the evaluation counts them (``autocomplete_eval.boundary_prefixes``) —
+  through ``POST /api/v1/tenants/{t}/models/{name}/complete`` (greedy): the next word is
+  the evaluation's ``predicted_next_word`` of the completion (its first word, by
+  ``autocomplete_text``; none where it carries on the typed word), right when it equals
+  word i (punctuation marks are words).
 * B, the reference: ``worker.trigram.Trigram`` fitted on the same train replies, each of
-  the same positions through its ``complete`` in-process, the same first word.
+  the same positions through its ``complete`` in-process, the same next word.
 
 Greedy decoding is deterministic and decodes token by token, so the first word of a
 completion of ``SHORT_TOKENS`` tokens is that of a 16-token completion whenever something
@@ -84,37 +86,42 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _word_is_whole(text: str) -> str | None:
-    """The first word of ``text`` when what follows shows it ended; None when it may go on
-    (nothing after it, or an apostrophe that may open ``'t``)."""
+def _decided(prefix: str, text: str) -> tuple[bool, str | None]:
+    """(whether a longer greedy completion could predict another next word than ``text``
+    does, the next word ``text`` predicts): decided when ``text`` carries on the typed word
+    (its first character says so) or its first word is followed by what ends it."""
+    from worker.autocomplete_eval import predicted_next_word
     from worker.autocomplete_text import word_spans
 
     spans = word_spans(text)
     if not spans:
-        return None
+        return False, None  # nothing but spaces yet (or the end): ask with 16 tokens
+    predicted = predicted_next_word(prefix, text)
+    if predicted is None:
+        return True, None  # carries on the typed word: the first character decided it
     start, end = spans[0]
-    word = text[start:end].lower()
-    if not word.isalnum() and len(word) == 1:
-        return word  # a punctuation mark: a word of one character, whole
-    # A word is a maximal run of letters and digits: any other character after it ends it.
-    return word if end < len(text) and text[end] != "'" else None
+    if end - start == 1 and not text[start].isalnum():
+        return True, predicted  # a punctuation mark: a word of one character, whole
+    # A word is a maximal run of letters and digits (an inner apostrophe kept): anything
+    # else after it ends it.
+    return end < len(text) and text[end] != "'", predicted
 
 
 def next_word(complete: Complete, p: Position) -> tuple[str | None, int]:
-    """The first word of the greedy completion of ``p`` and the calls it took."""
-    from worker.autocomplete_text import first_word
+    """The next word the greedy completion of ``p`` predicts
+    (``autocomplete_eval.predicted_next_word``) and the calls it took."""
+    from worker.autocomplete_eval import predicted_next_word
 
-    short = complete(p.prefix, p.context, SHORT_TOKENS)
-    whole = _word_is_whole(short)
-    if whole is not None:
-        return whole, 1
-    return first_word(complete(p.prefix, p.context, MAX_TOKENS)), 2
+    decided, word = _decided(p.prefix, complete(p.prefix, p.context, SHORT_TOKENS))
+    if decided:
+        return word, 1
+    return predicted_next_word(p.prefix, complete(p.prefix, p.context, MAX_TOKENS)), 2
 
 
 def measure(complete: Complete, where: Sequence[Position]) -> dict[str, Any]:
     """Next-word top-1 over ``where``; the first CHECKED_POSITIONS also asked with 16 tokens
     at once, which must give the same word."""
-    from worker.autocomplete_text import first_word
+    from worker.autocomplete_eval import predicted_next_word
 
     right = calls = 0
     latencies: list[float] = []
@@ -125,7 +132,7 @@ def measure(complete: Complete, where: Sequence[Position]) -> dict[str, Any]:
         calls += n
         right += word == p.word
         if i < CHECKED_POSITIONS:
-            direct = first_word(complete(p.prefix, p.context, MAX_TOKENS))
+            direct = predicted_next_word(p.prefix, complete(p.prefix, p.context, MAX_TOKENS))
             calls += 1
             if direct != word:
                 raise RuntimeError(
@@ -308,8 +315,10 @@ def report(
         f"data: {SGD}; per service train.csv -> the run (10 % held out for validation by "
         "the run), test.csv -> the golden set and the positions: every word boundary after "
         "a reply's first word, the prefix up to it (trailing spaces dropped) with the "
-        "customer's message as context, right when autocomplete_text.first_word of the "
-        "greedy completion equals the next word (punctuation marks are words)",
+        "customer's message as context (autocomplete_eval.boundary_prefixes), right when "
+        "autocomplete_eval.predicted_next_word of the greedy completion (its first word; "
+        "none where it carries on the typed word) equals the next word (punctuation marks "
+        "are words)",
         "project: a text-generation dataset version -> a tiny-gpt2 run with the catalogue's "
         "defaults (the row's params over them) by runner.execute in this process -> "
         "evaluated on the golden set (evaluation task body) -> approved for production "
