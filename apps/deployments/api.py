@@ -15,6 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.core.renderers import FastJSONRenderer
 from apps.deployments import fleet, indexing, selectors, services
 from apps.deployments.models import Deployment, EmbeddingRole, Environment, FleetAlert, Warmup
 from apps.registry.models import ArtifactFormat
@@ -228,6 +229,8 @@ class ModelPredictApi(TenantScopedMixin, APIView):
     the fleet cannot serve right now (a degraded deployment, replicas gone or unreachable)
     is a quick 503 with ``Retry-After``."""
 
+    renderer_classes = [FastJSONRenderer]  # the data plane's answers: see its module
+
     # Automation reads predictions with any role; a viewer token is enough.
     required_roles = {"POST": Role.VIEWER}
 
@@ -345,6 +348,8 @@ class ModelEmbedApi(TenantScopedMixin, APIView):
     serves it: the query encoder (``role: query``, the default) or the document encoder.
     Vectors are L2-normalised float32 values; errors as for predict."""
 
+    renderer_classes = [FastJSONRenderer]  # the data plane's answers: see its module
+
     required_roles = {"POST": Role.VIEWER}
 
     @extend_schema(
@@ -371,6 +376,8 @@ class ModelSearchApi(TenantScopedMixin, APIView):
     """Search the knowledge base of the tenant's embedding model's warm deployment: the
     ``k`` (1..100) nearest documents to the query by cosine, best first (brute force over
     the deployment's index). Errors as for predict."""
+
+    renderer_classes = [FastJSONRenderer]  # the data plane's answers: see its module
 
     required_roles = {"POST": Role.VIEWER}
 

@@ -329,7 +329,9 @@ class ModelReplica:
 
         async def run(model: EmbeddingModel) -> dict[str, Any]:
             vectors = await self._encode_batched((model, texts, role))
-            return {"embeddings": vectors.tolist(), "dim": model.dim}
+            # The float32 array itself: the socket's frame writes it at float32's shortest
+            # repr (half the bytes of its values as Python floats), Serve's handle pickles it.
+            return {"embeddings": vectors, "dim": model.dim}
 
         return await self._embedding_call(model_id, run)
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import socket
 import struct
@@ -48,6 +47,8 @@ from typing import Any
 
 from worker.serving.routing import IndexNotHere, ModelNotHere
 from worker.serving.specs import ModelLoadError
+
+import orjson
 
 _LENGTH = struct.Struct(">I")
 # Far above any predict (PREDICT_MAX_INPUTS x PREDICT_MAX_INPUT_CHARS is ~1 MB of text);
@@ -100,13 +101,15 @@ class Endpoint:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
+    # orjson: an embed's reply holds thousands of floats (a float32 array goes as it is, at
+    # its own shortest repr), ~10x faster than the standard library's encoder both ways.
+    body = orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
     return _LENGTH.pack(len(body)) + body
 
 
 def decode(body: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(body)
+        message = orjson.loads(body)
     except (UnicodeDecodeError, ValueError) as error:
         raise FrameError(f"not JSON: {error}") from error
     if not isinstance(message, dict):
