@@ -45,10 +45,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from worker.serving.routing import IndexNotHere, ModelNotHere
 from worker.serving.specs import ModelLoadError
-
-import orjson
 
 _LENGTH = struct.Struct(">I")
 # Far above any predict (PREDICT_MAX_INPUTS x PREDICT_MAX_INPUT_CHARS is ~1 MB of text);
