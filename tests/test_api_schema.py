@@ -30,6 +30,7 @@ NEED_OTHER_SERVICES = {
     ("post", "/api/v1/tenants/{tenant}/models/{name}/predict"),
     ("post", "/api/v1/tenants/{tenant}/models/{name}/embed"),
     ("post", "/api/v1/tenants/{tenant}/models/{name}/search"),
+    ("post", "/api/v1/tenants/{tenant}/models/{name}/complete"),
     ("post", "/api/v1/tenants/{tenant}/notebooks/"),
     ("delete", "/api/v1/tenants/{tenant}/notebooks/{notebook_id}/"),
 }

@@ -5,6 +5,7 @@ from apps.audit.api import AuditEventListApi
 from apps.core.docs import ApiDocsView
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
+from apps.deployments import completion_api
 from apps.evaluation import api as evaluation_api
 from apps.notebooks.urls import api_tenant_patterns as notebook_patterns
 from apps.promotions import api as promotions_api
@@ -99,6 +100,7 @@ tenant_patterns = [
     path("models/<str:name>/predict", deployments_api.ModelPredictApi.as_view(), name="predict"),
     path("models/<str:name>/embed", deployments_api.ModelEmbedApi.as_view(), name="embed"),
     path("models/<str:name>/search", deployments_api.ModelSearchApi.as_view(), name="search"),
+    path("models/<str:name>/complete", completion_api.ModelCompleteApi.as_view(), name="complete"),
     path("deployments/", deployments_api.DeploymentListApi.as_view(), name="deployment-list"),
     path(
         "deployments/<str:deployment_id>/",

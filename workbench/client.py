@@ -277,6 +277,43 @@ class Workbench:
         payload = {"query": query, "k": int(k), "environment": environment}
         return self._json("POST", route, payload)
 
+    def complete(
+        self,
+        model: str,
+        prefix: str,
+        *,
+        context: str = "",
+        max_tokens: int = 16,
+        n: int = 1,
+        strategy: str = "greedy",
+        session: str | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        environment: str = "production",
+    ) -> Any:
+        """Complete an agent's reply with an autocomplete model's warm deployment: the
+        answer's ``completions`` are ``{"text", "score"}`` (``text``: what follows
+        ``prefix``, up to the end of a sentence or ``max_tokens`` tokens), best first;
+        greedy (deterministic) by default, ``"beam"`` or ``"top_k"`` (``top_k``, ``seed``)
+        on request. Pass the same ``session`` id for the calls of one typing session: a
+        call extending the previous one reuses its cache (``cached_tokens``)."""
+        route = self._tenant_path(f"models/{urllib.parse.quote(model)}/complete")
+        payload: dict[str, Any] = {
+            "prefix": prefix,
+            "context": context,
+            "max_tokens": int(max_tokens),
+            "n": int(n),
+            "strategy": strategy,
+            "environment": environment,
+        }
+        if session is not None:
+            payload["session"] = session
+        if top_k is not None:
+            payload["top_k"] = int(top_k)
+        if seed is not None:
+            payload["seed"] = int(seed)
+        return self._json("POST", route, payload)
+
     def reindex(self, deployment_id: str, dataset_version: str) -> Any:
         """Index another knowledge base (a retrieval dataset version) into a warm embedding
         deployment without retraining (202, a reviewer's call): the current index serves

@@ -3,6 +3,7 @@ from django.urls import include, path
 
 from apps.audit import views as audit_views
 from apps.datasets import views as dataset_views
+from apps.deployments import completion_views
 from apps.deployments import views as deployment_views
 from apps.evaluation import views as evaluation_views
 from apps.notebooks.urls import dashboard_tenant_patterns as notebook_pages
@@ -55,6 +56,11 @@ tenant_patterns = [
         "deployments/<str:deployment_id>/",
         deployment_views.deployment_detail,
         name="deployment-detail-page",
+    ),
+    path(
+        "deployments/<str:deployment_id>/complete/",
+        completion_views.deployment_complete,
+        name="deployment-complete-page",
     ),
     path(
         "deployments/<str:deployment_id>/warmup/",

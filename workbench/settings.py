@@ -518,6 +518,7 @@ SPECTACULAR_SETTINGS = {
         # A member's role, and the embed API's role (an encoder).
         "RoleEnum": "apps.tenants.models.Role",
         "EmbeddingRoleEnum": "apps.deployments.models.EmbeddingRole",
+        "CompletionStrategyEnum": "apps.deployments.models.CompletionStrategy",
         "NotebookStatusEnum": "apps.notebooks.models.NotebookStatus",
         "AccessRequestStatusEnum": "apps.notebooks.models.AccessStatus",
         # Two fields named "format": a dataset version's file, a model version's artifact.

@@ -42,12 +42,13 @@ NO_CONFLICT: dict[str, frozenset[str]] = {
 }
 
 # Operations that depend on a service outside the database and answer 503 while it does
-# not: predicts, embeds and searches (the serving fleet), starting and stopping notebook
-# servers (JupyterHub).
+# not: predicts, embeds, searches and completions (the serving fleet), starting and
+# stopping notebook servers (JupyterHub).
 UNAVAILABLE: dict[str, frozenset[str]] = {
     "ModelPredictApi": frozenset({"POST"}),
     "ModelEmbedApi": frozenset({"POST"}),
     "ModelSearchApi": frozenset({"POST"}),
+    "ModelCompleteApi": frozenset({"POST"}),
     "NotebookListCreateApi": frozenset({"POST"}),
     "NotebookDetailApi": frozenset({"DELETE"}),
 }

@@ -96,7 +96,18 @@ class RoutedFleet:
         message = {"op": "search", "model_id": model_id, "query": query, "k": k, "index": index}
         return self._operate(kind, model_id, message)
 
-    def _operate(self, kind: str, model_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, kind: str, model_id: str, **request: Any) -> dict[str, Any]:
+        """An autocomplete model's completions (``{"completions", "cached_tokens",
+        "replica_id", "latency_ms"}``; ``request`` as
+        :meth:`worker.serving.ray_routing.RayRouting.complete` takes it); raises as
+        :meth:`predict`, BadRequest."""
+        message = {"op": "complete", "model_id": model_id, **request}
+        # A session's calls go to one replica while the replicas stay: its cache is there.
+        return self._operate(kind, model_id, message, affinity=str(request.get("session") or ""))
+
+    def _operate(
+        self, kind: str, model_id: str, message: dict[str, Any], *, affinity: str = ""
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         reply, endpoint = self._send(
             kind,
@@ -104,13 +115,19 @@ class RoutedFleet:
             lambda endpoint: self._client.request(
                 endpoint, message, timeout_s=settings.PREDICT_TIMEOUT_SECONDS
             ),
+            affinity=affinity,
         )
         reply.setdefault("replica_id", endpoint.replica_id)
         reply["latency_ms"] = (time.perf_counter() - started) * 1000
         return reply
 
     def _send(
-        self, kind: str, model_id: str, call: Callable[[Endpoint], dict[str, Any]]
+        self,
+        kind: str,
+        model_id: str,
+        call: Callable[[Endpoint], dict[str, Any]],
+        *,
+        affinity: str = "",
     ) -> tuple[dict[str, Any], Endpoint]:
         """``call`` on a replica of the model, by the routing table (see :meth:`predict`)."""
         deadline = time.monotonic() + settings.PREDICT_CONNECT_TIMEOUT_SECONDS
@@ -122,7 +139,7 @@ class RoutedFleet:
             if route is None:
                 why = "the fleet does not hold it right now"
                 continue
-            endpoints = self._endpoints(kind, route["deployment"], model_id, table)
+            endpoints = self._endpoints(kind, route["deployment"], model_id, table, affinity)
             if not endpoints:
                 why = f"no replica of {route['deployment']} is running"
                 continue
@@ -156,10 +173,11 @@ class RoutedFleet:
         raise FleetUnavailable(f"The model is temporarily unavailable: {why}.")
 
     def _endpoints(
-        self, kind: str, deployment: str, model_id: str, table: dict[str, Any]
+        self, kind: str, deployment: str, model_id: str, table: dict[str, Any], affinity: str = ""
     ) -> list[Endpoint]:
         """The deployment's replicas to try, in order: round robin over a set's; for the
-        tail the same replica first for the same model, so it finds the model loaded."""
+        tail the same replica first for the same model, so it finds the model loaded; with
+        an ``affinity`` (an autocomplete session) the same replica first for it."""
         endpoints = []
         for raw in (table.get("endpoints") or {}).get(deployment, []):
             try:
@@ -169,8 +187,11 @@ class RoutedFleet:
                 continue
         if not endpoints:
             return []
-        if deployment == tail_deployment(kind):
-            start = int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:4], "big")
+        if affinity or deployment == tail_deployment(kind):
+            # The tail's replica by model alone: one replica of the tail loads a model.
+            tail = deployment == tail_deployment(kind)
+            key = model_id if tail else f"{model_id}/{affinity}"
+            start = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
         else:
             start = next(self._turn)
         start %= len(endpoints)

@@ -36,6 +36,7 @@ from worker.serving.specs import Placement, ServingBackend
 log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
+AUTOCOMPLETE = "autocomplete"
 
 
 def pool_for(kind: str) -> ServingPool:
@@ -122,6 +123,11 @@ def predict(
             f"{model.name} is an embedding model: it answers embed and search, not predict.",
             code="not_a_classifier",
         )
+    if model.kind == AUTOCOMPLETE:
+        raise DomainError(
+            f"{model.name} is an autocomplete model: it answers complete, not predict.",
+            code="not_a_classifier",
+        )
     warm = _warm(tenant=tenant, model=model, environment=environment)
     started = time.perf_counter()
     result = data_plane().predict(model.kind, warm.model_version_id, inputs)
@@ -190,6 +196,37 @@ def search(
         "model_version": warm.model_version_id,
         "version": warm.model_version.number,
         "environment": environment,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+
+
+def complete(
+    *, tenant: Tenant, model: RegisteredModel, environment: str, **request: Any
+) -> dict[str, Any]:
+    """Completions of a reply's prefix by the warm deployment of the tenant's autocomplete
+    model (``request``: the REST body's fields, already checked: ``prefix``, ``context``,
+    ``max_tokens``, ``n``, ``strategy``, ``top_k``, ``seed``, ``session``)."""
+    if model.kind != AUTOCOMPLETE:
+        raise DomainError(
+            f"{model.name} is a {model.kind} model; complete needs an autocomplete model.",
+            code="not_autocomplete",
+        )
+    plane = data_plane()
+    if not hasattr(plane, "complete"):
+        raise DomainError(
+            "This workbench's serving backend does not serve autocomplete models.",
+            code="not_supported",
+        )
+    warm = _warm(tenant=tenant, model=model, environment=environment)
+    started = time.perf_counter()
+    reply = plane.complete(model.kind, warm.model_version_id, **request)
+    return {
+        "model": model.name,
+        "model_version": warm.model_version_id,
+        "version": warm.model_version.number,
+        "environment": environment,
+        "completions": reply["completions"],
+        "cached_tokens": int(reply.get("cached_tokens", 0)),
         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
     }
 

@@ -27,6 +27,15 @@ class EmbeddingRole(models.TextChoices):
     DOCUMENT = "document", "Document"
 
 
+class CompletionStrategy(models.TextChoices):
+    """How an autocomplete model decodes (the complete API's ``strategy``; the names are
+    ``worker.autocomplete_text.STRATEGIES``)."""
+
+    GREEDY = "greedy", "Greedy (deterministic)"
+    BEAM = "beam", "Beam search"
+    TOP_K = "top_k", "Top-k sampling"
+
+
 class DeploymentStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     LOADING = "loading", "Loading"

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from apps.audit.services import audit_record
 from apps.core.errors import DomainError
-from apps.deployments import alerts, indexing, selectors
+from apps.deployments import alerts, completion, indexing, selectors
 from apps.deployments.models import (
     ACTIVE,
     SERVING,
@@ -413,7 +413,9 @@ def warmup_run(
     """Send golden-set samples through the fleet one request at a time, the way customers
     call; pass if every prediction equals the evaluation's and the median latency is
     within the policy's budget. An embedding deployment's warm-up checks its index (or,
-    ``staged``, the staged index of a reindex): see :func:`_embedding_checks`."""
+    ``staged``, the staged index of a reindex): see :func:`_embedding_checks`; an
+    autocomplete deployment's, its greedy completions (see
+    :func:`apps.deployments.completion.warmup_checks`)."""
     version = deployment.model_version
     kind = version.registered_model.kind
     policy = policy_for(tenant=deployment.tenant, model_kind=kind)
@@ -421,18 +423,26 @@ def warmup_run(
         deployment=deployment, trigger=trigger, latency_budget_ms=policy.latency_budget_ms
     )
     embedding = kind == ModelKind.EMBEDDING
-    samples = (
-        [] if embedding else selectors.warmup_samples(version, settings.DEPLOYMENT_WARMUP_SAMPLES)
-    )
+    # Their checks are their own: no classifier predictions to compare.
+    other = embedding or kind == ModelKind.AUTOCOMPLETE
+    samples = [] if other else selectors.warmup_samples(version, settings.DEPLOYMENT_WARMUP_SAMPLES)
     latencies: list[float] = []
     mismatches: list[dict[str, Any]] = []
     error = ""
     try:
         if embedding:
             samples = _embedding_checks(deployment, backend, latencies, mismatches, staged=staged)
+        elif kind == ModelKind.AUTOCOMPLETE:
+            samples = completion.warmup_checks(
+                deployment,
+                backend,
+                latencies,
+                mismatches,
+                limit=settings.DEPLOYMENT_WARMUP_SAMPLES,
+            )
         elif not samples:
             raise ModelLoadError("no recorded predictions to warm up with")
-        for sample in [] if embedding else samples:
+        for sample in [] if other else samples:
             started = time.perf_counter()
             result = backend.predict(kind, version.pk, [sample["text"]])
             latencies.append((time.perf_counter() - started) * 1000)
@@ -455,7 +465,7 @@ def warmup_run(
     if not error and mismatches:
         error = (
             f"{len(mismatches)} of {len(samples)} "
-            f"{'answers' if embedding else 'predictions'} differ from the evaluation's "
+            f"{'answers' if other else 'predictions'} differ from the evaluation's "
             f"(first: {mismatches[0]['text']!r} -> {mismatches[0]['got']}, "
             f"expected {mismatches[0]['expected']})"
         )

@@ -33,6 +33,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from apps.audit.models import AuditEvent
 from apps.core.errors import DomainError, ServiceUnavailable
 from apps.deployments import charts, dashboard_selectors, fleet, selectors, services
+from apps.deployments.completion_views import completion_box
 from apps.deployments.forms import DeploymentFilterForm
 from apps.deployments.models import SERVING, Deployment, DeploymentStatus, FleetAlert
 from apps.tenants.dashboard import VIA, paginate, render_tenant, require_role, tenant_view
@@ -282,6 +283,7 @@ def _detail_page(
         "refused": refused,
         "refresh": status == 200 and deployment.status in IN_PROGRESS,
         "search": _search_box(request, access, deployment),
+        "completion": completion_box(request, access, deployment),
     }
     return render_tenant(
         request, access, "deployments/detail.html", context, section=SECTION, status=status

@@ -24,6 +24,12 @@ indexes its entry names: the served one and, during a reindex, a staged one) and
 ``embed`` and ``search`` (the socket's ``op`` frames, or Serve's handle); concurrent embeds
 and searches of a model share one encoder pass per role.
 
+An autocomplete pool's replicas hold autocomplete models
+(:class:`~worker.serving.autocomplete.AutocompleteModel`: a small causal LM with its
+tokenizer and stop rules, and an LRU of its sessions' key/value caches) and answer
+``complete``; concurrent greedy completions of a model without a session are decoded
+together (:meth:`~worker.serving.autocomplete.AutocompleteModel.complete_many`).
+
 Each replica publishes its statistics (see :meth:`ModelReplica.stats`) in Ray's GCS
 key-value store every second and after every reconfigure; the driver reads them there.
 They include the address and secret of the replica's own request socket
@@ -47,6 +53,7 @@ from ray import serve
 
 from worker import adapters
 from worker.serving import ray_private
+from worker.serving.autocomplete import AutocompleteModel, CompletionRequest, completion_request
 from worker.serving.autoscaling import FAST_ONGOING
 from worker.serving.cache import FrequencyCache
 from worker.serving.embedding import (
@@ -118,6 +125,8 @@ class ModelState:
         model = self.classifier
         if isinstance(model, EmbeddingModel):
             report.update(index=model.current, indexes=sorted(model.indexes))
+        if isinstance(model, AutocompleteModel):
+            report["sessions"] = len(model.sessions)
         if self.entry.get("index_sha256") or isinstance(model, EmbeddingModel):
             report.setdefault("index", "")
             report.setdefault("indexes", [])
@@ -167,14 +176,18 @@ class ModelReplica:
         self.fast = FastServer(
             self.predict,
             replica_id=self.replica_id,
-            ops={"embed": self._embed_frame, "search": self._search_frame},
+            ops={
+                "embed": self._embed_frame,
+                "search": self._search_frame,
+                "complete": self._complete_frame,
+            },
         )
 
     # --- configuration ---------------------------------------------------------------
 
     async def reconfigure(self, config: ReplicaConfig) -> None:
         self.current = config
-        for batcher in (self._batched, self._encode_batched):
+        for batcher in (self._batched, self._encode_batched, self._complete_batched):
             # serve.batch's setters are not in its type
             any_batcher: Any = batcher
             any_batcher.set_max_batch_size(max(1, int(config["max_batch_size"])))
@@ -314,6 +327,8 @@ class ModelReplica:
             classifier = await self._classifier(state)
             if isinstance(classifier, EmbeddingModel):
                 raise ValueError("an embedding model answers embed and search, not predict")
+            if isinstance(classifier, AutocompleteModel):
+                raise ValueError("an autocomplete model answers complete, not predict")
             outputs = await self._batched((classifier, texts))
         except BaseException:
             state.errors += 1
@@ -360,7 +375,30 @@ class ModelReplica:
             raise ValueError("expected query (str), k (int)")
         return await self.search(message["model_id"], query, k, str(message.get("index") or ""))
 
+    async def complete(self, model_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Completions of a reply's prefix by an autocomplete model (``request``: the
+        ``complete`` frame's fields, see :func:`~worker.serving.autocomplete.completion_request`):
+        ``{"completions": [{"text", "score"}], "cached_tokens", "replica_id"}``."""
+        checked = completion_request(request)
+
+        async def run(model: AutocompleteModel) -> dict[str, Any]:
+            if not checked.batchable:
+                # A session decodes on its own cache; beam and top-k alone as well.
+                return model.complete(checked)
+            answer: dict[str, Any] = await self._complete_batched((model, checked))
+            return answer
+
+        return await self._model_call(model_id, AutocompleteModel, run)
+
+    async def _complete_frame(self, message: dict[str, Any]) -> dict[str, Any]:
+        return await self.complete(message["model_id"], message)
+
     async def _embedding_call(self, model_id: str, run: Any) -> dict[str, Any]:
+        return await self._model_call(model_id, EmbeddingModel, run)
+
+    async def _model_call(self, model_id: str, kind: type, run: Any) -> dict[str, Any]:
+        """``run`` on the model (loaded first where it is not), counted in its statistics;
+        a ValueError (a bad request) when it is not a model of ``kind``."""
         started = time.perf_counter()
         state = self.models.get(model_id)
         if state is None:
@@ -369,14 +407,17 @@ class ModelReplica:
             if self.role == "tail":
                 await self._register_routing(model_id)
             model = await self._classifier(state)
-            if not isinstance(model, EmbeddingModel):
-                raise ValueError(f"model {model_id} is not an embedding model")
+            if not isinstance(model, kind):
+                what = "an embedding" if kind is EmbeddingModel else "an autocomplete"
+                raise ValueError(f"model {model_id} is not {what} model")
             reply: dict[str, Any] = await run(model)
         except BaseException:
             state.errors += 1
             raise
         state.requests += 1
         state.latencies_ms.append((time.perf_counter() - started) * 1000)
+        if isinstance(model, AutocompleteModel) and state.classifier is model:
+            state.memory_bytes = model.weight_bytes  # its sessions' caches grew or went
         reply["replica_id"] = self.replica_id
         return reply
 
@@ -426,6 +467,23 @@ class ModelReplica:
                 count = len(items[p][1])
                 results[p] = vectors[start : start + count]
                 start += count
+        return results
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _complete_batched(
+        self, items: list[tuple[AutocompleteModel, CompletionRequest]]
+    ) -> list[dict[str, Any]]:
+        """Greedy completions that arrived together: one padded decoding per model (and
+        ``max_tokens``), each answer equal to the request's alone."""
+        groups: dict[int, list[int]] = {}
+        for position, (model, _) in enumerate(items):
+            groups.setdefault(id(model), []).append(position)
+        results: list[dict[str, Any]] = [{} for _ in items]
+        for positions in groups.values():
+            model = items[positions[0]][0]
+            answers = model.complete_many([items[p][1] for p in positions])
+            for p, answer in zip(positions, answers, strict=True):
+                results[p] = answer
         return results
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)

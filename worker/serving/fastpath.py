@@ -23,7 +23,10 @@ none, exactly as before): ``{"op": "embed", "model_id", "texts", "role"}`` answe
 "query", "k", "index"}`` (``index``: an index sha256, "" for the one the model serves)
 answered ``{"results": [{"document_id", "title", "score"}], "index", "replica_id"}``; the
 same error frames, plus ``index_not_here``
-(:class:`~worker.serving.routing.IndexNotHere`). An unknown op is a ``bad_request``.
+(:class:`~worker.serving.routing.IndexNotHere`). ``{"op": "complete", "model_id", "prefix",
+"context", "max_tokens", "n", "strategy", "top_k", "seed", "session"}`` (an autocomplete
+model) is answered ``{"completions": [{"text", "score"}], "cached_tokens", "replica_id"}``.
+An unknown op is a ``bad_request``.
 
 Serve does not see these requests, so the replica reports them to Serve's autoscaler
 itself (``record_autoscaling_stats``, see :mod:`worker.serving.autoscaling`). Anything

@@ -116,6 +116,7 @@ logger = logging.getLogger(__name__)
 
 SERVING_SOURCES = (
     "app.py",
+    "autocomplete.py",
     "autoscaling.py",
     "cache.py",
     "embedding.py",

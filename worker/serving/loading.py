@@ -20,7 +20,9 @@ tests check it). An adapter artifact (``adapter.json``, see :mod:`worker.adapter
 an :class:`~worker.adapters.AdapterModel` on the process's one copy of its base: reading
 the adapter's few hundred kilobytes is the whole load. An embedding artifact
 (``embedder.json``, see :mod:`worker.embeddings`) becomes a
-:class:`~worker.serving.embedding.EmbeddingModel` on that same base. Nothing here imports Django.
+:class:`~worker.serving.embedding.EmbeddingModel` on that same base, and an autocomplete
+artifact (``autocomplete.json``, see :mod:`worker.autocomplete`) an
+:class:`~worker.serving.autocomplete.AutocompleteModel`. Nothing here imports Django.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tokenizers import Tokenizer
 
 from worker import adapters, base_models
 from worker.modeling import LABELS_FILE, collate
+from worker.serving.autocomplete import AutocompleteModel
 from worker.serving.embedding import EmbeddingModel
 from worker.serving.specs import ModelLoadError, Output
 
@@ -180,11 +183,15 @@ class FastClassifier:
         return outputs
 
 
-# What a replica serves: a whole tenant model, a tenant's adapter on a shared base, or a
-# tenant's embedding model (encoders on the shared base, and its indexes).
-Served = FastClassifier | adapters.AdapterModel | EmbeddingModel
+# What a replica serves: a whole tenant model, a tenant's adapter on a shared base, a
+# tenant's embedding model (encoders on the shared base, and its indexes), or a tenant's
+# autocomplete model (a small causal LM, and its sessions' caches).
+Served = FastClassifier | adapters.AdapterModel | EmbeddingModel | AutocompleteModel
 # An embedding model's artifact (see worker.embeddings): its config and one or two encoders.
 EMBEDDER_MEMBERS = ("embedder.json", "query.safetensors", "document.safetensors")
+# An autocomplete model's artifact (see worker.autocomplete): its meta (special tokens,
+# stop rules) first, then the GPT-2 config, weights and byte-level BPE tokenizer.
+AUTOCOMPLETE_MEMBERS = ("autocomplete.json", "config.json", WEIGHTS_FILE, "tokenizer.json")
 
 
 @dataclass
@@ -217,10 +224,18 @@ def build_classifier(data: bytes, *, device: str) -> Served:
     members = read_members(
         data,
         (),
-        (*REQUIRED_MEMBERS, *OPTIONAL_MEMBERS, *adapters.ADAPTER_MEMBERS, *EMBEDDER_MEMBERS),
+        (
+            *REQUIRED_MEMBERS,
+            *OPTIONAL_MEMBERS,
+            *adapters.ADAPTER_MEMBERS,
+            *EMBEDDER_MEMBERS,
+            *AUTOCOMPLETE_MEMBERS,
+        ),
     )
     if EMBEDDER_MEMBERS[0] in members:
         return _build_embedder(members, device)
+    if AUTOCOMPLETE_MEMBERS[0] in members:
+        return _build_completer(members, device)
     if adapters.ADAPTER_CONFIG in members:
         return _build_adapter(members, device)
     missing = [name for name in REQUIRED_MEMBERS if name not in members]
@@ -280,6 +295,26 @@ def _build_embedder(members: dict[str, bytes], device: str) -> EmbeddingModel:
     except (adapters.AdapterError, base_models.BaseModelUnavailable, ValueError) as error:
         raise ModelLoadError(str(error)) from error
     return EmbeddingModel(embedder, weight_bytes=int(embedder.weight_bytes))
+
+
+def _build_completer(members: dict[str, bytes], device: str) -> AutocompleteModel:
+    """An autocomplete model: the completer its artifact holds, with an empty LRU of
+    sessions. Its weight bytes are the weights file's (the tensors, stored once: GPT-2's
+    output layer is tied to its token embeddings)."""
+    from worker.autocomplete import SessionState, load_completer_files
+
+    missing = [name for name in AUTOCOMPLETE_MEMBERS if name not in members]
+    if missing:
+        raise ModelLoadError(f"artifact lacks {', '.join(missing)}")
+    try:
+        completer = load_completer_files(
+            {k: v for k, v in members.items() if k in AUTOCOMPLETE_MEMBERS}, device=device
+        )
+    except Exception as error:  # bad meta, config, weights or tokenizer
+        raise ModelLoadError(f"unreadable autocomplete model: {error}") from error
+    return AutocompleteModel(
+        completer, weight_bytes=len(members[WEIGHTS_FILE]), session_factory=SessionState
+    )
 
 
 _templates: dict[tuple[str, str], torch.nn.Module] = {}

@@ -78,6 +78,13 @@ class RayRouting(RayConnection):
         message = {"op": "search", "model_id": model_id, "query": query, "k": k, "index": index}
         return self._operate(kind, model_id, message)
 
+    def complete(self, kind: str, model_id: str, **request: Any) -> dict[str, Any]:
+        """An autocomplete model's completions (``request``: ``prefix``, ``context``,
+        ``max_tokens``, ``n``, ``strategy``, ``top_k``, ``seed``, ``session``; see
+        :func:`worker.serving.autocomplete.completion_request`): ``{"completions": [{"text",
+        "score"}], "cached_tokens", "replica_id", "latency_ms"}``."""
+        return self._operate(kind, model_id, {"op": "complete", "model_id": model_id, **request})
+
     def _operate(self, kind: str, model_id: str, message: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         if not self._connect(start=False):
@@ -109,6 +116,8 @@ class RayRouting(RayConnection):
         handle = self._handle(kind, deployment, model_id)
         if message["op"] == "embed":
             call = handle.embed.remote(model_id, message["texts"], message["role"])
+        elif message["op"] == "complete":
+            call = handle.complete.remote(model_id, message)
         else:
             call = handle.search.remote(
                 model_id, message["query"], message["k"], message.get("index", "")
