@@ -32,6 +32,8 @@ def test_seed_demo_creates_a_usable_demo_tenant_and_is_idempotent(artifacts_dir)
         "banking77-golden",
         "stackfaq-train",
         "stackfaq-golden",
+        "sgd-banks-replies",
+        "sgd-banks-replies-golden",
     }
     train = datasets["banking77-train"].versions.get()
     assert train.rows > 10_000 and len(train.labels) == 77
@@ -40,7 +42,7 @@ def test_seed_demo_creates_a_usable_demo_tenant_and_is_idempotent(artifacts_dir)
     assert datasets["banking77-golden"].versions.get().created_by.username == "reviewer"
     client = Client()
     assert client.login(username="scientist", password="workbench-demo")
-    assert client.get("/api/v1/tenants/demo/datasets/").json()["count"] == 4
+    assert client.get("/api/v1/tenants/demo/datasets/").json()["count"] == 6
     # StackFAQ for retrieval: its pairs with the 125 FAQ answers, the test pairs golden.
     faq_train = datasets["stackfaq-train"].versions.get()
     faq_golden = datasets["stackfaq-golden"].versions.get()

@@ -208,15 +208,23 @@ class Workbench:
         documents: str | os.PathLike[str] | None = None,
         text_column: str | None = None,
         label_column: str | None = None,
+        context_column: str | None = None,
     ) -> Any:
         """Upload a file as a new (immutable) version of one of the tenant's datasets.
 
         A retrieval dataset's version is its pairs (``path``: a query and a document-id
         column, by default ``query`` and ``document_id``) with the knowledge base they point
-        into (``documents``: columns ``id``, ``text`` and optionally ``title``). Columns not
-        named are the dataset task's defaults (``text`` and ``label`` for classification)."""
+        into (``documents``: columns ``id``, ``text`` and optionally ``title``). A
+        text-generation dataset's version is a reply corpus: a ``text`` column and the
+        message each reply answers, ``context_column`` (default ``context``, taken when the
+        file has it). Columns not named are the dataset task's defaults (``text`` and
+        ``label`` for classification)."""
         boundary = uuid.uuid4().hex
-        fields = {"text_column": text_column, "label_column": label_column}
+        fields = {
+            "text_column": text_column,
+            "label_column": label_column,
+            "context_column": context_column,
+        }
         parts = [
             f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
             for k, v in fields.items()

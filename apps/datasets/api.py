@@ -108,12 +108,27 @@ class DatasetVersionOutputSerializer(serializers.ModelSerializer[DatasetVersion]
             "created_by",
             "created_at",
         ]
+        extra_kwargs = {
+            "text_column": {
+                "help_text": "the text column: a retrieval version's query column, a "
+                "text-generation version's reply column"
+            },
+            "label_column": {
+                "help_text": "the label column: a retrieval version's document-id column; a "
+                'text-generation version\'s context column, "" when it has none'
+            },
+            "labels": {"help_text": "label -> row count ({} for retrieval and text-generation)"},
+            "preview": {
+                "help_text": "the first rows, as {text, label}; text-generation: {text, context}"
+            },
+        }
 
 
 class DatasetVersionUploadSerializer(serializers.Serializer[Any]):
     file = serializers.FileField(
         help_text="CSV (with a header) or JSON lines, UTF-8; for a retrieval dataset the "
-        "pairs (a query column and a document-id column)"
+        "pairs (a query column and a document-id column); for a text-generation dataset the "
+        "replies (a text column and optionally a context column: the message each answers)"
     )
     documents = serializers.FileField(
         required=False,
@@ -125,13 +140,21 @@ class DatasetVersionUploadSerializer(serializers.Serializer[Any]):
     text_column = serializers.CharField(
         required=False,
         max_length=100,
-        help_text="default 'text'; for a retrieval dataset the query column, default 'query'",
+        help_text="default 'text'; for a retrieval dataset the query column, default "
+        "'query'; for a text-generation dataset the reply column",
     )
     label_column = serializers.CharField(
         required=False,
         max_length=100,
         help_text="default 'label'; for a retrieval dataset the document-id column, "
-        "default 'document_id'",
+        "default 'document_id'; not for a text-generation dataset (see context_column)",
+    )
+    context_column = serializers.CharField(
+        required=False,
+        max_length=100,
+        help_text="text-generation datasets only: the column holding the message each reply "
+        "answers; default 'context', taken when the file has it (without one the replies "
+        "have no context). A named column must exist. A blank context is a reply without one.",
     )
     format = serializers.ChoiceField(
         choices=DatasetVersion.Format.choices,
@@ -248,6 +271,18 @@ def _upload_version(request: Request, dataset: Dataset) -> Response:
                     {name: ["Upload the file as multipart/form-data."]}
                 )
         text_default, label_default = default_columns(dataset.task)
+        fields = data.validated_data
+        if dataset.task == Task.TEXT_GENERATION and "label_column" in fields:
+            raise serializers.ValidationError(
+                {
+                    "label_column": [
+                        "A text-generation dataset has no label column: name the column of "
+                        "the messages the replies answer with 'context_column'."
+                    ]
+                }
+            )
+        # None: the default, "context" where the file has it (the ingest decides).
+        context_column = fields.get("context_column", "").strip() or None
         result = services.dataset_version_create(
             actor=request.user,
             dataset=dataset,
@@ -258,6 +293,7 @@ def _upload_version(request: Request, dataset: Dataset) -> Response:
             fmt=data.validated_data["format"],
             text_column=data.validated_data.get("text_column", "").strip() or text_default,
             label_column=data.validated_data.get("label_column", "").strip() or label_default,
+            context_column=context_column,
             first_nul=upload.first_nul,
             documents=services.UploadedFile(
                 path=documents.path,

@@ -26,7 +26,9 @@ class DatasetCreateForm(forms.Form):
         choices=Task.choices,
         initial=Task.TEXT_CLASSIFICATION,
         help_text="Retrieval: each version is queries paired with the id of the document that "
-        "answers them, uploaded with that knowledge base.",
+        "answers them, uploaded with that knowledge base. Text generation: each version is "
+        "agent replies, each with the customer message it answers (optional), for "
+        "autocomplete models.",
     )
     domain = forms.RegexField(
         regex=r"^[a-z0-9-]{0,50}$",
@@ -50,6 +52,14 @@ class VersionUploadForm(forms.Form):
     )
     text_column = forms.CharField(max_length=100, required=False, initial="text")
     label_column = forms.CharField(max_length=100, required=False, initial="label")
+    context_column = forms.CharField(
+        max_length=100,
+        required=False,
+        initial="context",
+        label="Context column",
+        help_text="The message each reply answers; taken when the file has this column "
+        "(leave it as it is for replies without context).",
+    )
     format = forms.ChoiceField(
         choices=[("", "Detect from the file"), *DatasetVersion.Format.choices],
         required=False,
@@ -76,12 +86,28 @@ class VersionUploadForm(forms.Form):
             text_field.label, label_field.label = "Query column", "Document id column"
         else:  # only retrieval versions have a knowledge base
             del self.fields["documents"], self.fields["documents_format"]
+        if task == Task.TEXT_GENERATION:
+            self.fields["file"].label = "Replies"
+            self.fields["file"].help_text = (
+                "One agent reply per row (column text) and, optionally, the customer message "
+                "it answers (column context): CSV with a header row, or JSON lines; UTF-8."
+            )
+            text_field.label = "Reply column"
+            del self.fields["label_column"]  # a reply corpus has no labels
+        else:  # only reply corpora have a context
+            del self.fields["context_column"]
 
     def clean_text_column(self) -> str:
         return str(self.cleaned_data["text_column"]).strip() or self.default_columns[0]
 
     def clean_label_column(self) -> str:
         return str(self.cleaned_data["label_column"]).strip() or self.default_columns[1]
+
+    def clean_context_column(self) -> str | None:
+        # Left at (or cleared to) the default: "context" when the file has it, none else;
+        # another name is a column the file must have.
+        name = str(self.cleaned_data["context_column"]).strip()
+        return None if name in ("", self.default_columns[1]) else name
 
     def clean_format(self) -> str | None:
         return str(self.cleaned_data["format"]) or None

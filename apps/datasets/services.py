@@ -14,7 +14,7 @@ from django.db.models import Max, ProtectedError, Q
 from apps.audit.services import audit_record
 from apps.core.artifacts import get_store
 from apps.core.errors import DomainError, InvalidInput
-from apps.datasets import ingest, retrieval_ingest
+from apps.datasets import ingest, reply_ingest, retrieval_ingest
 from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task
 from apps.tenants.models import Tenant
 
@@ -180,6 +180,7 @@ def dataset_version_create(
     fmt: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    context_column: str | None = None,
     first_nul: int | None = None,
     documents: UploadedFile | None = None,
     via: str = "",
@@ -188,11 +189,20 @@ def dataset_version_create(
 
     A retrieval dataset's version is two files: ``path`` holds the pairs (``text_column``
     the query, ``label_column`` the document id) and ``documents`` the knowledge base they
-    point into. The same bytes uploaded again return the existing version (``created``
-    False). A file that fails any check raises ``InvalidInput`` before anything is stored
-    or written.
+    point into. A text-generation dataset's version is a reply corpus: ``text_column`` the
+    replies, ``context_column`` the messages they answer (None: ``context`` when the file
+    has it; recorded as the version's ``label_column``, "" without one). The same bytes
+    uploaded again return the existing version (``created`` False). A file that fails any
+    check raises ``InvalidInput`` before anything is stored or written.
     """
     retrieval = dataset.task == Task.RETRIEVAL
+    replies = dataset.task == Task.TEXT_GENERATION
+    if context_column is not None and not replies:
+        message = (
+            f"a {dataset.get_task_display().lower()} dataset has no context column: only "
+            "text-generation versions (reply corpora) do"
+        )
+        raise InvalidInput(message, code="unexpected", fields={"context_column": [message]})
     if retrieval and documents is None:
         raise _documents_error(
             "a retrieval version needs its knowledge base: upload the documents file "
@@ -214,18 +224,40 @@ def dataset_version_create(
             max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
             first_nul=documents.first_nul,
         )
-    profile = ingest.profile_file(
-        path,
-        filename=filename,
-        fmt=fmt,
-        text_column=text_column,
-        label_column=label_column,
-        need_two_labels=dataset.kind == DatasetKind.TRAINING and not retrieval,
-        max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
-        first_nul=first_nul,
-        roles=retrieval_ingest.PAIR_ROLES if retrieval else ingest.CLASSIFICATION_ROLES,
-    )
-    summary: dict[str, int] = {}
+    summary: dict[str, Any] = {}
+    if replies:
+        corpus = reply_ingest.profile_replies(
+            path,
+            filename=filename,
+            fmt=fmt,
+            text_column=text_column,
+            context_column=context_column,
+            max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+            first_nul=first_nul,
+        )
+        # A reply corpus has no labels: its "label" column is the context one.
+        profile = ingest.Profile(
+            format=corpus.format,
+            text_column=corpus.text_column,
+            label_column=corpus.context_column,
+            columns=[],
+            rows=corpus.rows,
+            duplicate_texts=corpus.duplicate_texts,
+            preview=corpus.preview,
+        )
+        summary = corpus.summary
+    else:
+        profile = ingest.profile_file(
+            path,
+            filename=filename,
+            fmt=fmt,
+            text_column=text_column,
+            label_column=label_column,
+            need_two_labels=dataset.kind == DatasetKind.TRAINING and not retrieval,
+            max_line_bytes=settings.DATASET_MAX_LINE_BYTES,
+            first_nul=first_nul,
+            roles=retrieval_ingest.PAIR_ROLES if retrieval else ingest.CLASSIFICATION_ROLES,
+        )
     if documents is not None and docs is not None:
         summary = retrieval_ingest.check_references(path, profile, docs)
         # A retrieval version's figures are its profile's; the document ids are no label
@@ -263,8 +295,8 @@ def dataset_version_create(
                 size_bytes=size_bytes,
                 storage_key=key,
                 format=profile.format,
-                text_column=text_column,
-                label_column=label_column,
+                text_column=profile.text_column,
+                label_column=profile.label_column,
                 rows=profile.rows,
                 labels=profile.labels,
                 duplicate_texts=profile.duplicate_texts,
@@ -291,6 +323,7 @@ def dataset_version_create(
                     "sha256": sha256,
                     "rows": profile.rows,
                     "size_bytes": size_bytes,
+                    **({"profile": summary} if replies else {}),
                     **(
                         {
                             "documents_sha256": documents.sha256,

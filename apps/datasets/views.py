@@ -112,6 +112,7 @@ def _detail(
             "selected": selected,
             "chart": charts.label_chart(selected.labels) if selected is not None else None,
             "retrieval": dataset.task == Task.RETRIEVAL,
+            "replies": dataset.task == Task.TEXT_GENERATION,
             "upload_form": upload_form if can_write else None,
             "upload_error": upload_error,
             "upload_error_line": upload_error_line,
@@ -172,7 +173,8 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
                 filename=upload.name or "",
                 fmt=form.cleaned_data["format"],
                 text_column=form.cleaned_data["text_column"],
-                label_column=form.cleaned_data["label_column"],
+                label_column=form.cleaned_data.get("label_column", "label"),
+                context_column=form.cleaned_data.get("context_column"),
                 first_nul=upload.first_nul,
                 documents=services.UploadedFile(
                     path=documents.path,
@@ -207,6 +209,12 @@ def dataset_upload(request: HttpRequest, access: TenantAccess, dataset_id: str) 
             request,
             f"Version {version.number} stored: {version.rows:,} pairs, "
             f"{version.documents_count:,} documents.",
+        )
+    elif result.created and dataset.task == Task.TEXT_GENERATION:
+        messages.success(
+            request,
+            f"Version {version.number} stored: {version.rows:,} replies, "
+            f"{version.profile['with_context']:,} with context.",
         )
     elif result.created:
         messages.success(

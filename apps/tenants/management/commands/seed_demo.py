@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 
 from apps.datasets import services as dataset_services
-from apps.datasets.models import Dataset, Task
+from apps.datasets.models import Dataset, Task, default_columns
 from apps.tenants import services
 from apps.tenants.models import Membership, Role, Tenant
 
@@ -54,6 +54,13 @@ class Command(BaseCommand):
             default=None,
             help="folder with stackfaq train.csv, test.csv and documents.csv (retrieval)",
         )
+        parser.add_argument(
+            "--replies-dir",
+            type=Path,
+            default=None,
+            help="folder with an SGD service's agent replies, train.csv and test.csv "
+            "(text-generation; default sgd-replies/banks_1)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         tenant = Tenant.objects.filter(slug="demo").first()
@@ -75,29 +82,44 @@ class Command(BaseCommand):
 
         data_dir: Path = options["data_dir"] or _default_data_dir()
         faq_dir: Path = options["stackfaq_dir"] or _default_data_dir("stackfaq")
+        replies_dir: Path = options["replies_dir"] or _default_data_dir("sgd-replies/banks_1")
         # The golden sets are the reviewer's: golden and sample sets decide promotions, so
         # only reviewers and admins create and change them. A retrieval version is its pairs
         # with the knowledge base they point into (the same documents for train and test).
+        # A reply corpus is the agents' replies of SGD's banking service, each with the
+        # customer message it answers (its context column).
+        classification, retrieval, replies = (
+            Task.TEXT_CLASSIFICATION,
+            Task.RETRIEVAL,
+            Task.TEXT_GENERATION,
+        )
         seeds = [
-            ("banking77-train", "training", data_dir / "train.csv", None, users["scientist"]),
-            ("banking77-golden", "golden", data_dir / "test.csv", None, users["reviewer"]),
+            ("banking77-train", "training", classification, data_dir / "train.csv", None),
+            ("banking77-golden", "golden", classification, data_dir / "test.csv", None),
             (
                 "stackfaq-train",
                 "training",
+                retrieval,
                 faq_dir / "train.csv",
                 faq_dir / "documents.csv",
-                users["scientist"],
             ),
             (
                 "stackfaq-golden",
                 "golden",
+                retrieval,
                 faq_dir / "test.csv",
                 faq_dir / "documents.csv",
-                users["reviewer"],
             ),
+            ("sgd-banks-replies", "training", replies, replies_dir / "train.csv", None),
+            ("sgd-banks-replies-golden", "golden", replies, replies_dir / "test.csv", None),
         ]
-        for name, kind, source, documents, owner in seeds:
-            retrieval = documents is not None
+        descriptions = {
+            classification: "banking77 {}: customer-support queries, 77 intents",
+            retrieval: "StackFAQ {}: questions and the FAQ answer each one needs",
+            replies: "SGD banking {}: agent replies, each with the customer message it answers",
+        }
+        for name, kind, task, source, documents in seeds:
+            owner = users["reviewer" if kind == "golden" else "scientist"]
             dataset = Dataset.objects.filter(tenant=tenant, name=name).first()
             if dataset is None:
                 dataset = dataset_services.dataset_create(
@@ -105,13 +127,9 @@ class Command(BaseCommand):
                     tenant=tenant,
                     name=name,
                     kind=kind,
-                    task=Task.RETRIEVAL if retrieval else Task.TEXT_CLASSIFICATION,
+                    task=task,
                     domain="banking",
-                    description=(
-                        f"StackFAQ {source.name}: questions and the FAQ answer each one needs"
-                        if retrieval
-                        else f"banking77 {source.name}: customer-support queries, 77 intents"
-                    ),
+                    description=descriptions[task].format(source.name),
                     via="cli",
                 )
             if dataset.versions.exists():
@@ -122,6 +140,11 @@ class Command(BaseCommand):
                 continue
             with tempfile.TemporaryDirectory(dir=settings.UPLOAD_TMP_DIR) as tmp:
                 pairs = _staged(source, Path(tmp))
+                # The task's columns (a reply corpus's context column is found, "context");
+                # banking77 names its label "category".
+                text_column, label_column = default_columns(task)
+                if task == classification:
+                    label_column = "category"
                 dataset_services.dataset_version_create(
                     actor=owner,
                     dataset=dataset,
@@ -129,8 +152,8 @@ class Command(BaseCommand):
                     sha256=pairs.sha256,
                     size_bytes=pairs.size_bytes,
                     filename=pairs.filename,
-                    text_column="query" if retrieval else "text",
-                    label_column="document_id" if retrieval else "category",
+                    text_column=text_column,
+                    label_column=label_column,
                     documents=_staged(documents, Path(tmp)) if documents else None,
                     via="cli",
                 )
