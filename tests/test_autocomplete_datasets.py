@@ -445,7 +445,7 @@ def test_the_demo_seed_skips_a_missing_reply_corpus_saying_so(artifacts_dir, tmp
 
 @pytest.mark.django_db(transaction=True)
 def test_the_notebook_client_uploads_a_reply_corpus_with_its_context_column(
-    live_server, scientist, tenant, artifacts_dir, tmp_path
+    live_server, scientist, reviewer, tenant, artifacts_dir, tmp_path
 ):
     from workbench.client import Workbench, WorkbenchError
 
@@ -459,3 +459,15 @@ def test_the_notebook_client_uploads_a_reply_corpus_with_its_context_column(
     assert version["number"] == 1 and version["label_column"] == "message"
     assert version["profile"]["with_context"] == 1
     assert version["preview"] == [{"text": "On its way.", "context": "Where is it?"}]
+    # Read back as granted data, as a notebook does.
+    asked = scientist.api(
+        "post",
+        "/api/v1/tenants/acme/data-access/",
+        {"dataset": dataset, "purpose": "look at the replies"},
+    )
+    assert asked.status_code == 201, asked.content
+    decided = f"/api/v1/tenants/acme/data-access/{asked.json()['id']}/grant"
+    assert reviewer.api("post", decided, {}).status_code == 200
+    (granted,) = wb.datasets()
+    assert granted.profile["replies"] == 1 and granted.label_column == "message"
+    assert wb.load(version["id"]) == [{"message": "Where is it?", "text": "On its way."}]

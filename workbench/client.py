@@ -26,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ class GrantedDataset:
     # A retrieval version's knowledge base ("" and 0 for classification data).
     documents_sha256: str = ""
     documents_count: int = 0
+    # The columns the rows are read by (a reply corpus's label_column is its context
+    # column, "" without one) and the version's figures (retrieval, text-generation).
+    text_column: str = ""
+    label_column: str = ""
+    profile: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.name} v{self.number} ({self.id}, {self.rows} rows)"
@@ -146,6 +151,9 @@ class Workbench:
                 format=row["format"],
                 documents_sha256=row.get("documents_sha256", ""),
                 documents_count=row.get("documents_count", 0),
+                text_column=row.get("text_column", ""),
+                label_column=row.get("label_column", ""),
+                profile=row.get("profile") or {},
             )
             for row in self._pages(self._tenant_path("granted-data/"))
         ]
