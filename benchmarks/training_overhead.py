@@ -3,6 +3,16 @@
     .venv/bin/python benchmarks/training_overhead.py            # full: 8,590 rows, ~7 min
     .venv/bin/python benchmarks/training_overhead.py --quick    # CI smoke: 770 rows
     .venv/bin/python benchmarks/training_overhead.py --profile  # + cProfile of the callbacks
+    .venv/bin/python benchmarks/training_overhead.py --base-model tiny-gpt2  # autocomplete
+
+With ``--base-model tiny-gpt2`` (issue 15) both sides train the autocomplete model instead:
+the project's run is ``worker.training.autocomplete_loop.train_autocomplete`` under the same
+runner, on the SGD agent replies of ``../shared/datasets/sgd-replies`` (the five services'
+train.csv, context and reply, the first ``--per-label`` (300) of each), uploaded as a
+text-generation dataset version; the bare loop reads the same replies, holds out the same
+validation replies (``reply_data.split_replies``), learns the same BPE and builds the same
+GPT-2 (``autocomplete_loop.build``), encodes them the same way (``encode_reply``, loss on
+the reply and its end) and steps the same batches with a plain AdamW / schedule / clip.
 
 Both sides train the same model in this one process: by default the tiny BERT of
 ``worker.base_models`` (WordPiece tokenizer trained on the run's rows by
@@ -103,6 +113,11 @@ BANKING77 = Path(
     )
 )
 
+SGD_REPLIES = Path(
+    os.environ.get("SGD_REPLIES_DIR", ROOT.parent / "shared" / "datasets" / "sgd-replies")
+)
+SGD_SERVICES = ("banks_1", "hotels_2", "rentalcars_1", "restaurants_1", "services_1")
+
 OVERHEAD_TARGET = 0.05  # project samples/s >= 0.95 x bare loop samples/s
 BASE_MODEL = "tiny-bert"
 # The settings a run gets through the API with these overrides (epochs; the rest default).
@@ -140,6 +155,32 @@ def write_slice(path: Path, per_label: int, offset: int = 0) -> int:
                 writer.writerow([text, label])
                 rows += 1
     return rows
+
+
+def write_replies(path: Path, per_service: int, offset: int = 0) -> int:
+    """A CSV (context,text) of up to ``per_service`` SGD agent replies of each service's
+    train.csv, in file order (an autocomplete run's data)."""
+    rows = 0
+    with path.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["context", "text"])
+        for service in SGD_SERVICES:
+            with (SGD_REPLIES / service / "train.csv").open(encoding="utf-8", newline="") as fh:
+                replies = [(r["context"], r["text"]) for r in csv.DictReader(fh) if r["text"]]
+            for context, text in replies[offset : offset + per_service]:
+                writer.writerow([context, text])
+                rows += 1
+    return rows
+
+
+def is_autocomplete() -> bool:
+    from worker import base_models
+
+    return base_models.get(BASE_MODEL).kind == base_models.KIND_AUTOCOMPLETE
+
+
+def data_name() -> str:
+    return "SGD agent replies" if is_autocomplete() else "banking77 rows"
 
 
 # --- timing what the project does -----------------------------------------------------------
@@ -233,6 +274,7 @@ def instrument() -> None:
     import torch
 
     import worker.footprint
+    import worker.training.autocomplete_loop
     import worker.training.checkpoint
     import worker.training.loop
     from apps.core.artifacts import LocalArtifactStore
@@ -241,6 +283,7 @@ def instrument() -> None:
     from worker.training.reporting import Background
 
     _timed(worker.training.loop._Snapshots, "take", "checkpoint.snapshot")
+    _timed(worker.training.autocomplete_loop._Snapshot, "take", "checkpoint.snapshot")
     _timed(Background, "drain", "reporting.drain")
     _timed(worker.training.checkpoint, "complete", "checkpoint.complete")
     _timed(runner.RunCallbacks, "on_checkpoint", "on_checkpoint")
@@ -284,16 +327,20 @@ def instrument() -> None:
 
     runner.RunCallbacks.should_stop = should_stop_marked  # type: ignore[method-assign]
 
-    train = worker.training.loop.train
+    def marked(train: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(train)
+        def train_marked(*args: Any, **kwargs: Any) -> Any:
+            REC.marks["train_start"] = time.perf_counter()
+            REC.result = train(*args, **kwargs)
+            REC.marks["train_end"] = time.perf_counter()
+            return REC.result
 
-    def train_marked(*args: Any, **kwargs: Any) -> Any:
-        REC.marks["train_start"] = time.perf_counter()
-        REC.result = train(*args, **kwargs)
-        REC.marks["train_end"] = time.perf_counter()
-        return REC.result
+        return train_marked
 
-    # runner.execute imports train at call time, so it picks this up.
-    worker.training.loop.train = train_marked
+    # runner.execute imports the loops at call time, so it picks these up.
+    worker.training.loop.train = marked(worker.training.loop.train)
+    auto = worker.training.autocomplete_loop
+    auto.train_autocomplete = marked(auto.train_autocomplete)  # type: ignore[assignment]
 
 
 # --- A: the project -------------------------------------------------------------------------
@@ -366,12 +413,13 @@ class Workbench:
 
         from apps.datasets.services import dataset_create, dataset_version_create
 
+        replies = is_autocomplete()
         dataset = dataset_create(
             actor=self.user,
             tenant=self.tenant,
             name=name,
             kind="training",
-            task="text-classification",
+            task="text-generation" if replies else "text-classification",
         )
         data = source.read_bytes()
         upload = Path(tempfile.mkdtemp(dir=settings.UPLOAD_TMP_DIR)) / source.name
@@ -384,7 +432,7 @@ class Workbench:
             size_bytes=len(data),
             filename=source.name,
             text_column="text",
-            label_column="label",
+            **({} if replies else {"label_column": "label"}),
         ).version
 
     def run(self, version: Any, params: dict[str, Any]) -> ProjectRun:
@@ -557,8 +605,123 @@ class BareTrainer:
         return sum(values) / len(values)
 
 
+class BareLMTrainer:
+    """The autocomplete training as a plain loop: the same replies, held-out split, BPE,
+    GPT-2 and encoding as ``train_autocomplete`` (its own helpers), a plain AdamW (the
+    loop's weight-decay groups, multi-tensor), linear warm-up/decay and clipping; no
+    callbacks, validation, checkpoints or DB."""
+
+    def __init__(self, data: Path, params: dict[str, Any]) -> None:
+        import numpy as np
+        import torch
+
+        from worker import autocomplete
+        from worker.reply_data import read_reply_file, split_replies
+        from worker.training import autocomplete_loop
+        from worker.training.config import TrainConfig
+
+        started = time.perf_counter()
+        config = TrainConfig.from_dict({**params, "base_model": BASE_MODEL})
+        self.seed, self.batch_size = int(params["seed"]), int(params["batch_size"])
+        self.epochs = int(params["epochs"])
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        replies = read_reply_file(data, text_column="text", context_column="context")
+        train, _ = split_replies(replies, float(params["validation_split"]), self.seed)
+        self.model, tokenizer, meta = autocomplete_loop.build(config, train)
+        self.model.to(self.device)
+        special = autocomplete.special_ids(tokenizer, meta)
+        self.pad_id = special["pad"]
+        self.ids = [
+            autocomplete.encode_reply(tokenizer, r.text, r.context, meta=meta, ids=special)
+            for r in train
+        ]
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for name, parameter in self.model.named_parameters():
+            (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+        fused = self.device == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": float(params["weight_decay"])},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=float(params["learning_rate"]),
+            fused=fused,
+            foreach=not fused,
+        )
+        self.steps_per_epoch = math.ceil(len(self.ids) / self.batch_size)
+        total = self.steps_per_epoch * self.epochs
+        warmup = round(total * float(params["warmup_ratio"]))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.amp = torch.bfloat16 if self.device == "cuda" else None
+        self.grad_clip = float(params["grad_clip"])
+        self.losses: list[Any] = []
+        self.model.train()
+        self.setup_s = time.perf_counter() - started
+
+    def steps(self) -> Iterator[float]:
+        """Train every epoch; yield each step's wall seconds as it finishes."""
+        import torch
+        import torch.nn.functional as F
+
+        device, size = self.device, self.batch_size
+        for epoch in range(1, self.epochs + 1):
+            order = torch.randperm(
+                len(self.ids), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            ).tolist()
+            for b in range(self.steps_per_epoch):
+                started = time.perf_counter()
+                batch = [self.ids[i] for i in order[b * size : (b + 1) * size]]
+                width = max(len(ids) for ids, _ in batch)
+                input_ids = torch.tensor([ids + [self.pad_id] * (width - len(ids))
+                                          for ids, _ in batch])  # fmt: skip
+                labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids))
+                                     for ids, _ in batch])  # fmt: skip
+                with torch.autocast(device, dtype=self.amp, enabled=self.amp is not None):
+                    logits = self.model(
+                        input_ids=input_ids.to(device), attention_mask=mask.to(device)
+                    ).logits
+                vocab = logits.shape[-1]
+                loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, vocab).float(),
+                    labels[:, 1:].reshape(-1).to(device),
+                    ignore_index=-100,
+                )
+                torch.autograd.backward(loss)
+                if self.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.losses.append(loss.detach())
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                yield time.perf_counter() - started
+
+    def train_loss(self) -> float:
+        """Like the loop's epoch train_loss: a Python sum in step order, last epoch."""
+        import torch
+
+        values = torch.stack(self.losses).float().tolist()[-self.steps_per_epoch :]
+        return sum(values) / len(values)
+
+
+def bare_trainer(data: Path, params: dict[str, Any]) -> BareTrainer | BareLMTrainer:
+    return BareLMTrainer(data, params) if is_autocomplete() else BareTrainer(data, params)
+
+
 def bare_loop(data: Path, params: dict[str, Any]) -> BareRun:
-    trainer = BareTrainer(data, params)
+    trainer = bare_trainer(data, params)
     started = time.perf_counter()
     step_s = list(trainer.steps())
     train_s = time.perf_counter() - started
@@ -600,7 +763,7 @@ def lockstep_run(bench: Workbench, version: Any, data: Path, params: dict[str, A
     algorithms switched off for its step as they are in ``bare_loop``; both sides see the
     same neighbours at the same moment, so their ratio hardly moves with the machine's load.
     """
-    trainer = BareTrainer(data, params)
+    trainer = bare_trainer(data, params)
     REC.lockstep = trainer.steps()
     try:
         run = bench.run(version, params)
@@ -749,7 +912,7 @@ def fixed_table(project: Sequence[ProjectRun], bare: Sequence[BareRun]) -> str:
         "| before train(): claim, dataset download, MLflow run + params "
         f"| {med([r.before_train_s for r in project])} | - |",
         f"| ↳ MLflow run start | {med([_outside(r, 'mlflow.start') for r in project])} | - |",
-        "| train() to the first step: read rows, WordPiece training, model init, encode "
+        "| train() to the first step: read rows, tokenizer training, model init, encode "
         f"| {med([r.setup_s for r in project])} | {med([b.setup_s for b in bare])} |",
         "| after the last step, in train(): validation, best model, epoch-end checkpoint, "
         f"validation predictions | {med([r.after_window_s for r in project])} | - |",
@@ -814,7 +977,7 @@ def table(res: Results) -> tuple[str, bool]:
     rows = [
         "| figure | project | reference | ratio | target | met? |",
         "|---|---|---|---|---|---|",
-        f"| training throughput, {BASE_MODEL} on {res.train_rows:,} banking77 rows x {epochs} "
+        f"| training throughput, {BASE_MODEL} on {res.train_rows:,} {data_name()} x {epochs} "
         f"epoch{'s' if epochs != 1 else ''}, training phase (samples/s) | {_span(ours)} "
         f"| bare torch loop {_span(ref)} | {ratio_text}; {overhead_text} "
         f"| overhead ≤ {OVERHEAD_TARGET:.0%} | {'yes' if ok else 'no'} |",
@@ -907,7 +1070,8 @@ def report(res: Results, *, commit: str, when: str, device: str, threads: int) -
         abs(a.train_loss - b.train_loss) <= 1e-6 for a, b in zip(res.project, res.bare, strict=True)
     )
     notes = [
-        f"data: {res.rows:,} banking77 train rows (up to {res.per_label} per label), "
+        f"data: {res.rows:,} {data_name()} (up to {res.per_label} per "
+        f"{'service' if is_autocomplete() else 'label'}), "
         f"{res.train_rows:,} trained on after the {p['validation_split']:.0%} validation split; "
         f"{reps} repetition{'s' if reps != 1 else ''} interleaved A B, median (min-max); "
         "ratio: median over the reps of project / bare loop in the same rep",
@@ -991,11 +1155,16 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="training-overhead-"))
     try:
-        data = work / "banking77-slice.csv"
-        warm = work / "banking77-warmup.csv"
-        rows = write_slice(data, args.per_label)
-        write_slice(warm, 6)
-        print(f"data: {rows:,} rows ({args.per_label} per label) from {BANKING77}", flush=True)
+        data = work / "train-slice.csv"
+        warm = work / "train-warmup.csv"
+        if is_autocomplete():
+            rows = write_replies(data, args.per_label)
+            write_replies(warm, 12)
+            print(f"data: {rows:,} replies ({args.per_label} per service) from {SGD_REPLIES}")
+        else:
+            rows = write_slice(data, args.per_label)
+            write_slice(warm, 6)
+            print(f"data: {rows:,} rows ({args.per_label} per label) from {BANKING77}")
 
         print("setting up a throwaway workbench (migrate, tenant, datasets) ...", flush=True)
         bench = Workbench(work / "var")
@@ -1006,11 +1175,20 @@ def run(args: argparse.Namespace) -> int:
         # As the API resolves a run's params: the base model's learning rate, then defaults.
         # The base's defaults (its learning rate; an adapter's epochs, batch and LoRA shape).
         defaults = base_models.get(BASE_MODEL).defaults()
-        params = TrainConfig(base_model=BASE_MODEL, **{**defaults, **PARAM_OVERRIDES}).to_dict()
-        params.pop("base_model")
-        params = {k: v for k, v in params.items() if v is not None}
-        version = bench.add_version("banking77-slice", data)
-        warm_version = bench.add_version("banking77-warmup", warm)
+        if is_autocomplete():
+            # The API's own resolution: only the keys an autocomplete run takes.
+            from apps.training.params import params_resolve
+
+            params, problems = params_resolve(base_model=BASE_MODEL, given=PARAM_OVERRIDES)
+            if problems:
+                raise ValueError(f"parameters refused: {problems}")
+        else:
+            config = TrainConfig(base_model=BASE_MODEL, **{**defaults, **PARAM_OVERRIDES})
+            params = config.to_dict()
+            params.pop("base_model")
+            params = {k: v for k, v in params.items() if v is not None}
+        version = bench.add_version("train-slice", data)
+        warm_version = bench.add_version("train-warmup", warm)
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print("warm-up (imports, MLflow schema), not timed ...", flush=True)
@@ -1081,7 +1259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "LoRA adapter on the shared MiniLM, the bare side a plain loop over the same peft model)",
     )
     parser.add_argument(
-        "--per-label", type=int, help="banking77 rows per label (default 120; 10 with --quick)"
+        "--per-label",
+        type=int,
+        help="banking77 rows per label (default 120; 10 with --quick); with tiny-gpt2, SGD "
+        "replies per service (default 300; 20 with --quick)",
     )
     parser.add_argument("--reps", type=int, help="A B repetitions (default 4; 1 with --quick)")
     parser.add_argument(
@@ -1110,13 +1291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global BASE_MODEL
     BASE_MODEL = args.base_model
+    if BASE_MODEL == "tiny-gpt2":
+        # 1,500 replies: ~45 steps of 32, 20-30 s of training on one quiet core (all 7,848
+        # replies took ~1.8 s a step at load average 7: 7 min an epoch, 14 epochs a run).
+        args.per_label = args.per_label or (20 if args.quick else 300)
     args.per_label = args.per_label or (10 if args.quick else 120)
     args.reps = args.reps or (1 if args.quick else 4)
     if args.lockstep_reps is None:
         args.lockstep_reps = 1 if args.quick else 2
     if args.frequent_checkpoint_reps is None:
         args.frequent_checkpoint_reps = 0 if args.quick else 1
-    return launch(parser, args, run, data=BANKING77)
+    data = SGD_REPLIES / SGD_SERVICES[0] / "train.csv" if is_autocomplete() else BANKING77
+    return launch(parser, args, run, data=data)
 
 
 if __name__ == "__main__":
