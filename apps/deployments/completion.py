@@ -12,7 +12,8 @@ warm-up: the bytes, the tokenizer, the stop rules or the replica's batching and 
 went wrong somewhere between the evaluation and the fleet.
 
 Each sample is sent alone, as a customer's call would be (no session: its cache must not
-help), and timed: the policy's latency budget applies to these.
+help), and timed per generated token: an autocomplete policy's latency budget is per token
+(``apps.evaluation.services.latency_budget_metric``), and so are the warm-up's latencies.
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def warmup_checks(
             context=sample["context"],
             max_tokens=sample["max_tokens"],
         )
-        latencies.append((time.perf_counter() - started) * 1000)
-        got = reply["completions"][0]["text"] if reply.get("completions") else None
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        first = reply["completions"][0] if reply.get("completions") else {}
+        latencies.append(elapsed_ms / max(1, int(first.get("tokens") or 1)))
+        got = first.get("text")
         if got != sample["completion"]:
             mismatches.append(
                 {

@@ -101,6 +101,10 @@ CompleteOutputSerializer = inline_serializer(
                     "score": serializers.FloatField(
                         help_text="mean log-probability per generated token"
                     ),
+                    "tokens": serializers.IntegerField(
+                        help_text="tokens generated (the rest of a word the prefix ends in, "
+                        "and the end of the reply, included)"
+                    ),
                 },
             ),
             help_text="best first",

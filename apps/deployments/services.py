@@ -471,7 +471,8 @@ def warmup_run(
         )
     budget = policy.latency_budget_ms
     if not error and budget is not None and p50 is not None and p50 > budget:
-        error = f"median latency {p50:.1f} ms is over the policy's budget of {budget:g} ms"
+        per = " per token" if kind == ModelKind.AUTOCOMPLETE else ""
+        error = f"median latency {p50:.1f} ms{per} is over the policy's budget of {budget:g} ms"
     warmup.ok = not error
     warmup.error = error
     warmup.samples = len(latencies)

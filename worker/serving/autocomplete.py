@@ -138,7 +138,11 @@ def completion_request(message: dict[str, Any]) -> CompletionRequest:
 
 def _answer(completions: Sequence[CompletionLike], cached_tokens: int) -> dict[str, Any]:
     return {
-        "completions": [{"text": c.text, "score": float(c.score)} for c in completions],
+        "completions": [
+            # tokens: what was generated (the per-token latency budget divides by it).
+            {"text": c.text, "score": float(c.score), "tokens": int(getattr(c, "tokens", 0))}
+            for c in completions
+        ],
         "cached_tokens": int(cached_tokens),
     }
 

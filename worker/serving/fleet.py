@@ -156,7 +156,9 @@ def code_version() -> str:
     here = Path(__file__).parent
     for name in SERVING_SOURCES:
         digest.update((here / name).read_bytes())
-    digest.update((here.parent / "modeling.py").read_bytes())
+    # The model code replicas run from outside serving/: classifiers' and autocomplete's.
+    for name in ("modeling.py", "autocomplete.py", "autocomplete_text.py"):
+        digest.update((here.parent / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
