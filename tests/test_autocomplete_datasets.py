@@ -20,9 +20,14 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.test import Client
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from apps.audit.models import AuditEvent
 from apps.core.artifacts import get_store
+from apps.core.errors import InvalidInput
+from apps.datasets import reply_ingest
 from apps.datasets.models import Dataset, DatasetVersion
 from tests.conftest import Actor, stored_files
 from worker import autocomplete_text
@@ -393,6 +398,65 @@ def test_dashboard_creates_a_reply_corpus_uploads_and_shows_its_preview_and_prof
     )
     assert mapped.status_code == 302
     assert DatasetVersion.objects.get(number=2).label_column == "message"
+
+
+# --- property: the upload's checks and the worker's reader agree -------------------------
+
+_values = st.text(alphabet=st.sampled_from("ab ,.\"'?\né"), max_size=12)
+
+
+@hyp_settings(max_examples=50, deadline=None)
+@given(
+    rows=st.lists(st.tuples(_values, _values), min_size=1, max_size=8),
+    as_jsonl=st.booleans(),
+)
+def test_a_corpus_is_accepted_exactly_when_every_reply_has_text_and_reads_back_as_written(
+    rows: list[tuple[str, str]], as_jsonl: bool, tmp_path_factory: Any
+) -> None:
+    path = tmp_path_factory.mktemp("corpus") / ("r.jsonl" if as_jsonl else "r.csv")
+    if as_jsonl:
+        body = "".join(json.dumps({"context": c, "text": t}) + "\n" for c, t in rows)
+    else:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([("context", "text"), *rows])
+        body = out.getvalue()
+    path.write_text(body, encoding="utf-8")
+    blank = [i for i, (_, text) in enumerate(rows) if not text.strip()]
+    try:
+        profile = reply_ingest.profile_replies(
+            path,
+            filename=path.name,
+            fmt=None,
+            text_column="text",
+            context_column=None,
+            max_line_bytes=65_536,
+        )
+    except InvalidInput as exc:
+        assert blank, exc.message
+        assert exc.code == "empty_text"
+        # The line named is the first blank reply's (a CSV value may span lines).
+        first = blank[0]
+        if as_jsonl:
+            assert exc.line == first + 1
+        else:
+            assert exc.line == 2 + first + sum(
+                t.count("\n") + c.count("\n") for c, t in rows[:first]
+            )
+        return
+    assert not blank
+    words = [autocomplete_text.words(text) for _, text in rows]
+    assert profile.summary == {
+        "replies": len(rows),
+        "words": sum(map(len, words)),
+        "vocabulary_size": len({w for ws in words for w in ws}),
+        "longest_reply_words": max(map(len, words)),
+        "with_context": sum(1 for context, _ in rows if context.strip()),
+        "mean_reply_words": round(sum(map(len, words)) / len(rows), 2),
+    }
+    assert profile.duplicate_texts == len(rows) - len({text for _, text in rows})
+    assert profile.context_column == "context"
+    spec = DataSpec(path=path, text_column="text", label_column="context", format=profile.format)
+    assert read_replies(spec) == [Reply(text, context) for context, text in rows]
 
 
 # --- the demo seed ----------------------------------------------------------------------
