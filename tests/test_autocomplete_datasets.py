@@ -333,6 +333,15 @@ def test_a_golden_reply_set_is_the_reviewers_to_write(scientist, reviewer, tenan
     assert refused.status_code == 403
     golden = create(reviewer, name="reply-golden", kind="golden")
     assert post(reviewer, golden, REPLIES_CSV).status_code == 201
+    # The list's task filter (the API's and the dashboard's) finds reply corpora.
+    create(scientist, name="intents-like")  # another text-generation set
+    scientist.api("post", DATASETS, {"name": "intents", "kind": "training"})
+    listed = scientist.api("get", f"{DATASETS}?task=text-generation").json()["results"]
+    assert sorted(d["name"] for d in listed) == ["intents-like", "reply-golden"]
+    assert {d["latest_version"] for d in listed} == {1, None}
+    scientist.client.force_login(scientist.user)
+    page = scientist.client.get("/t/acme/datasets/?task=text-generation").content.decode()
+    assert "reply-golden" in page and ">intents<" not in page
 
 
 def test_the_schema_documents_the_reply_corpus_upload(admin):
