@@ -25,7 +25,8 @@ request made for it.
   thought the word unfinished, so it predicted no next word).
 - **next_word_top1**: the share of positions whose greedy completion's next word is the
   reply's word ``i``. **next_word_top3**: whose word ``i`` is among the greedy word followed
-  by ``next_words(k=3)``, three distinct words at most.
+  by ``next_words(k=3)``, three distinct words at most (asked only where the greedy word
+  missed: a top-1 hit is a top-3 hit, and next_words costs several decodes).
 - **exact_match**: each measured reply of at least two words is cut after its first half of
   words (``max(1, n // 2)`` words: the held-out prefix, a position above); the **reference**
   is the rest of the reply up to and including its first sentence end (all of it without
@@ -114,7 +115,8 @@ class Position:
     prefix: str
     expected: str
     predicted: str | None
-    top: tuple[str, ...]  # the greedy word, then next_words', distinct, at most TOP_K
+    # The greedy word, then (where it missed) next_words', distinct, at most TOP_K.
+    top: tuple[str, ...]
 
     @property
     def hit(self) -> bool:
@@ -319,7 +321,13 @@ def evaluate_autocomplete(
     for reply, ((_, context), found) in enumerate(zip(measured, boundaries, strict=True)):
         for word, (prefix, expected) in enumerate(found, start=1):
             predicted = predicted_next_word(prefix, texts[(prefix, context)])
-            alternatives = [w.lower() for w in model.next_words(prefix, context, k=TOP_K)]
+            # A right greedy word is a top-3 hit whatever else is offered: next_words (the
+            # costly part, several decodes) is asked only where the greedy word missed.
+            alternatives = (
+                []
+                if predicted == expected
+                else [w.lower() for w in model.next_words(prefix, context, k=TOP_K)]
+            )
             top = [w for w in dict.fromkeys([predicted, *alternatives]) if w is not None]
             positions.append(Position(reply, word, prefix, expected, predicted, tuple(top[:TOP_K])))
 

@@ -79,16 +79,89 @@ def _retrieval(evaluation: Evaluation) -> dict[str, Any] | None:
     }
 
 
+class AutocompleteMetricsSerializer(serializers.Serializer[Any]):
+    """An autocomplete model's figures on one reply corpus (worker.autocomplete_eval's
+    definitions)."""
+
+    perplexity = serializers.FloatField(
+        allow_null=True, help_text="per reply token; null for the trigram (it has none)"
+    )
+    next_word_top1 = serializers.FloatField(
+        help_text="share of word boundaries whose greedy completion starts with the next word"
+    )
+    next_word_top3 = serializers.FloatField()
+    exact_match = serializers.FloatField(
+        help_text="share of held-out half-replies completed exactly to their sentence end"
+    )
+    keystrokes_saved = serializers.FloatField(
+        help_text="1 - keystrokes / characters, accepting whole right suggestions (one key)"
+    )
+    latency_ms_per_token_p50 = serializers.FloatField()
+    latency_ms_per_token_p95 = serializers.FloatField()
+    replies = serializers.IntegerField(help_text="replies measured")
+    positions = serializers.IntegerField(help_text="word boundaries measured")
+
+
+class AutocompleteSampleSerializer(serializers.Serializer[Any]):
+    """A held-out prefix of a reply, the version's greedy completion and the reply's rest."""
+
+    prefix = serializers.CharField()
+    # Declared fields leave the class (DRF's metaclass), so Serializer.context stays intact.
+    context = serializers.CharField(allow_blank=True)  # type: ignore[assignment]
+    completion = serializers.CharField(allow_blank=True)
+    reference = serializers.CharField(allow_blank=True, help_text="up to its sentence end")
+    matched = serializers.BooleanField()
+    max_tokens = serializers.IntegerField()
+
+
+class AutocompleteResultSerializer(serializers.Serializer[Any]):
+    """What an autocomplete evaluation measured; null for another kind's."""
+
+    metrics = AutocompleteMetricsSerializer()
+    base = AutocompleteMetricsSerializer(
+        allow_null=True,
+        help_text="the tenant's word trigram fitted on the version's training replies, "
+        "measured the same way on the same set",
+    )
+    base_trained_on = serializers.CharField(
+        allow_null=True, help_text="the dataset version the trigram was fitted on"
+    )
+    samples = AutocompleteSampleSerializer(
+        many=True, help_text="held-out prefixes (none kept of a shared golden set)"
+    )
+
+
+def _autocomplete(evaluation: Evaluation) -> dict[str, Any] | None:
+    metrics = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    if metrics.get("task") != "text-generation":
+        return None
+    base = evaluation.base_metrics if isinstance(evaluation.base_metrics, dict) else {}
+    keys = (*services.AUTOCOMPLETE_METRICS, *services.AUTOCOMPLETE_LATENCY, "replies",
+            "positions")  # fmt: skip
+    samples = evaluation.samples if isinstance(evaluation.samples, list) else []
+    return {
+        "metrics": {k: metrics.get(k) for k in keys},
+        "base": {k: base.get(k) for k in keys} if base else None,
+        "base_trained_on": base.get("trained_on"),
+        "samples": [s for s in samples if isinstance(s, dict)],
+    }
+
+
 class EvaluationOutputSerializer(serializers.ModelSerializer[Evaluation]):
     model_version = serializers.CharField(source="model_version_id", read_only=True)
     dataset_version = serializers.CharField(source="dataset_version_id", read_only=True)
     dataset = serializers.CharField(source="dataset_version.dataset.name", read_only=True)
     dataset_kind = serializers.CharField(source="dataset_version.dataset.kind", read_only=True)
     retrieval = serializers.SerializerMethodField()
+    autocomplete = serializers.SerializerMethodField()
 
     @extend_schema_field(RetrievalResultSerializer(allow_null=True))
     def get_retrieval(self, evaluation: Evaluation) -> dict[str, Any] | None:
         return _retrieval(evaluation)
+
+    @extend_schema_field(AutocompleteResultSerializer(allow_null=True))
+    def get_autocomplete(self, evaluation: Evaluation) -> dict[str, Any] | None:
+        return _autocomplete(evaluation)
 
     class Meta:
         model = Evaluation
@@ -103,6 +176,7 @@ class EvaluationOutputSerializer(serializers.ModelSerializer[Evaluation]):
             "max_rows",
             "metrics",
             "retrieval",
+            "autocomplete",
             "error",
             "created_at",
             "finished_at",

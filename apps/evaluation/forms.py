@@ -6,7 +6,7 @@ from typing import Any
 
 from django import forms
 
-from apps.evaluation.services import GATE_METRICS, GATE_OPS, RETRIEVAL_METRICS
+from apps.evaluation.services import GATE_METRICS, GATE_OPS, SCORE_METRICS
 
 MAX_GATES = 5
 
@@ -36,7 +36,7 @@ class GateForm(forms.Form):
     def clean_value(self) -> float:
         value = self.cleaned_data["value"]
         metric = self.cleaned_data.get("metric")
-        if metric in ("accuracy", "macro_f1", *RETRIEVAL_METRICS) and not 0.0 <= value <= 1.0:
+        if metric in SCORE_METRICS and not 0.0 <= value <= 1.0:
             raise forms.ValidationError("A score is between 0 and 1.")
         if value < 0:
             raise forms.ValidationError("Must not be negative.")
@@ -96,12 +96,16 @@ class PolicyForm(forms.Form):
         required=False,
         min_value=0.0,
         max_value=1.0,
-        help_text="How far macro-F1 (a classifier) or recall@1, recall@5, MRR@10 and nDCG@10 "
-        "(an embedding model) may fall below the production model's on the same sets; an "
-        "embedding model with none in production is held to its un-tuned base.",
+        help_text="How far macro-F1 (a classifier), recall@1, recall@5, MRR@10 and nDCG@10 "
+        "(an embedding model) or next-word top-1 (an autocomplete model) may fall below the "
+        "production model's on the same sets; with none in production an embedding model is "
+        "held to its un-tuned base, an autocomplete model to the tenant's word trigram.",
     )
     latency_budget_ms = forms.FloatField(
-        required=False, min_value=0.0, help_text="p95 latency per batch, in milliseconds."
+        required=False,
+        min_value=0.0,
+        help_text="p95 latency per batch (an autocomplete model: per generated token), in "
+        "milliseconds.",
     )
     require_staging_before_production = forms.BooleanField(required=False)
     trainer_may_approve = forms.BooleanField(

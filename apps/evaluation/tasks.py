@@ -51,8 +51,11 @@ def run_evaluation(evaluation_id: str) -> str:
     work = Path(settings.TRAINING_WORK_DIR) / f"{evaluation.pk}-a{attempt}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        if evaluation.dataset_version.dataset.task == Task.RETRIEVAL:
+        task = evaluation.dataset_version.dataset.task
+        if task == Task.RETRIEVAL:
             metrics, samples, extra = _evaluate_retrieval(evaluation, work)
+        elif task == Task.TEXT_GENERATION:
+            metrics, samples, extra = _evaluate_autocomplete(evaluation, work)
         else:
             (metrics, samples), extra = _evaluate(evaluation, work), {}
         # A superseded attempt logs nothing to MLflow and records nothing.
@@ -214,6 +217,61 @@ def _evaluate_retrieval(
     )
 
 
+def _replies(version: Any, path: Path) -> list[Any]:
+    """A text-generation version's replies (``label_column``: its context column)."""
+    from worker.reply_data import read_replies
+    from worker.training.config import DataSpec
+
+    download(version.storage_key, path)
+    return read_replies(
+        DataSpec(
+            path=path,
+            text_column=version.text_column,
+            label_column=version.label_column,
+            format=version.format,
+        )
+    )
+
+
+def _evaluate_autocomplete(
+    evaluation: Any, work: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """An autocomplete model on a golden reply corpus, and the per-tenant word trigram
+    fitted on the version's training corpus measured the same way beside it (the champion
+    where none is in production). The metrics, the held-out completions (the review page's
+    samples and the deployment's warm-up), and ``base_metrics`` for ``evaluation_finish``.
+    A sample set's ``max_rows`` caps the replies measured."""
+    import torch
+
+    from worker.autocomplete import load_completer
+    from worker.autocomplete_eval import MAX_REPLIES, evaluate_autocomplete
+    from worker.trigram import BASE_MODEL, Trigram
+
+    model_dir = _download_model(evaluation, work)
+    data = evaluation.dataset_version
+    golden = _replies(data, work / f"golden.{data.format}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    completer = load_completer(model_dir, device=device)
+    limit = min(MAX_REPLIES, evaluation.max_rows or MAX_REPLIES)
+    result = evaluate_autocomplete(completer, golden, max_replies=limit)
+
+    trained_on = evaluation.model_version.run.dataset_version
+    trigram = Trigram.fit(_replies(trained_on, work / f"train.{trained_on.format}"))
+    base = evaluate_autocomplete(trigram, golden, max_replies=limit)
+    base_metrics = {
+        **base.summary(),
+        "base_model": BASE_MODEL,
+        "trained_on": trained_on.pk,
+        "trained_on_sha256": trained_on.sha256,
+        "trained_replies": trigram.replies,
+    }
+    # Reply texts reach the tenant (the review page, the warm-up's mismatches): kept only of
+    # the tenant's own sets; a shared golden set's rows are for staff eyes only.
+    own = data.dataset.tenant_id is not None
+    metrics = {**result.summary(), "base_model": completer.meta.get("base_model", "")}
+    return metrics, result.samples if own else [], {"base_metrics": base_metrics}
+
+
 @shared_task(name="evaluation.requeue_stale", soft_time_limit=60, time_limit=90)
 def requeue_stale() -> list[str]:
     return services.evaluations_requeue_stale()
@@ -236,6 +294,8 @@ def _log_to_mlflow(evaluation: object, metrics: dict[str, object]) -> bool:
             "latency_ms_p50",
             "latency_ms_p95",
             *services.RETRIEVAL_METRICS,
+            *services.AUTOCOMPLETE_METRICS,
+            *services.AUTOCOMPLETE_LATENCY,
         ):
             value = metrics.get(key)
             if isinstance(value, int | float):

@@ -1,5 +1,5 @@
 """Dashboard page for the tenant's promotion policies: every member reads them, admins edit
-the classifier or the embedding policy (``?kind=``; gates as rows, then the policy-wide
+the classifier, embedding or autocomplete policy (``?kind=``; gates as rows, then the policy-wide
 limits) through ``services.policy_update``, which audits the change."""
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from apps.tenants.scoping import TenantAccess
 
 SECTION = "policies-page"
 EDITABLE_KIND = ModelKind.CLASSIFIER.value  # the form's kind when the page names none
-EDITABLE_KINDS = (ModelKind.CLASSIFIER.value, ModelKind.EMBEDDING.value)
+EDITABLE_KINDS = (
+    ModelKind.CLASSIFIER.value,
+    ModelKind.EMBEDDING.value,
+    ModelKind.AUTOCOMPLETE.value,
+)
 
 
 def _golden_datasets(access: TenantAccess, kind: str) -> list[Dataset]:

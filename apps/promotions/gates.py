@@ -24,6 +24,7 @@ def check_gates(
     champion: dict[str, dict[str, Any]] | None = None,
     regression_metrics: tuple[str, ...] = ("macro_f1",),
     champion_names: dict[str, str] | None = None,
+    latency_metric: str = "latency_ms_p95",
 ) -> list[dict[str, Any]]:
     """One row per gate and dataset: ``{gate, dataset, metric, op, threshold, value, passed}``.
 
@@ -33,14 +34,15 @@ def check_gates(
     each of ``regression_metrics`` may fall at most that far below the champion's on each
     dataset the champion was measured on (``champion_names[dataset]`` says who that was, by
     default "champion": an embedding model is held to its un-tuned base where no production
-    version was measured).
+    version was measured). ``latency_budget_ms`` bounds ``latency_metric`` (an autocomplete
+    model's: per token).
     """
     rows: list[dict[str, Any]] = []
     effective = [dict(g) for g in gates]
     if latency_budget_ms is not None:
         effective.append(
             {
-                "metric": "latency_ms_p95",
+                "metric": latency_metric,
                 "op": "<=",
                 "value": latency_budget_ms,
                 "dataset": None,

@@ -23,7 +23,7 @@ from apps.evaluation import services as evaluation_services
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.promotions.gates import check_gates
 from apps.promotions.models import OPEN, PromotionRequest, PromotionStatus, Target
-from apps.registry.models import ModelKind, ModelVersion, Stage
+from apps.registry.models import ModelVersion, Stage
 from apps.tenants.models import ROLE_RANK, Membership, Role, Tenant
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ def _results(evaluations: list[Evaluation]) -> dict[str, dict[str, Any]]:
 
 
 def _base_results(evaluations: list[Evaluation]) -> dict[str, dict[str, Any]]:
-    """The un-tuned base's metrics measured beside each embedding evaluation, by dataset."""
+    """The yardstick measured beside each evaluation (an embedding model's un-tuned base,
+    an autocomplete model's trigram), by dataset."""
     return {
         e.dataset_version.dataset_id: {
             **e.base_metrics,
@@ -211,13 +212,16 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
                 )
                 champion_results = _results(list(theirs))
             champion_names = dict.fromkeys(champion_results or {}, "champion")
-            if version.registered_model.kind == ModelKind.EMBEDDING:
-                # The un-tuned base is the champion wherever no production version was
-                # measured: a tuned embedding model must at least match what it started from.
+            kind = version.registered_model.kind
+            yardstick = evaluation_services.BASE_YARDSTICK.get(kind)
+            if yardstick is not None:
+                # The yardstick measured beside the version is the champion wherever no
+                # production version was measured: a tuned embedding model must at least
+                # match its un-tuned base, an autocomplete model the tenant's word trigram.
                 for dataset, base in _base_results(evaluations).items():
                     if dataset not in champion_names:
                         champion_results = {**(champion_results or {}), dataset: base}
-                        champion_names[dataset] = "un-tuned base"
+                        champion_names[dataset] = yardstick
             promotion.champion = champion
             promotion.gate_dataset_versions = _gate_dataset_versions(evaluations)
             promotion.gate_results = check_gates(
@@ -226,10 +230,9 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
                 latency_budget_ms=policy.latency_budget_ms,
                 max_regression=policy.max_regression_vs_champion,
                 champion=champion_results,
-                regression_metrics=evaluation_services.regression_metrics(
-                    version.registered_model.kind
-                ),
+                regression_metrics=evaluation_services.regression_metrics(kind),
                 champion_names=champion_names,
+                latency_metric=evaluation_services.latency_budget_metric(kind),
             )
             passed = all(row["passed"] for row in promotion.gate_results)
             promotion.status = (

@@ -56,6 +56,16 @@ RETRIEVAL_COMPARED = (
     ("latency_ms_p95", "Encode p95 (ms / batch)", False),
 )
 WRONG_QUERIES_SHOWN = 50
+# An autocomplete evaluation's table, beside the trigram's and the champion's.
+AUTOCOMPLETE_COMPARED = (
+    ("next_word_top1", "Next word, top-1", True),
+    ("next_word_top3", "Next word, top-3", True),
+    ("exact_match", "Exact match (held-out halves)", True),
+    ("keystrokes_saved", "Keystrokes saved", True),
+    ("perplexity", "Perplexity", False),
+    ("latency_ms_per_token_p50", "Latency p50 (ms / token)", False),
+    ("latency_ms_per_token_p95", "Latency p95 (ms / token)", False),
+)
 # Metrics compared with the champion's: (key, label, higher is better).
 COMPARED = (
     ("accuracy", "Accuracy", True),
@@ -133,6 +143,8 @@ def _shown(value: Any, key: str = "") -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float | int):
+        if key.startswith("latency_ms_per_token"):  # a trigram's are hundredths of a ms
+            return f"{value:.2f}"
         if key.startswith("latency"):
             return f"{value:.1f}"
         if key == "peak_memory_bytes":
@@ -175,12 +187,25 @@ class RetrievalView:
 
 
 @dataclass(frozen=True)
+class AutocompleteView:
+    """An autocomplete evaluation: its figures beside the trigram's and the champion's (the
+    same cells as an embedding model's, the trigram as the base), and the held-out
+    completions it recorded."""
+
+    cells: list[RetrievalCell]
+    samples: list[dict[str, Any]]
+    base_label: str
+    shared: bool  # a shared golden set: its replies are not kept
+
+
+@dataclass(frozen=True)
 class EvaluationView:
     evaluation: Evaluation
     champion: Evaluation | None
     cells: list[MetricCell]
     heatmap: charts.HeatMap | None
     retrieval: RetrievalView | None = None
+    autocomplete: AutocompleteView | None = None
 
 
 def _number(metrics: Any, key: str) -> float | None:
@@ -205,14 +230,12 @@ def _better(mine: float | None, other: float | None, higher: bool) -> bool | Non
     return mine > other if higher else mine < other
 
 
-def _retrieval_view(
-    evaluation: Evaluation, champion: Evaluation | None, champion_name: str
-) -> RetrievalView:
-    ours = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
-    base = evaluation.base_metrics if isinstance(evaluation.base_metrics, dict) else {}
-    theirs = champion.metrics if champion is not None and isinstance(champion.metrics, dict) else {}
+def _three_way(
+    compared: tuple[tuple[str, str, bool], ...], ours: Any, base: Any, theirs: Any
+) -> list[RetrievalCell]:
+    """The version's metrics beside its yardstick's and the champion's."""
     cells = []
-    for key, label, higher in RETRIEVAL_COMPARED:
+    for key, label, higher in compared:
         mine, b, c = _number(ours, key), _number(base, key), _number(theirs, key)
         cells.append(
             RetrievalCell(
@@ -221,6 +244,29 @@ def _retrieval_view(
                 vs_champion=_better(mine, c, higher),
             )
         )  # fmt: skip
+    return cells
+
+
+def _autocomplete_view(evaluation: Evaluation, champion: Evaluation | None) -> AutocompleteView:
+    ours = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    base = evaluation.base_metrics if isinstance(evaluation.base_metrics, dict) else {}
+    theirs = champion.metrics if champion is not None and isinstance(champion.metrics, dict) else {}
+    samples = evaluation.samples if isinstance(evaluation.samples, list) else []
+    return AutocompleteView(
+        cells=_three_way(AUTOCOMPLETE_COMPARED, ours, base, theirs),
+        samples=[s for s in samples if isinstance(s, dict)],
+        base_label="word trigram (its training replies)",
+        shared=evaluation.dataset_version.dataset.tenant_id is None,
+    )
+
+
+def _retrieval_view(
+    evaluation: Evaluation, champion: Evaluation | None, champion_name: str
+) -> RetrievalView:
+    ours = evaluation.metrics if isinstance(evaluation.metrics, dict) else {}
+    base = evaluation.base_metrics if isinstance(evaluation.base_metrics, dict) else {}
+    theirs = champion.metrics if champion is not None and isinstance(champion.metrics, dict) else {}
+    cells = _three_way(RETRIEVAL_COMPARED, ours, base, theirs)
     base_label = f"un-tuned base ({base.get('base_model', 'base')})"
     dataset = evaluation.dataset_version.dataset.name
     chart = charts.recall_curve_chart(
@@ -272,9 +318,11 @@ def _evaluation_views(promotion: PromotionRequest) -> list[EvaluationView]:
                 labels=metrics.get("labels") or [],
                 matrix=metrics.get("confusion"),
             )
-        retrieval = None
+        retrieval = autocomplete = None
         if metrics.get("task") == "retrieval":
             retrieval = _retrieval_view(evaluation, champion, str(promotion.champion or ""))
+        if metrics.get("task") == "text-generation":
+            autocomplete = _autocomplete_view(evaluation, champion)
         views.append(
             EvaluationView(
                 evaluation=evaluation,
@@ -282,6 +330,7 @@ def _evaluation_views(promotion: PromotionRequest) -> list[EvaluationView]:
                 cells=_cells(metrics, champion.metrics if champion else None),
                 heatmap=heatmap,
                 retrieval=retrieval,
+                autocomplete=autocomplete,
             )
         )
     return views
