@@ -465,7 +465,11 @@ def test_a_corpus_is_accepted_exactly_when_every_reply_has_text_and_reads_back_a
     assert profile.duplicate_texts == len(rows) - len({text for _, text in rows})
     assert profile.context_column == "context"
     spec = DataSpec(path=path, text_column="text", label_column="context", format=profile.format)
-    assert read_replies(spec) == [Reply(text, context) for context, text in rows]
+    # A blank context is no context.
+    assert read_replies(spec) == [Reply(text, c if c.strip() else "") for c, text in rows]
+    assert profile.preview == [
+        {"text": text, "context": c if c.strip() else ""} for c, text in rows[:5]
+    ]
 
 
 # --- the demo seed ----------------------------------------------------------------------

@@ -86,7 +86,9 @@ def read_reply_file(
             context = ""
         if not isinstance(context, str):
             raise DataError(f"{path.name} line {line}: the context is not a string")
-        replies.append(Reply(text=text, context=context))
+        # A blank context is no context (the upload counts it so): no whitespace-only
+        # prompt for a model to condition on.
+        replies.append(Reply(text=text, context=context if context.strip() else ""))
     if not replies:
         raise DataError(f"{path.name} has no replies")
     return replies

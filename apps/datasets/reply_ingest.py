@@ -200,6 +200,8 @@ def profile_replies(
         vocabulary.update(reply_words)
         if context.strip():
             with_context += 1
+        else:
+            context = ""  # no context, as worker.reply_data reads it
         # Hashed as the classifier path hashes texts, and counted the same way.
         hashes.append(hash(text))
         if len(hashes) >= HASH_CHUNK:

@@ -19,7 +19,7 @@ def test_a_version_with_a_context_column_reads_each_reply_with_its_message(
 ) -> None:
     path = tmp_path / "v.csv"
     path.write_text(
-        'msg,reply\nHi there.,"Hello, how can I help?"\n,Anything else?\n"Two\nlines",Sure.\n',
+        'msg,reply\nHi there.,"Hello, how can I help?"\n  ,Anything else?\n"Two\nlines",Sure.\n',
         encoding="utf-8",
     )
     spec = DataSpec(path=path, text_column="reply", label_column="msg", format="csv")
