@@ -59,11 +59,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
-from worker import autocomplete_text
+from worker import autocomplete_text, base_models
 
 FORMAT = "workbench-autocomplete"
 FORMAT_VERSION = 1
-BASE_MODEL = "tiny-gpt2"
+BASE_MODEL = base_models.TINY_GPT2
 META_FILE = "autocomplete.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,7 +73,7 @@ ARTIFACT_FILES = (META_FILE, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 SPECIAL = {"pad": "<|pad|>", "context": "<|context|>", "reply": "<|reply|>", "end": "<|end|>"}
 MAX_CONTEXT_TOKENS = 64
 MAX_LENGTH = 128
-DEFAULT_SHAPE: dict[str, int] = {"n_positions": 256, "n_embd": 128, "n_layer": 4, "n_head": 4}
+DEFAULT_SHAPE = base_models.TINY_GPT2_SHAPE  # the catalogue's, read at each call
 STRATEGIES = autocomplete_text.STRATEGIES
 # Room kept after the prompt for the completion: a long reply prefix loses its oldest tokens
 # so that prompt + completion stays within the length the model was trained on.
@@ -668,12 +668,19 @@ class Completer:
         requests: Sequence[tuple[str, str]],
         *,
         max_tokens: int = autocomplete_text.MAX_TOKENS_DEFAULT,
+        stop_at_word: bool = False,
     ) -> list[Completion]:
         """Greedy completions of several (prefix, context) at once, one padded forward per
-        step; each equal to :meth:`complete` of that request alone."""
+        step; each equal to :meth:`complete` of that request alone.
+
+        ``stop_at_word``: each stops once its first word is complete (what next-word
+        accuracy needs: the greedy path, so the first word, is the full completion's).
+        """
         if not requests:
             return []
         prompts, rows = zip(*(self._rows(p, c) for p, c in requests), strict=True)
+        for row in rows:
+            row.word_only = stop_at_word
         return self._greedy(list(prompts), list(rows), max_tokens, True, None)
 
     def _greedy(

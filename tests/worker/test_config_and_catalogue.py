@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import base_models
+from worker import autocomplete, base_models
 from worker.training.config import DataSpec, TrainConfig
 
 
@@ -80,19 +80,23 @@ def test_data_spec_round_trips_through_json_types() -> None:
 
 def test_catalogue_lists_the_full_and_the_adapter_base_models() -> None:
     models = {model.id: model for model in base_models.catalogue()}
-    assert set(models) == {"tiny-bert", "minilm-l6", "minilm-l6-lora", "minilm-l6-embed"}
+    assert set(models) == {
+        "tiny-bert", "minilm-l6", "minilm-l6-lora", "minilm-l6-embed", "tiny-gpt2"
+    }  # fmt: skip
     assert all(model.name for model in models.values())
     assert {m.id: m.kind for m in models.values()} == {
         "tiny-bert": "classifier",
         "minilm-l6": "classifier",
         "minilm-l6-lora": "classifier",
         "minilm-l6-embed": "embedding",
+        "tiny-gpt2": "autocomplete",
     }
     assert {m.id: m.format for m in models.values()} == {
         "tiny-bert": "full",
         "minilm-l6": "full",
         "minilm-l6-lora": "adapter",
         "minilm-l6-embed": "adapter",
+        "tiny-gpt2": "full",
     }
     # The embedding entry adapts the very weights the classifier adapters do: one base.
     embed = models["minilm-l6-embed"]
@@ -108,6 +112,14 @@ def test_catalogue_lists_the_full_and_the_adapter_base_models() -> None:
     assert adapter.defaults()["lora_target_modules"] == ["query", "value"]
     with pytest.raises(base_models.UnknownBaseModel):
         base_models.get("gpt-17")
+    # The tiny GPT-2 needs no files; its size is counted from its shape, as built.
+    assert base_models.installed("tiny-gpt2") and base_models.base_sha256("tiny-gpt2") is None
+    assert base_models.size_bytes("tiny-gpt2") == 4 * sum(
+        p.numel()
+        for p in autocomplete.build_model(
+            autocomplete.gpt2_config(base_models.TINY_GPT2_VOCAB_SIZE)
+        ).parameters()
+    )
 
 
 def test_size_bytes_of_the_tiny_bert_is_its_parameters_in_float32() -> None:

@@ -51,6 +51,20 @@ class TrainConfig:
     # the catalogue entry's default; see base_models.DOCUMENT_FIELDS).
     separate_encoders: bool = False
     document_fields: str | None = None
+    # Autocomplete base models only: "scratch" or "pretrained" (base_models.INIT_FROM; None:
+    # the catalogue entry's default).
+    init_from: str | None = None
+
+    def is_autocomplete(self) -> bool:
+        try:
+            return base_models.get(self.base_model).kind == base_models.KIND_AUTOCOMPLETE
+        except base_models.UnknownBaseModel:
+            return False
+
+    def resolved_init_from(self) -> str:
+        if self.init_from is not None:
+            return self.init_from
+        return str(base_models.get(self.base_model).defaults().get("init_from", "scratch"))
 
     def is_embedding(self) -> bool:
         try:
@@ -127,7 +141,25 @@ class TrainConfig:
         check_int("log_every_steps", self.log_every_steps, 1, 10_000)
         self._validate_lora(errors, check_int, check_float)
         self._validate_embedding(errors)
+        self._validate_autocomplete(errors)
         return errors
+
+    def _validate_autocomplete(self, errors: dict[str, str]) -> None:
+        if not self.is_autocomplete():
+            if self.init_from is not None:
+                errors["init_from"] = (
+                    f"Only autocomplete base models take init_from; {self.base_model!r} is not one."
+                )
+            return
+        if self.init_from is None:
+            return
+        if self.init_from not in base_models.INIT_FROM:
+            errors["init_from"] = f"Must be one of: {', '.join(base_models.INIT_FROM)}."
+        elif self.init_from == "pretrained":
+            try:
+                base_models.causal_lm_path()
+            except base_models.BaseModelUnavailable as error:
+                errors["init_from"] = f"{error}."
 
     def _validate_embedding(self, errors: dict[str, str]) -> None:
         if not isinstance(self.separate_encoders, bool):

@@ -53,12 +53,11 @@ from worker.training.config import DataSpec, TrainConfig
 from worker.training.data import DataError
 from worker.training.loop import (
     RESUME_MUST_MATCH,
-    LinearWarmupDecay,
+    Optimization,
     StopReason,
     TrainResult,
     _Cancelled,
     deterministic_algorithms,
-    make_optimizer,
     seed_everything,
 )
 from worker.training.reporting import Background, Callbacks, Reporter
@@ -233,23 +232,7 @@ def _train(
         raise DataError("the training pairs need at least two distinct documents")
 
     # -- optimizer, schedule, mixed precision ------------------------------------------------
-    optimizer = make_optimizer(model, config, device)
-    warmup_steps = round(total_steps * config.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LinearWarmupDecay(warmup_steps, total_steps)
-    )
-    amp_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
-    if device == "cuda" and amp_dtype is None:
-        amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
-
-    state = LoopState()
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = LoopState(**saved["loop"])
-        checkpoint.set_rng_state(saved["rng"])
+    optimization, state = Optimization.start(model, config, device, total_steps, saved)
     resumed_from_step = state.step if saved is not None else None
     reporter.total_steps = total_steps
     schedule = checkpoint.Schedule(config.checkpoint_every_steps, config.checkpoint_min_seconds)
@@ -263,9 +246,7 @@ def _train(
         training_state = checkpoint.detached_copy(
             {
                 "loop": asdict(state),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                **optimization.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "config": config.to_dict(),
                 "data_sha256": digest,
@@ -321,18 +302,11 @@ def _train(
                 targets = targets_cache.setdefault(
                     len(rows), torch.arange(len(rows), device=device)
                 )
-                with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with optimization.autocast():
                     q = model(**queries, role="query")
                     d = model(**positives, role="document")
                 loss = F.cross_entropy(SCALE * (q.float() @ d.float().t()), targets)
-                torch.autograd.backward(scaler.scale(loss))
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimization.step(loss, model)
                 state.step += 1
                 state.step_in_epoch += 1
                 reporter.step_done(state, loss.detach(), len(rows))

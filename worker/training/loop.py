@@ -54,12 +54,14 @@ from worker.training.reporting import (
     ReportingError,
 )
 
-# These live in reporting; the loop's callers find them here. The embedding loop
-# (worker.training.embedding_loop) shares the optimizer, schedule, seeding and determinism.
+# These live in reporting; the loop's callers find them here. The embedding and autocomplete
+# loops share the optimizer, schedule and mixed precision (Optimization), seeding and
+# determinism.
 __all__ = [
     "Callbacks",
     "LinearWarmupDecay",
     "MetricPoint",
+    "Optimization",
     "Phase",
     "Progress",
     "ReportingError",
@@ -106,6 +108,9 @@ class TrainResult:
     labels: list[str] = field(default_factory=list)
     train_rows: int = 0
     validation_rows: int = 0
+    # An autocomplete run's held-out prefixes with the best model's greedy completions
+    # (worker.training.autocomplete_loop.completion_samples), for the run page.
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Cancelled(Exception):
@@ -202,24 +207,8 @@ def _train(
     # -- optimizer, schedule, mixed precision ------------------------------------------------
     steps_per_epoch = math.ceil(len(train_ids) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = make_optimizer(model, config, device)
-    warmup_steps = round(total_steps * config.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LinearWarmupDecay(warmup_steps, total_steps)
-    )
-    # bfloat16 needs no loss scaling; float16 (older GPUs) does. The CPU runs in float32.
-    amp_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
-    if device == "cuda" and amp_dtype is None:
-        amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
-
-    state = LoopState()
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = LoopState(**saved["loop"])
-        checkpoint.set_rng_state(saved["rng"])
+    optimization, state = Optimization.start(model, config, device, total_steps, saved)
+    amp_dtype = optimization.amp_dtype
     resumed_from_step = state.step if saved is not None else None
     reporter.total_steps = total_steps
 
@@ -235,9 +224,7 @@ def _train(
             step,
             {
                 "loop": asdict(state),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                **optimization.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "config": config.to_dict(),
                 "labels": labels,
@@ -273,18 +260,10 @@ def _train(
                     for k, v in collate([train_ids[i] for i in rows], pad_id).items()
                 }
                 targets = torch.tensor([train_y[i] for i in rows], device=device)
-                with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with optimization.autocast():
                     logits = model(**batch).logits
                 loss = F.cross_entropy(logits.float(), targets)
-                scaled_loss: torch.Tensor = scaler.scale(loss)
-                torch.autograd.backward(scaled_loss)
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimization.step(loss, model)
                 state.step += 1
                 state.step_in_epoch += 1
 
@@ -473,6 +452,74 @@ def _save_best(
     save_model_dir(building, model=model, tokenizer=tokenizer, labels=labels)
     shutil.rmtree(best_dir, ignore_errors=True)
     building.rename(best_dir)
+
+
+@dataclass
+class Optimization:
+    """A run's optimizer, LR schedule and mixed precision: one recipe for every loop
+    (classifier, embedding, autocomplete), made fresh or restored from a checkpoint."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    # bfloat16 needs no loss scaling; float16 (older GPUs) does. The CPU runs in float32.
+    amp_dtype: torch.dtype | None
+    device: str
+    grad_clip: float
+
+    @classmethod
+    def start(
+        cls,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        device: str,
+        total_steps: int,
+        saved: dict[str, Any] | None,
+    ) -> tuple[Optimization, LoopState]:
+        """AdamW with linear warm-up and decay over ``total_steps``, autocast on CUDA only;
+        with ``saved`` (a checkpoint's state) the optimizer, schedule, scaler, RNG and
+        loop state it holds, else a fresh loop state."""
+        optimizer = make_optimizer(model, config, device)
+        warmup_steps = round(total_steps * config.warmup_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, LinearWarmupDecay(warmup_steps, total_steps)
+        )
+        amp_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device == "cuda" and amp_dtype is None:
+            amp_dtype = torch.float16
+        scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
+        state = LoopState()
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            state = LoopState(**saved["loop"])
+            checkpoint.set_rng_state(saved["rng"])
+        optimization = cls(optimizer, scheduler, scaler, amp_dtype, device, config.grad_clip)
+        return optimization, state
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def step(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
+        """Backward (scaled for float16), clip, step the optimizer and the schedule."""
+        scaled_loss: torch.Tensor = self.scaler.scale(loss)
+        torch.autograd.backward(scaled_loss)
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it (``start`` reads it back)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
 
 def make_optimizer(
