@@ -443,6 +443,18 @@ def celery_worker_process(
     stop_worker(worker)
 
 
+# --- a tiny autocomplete model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def autocomplete_packed(tmp_path_factory: Any) -> Any:
+    """The tiny packed GPT-2 of ``tests/worker/serving/autocomplete_models.py``, trained
+    once per session for the serving, API, fleet and browser tests (seconds each time)."""
+    from tests.worker.serving.autocomplete_models import tiny_autocomplete
+
+    return tiny_autocomplete(tmp_path_factory.mktemp("autocomplete"))
+
+
 # --- a real Ray head ---------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from apps.promotions.models import PromotionRequest
 from apps.tenants.models import ApiToken, Role, Tenant
 from apps.tenants.services import token_create
 from apps.training import services as training
+from tests.autocomplete_helpers import register_autocomplete, reply_version
 from tests.conftest import Actor, free_port, make_actor
 from tests.embedding_helpers import knowledge_base
 from tests.training_helpers import make_training_version, placeholder_version, wait_for
@@ -113,6 +114,12 @@ def seed(tenant: Tenant, fuzzer: Actor, scientist: Actor, reviewer: Actor) -> di
     spare = token_create(user=fuzzer.user, name="spare").token  # one the fuzzer may revoke
     # A retrieval version: its knowledge base has a download of its own.
     faq = knowledge_base(tenant, "faq", count=3)
+    # A warm autocomplete model: complete is called past its checks (no fleet: a 503).
+    replies = register_autocomplete(tenant, "replies", None, reply_version(tenant))
+    Deployment.objects.create(
+        tenant=tenant, model_version=replies, environment="production",
+        artifact_sha256=replies.sha256, status="warm",
+    )  # fmt: skip
     return {
         "dataset_id": version.dataset_id,
         "version": version.pk,
@@ -132,6 +139,7 @@ def seed(tenant: Tenant, fuzzer: Actor, scientist: Actor, reviewer: Actor) -> di
         "shared-dataset_id": shared.pk,
         "retrieval-dataset_id": faq.dataset_id,
         "retrieval-version": faq.pk,
+        "autocomplete-name": replies.registered_model.name,
     }
 
 
@@ -148,6 +156,8 @@ def with_examples(schema: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]
                     name = f"shared-{name}"
                 elif "/documents/" in path:  # only a retrieval version has documents
                     name = f"retrieval-{name}"
+                elif path.endswith("/complete"):  # only an autocomplete model completes
+                    name = f"autocomplete-{name}"
                 if name in ids:
                     parameter["example"] = ids[name]
     return schema

@@ -27,7 +27,6 @@
     var session = sessionId();
     var timer = null;
     var sent = 0;
-    var shown = 0;
 
     function show(text, detail) {
       typed.textContent = prefix.value;
@@ -50,8 +49,7 @@
       }).then(function (response) {
         return response.json().then(function (data) { return { ok: response.ok, data: data }; });
       }).then(function (reply) {
-        if (asked < shown) { return; }  // a later keystroke's answer is already shown
-        shown = asked;
+        if (asked !== sent) { return; }  // typed on since: the newer request's answer counts
         if (!reply.ok) {
           error.textContent = reply.data.error ? reply.data.error.message : "The request failed.";
           error.hidden = false;

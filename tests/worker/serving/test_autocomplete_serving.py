@@ -16,7 +16,6 @@ import pytest
 from tests.worker.serving.autocomplete_models import (
     PackedCompleter,
     completer_of,
-    tiny_autocomplete,
 )
 from worker.serving.autocomplete import (
     AutocompleteModel,
@@ -35,9 +34,9 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory: pytest.TempPathFactory) -> PackedCompleter:
-    return tiny_autocomplete(tmp_path_factory.mktemp("completer"), seed=3)
+@pytest.fixture
+def packed(autocomplete_packed: PackedCompleter) -> PackedCompleter:
+    return autocomplete_packed
 
 
 @pytest.fixture
