@@ -36,12 +36,15 @@ def measure_memory_bytes(
     The batch is ``sample_texts`` whole: pass as many texts as serving will batch together.
 
     An adapter directory (:mod:`worker.adapters`) is its adapter and head tensors' bytes:
-    the activations are the shared base's, and the base is counted once per replica.
+    the activations are the shared base's, and the base is counted once per replica. An
+    autocomplete directory (:mod:`worker.autocomplete`) completes the texts as prefixes.
     """
     if not sample_texts:
         raise ValueError("measure_memory_bytes needs at least one sample text")
-    from worker import adapters, embeddings
+    from worker import adapters, autocomplete, embeddings
 
+    if autocomplete.is_completer_dir(model_dir):
+        return _completer_bytes(model_dir, sample_texts, device)
     if embeddings.is_embedder_dir(model_dir):
         # An embedding model is LoRA on the shared base too: its own tensors alone.
         return embeddings.embedder_bytes(model_dir)
@@ -70,6 +73,39 @@ def measure_memory_bytes(
     before = _status_bytes("VmRSS")
     peak_was_reset = _reset_peak_resident()
     classifier.predict(sample_texts, batch_size=len(sample_texts))
+    after = _status_bytes("VmHWM" if peak_was_reset else "VmRSS")
+    if before is None or after is None:
+        return weight_bytes
+    return weight_bytes + max(0, after - before)
+
+
+def _completer_bytes(model_dir: Path, prefixes: list[str], device: str | None) -> int:
+    """An autocomplete model: its weights, plus (CPU) the resident growth while it completes
+    ``prefixes`` as one greedy batch, or (CUDA) the peak allocated while it does; the
+    key/value cache is part of that peak."""
+    from worker.autocomplete import load_completer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    requests = [(prefix, "") for prefix in prefixes]
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        completer = load_completer(model_dir, device=device)
+        completer.complete_batch(requests)
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_allocated(device))
+        del completer
+        torch.cuda.empty_cache()
+        return peak
+    completer = load_completer(model_dir, device="cpu")
+    tensors = [*completer.model.parameters(), *completer.model.buffers()]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    completer.complete_batch(requests[:1])
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    peak_was_reset = _reset_peak_resident()
+    completer.complete_batch(requests)
     after = _status_bytes("VmHWM" if peak_was_reset else "VmRSS")
     if before is None or after is None:
         return weight_bytes

@@ -95,13 +95,16 @@ class TenantVersionField(serializers.CharField):
 
 def _base_model_for(attrs: dict[str, Any]) -> str:
     """The base model named, or for none the catalogue's default for the data's task: an
-    embedding model for retrieval pairs, a classifier otherwise."""
+    embedding model for retrieval pairs, the tiny GPT-2 for a reply corpus, a classifier
+    otherwise."""
     from worker import base_models
 
     if attrs.get("base_model"):
         return str(attrs["base_model"])
     if attrs["dataset_version"].dataset.task == Task.RETRIEVAL:
         return base_models.MINILM_L6_EMBED
+    if attrs["dataset_version"].dataset.task == Task.TEXT_GENERATION:
+        return base_models.TINY_GPT2
     return base_models.default_base_model()
 
 
@@ -114,7 +117,7 @@ class RunInputSerializer(serializers.Serializer[Any]):
         default="",
         help_text="A catalogue id (GET /api/v1/base-models/); empty: the catalogue's default "
         "for the data's task, the LoRA adapter base where its weights are installed (the "
-        "embedding base, minilm-l6-embed, for retrieval data).",
+        "embedding base, minilm-l6-embed, for retrieval data; tiny-gpt2 for a reply corpus).",
     )
     model_name = serializers.RegexField(
         r"^[a-z0-9][a-z0-9._-]{0,99}$", required=False, allow_blank=True, default=""
@@ -125,7 +128,8 @@ class RunInputSerializer(serializers.Serializer[Any]):
         help_text="TrainConfig's fields; those not named get the base model's defaults "
         "(its 'defaults' in the catalogue), then TrainConfig's. LoRA parameters (lora_r, "
         "lora_alpha, lora_dropout, lora_target_modules) are for adapter bases only; "
-        "separate_encoders and document_fields for embedding bases only.",
+        "separate_encoders and document_fields for embedding bases only; init_from "
+        "(scratch or pretrained) for autocomplete bases only.",
     )
 
     def validate_base_model(self, value: str) -> str:
@@ -330,10 +334,20 @@ EMBEDDING_SWEEP_METRICS = (
 )
 
 
-def _embedding_ids() -> set[str]:
+# An autocomplete run's: goal max suits next-word accuracy; name goal min for val_loss.
+AUTOCOMPLETE_SWEEP_METRICS = ("val_next_word_top1", "val_loss", "val_perplexity")
+
+
+def _sweep_metrics(base_model: str) -> tuple[str, ...]:
+    """What a run of ``base_model`` reports per epoch (a sweep ranks its runs by one)."""
     from worker import base_models
 
-    return {m.id for m in base_models.catalogue() if m.kind == base_models.KIND_EMBEDDING}
+    kind = base_models.get(base_model).kind
+    if kind == base_models.KIND_EMBEDDING:
+        return EMBEDDING_SWEEP_METRICS
+    if kind == base_models.KIND_AUTOCOMPLETE:
+        return AUTOCOMPLETE_SWEEP_METRICS
+    return CLASSIFIER_SWEEP_METRICS
 
 
 class SweepInputSerializer(serializers.Serializer[Any]):
@@ -346,9 +360,14 @@ class SweepInputSerializer(serializers.Serializer[Any]):
     params = serializers.DictField(required=False, default=dict)
     grid = serializers.DictField(child=serializers.ListField(min_length=1, max_length=20))
     metric = serializers.ChoiceField(
-        choices=[*CLASSIFIER_SWEEP_METRICS, *EMBEDDING_SWEEP_METRICS],
+        choices=list(
+            dict.fromkeys(
+                [*CLASSIFIER_SWEEP_METRICS, *EMBEDDING_SWEEP_METRICS, *AUTOCOMPLETE_SWEEP_METRICS]
+            )
+        ),
         required=False,
-        help_text="default: val_macro_f1 for a classifier, val_mrr_at_10 for an embedding model",
+        help_text="default: val_macro_f1 for a classifier, val_mrr_at_10 for an embedding "
+        "model, val_next_word_top1 for an autocomplete model",
     )
     goal = serializers.ChoiceField(choices=["max", "min"], default="max")
 
@@ -360,8 +379,7 @@ class SweepInputSerializer(serializers.Serializer[Any]):
         if not grid:
             raise serializers.ValidationError({"grid": ["Name at least one parameter to vary."]})
         base_model = attrs["base_model"] = _base_model_for(attrs)
-        embedding = base_model in _embedding_ids()
-        metrics = EMBEDDING_SWEEP_METRICS if embedding else CLASSIFIER_SWEEP_METRICS
+        metrics = _sweep_metrics(base_model)
         attrs.setdefault("metric", metrics[0])
         if attrs["metric"] not in metrics:
             raise serializers.ValidationError(

@@ -296,6 +296,11 @@ RETRIEVAL_SERIES = (
     ("val_mrr_at_10", "validation MRR@10"),
 )
 
+# An autocomplete run's: next-word accuracy on held-out reply prefixes (a 0-1 score), and
+# perplexity on its own chart (unbounded, lower is better).
+AUTOCOMPLETE_SERIES = (("val_next_word_top1", "validation next-word top-1"),)
+PERPLEXITY_SERIES = (("val_perplexity", "validation perplexity"),)
+
 
 def group_points(rows: Iterable[MetricRow]) -> dict[str, list[MetricRow]]:
     grouped: dict[str, list[MetricRow]] = {}
@@ -316,10 +321,11 @@ def by_epoch(rows: Iterable[MetricRow]) -> list[Point]:
     ]
 
 
-def run_charts(points: Mapping[str, list[MetricRow]]) -> tuple[LineChart, LineChart]:
-    """The run page's two charts: losses against the step (validation loss is recorded at
-    the step its epoch ended on) and validation scores against the epoch (an embedding
-    run's: recall@1/5/10 and MRR@10)."""
+def run_charts(points: Mapping[str, list[MetricRow]]) -> list[LineChart]:
+    """The run page's charts: losses against the step (validation loss is recorded at the
+    step its epoch ended on) and validation scores against the epoch (an embedding run's:
+    recall@1/5/10 and MRR@10; an autocomplete run's: next-word top-1, and its validation
+    perplexity on a third chart)."""
     loss = line_chart(
         chart_id="loss-chart",
         title="Loss: training loss per logged step, validation loss at each epoch end",
@@ -331,21 +337,37 @@ def run_charts(points: Mapping[str, list[MetricRow]]) -> tuple[LineChart, LineCh
         ],
         x_from_zero=True,
     )
-    retrieval = any(name in points for name, _ in RETRIEVAL_SERIES)
+    series: tuple[tuple[str, str], ...]
+    if any(name in points for name, _ in RETRIEVAL_SERIES):
+        title, series = "Validation recall@k and MRR@10 per epoch", RETRIEVAL_SERIES
+    elif any(name in points for name, _ in (*AUTOCOMPLETE_SERIES, *PERPLEXITY_SERIES)):
+        title, series = "Validation next-word top-1 accuracy per epoch", AUTOCOMPLETE_SERIES
+    else:
+        title, series = "Validation accuracy and macro-F1 per epoch", VAL_SERIES
     val = line_chart(
         chart_id="val-chart",
-        title="Validation recall@k and MRR@10 per epoch"
-        if retrieval
-        else "Validation accuracy and macro-F1 per epoch",
+        title=title,
         x_label="epoch",
         y_label="score",
         series=[
             SeriesData(name=name, label=label, points=by_epoch(points.get(name, [])))
-            for name, label in (RETRIEVAL_SERIES if retrieval else VAL_SERIES)
+            for name, label in series
         ],
         y_range=(0.0, 1.0),
     )
-    return loss, val
+    if series != AUTOCOMPLETE_SERIES:
+        return [loss, val]
+    perplexity = line_chart(
+        chart_id="perplexity-chart",
+        title="Validation perplexity per epoch (lower is better)",
+        x_label="epoch",
+        y_label="perplexity",
+        series=[
+            SeriesData(name=name, label=label, points=by_epoch(points.get(name, [])))
+            for name, label in PERPLEXITY_SERIES
+        ],
+    )
+    return [loss, val, perplexity]
 
 
 # --- progress and durations ---------------------------------------------------------------

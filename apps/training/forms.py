@@ -11,7 +11,7 @@ from typing import Any
 
 from django import forms
 
-from apps.datasets.models import DatasetKind, DatasetVersion
+from apps.datasets.models import DatasetKind, DatasetVersion, Task
 from apps.datasets.selectors import versions_for_tenant
 from apps.tenants.models import Tenant
 from apps.training.params import params_resolve
@@ -45,6 +45,8 @@ def _default(name: str) -> Any:
 def _version_label(version: DatasetVersion) -> str:
     if version.documents_storage_key:  # retrieval pairs and their knowledge base
         return f"v{version.number} · {version.rows:,} pairs · {version.documents_count} documents"
+    if version.dataset.task == Task.TEXT_GENERATION:
+        return f"v{version.number} · {version.rows:,} replies"
     return f"v{version.number} · {version.rows:,} rows · {version.label_count} labels"
 
 
@@ -90,7 +92,8 @@ class RunLaunchForm(forms.Form):
         required=False,
         initial=_default("patience"),
         help_text="Stop after this many epochs without a better val_macro_f1 (an embedding "
-        "model: val_mrr_at_10); empty: never stop early.",
+        "model: val_mrr_at_10; an autocomplete model: a lower val_loss); empty: never stop "
+        "early.",
     )
     validation_split = forms.FloatField(
         initial=_default("validation_split"),
@@ -152,7 +155,22 @@ class RunLaunchForm(forms.Form):
         self.embedding_bases = " ".join(
             model.id for model in catalogue() if model.kind == base_models.KIND_EMBEDDING
         )
+        # And which take init_from.
+        self.autocomplete_bases = " ".join(
+            model.id for model in catalogue() if model.kind == base_models.KIND_AUTOCOMPLETE
+        )
         self.params: dict[str, Any] = {}
+
+    init_from = forms.ChoiceField(
+        required=False,
+        label="Start from",
+        choices=[
+            ("", "The base model's default (scratch)"),
+            ("scratch", "Scratch: a vocabulary learnt on these replies"),
+            ("pretrained", "The pretrained causal LM installed on the workers"),
+        ],
+        help_text="Autocomplete bases only. Pretrained needs WORKBENCH_CAUSAL_LM_PATH.",
+    )
 
     separate_encoders = forms.BooleanField(
         required=False,
@@ -176,6 +194,8 @@ class RunLaunchForm(forms.Form):
                     given[name] = cleaned[name]
         if cleaned.get("separate_encoders"):
             given["separate_encoders"] = True  # a classifier base refuses it, by name
+        if cleaned.get("init_from"):
+            given["init_from"] = cleaned["init_from"]  # only autocomplete bases take it
         resolved, problems = params_resolve(base_model=base, given=given)
         for name, message in problems.items():
             self.add_error(name if name in self.fields else None, message)

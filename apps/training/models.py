@@ -72,6 +72,10 @@ class TrainingRun(models.Model):
     stop_detail = models.TextField(blank=True)
     error = models.TextField(blank=True)
     log_tail = models.JSONField(default=list)
+    # An autocomplete run's held-out prefixes with its best model's greedy completions
+    # ({"context", "prefix", "completion", "reference", "next_word", "matched", "score"}),
+    # for the run page; empty for other runs.
+    samples = models.JSONField(default=list, blank=True)
     environment = models.JSONField(default=dict, help_text="commit, library versions, device")
     dispatched_at = models.DateTimeField(null=True, blank=True)
     # Times the run was sent to the training queue again because no worker took it within

@@ -5,7 +5,8 @@ What a run does not name comes from its base model's defaults (``BaseModel.defau
 adapter run gets 5 epochs and its LoRA shape), then from ``TrainConfig``'s. What is recorded
 with the run is the whole resolved config, so a rerun or a reader of the run sees exactly
 what trained; a full model's run records no LoRA keys at all, a classifier's run no
-embedding keys (``separate_encoders``, ``document_fields``).
+embedding keys (``separate_encoders``, ``document_fields``), and only an autocomplete run
+records ``init_from``.
 """
 
 from __future__ import annotations
@@ -57,5 +58,10 @@ def params_resolve(
         resolved["document_fields"] = config.resolved_document_fields()
     else:
         for name in base_models.EMBEDDING_PARAMS:
+            resolved.pop(name, None)
+    if entry.kind == base_models.KIND_AUTOCOMPLETE:
+        resolved["init_from"] = config.resolved_init_from()
+    else:
+        for name in base_models.AUTOCOMPLETE_PARAMS:
             resolved.pop(name, None)
     return resolved, {}

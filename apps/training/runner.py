@@ -253,15 +253,23 @@ def execute(run_id: str, worker: str | None = None) -> str:
 
 def train_run(run: TrainingRun, callbacks: RunCallbacks) -> TrainResult:
     """Fetch the data (and the last checkpoint, whichever attempt stored it) and train: a
-    classifier, or for an embedding base model an embedding model on the pairs and their
-    knowledge base (the version's documents file)."""
+    classifier; for an embedding base model an embedding model on the pairs and their
+    knowledge base (the version's documents file); for an autocomplete base model an
+    autocomplete model on the replies and their contexts."""
     from worker import base_models
+    from worker.training.autocomplete_loop import train_autocomplete
     from worker.training.config import DataSpec, TrainConfig
     from worker.training.embedding_loop import train_embedder
     from worker.training.loop import train
 
     work = callbacks.work_dir
-    embedding = base_models.get(run.base_model).kind == base_models.KIND_EMBEDDING
+    kind = base_models.get(run.base_model).kind
+    embedding = kind == base_models.KIND_EMBEDDING
+    # A reply corpus's version keeps its context column as label_column ("" without one).
+    loop = {
+        base_models.KIND_EMBEDDING: train_embedder,
+        base_models.KIND_AUTOCOMPLETE: train_autocomplete,
+    }.get(kind, train)
 
     def spec(version: Any, name: str) -> DataSpec:
         documents = None
@@ -309,7 +317,7 @@ def train_run(run: TrainingRun, callbacks: RunCallbacks) -> TrainResult:
         environment=environment(run, device),
     )
     callbacks.log_line(f"attempt {run.attempt} on {worker_name()} ({device})")
-    return (train_embedder if embedding else train)(
+    return loop(
         config,
         train_spec,
         validation_data=validation_spec,
@@ -345,11 +353,13 @@ def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) 
     sha256, size = pack_dir(result.model_dir, work / "model.tar")
     predictions = work / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(p) + "\n" for p in result.validation_predictions))
-    # A validation row's text (a classifier's) or query (an embedding model's).
-    samples = [
-        str(p.get("text", p.get("query", ""))) for p in result.validation_predictions[:32]
+    # A validation row's text (a classifier's), query (an embedding model's) or held-out
+    # reply prefix (an autocomplete model's).
+    texts = [
+        str(p.get("text", p.get("query", p.get("prefix", ""))))
+        for p in result.validation_predictions[:32]
     ] or ["hello"]
-    memory = measure_memory_bytes(result.model_dir, samples)
+    memory = measure_memory_bytes(result.model_dir, texts)
     shape = artifact_format(result.model_dir)  # an adapter's own bytes are in memory
     labels: Any = []  # an embedding model has none
     if (result.model_dir / "labels.json").is_file():
@@ -388,6 +398,7 @@ def publish_run(run: TrainingRun, result: TrainResult, callbacks: RunCallbacks) 
             "base_sha256": shape.get("base_sha256") or "",
             "base_memory_bytes": int(shape.get("base_memory_bytes") or 0),
         },
+        samples=result.samples,
     )
     if finished is None:
         # Taken over between the last check and the commit: take back what this attempt

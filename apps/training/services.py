@@ -53,7 +53,8 @@ def check_training_data(
     base_model: str | None = None,
 ) -> None:
     """Refuse data a run cannot train on, naming each field (400): a retrieval dataset
-    trains an embedding base model and a classification dataset a classifier."""
+    trains an embedding base model, a reply corpus an autocomplete base model and a
+    classification dataset a classifier."""
     fields: dict[str, list[str]] = {}
     if dataset_version.dataset.tenant_id != tenant.pk:
         fields["dataset_version"] = ["No such dataset version."]
@@ -67,6 +68,13 @@ def check_training_data(
         fields["dataset_version"] = [mismatch]
     elif dataset_version.dataset.task == Task.RETRIEVAL:
         pass  # a document answers any number of queries, one is enough
+    elif dataset_version.dataset.task == Task.TEXT_GENERATION:
+        # Replies have no labels; validation holds out whole distinct replies, so two at least.
+        if dataset_version.rows < 2:
+            fields["dataset_version"] = [
+                f"An autocomplete run needs at least 2 replies; this version has "
+                f"{dataset_version.rows}."
+            ]
     else:
         minimum = settings.TRAINING_MIN_ROWS_PER_LABEL
         thin = sorted(label for label, n in dataset_version.labels.items() if n < minimum)
@@ -108,7 +116,7 @@ def _task_mismatch(dataset_version: DatasetVersion, base_model: str) -> str | No
     except base_models.UnknownBaseModel:
         return None  # the params check names it
     task = dataset_version.dataset.task
-    wants = base_models.KIND_EMBEDDING if task == Task.RETRIEVAL else base_models.KIND_CLASSIFIER
+    wants = base_kind_for_task(task)
     if kind == wants:
         return None
     fitting = ", ".join(m.id for m in base_models.catalogue() if m.kind == wants)
@@ -116,6 +124,18 @@ def _task_mismatch(dataset_version: DatasetVersion, base_model: str) -> str | No
         f"'{dataset_version.dataset.name}' is a {task} dataset and '{base_model}' "
         f"{_a(kind)} base model; train it with {_a(wants)} base model ({fitting})."
     )
+
+
+def base_kind_for_task(task: str) -> str:
+    """The kind of base model a dataset of ``task`` trains: retrieval pairs an embedding
+    model, a reply corpus an autocomplete model, labelled texts a classifier."""
+    from worker import base_models
+
+    if task == Task.RETRIEVAL:
+        return base_models.KIND_EMBEDDING
+    if task == Task.TEXT_GENERATION:
+        return base_models.KIND_AUTOCOMPLETE
+    return base_models.KIND_CLASSIFIER
 
 
 def _a(kind: str) -> str:
@@ -396,6 +416,7 @@ def run_succeed(
     stop_detail: str,
     progress: dict[str, Any],
     version_fields: dict[str, Any],
+    samples: list[dict[str, Any]] | None = None,
 ) -> TrainingRun | None:
     """Finish a run and register its model version, both or neither (one transaction)."""
     from apps.registry.services import model_version_create
@@ -411,6 +432,7 @@ def run_succeed(
         stop_reason=stop_reason,
         stop_detail=stop_detail,
         progress=progress,
+        samples=samples or [],
     )
     return run
 

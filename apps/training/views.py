@@ -48,9 +48,11 @@ HIGHER_IS_BETTER = (
     "val_recall_at_10",
     "val_mrr_at_10",
     "val_ndcg_at_10",
+    "val_next_word_top1",
 )
-# The run list's score column: a classifier's macro-F1, an embedding model's MRR@10.
-KEY_METRICS = ("val_macro_f1", "val_mrr_at_10")
+# The run list's score column: a classifier's macro-F1, an embedding model's MRR@10, an
+# autocomplete model's next-word top-1.
+KEY_METRICS = ("val_macro_f1", "val_mrr_at_10", "val_next_word_top1")
 FILTER_FIELDS = ("status", "dataset", "base_model", "model")
 
 
@@ -190,7 +192,7 @@ def _metric_rows(run: TrainingRun) -> list[charts.MetricRow]:
 @tenant_view
 def run_detail(request: HttpRequest, access: TenantAccess, run_id: str) -> HttpResponse:
     run = _run_or_404(access, run_id)
-    loss_chart, val_chart = charts.run_charts(charts.group_points(_metric_rows(run)))
+    run_charts = charts.run_charts(charts.group_points(_metric_rows(run)))
     positions = selectors.queue_positions(tenant=access.tenant) if run.status == "queued" else {}
     context = {
         "run": run,
@@ -198,8 +200,9 @@ def run_detail(request: HttpRequest, access: TenantAccess, run_id: str) -> HttpR
         "progress": charts.progress_view(run.progress),
         "live": run.status in ACTIVE,
         "can_write": access.allows(Role.SCIENTIST),
-        "loss_chart": loss_chart,
-        "val_chart": val_chart,
+        "charts": run_charts,
+        # An autocomplete run's held-out prefixes with its best model's greedy completions.
+        "samples": run.samples if isinstance(run.samples, list) else [],
         "params": [(k, _shown(v)) for k, v in sorted(run.params.items())]
         if isinstance(run.params, dict)
         else [],
