@@ -112,6 +112,17 @@ class AutocompleteBench(Bench):
             raise RuntimeError(f"evaluation {evaluation.pk} ended {status}: {evaluation.error}")
         return evaluation
 
+    def register_dir(self, model_dir: Path, data: Any, name: str) -> Any:
+        """A model directory written here (not by a run) packed as a run packs it and
+        registered as an autocomplete version trained on ``data``."""
+        from apps.training.packaging import pack_dir
+        from tests.autocomplete_helpers import PackedCompleter, register_autocomplete
+
+        tar = model_dir.parent / "model.tar"
+        sha256, size = pack_dir(model_dir, tar)
+        packed = PackedCompleter(model_dir=model_dir, tar=tar, sha256=sha256, size=size)
+        return register_autocomplete(self.tenant, name, packed, data, trainer=self.scientist.user)
+
     def completer(self, model_version: Any) -> Any:
         """The version's artifact, read back from the artifact store and loaded in this
         process the way a replica loads it."""

@@ -14,8 +14,8 @@ artifact store, a private local Ray head, gunicorn):
   ``tiny-gpt2`` run of the catalogue's shape trained briefly (``--epochs``) by the
   workbench's runner, its registered artifact loaded back as a
   ``worker.autocomplete.Completer``; ``random`` — the catalogue's shape with random
-  weights and a tokenizer learnt on the same replies (timing only; no REST side, there is
-  no registered version); ``auto`` (default) — trained where the catalogue can train it.
+  weights and a tokenizer learnt on the same replies, registered as a version (timing
+  only); ``auto`` (default) — trained where the catalogue can train it.
   The entry says which.
 * prompts: banks_1's test replies typed to a word boundary (prefix + the customer's
   message as context), sampled (seeded); those whose greedy completion decodes at least
@@ -32,7 +32,8 @@ artifact store, a private local Ray head, gunicorn):
    padded forward per step), B the 8 through ``complete`` one after another; the results
    must be equal. Completions per second over at least 10 s of calls per side and rep,
    the ratio A/B (recorded; no target).
-3. the same through the deployed model: the version approved for production (replica warm
+3. the same through the deployed model: the version evaluated on 30 test replies (a golden
+   set: the warm-up compares its samples), approved for production (replica warm
    on the local Ray), gunicorn with 8 sync workers so 8 requests reach the replica at once;
    A 8 threads each posting one ``POST /api/v1/tenants/{t}/models/{name}/complete`` at the
    same moment (a barrier), B the same 8 posted one after another on one connection; the
@@ -78,6 +79,7 @@ MAX_TOKENS = 16
 CONCURRENT = 8
 TARGET_CACHE_SPEEDUP = 3.0
 WARMUP_CALLS = 10
+GOLDEN_REPLIES = 30  # the evaluation the warm-up needs: a few replies, seconds
 
 
 def timed_ms(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -218,9 +220,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         bench.start()
         own_threads = torch.get_num_threads()
-        version = None
+        data = bench.reply_version(f"{SERVICE}-train", train_replies)
         if model == "trained":
-            data = bench.reply_version(f"{SERVICE}-train", train_replies)
             print(f"training tiny-gpt2 on {SERVICE} ({args.epochs} epochs) ...", flush=True)
             version, train_s = bench.train_autocomplete(data, "replies", {"epochs": args.epochs})
             facts["train_s"] = train_s
@@ -229,8 +230,9 @@ def run(args: argparse.Namespace) -> int:
             facts["params"] = version.run.params
             completer = bench.completer(version)
         else:
-            completer = random_completer(Path(tempfile.mkdtemp(dir=bench.var)), train_replies)
-            rest_note = rest_note or "not measured: a random model has no registered version"
+            model_dir = Path(tempfile.mkdtemp(dir=bench.var)) / "model"
+            completer = random_completer(model_dir, train_replies)
+            version = bench.register_dir(model_dir, data, "replies")
         torch.set_num_threads(REPLICA_THREADS)
         pool = test_positions[: 400 if args.quick else 1500]
         prompts = full_length(completer, pool, 60 if args.quick else 200)
@@ -258,11 +260,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"in-process rep {rep + 1}: 8 concurrent {rates['concurrent']:.1f}/s, "
                   f"in a row {rates['in_a_row']:.1f}/s ({done} each)", flush=True)  # fmt: skip
 
-        if version is not None and not args.no_rest:
+        if not args.no_rest:
             torch.set_num_threads(own_threads)  # gunicorn and the replica get the cores
             try:
-                print("deploying ...", flush=True)
+                # The deployment's warm-up compares the evaluation's samples: evaluated on a
+                # small golden set of test replies first (the evaluation task's body).
+                golden = read_replies(SERVICE, "test")[:GOLDEN_REPLIES]
+                print("evaluating ...", flush=True)
+                started = time.perf_counter()
+                bench.evaluate(version, bench.reply_version("golden", golden, kind="golden"))
+                facts["evaluate_s"] = time.perf_counter() - started
+                print(f"   {facts['evaluate_s']:.0f} s; deploying ...", flush=True)
+                started = time.perf_counter()
                 bench.deploy(version)
+                facts["deploy_s"] = time.perf_counter() - started
+                print(f"   warm in {facts['deploy_s']:.0f} s", flush=True)
                 bench.start_web(workers=CONCURRENT)
                 time.sleep(5)  # every worker's prewarm, not only the first's
                 served = rest_sides(bench, "replies")
@@ -357,6 +369,12 @@ def report(
             "model: the catalogue's tiny-gpt2 shape with RANDOM weights, tokenizer learnt on "
             f"{SGD / SERVICE}/train.csv{why}: timing only"
         )
+    deployed = ""
+    if "deploy_s" in facts:
+        deployed = (
+            f"evaluation on {GOLDEN_REPLIES} replies {facts['evaluate_s']:.0f} s, deployment "
+            f"(Ray head + warm-up) {facts['deploy_s']:.0f} s"
+        )
     rest_how = (
         "; REST: gunicorn with 8 sync workers, 8 keep-alive connections, a barrier before "
         "the 8 posts, served texts equal to in-process"
@@ -376,6 +394,7 @@ def report(
         f"concurrency: groups of {CONCURRENT} random prompts, at least "
         f"{facts['seconds']:.0f} s per side and rep, interleaved group by group; batched "
         "and one-by-one results equal" + (rest_how if rest else ""),
+        *([deployed] if deployed else []),
         f"whole run {facts['total_min']:.1f} min",
     ]
     _serving.finish(_serving.entry("autocomplete_decoding", _serving.table(rows), notes), args)
