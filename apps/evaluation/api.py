@@ -328,8 +328,8 @@ class PolicySerializer(serializers.Serializer[Any]):
             for gate in value:
                 if gate["metric"] not in allowed:
                     raise serializers.ValidationError(
-                        f"A {kind} model is not measured on {gate['metric']}; "
-                        f"one of {', '.join(allowed)}."
+                        f"{services.article(kind).title()} {kind} model is not measured on "
+                        f"{gate['metric']}; one of {', '.join(allowed)}."
                     )
         for gate in value:
             dataset = gate.get("dataset")

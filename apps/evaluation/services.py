@@ -124,6 +124,11 @@ WHAT_TO_EVALUATE_ON: dict[str, str] = {
 }
 
 
+def article(word: str) -> str:
+    """ "a" or "an" before ``word`` ("an autocomplete model", "an embedding model")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def dataset_task(model_kind: str) -> str:
     """The task of the datasets a model of ``model_kind`` is measured on."""
     if model_kind == ModelKind.EMBEDDING:
@@ -199,12 +204,12 @@ def evaluation_request(
         unfit = [v for v in dataset_versions if v.dataset.task != task]
         if unfit:
             raise InvalidInput(
-                f"a {kind} model is evaluated on {task} datasets; {unfit[0].pk} is "
+                f"{article(kind)} {kind} model is evaluated on {task} datasets; {unfit[0].pk} is "
                 f"{unfit[0].dataset.task}",
                 fields={
                     "dataset_versions": [
                         f"{unfit[0].pk} is a {unfit[0].dataset.task} dataset version; "
-                        f"a {kind} model is evaluated on {task} data."
+                        f"{article(kind)} {kind} model is evaluated on {task} data."
                     ]
                 },
             )
