@@ -32,10 +32,13 @@ def launch(actor, version_id: str, **extra):
 def test_base_model_catalogue_lists_the_classifiers_and_the_embedding_model(scientist):
     body = scientist.api("get", "/api/v1/base-models/").json()
     ids = {m["id"]: m for m in body}
-    assert {"tiny-bert", "minilm-l6", "minilm-l6-embed"} <= set(ids)
+    assert {"tiny-bert", "minilm-l6", "minilm-l6-embed", "tiny-gpt2"} <= set(ids)
     assert all(m["size_bytes"] > 0 for m in body)
     assert {m["id"] for m in body if m["kind"] == "embedding"} == {"minilm-l6-embed"}
-    assert {m["kind"] for m in body} == {"classifier", "embedding"}
+    assert {m["kind"] for m in body} == {"classifier", "embedding", "autocomplete"}
+    gpt2 = ids["tiny-gpt2"]
+    assert (gpt2["kind"], gpt2["format"], gpt2["base"]) == ("autocomplete", "full", None)
+    assert gpt2["installed"] is True and gpt2["defaults"]["init_from"] == "scratch"
     embed = ids["minilm-l6-embed"]
     assert (embed["format"], embed["base"]) == ("adapter", "all-MiniLM-L6-v2")
     assert embed["base_sha256"] == ids["minilm-l6-lora"]["base_sha256"]  # one shared base

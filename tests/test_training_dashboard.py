@@ -26,6 +26,7 @@ from apps.training.models import RunStatus, TrainingRun
 from tests.conftest import Actor
 from tests.training_helpers import banking_slice, make_training_version
 from worker.base_models import (
+    AUTOCOMPLETE_PARAMS,
     EMBEDDING_PARAMS,
     LORA_PARAMS,
     MINILM_L6_LORA,
@@ -307,8 +308,8 @@ def test_scientist_launches_a_run_from_the_form(
         patience=2,
         validation_split=0.2,
     ).to_dict()
-    # A full classifier base's run records no LoRA keys, nor embedding ones.
-    for name in ("base_model", *LORA_PARAMS, *EMBEDDING_PARAMS):
+    # A full classifier base's run records no LoRA keys, nor embedding or autocomplete ones.
+    for name in ("base_model", *LORA_PARAMS, *EMBEDDING_PARAMS, *AUTOCOMPLETE_PARAMS):
         expected.pop(name)
     assert run.params == expected  # the full resolved config, as the API records it
     page = client.get(response["Location"]).content.decode()

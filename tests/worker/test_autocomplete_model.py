@@ -136,8 +136,8 @@ def test_cached_and_recomputed_decoding_give_identical_completions(
 ) -> None:
     for model in (random_completer, completer):
         for strategy in ac.STRATEGIES:
-            for prefix, context in [("Which acc", "What is my balance?"), ("The", ""), ("", "")]:
-                kwargs = {"strategy": strategy, "n": 3, "max_tokens": 12, "seed": 7}
+            for prefix, context in [("Which acc", "What is my balance?"), ("", "")]:
+                kwargs = {"strategy": strategy, "n": 2, "max_tokens": 10, "seed": 7}
                 cached = model.complete(prefix, context, use_cache=True, **kwargs)  # type: ignore[arg-type]
                 recomputed = model.complete(prefix, context, use_cache=False, **kwargs)  # type: ignore[arg-type]
                 assert [c.text for c in cached] == [c.text for c in recomputed], strategy
