@@ -162,6 +162,10 @@ def test_a_batch_gives_what_each_prompt_gets_alone(
         assert [c.text for c in batch] == [c.text for c in alone]
         assert [c.tokens for c in batch] == [c.tokens for c in alone]
         assert [c.score for c in batch] == pytest.approx([c.score for c in alone], abs=1e-4)
+        # Stopped at the first word (what next-word accuracy reads): the same first word.
+        words = model.complete_batch(requests, max_tokens=10, stop_at_word=True)
+        assert [first_word(c.text) for c in words] == [first_word(c.text) for c in alone]
+        assert all(w.tokens <= a.tokens for w, a in zip(words, alone, strict=True))
     assert random_completer.complete_batch([]) == []
 
 
