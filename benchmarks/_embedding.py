@@ -189,7 +189,8 @@ class Bench:
 
     def ensure_ray(self) -> None:
         """The local Ray head, started when first needed (not beside a training run); a
-        busy 2-core host can miss ``ray start``'s deadline, so up to three tries."""
+        busy 2-core host can miss ``ray start``'s deadline, so up to five tries, each
+        later than the last."""
         if self.head is not None:
             return
         from django.conf import settings
@@ -199,14 +200,16 @@ class Bench:
         from worker.serving import local_ray
 
         head = None
-        for attempt in range(1, 4):
+        for attempt in range(1, 6):
             print(f"starting a local Ray head (try {attempt}) ...", flush=True)
             try:
                 head = local_ray.ensure_head(self.var / f"ray{attempt}", num_cpus=2)
                 break
-            except RuntimeError:
-                if attempt == 3:
+            except RuntimeError as exc:
+                print(f"   {str(exc)[-600:]}", flush=True)  # why, before the next try
+                if attempt == 5:
                     raise
+                time.sleep(10 * attempt)  # a neighbour's head starting at the same moment
         assert head is not None
         self.head = head
         local_ray.use_head_auth(head)  # this process and gunicorn authenticate to it
