@@ -124,8 +124,12 @@ def gpt2_config(vocab_size: int, **shape: Any) -> GPT2Config:
     """The GPT-2 config of a tiny model over ``vocab_size`` ids (``shape`` overrides
     :data:`DEFAULT_SHAPE` and any other ``GPT2Config`` field, e.g. dropouts)."""
     # train_tokenizer puts <|pad|> at 0 and <|end|> at 3 (GPT-2's own 50256 is not there).
+    dropout = base_models.TINY_GPT2_DROPOUT
     values: dict[str, Any] = {
         **DEFAULT_SHAPE,
+        "resid_pdrop": dropout,
+        "embd_pdrop": dropout,
+        "attn_pdrop": dropout,
         "bos_token_id": 3,
         "eos_token_id": 3,
         "pad_token_id": 0,
