@@ -29,7 +29,9 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -41,7 +43,10 @@ from pathlib import Path
 
 STATE_FILE = "ray-head.json"
 LOCK_FILE = "ray-head.lock"
+logger = logging.getLogger(__name__)
+
 START_TIMEOUT_S = 120.0
+START_ATTEMPTS = 3
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -109,7 +114,42 @@ def start_head(
     num_gpus: int | None = None,
     object_store_bytes: int = 128 * 1024 * 1024,
 ) -> LocalRay:
-    """Start ``ray start --head --block`` detached (own session) and wait for its GCS."""
+    """Start ``ray start --head --block`` detached (own session) and wait for its GCS.
+
+    A head whose ``ray start`` exited before it came up is started again, up to
+    ``START_ATTEMPTS`` times: on a busy 2-core host the raylet kills itself when its
+    dashboard agent (a Python process importing half of Ray) has not written its port
+    within Ray's fixed 15 s, and a second try usually makes it. A head still not up at
+    ``START_TIMEOUT_S`` is not tried again."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_head_once(
+                temp_dir=temp_dir,
+                log_path=log_path,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                object_store_bytes=object_store_bytes,
+            )
+        except _ExitedEarly:
+            if attempt == START_ATTEMPTS:
+                raise
+            logger.warning("ray start --head exited before it came up (try %d); again", attempt)
+            time.sleep(2.0 * attempt)
+    raise AssertionError("unreachable")
+
+
+class _ExitedEarly(RuntimeError):
+    """``ray start --head`` exited before its head came up."""
+
+
+def _start_head_once(
+    *,
+    temp_dir: Path,
+    log_path: Path,
+    num_cpus: int,
+    num_gpus: int | None,
+    object_store_bytes: int,
+) -> LocalRay:
     port = free_port()
     temp_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,13 +185,20 @@ def start_head(
             start_new_session=True,
         )
     address = f"{LOOPBACK}:{port}"
+    started = time.time()
     deadline = time.monotonic() + START_TIMEOUT_S
     # The head is up once the log says so (GCS and raylet both running).
     while "Ray runtime started" not in log_path.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
+        if (
+            process.poll() is not None
+            or time.monotonic() > deadline
+            or _raylet_died(temp_dir, started)
+        ):
+            exited = process.poll() is not None or _raylet_died(temp_dir, started)
             stop_head(process.pid)
             tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"ray start --head did not come up:\n{tail}")
+            error = _ExitedEarly if exited else RuntimeError
+            raise error(f"ray start --head did not come up:\n{tail}")
         time.sleep(0.2)
     return LocalRay(
         address=address,
@@ -160,6 +207,22 @@ def start_head(
         log_path=str(log_path),
         token_path=str(token_path),
     )
+
+
+# A raylet's fatal line: "[2026-12-02 05:58:46,111 C 6469 6469] (raylet) ... Check failed".
+_FATAL = re.compile(r"^\[\S+ \S+ C \d+ \d+\]", re.MULTILINE)
+
+
+def _raylet_died(temp_dir: Path, since: float) -> bool:
+    """Whether this start's raylet failed a check and ended (``ray start`` itself would
+    wait out ``RAY_raylet_start_wait_time_s`` for it)."""
+    raylet_log = temp_dir / "session_latest" / "logs" / "raylet.out"
+    try:
+        if raylet_log.stat().st_mtime < since:
+            return False  # an earlier start's
+        return _FATAL.search(raylet_log.read_text(errors="replace")) is not None
+    except OSError:
+        return False
 
 
 def _auth_env(token_path: str) -> dict[str, str]:

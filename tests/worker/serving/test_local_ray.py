@@ -81,3 +81,24 @@ def test_a_head_is_started_once_reused_and_stopped_whole(tmp_path: Path) -> None
         local_ray.stop_head(head.pid)
     assert not local_ray.is_alive(head)
     assert [p for p in processes if local_ray._alive(p)] == []
+
+
+def test_a_raylet_that_failed_its_start_is_seen_at_once_and_an_earlier_ones_is_not(
+    tmp_path: Path,
+) -> None:
+    # What a raylet writes when its dashboard agent missed Ray's 15 s on a busy host:
+    # ``ray start`` itself would wait minutes for it; the start is tried again instead.
+    logs = tmp_path / "session_2026-12-02_05-58-14" / "logs"
+    logs.mkdir(parents=True)
+    (tmp_path / "session_latest").symlink_to(logs.parent)
+    raylet = logs / "raylet.out"
+    raylet.write_text("[2026-12-02 05:58:30,967 I 6469 6494] (raylet) Monitor agent C x\n")
+    assert not local_ray._raylet_died(tmp_path, since=0.0)
+    with raylet.open("a") as fh:
+        fh.write(
+            "[2026-12-02 05:58:46,111 C 6469 6469] (raylet) node_manager.cc:3588: "
+            "Check failed: Timed out waiting for file .../dashboard_agent_listen_port\n"
+        )
+    assert local_ray._raylet_died(tmp_path, since=0.0)
+    assert not local_ray._raylet_died(tmp_path, since=raylet.stat().st_mtime + 1)
+    assert not local_ray._raylet_died(tmp_path / "nothing", since=0.0)
