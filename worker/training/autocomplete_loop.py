@@ -14,9 +14,9 @@ Validation, at each epoch end, on held-out replies (whole distinct reply texts,
 - ``val_loss``: the mean negative log-likelihood per reply token (the end included), and
   ``val_perplexity`` = exp(val_loss);
 - ``val_next_word_top1``: at each word boundary of the first held-out replies (at most
-  :data:`NEXT_WORD_POSITIONS` positions), whether the first word of the greedy completion of
-  the reply so far (context given) is the reply's next word, words as
-  :mod:`worker.autocomplete_text` defines them: the evaluation's measure, on a capped sample.
+  :data:`NEXT_WORD_POSITIONS` positions), whether the greedy completion of the reply so far
+  (context given) predicts the reply's next word — positions and the predicted word as
+  :mod:`worker.autocomplete_eval` reads them: the evaluation's measure, on a capped sample.
 
 The best epoch is the lowest ``val_loss`` (lower is better) and early stopping watches it.
 At the end the best model (the artifact directory) completes a few held-out prefixes for the
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from worker import autocomplete, autocomplete_text, base_models
+from worker import autocomplete, autocomplete_eval, autocomplete_text, base_models
 from worker.reply_data import Reply, read_replies, split_replies
 from worker.training import checkpoint
 from worker.training.checkpoint import LoopState
@@ -399,10 +399,8 @@ def next_word_positions(replies: list[Reply], cap: int) -> list[tuple[str, str, 
     ``replies``, in order, at most ``cap``: the reply so far and the word typed next."""
     out: list[tuple[str, str, str]] = []
     for reply in replies:
-        spans = autocomplete_text.word_spans(reply.text)
-        words = autocomplete_text.words(reply.text)
-        for i in range(1, len(spans)):
-            out.append((reply.text[: spans[i][0]].rstrip(), reply.context, words[i]))
+        for prefix, word in autocomplete_eval.boundary_prefixes(reply.text):
+            out.append((prefix, reply.context, word))
             if len(out) >= cap:
                 return out
     return out
@@ -425,9 +423,11 @@ def next_word_top1(
         completions = completer.complete_batch(
             [(prefix, context) for prefix, context, _ in chunk], stop_at_word=True
         )
+        # The evaluation's own reading of a completion (none when it carries on the typed
+        # word), so a run's val_next_word_top1 and its version's next_word_top1 agree.
         hits += sum(
-            autocomplete_text.first_word(c.text) == word
-            for c, (_, _, word) in zip(completions, chunk, strict=True)
+            autocomplete_eval.predicted_next_word(prefix, c.text) == word
+            for c, (prefix, _, word) in zip(completions, chunk, strict=True)
         )
     return hits / len(positions)
 
