@@ -337,7 +337,7 @@ def report(
     for r in results:
         p = r["params"]
         shown = {k: p.get(k) for k in ("epochs", "learning_rate", "batch_size", "max_length",
-                                       "early_stopping_patience")}  # fmt: skip
+                                       "patience", "init_from")}  # fmt: skip
         val = {k: round(float(v), 3) for k, v in r["val"].items()
                if k.startswith("val_") and isinstance(v, int | float)}  # fmt: skip
         deploy = f", deployment {r['deploy_s']:.0f} s" if "deploy_s" in r else ""
