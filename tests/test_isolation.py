@@ -236,7 +236,10 @@ REFERENCES = {
 NOT_REFERENCES = {
     "name", "description", "domain", "purpose", "comment", "model_name", "base_model",
     "username", "admins", "email", "password", "slug", "inputs", "label_column",
-    "text_column", "query",
+    "text_column", "query", "context_column", "prefix", "context",
+    # A completion's session names a key/value cache of the one model it is sent to (a
+    # tenant's own), so another tenant's session of the same name is another cache.
+    "session",
 }  # fmt: skip
 # Values a body needs to get past validation to the id fields; the rest are filled by type.
 FILLERS: dict[str, Any] = {
