@@ -189,12 +189,8 @@ def _start_head_once(
     deadline = time.monotonic() + START_TIMEOUT_S
     # The head is up once the log says so (GCS and raylet both running).
     while "Ray runtime started" not in log_path.read_text(errors="replace"):
-        if (
-            process.poll() is not None
-            or time.monotonic() > deadline
-            or _raylet_died(temp_dir, started)
-        ):
-            exited = process.poll() is not None or _raylet_died(temp_dir, started)
+        exited = process.poll() is not None or _raylet_died(temp_dir, started)
+        if exited or time.monotonic() > deadline:
             stop_head(process.pid)
             tail = log_path.read_text(errors="replace")[-3000:]
             error = _ExitedEarly if exited else RuntimeError
