@@ -136,6 +136,10 @@ def test_launch_returns_202_queued_with_the_resolved_config(
         ({"params": {"batch_size": 100000}}, "params"),
         ({"params": {"warp_speed": 9}}, "params"),
         ({"dataset_version": "dv_doesnotexist"}, "dataset_version"),
+        # PostgreSQL refuses a NUL in a query: it must be refused before the lookup (the
+        # fuzzer's 500).
+        ({"dataset_version": "dv_\x00"}, "dataset_version"),
+        ({"validation_version": "dv_\x00"}, "validation_version"),
     ],
 )
 def test_bad_launch_input_names_the_field_and_creates_nothing(scientist, version_id, body, field):

@@ -87,6 +87,9 @@ class TenantVersionField(serializers.CharField):
 
     def to_internal_value(self, data: Any) -> DatasetVersion:  # type: ignore[override]
         value = super().to_internal_value(data)
+        # Its validators (a NUL character, which PostgreSQL refuses in any query) before the
+        # lookup, not after it.
+        self.run_validators(value)
         found = versions_for_tenant(tenant=self.context["tenant"]).filter(pk=value).first()
         if found is None:  # unknown and other tenants' ids read the same
             raise serializers.ValidationError("No such dataset version.")
