@@ -28,15 +28,21 @@ def banking_slice(labels: int = 6, per_label: int = 24, offset: int = 0) -> byte
 
 
 def make_training_version(
-    actor: Actor, *, name: str = "intents", kind: str = "training", content: bytes | None = None
+    actor: Actor,
+    *,
+    name: str = "intents",
+    kind: str = "training",
+    content: bytes | None = None,
+    tenant: str = "acme",
 ) -> str:
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    created = actor.api("post", "/api/v1/tenants/acme/datasets/", {"name": name, "kind": kind})
+    api = f"/api/v1/tenants/{tenant}/datasets/"
+    created = actor.api("post", api, {"name": name, "kind": kind})
     assert created.status_code == 201, created.content
     dataset_id = created.json()["id"]
     response = actor.client.post(
-        f"/api/v1/tenants/acme/datasets/{dataset_id}/versions/",
+        f"{api}{dataset_id}/versions/",
         {"file": SimpleUploadedFile(f"{name}.csv", content or banking_slice())},
     )
     assert response.status_code == 201, response.content

@@ -2,6 +2,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from apps.audit.api import AuditEventListApi
+from apps.campaigns import api as campaigns_api
 from apps.core.docs import ApiDocsView
 from apps.datasets import api as datasets_api
 from apps.deployments import api as deployments_api
@@ -145,6 +146,32 @@ urlpatterns = [
         name="shared-dataset-version-list",
     ),
     path("fleet/", deployments_api.FleetApi.as_view(), name="fleet"),
+    path("campaigns/", campaigns_api.CampaignListCreateApi.as_view(), name="campaign-list"),
+    path(
+        "campaigns/<str:campaign_id>/",
+        campaigns_api.CampaignDetailApi.as_view(),
+        name="campaign-detail",
+    ),
+    path(
+        "campaigns/<str:campaign_id>/items/",
+        campaigns_api.CampaignItemListApi.as_view(),
+        name="campaign-items",
+    ),
+    path(
+        "campaigns/<str:campaign_id>/cancel",
+        campaigns_api.CampaignCancelApi.as_view(),
+        name="campaign-cancel",
+    ),
+    path(
+        "campaigns/<str:campaign_id>/approve",
+        campaigns_api.CampaignApproveApi.as_view(),
+        name="campaign-approve",
+    ),
+    path(
+        "campaigns/<str:campaign_id>/reject",
+        campaigns_api.CampaignRejectApi.as_view(),
+        name="campaign-reject",
+    ),
     path("users/", tenants_api.UserListCreateApi.as_view(), name="user-list"),
     path("users/<str:username>/", tenants_api.UserDetailApi.as_view(), name="user-detail"),
     path(

@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "apps.evaluation",
     "apps.promotions",
     "apps.deployments",
+    "apps.campaigns",
     "oauth2_provider",
     "apps.notebooks",
     "axes",
@@ -219,6 +220,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT = env_int(
     "TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT", 2, minimum=1
 )
+# The training budget every tenant and campaign shares: runs training (or sent to the
+# queue) at once across all tenants — set it to the training slots the workers have (GPUs).
+# The dispatcher fills it by weighted fair share (apps.training.fairshare): each campaign
+# is one queue with its weight, each tenant's one-off runs another of weight 1.
+TRAINING_MAX_CONCURRENT_RUNS = env_int("TRAINING_MAX_CONCURRENT_RUNS", 8, minimum=1)
 TRAINING_MIN_ROWS_PER_LABEL = env_int("TRAINING_MIN_ROWS_PER_LABEL", 5, minimum=1)
 TRAINING_HEARTBEAT_TIMEOUT_SECONDS = env_int("TRAINING_HEARTBEAT_TIMEOUT_SECONDS", 30, minimum=5)
 # A training worker whose heartbeat fails this many times in a row (database unreachable)
@@ -431,6 +437,9 @@ CELERY_BEAT_SCHEDULE = {
     "redispatch-lost-runs": {"task": "training.redispatch_lost", "schedule": 10.0},
     "requeue-stale-evaluations": {"task": "evaluation.requeue_stale", "schedule": 10.0},
     "check-waiting-promotions": {"task": "promotions.check_waiting", "schedule": 30.0},
+    # Campaigns: due schedules and new training versions fire; items whose run or
+    # promotion moved on without a nudge (a lost message) move on here.
+    "advance-campaigns": {"task": "campaigns.advance_all", "schedule": 15.0},
     # (Deployments, warm-ups and the fleet are the fleet controller's, not beat's.)
     # Servers stopped by the hub (idle culler, maximum age) lose their API token here.
     "sync-notebooks": {"task": "notebooks.sync", "schedule": 30.0},
@@ -524,6 +533,11 @@ SPECTACULAR_SETTINGS = {
         # Two fields named "format": a dataset version's file, a model version's artifact.
         "DatasetFormatEnum": "apps.datasets.models.DatasetVersion.Format",
         "ArtifactFormatEnum": "apps.registry.models.ArtifactFormat",
+        # Two fields named "trigger": what set off a warm-up, what fires a campaign.
+        "WarmupTriggerEnum": "apps.deployments.models.WarmupTrigger",
+        "CampaignTriggerEnum": "apps.campaigns.models.Trigger",
+        "CampaignStatusEnum": "apps.campaigns.models.CampaignStatus",
+        "SkipReasonEnum": "apps.campaigns.models.SkipReason",
     },
 }
 

@@ -76,3 +76,11 @@ def new_notebook_id() -> str:
 
 def new_access_request_id() -> str:
     return new_id("dar")
+
+
+def new_campaign_id() -> str:
+    return new_id("cmp")
+
+
+def new_campaign_item_id() -> str:
+    return new_id("ci")

@@ -254,7 +254,14 @@ def promotion_check(*, promotion_id: str) -> PromotionRequest | None:
         )
         if promotion.status == PromotionStatus.AWAITING_APPROVAL:
             transaction.on_commit(lambda: _notify_reviewers(promotion))
+        transaction.on_commit(lambda: _nudge_campaign(promotion.pk))
     return promotion
+
+
+def _nudge_campaign(promotion_id: str) -> None:
+    from apps.campaigns.services import nudge_for_promotion
+
+    nudge_for_promotion(promotion_id)
 
 
 def _can_review(user: Any, tenant: Tenant) -> bool:

@@ -1,12 +1,13 @@
 """Writes for training runs and sweeps.
 
 A run's life: ``run_launch`` (queued) -> ``runs_dispatch`` hands it to the broker when its
-tenant is under its concurrency limit -> a worker's ``run_claim`` (running; ``attempt`` +1)
--> heartbeats, metrics and checkpoints, each fenced by the attempt -> ``run_succeed`` /
-``run_fail`` / ``run_mark_cancelled``. Two reapers give every waiting state a way out:
-``runs_requeue_stale`` puts a run whose worker vanished back in the queue (the next claim
-resumes from its last checkpoint), and ``runs_redispatch_lost`` sends a run again whose
-dispatch no worker ever took (its message lost), failing it after a few tries.
+tenant is under its concurrency limit and the shared budget has room, by fair share -> a
+worker's ``run_claim`` (running; ``attempt`` +1) -> heartbeats, metrics and checkpoints,
+each fenced by the attempt -> ``run_succeed`` / ``run_fail`` / ``run_mark_cancelled``. Two
+reapers give every waiting state a way out: ``runs_requeue_stale`` puts a run whose worker
+vanished back in the queue (the next claim resumes from its last checkpoint), and
+``runs_redispatch_lost`` sends a run again whose dispatch no worker ever took (its message
+lost), failing it after a few tries.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -29,6 +30,7 @@ from apps.core.errors import DomainError, InvalidInput
 from apps.core.leases import queue_depth
 from apps.datasets.models import DatasetKind, DatasetVersion, Task
 from apps.tenants.models import Tenant
+from apps.training import fairshare
 from apps.training.models import FINISHED, RunMetric, RunStatus, Sweep, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -218,43 +220,86 @@ def _send_run(run_id: str) -> None:
 
 
 def runs_dispatch() -> list[str]:
-    """Hand queued runs to the broker, oldest first, up to each tenant's limit.
+    """Hand queued runs to the broker up to the training budget every tenant shares
+    (TRAINING_MAX_CONCURRENT_RUNS), by weighted fair share (``fairshare.pick``), each tenant
+    within its own limit.
 
-    A run counts against its tenant from dispatch until it finishes, so one tenant's sweep
-    of 50 points occupies at most its limit of GPUs while other tenants' runs still go.
+    A run counts from dispatch until it finishes, so one tenant's sweep of 50 points or a
+    campaign over 200 tenants occupies its share of the GPUs while other tenants' runs
+    still go. One dispatcher at a time decides (a transaction-scoped lock); a run is
+    claimed for the broker by a conditional update, so nothing is sent twice.
     """
+    from apps.campaigns.models import Campaign
+
     sent: list[str] = []
-    waiting = (
-        TrainingRun.objects.filter(status=RunStatus.QUEUED, dispatched_at__isnull=True)
-        .values_list("tenant_id", flat=True)
-        .distinct()
-    )
-    for tenant_id in list(waiting):
-        with transaction.atomic():
-            tenant = Tenant.objects.select_for_update().get(pk=tenant_id)
-            busy = TrainingRun.objects.filter(tenant=tenant).filter(
+    with transaction.atomic():
+        _dispatch_lock()
+        waiting_rows = list(
+            TrainingRun.objects.filter(
+                status=RunStatus.QUEUED, dispatched_at__isnull=True
+            ).values_list("pk", "tenant_id", "campaign_item__campaign_id", "created_at")
+        )
+        if not waiting_rows:
+            return sent
+        busy_rows = list(
+            TrainingRun.objects.filter(
                 Q(status=RunStatus.RUNNING)
                 | Q(status=RunStatus.QUEUED, dispatched_at__isnull=False)
+            ).values_list("tenant_id", "campaign_item__campaign_id")
+        )
+        waiting = [
+            fairshare.Waiting(
+                run_id=pk,
+                tenant_id=tenant_id,
+                queue=fairshare.queue_of(tenant_id=tenant_id, campaign_id=campaign_id),
+                created_at=created_at,
             )
-            free = tenant_run_limit(tenant) - busy.count()
-            if free <= 0:
-                continue
-            candidates = list(
-                TrainingRun.objects.filter(
-                    tenant=tenant, status=RunStatus.QUEUED, dispatched_at__isnull=True
-                )
-                .order_by("created_at", "id")
-                .values_list("pk", flat=True)[:free]
+            for pk, tenant_id, campaign_id, created_at in waiting_rows
+        ]
+        busy = [
+            fairshare.Busy(
+                tenant_id=tenant_id,
+                queue=fairshare.queue_of(tenant_id=tenant_id, campaign_id=campaign_id),
             )
-            now = timezone.now()
-            for run_id in candidates:
-                claimed = TrainingRun.objects.filter(
-                    pk=run_id, status=RunStatus.QUEUED, dispatched_at__isnull=True
-                ).update(dispatched_at=now)
-                if claimed:
-                    sent.append(run_id)
-                    transaction.on_commit(functools.partial(_send_run, run_id))
+            for tenant_id, campaign_id in busy_rows
+        ]
+        tenant_ids = {w.tenant_id for w in waiting}
+        limits = {t.pk: tenant_run_limit(t) for t in Tenant.objects.filter(pk__in=tenant_ids)}
+        campaign_ids = {c for *_, c, _ in waiting_rows if c} | {c for _, c in busy_rows if c}
+        weights = {
+            fairshare.queue_of(tenant_id="", campaign_id=pk): float(weight)
+            for pk, weight in Campaign.objects.filter(pk__in=campaign_ids).values_list(
+                "pk", "weight"
+            )
+        }
+        chosen = fairshare.pick(
+            waiting,
+            busy,
+            budget=settings.TRAINING_MAX_CONCURRENT_RUNS,
+            tenant_limit=limits,
+            weights=weights,
+        )
+        now = timezone.now()
+        for run_id in chosen:
+            claimed = TrainingRun.objects.filter(
+                pk=run_id, status=RunStatus.QUEUED, dispatched_at__isnull=True
+            ).update(dispatched_at=now)
+            if claimed:
+                sent.append(run_id)
+                transaction.on_commit(functools.partial(_send_run, run_id))
     return sent
+
+
+def _dispatch_lock() -> None:
+    """One dispatcher decides at a time: a PostgreSQL advisory lock held to the end of the
+    transaction (SQLite lets one writer in at a time anyway)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [DISPATCH_LOCK_KEY])
+
+
+# A fixed key for the dispatcher's advisory lock ("wbdispatch" folded into a bigint).
+DISPATCH_LOCK_KEY = 0x7762_6469_7370
 
 
 def run_claim(*, run_id: str, worker: str) -> TrainingRun | None:
@@ -396,6 +441,13 @@ def _finish(run: TrainingRun, status: RunStatus, **fields: Any) -> None:
         via="task",
     )
     transaction.on_commit(_enqueue_dispatch)
+    transaction.on_commit(functools.partial(_nudge_campaign, run.pk))
+
+
+def _nudge_campaign(run_id: str) -> None:
+    from apps.campaigns.services import nudge_for_run
+
+    nudge_for_run(run_id)
 
 
 def _lock_fenced(run_id: str, attempt: int) -> TrainingRun | None:
@@ -483,6 +535,7 @@ def run_cancel(*, actor: Any, run: TrainingRun, via: str = "") -> TrainingRun:
         locked.finished_at = timezone.now()
         fields += ["status", "stop_reason", "stop_detail", "finished_at"]
         transaction.on_commit(_enqueue_dispatch)
+        transaction.on_commit(functools.partial(_nudge_campaign, locked.pk))
     locked.save(update_fields=fields)
     audit_record(
         actor=actor,
