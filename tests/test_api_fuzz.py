@@ -120,7 +120,15 @@ def seed(tenant: Tenant, fuzzer: Actor, scientist: Actor, reviewer: Actor) -> di
         tenant=tenant, model_version=replies, environment="production",
         artifact_sha256=replies.sha256, status="warm",
     )  # fmt: skip
+    # A campaign over the tenant (its items list, cancel and decisions have an id to take).
+    from apps.campaigns import services as campaigns
+
+    campaign = campaigns.campaign_create(
+        actor=fuzzer.user, name="fuzz", model_name="intents", selection={"tenants": "all"},
+        recipe={"last": True}, target="staging",
+    )  # fmt: skip
     return {
+        "campaign_id": campaign.pk,
         "dataset_id": version.dataset_id,
         "version": version.pk,
         "version_id": version.pk,

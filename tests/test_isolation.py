@@ -38,6 +38,13 @@ GLOBAL_ROUTES = {
     "api/v1/users/",
     "api/v1/users/<str:username>/",
     "api/v1/users/<str:username>/password-link",
+    # Staff only (403 to anyone else): campaigns across tenants (test_campaigns).
+    "api/v1/campaigns/",
+    "api/v1/campaigns/<str:campaign_id>/",
+    "api/v1/campaigns/<str:campaign_id>/items/",
+    "api/v1/campaigns/<str:campaign_id>/cancel",
+    "api/v1/campaigns/<str:campaign_id>/approve",
+    "api/v1/campaigns/<str:campaign_id>/reject",
     "api/v1/schema/",
     "api/v1/docs/",
 }
@@ -184,6 +191,14 @@ def test_global_routes_show_an_outsider_nothing_of_other_tenants(victim_objects,
                          ("patch", "/api/v1/users/ada/"), ("post", "/api/v1/users/"),
                          ("post", "/api/v1/users/ada/password-link")]:  # fmt: skip
         assert outsider.api(method, path, {"is_active": False}).status_code == 403, path
+    # Campaigns span tenants: staff business as well, whatever the id.
+    for method, path in [("get", "/api/v1/campaigns/"), ("post", "/api/v1/campaigns/"),
+                         ("get", "/api/v1/campaigns/cmp_x/"),
+                         ("get", "/api/v1/campaigns/cmp_x/items/"),
+                         ("post", "/api/v1/campaigns/cmp_x/cancel"),
+                         ("post", "/api/v1/campaigns/cmp_x/approve"),
+                         ("post", "/api/v1/campaigns/cmp_x/reject")]:  # fmt: skip
+        assert outsider.api(method, path, {"promotions": "passing"}).status_code == 403, path
     assert admin.user.__class__.objects.get(pk=admin.user.pk).is_active
     catalogue = outsider.api("get", "/api/v1/base-models/").json()
     assert {m["id"] for m in catalogue} >= {"tiny-bert"}  # shared catalogue, no tenant data

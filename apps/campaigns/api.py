@@ -6,7 +6,6 @@ from typing import Any
 
 import django_filters
 from django.http import Http404
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import generics, permissions, serializers, status
 from rest_framework.request import Request
@@ -22,7 +21,7 @@ from apps.campaigns.models import (
     Trigger,
 )
 from apps.core.api import Pagination, default_permissions_and
-from apps.promotions.models import PromotionStatus, Target
+from apps.promotions.models import PromotionRequest, PromotionStatus, Target
 from apps.tenants.auth import request_via
 from apps.tenants.models import Tenant
 
@@ -56,9 +55,9 @@ class TenantSelectionField(serializers.Field):  # type: ignore[type-arg]
             raise serializers.ValidationError(
                 f'Give "all" or a list of 1 to {MAX_LISTED_TENANTS} tenant slugs.'
             )
-        slugs = list(dict.fromkeys(data))
-        if not all(isinstance(s, str) and s and "\x00" not in s for s in slugs):
+        if not all(isinstance(s, str) and s and "\x00" not in s for s in data):
             raise serializers.ValidationError("Each tenant is named by its slug (a string).")
+        slugs = list(dict.fromkeys(data))
         known = set(Tenant.objects.filter(slug__in=slugs).values_list("slug", flat=True))
         unknown = [s for s in slugs if s not in known]
         if unknown:
@@ -217,14 +216,57 @@ class CampaignOutputSerializer(serializers.ModelSerializer[Campaign]):
         return ProgressSerializer(services.campaign_progress(campaign)).data
 
 
+class ItemRunSerializer(serializers.ModelSerializer[Any]):
+    class Meta:
+        from apps.training.models import TrainingRun
+
+        model = TrainingRun
+        fields = ["id", "status", "base_model", "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+class GateResultSerializer(serializers.Serializer[Any]):
+    gate = serializers.CharField(help_text="policy, latency budget, or regression vs ...")
+    dataset = serializers.CharField(allow_null=True)
+    dataset_name = serializers.CharField(allow_null=True, required=False)
+    metric = serializers.CharField()
+    op = serializers.CharField()
+    threshold = serializers.FloatField()
+    value = serializers.FloatField(allow_null=True)
+    passed = serializers.BooleanField()
+    champion_value = serializers.FloatField(required=False)
+
+
+class ItemPromotionSerializer(serializers.ModelSerializer[PromotionRequest]):
+    gates = GateResultSerializer(source="gate_results", many=True, read_only=True)
+    passed = serializers.SerializerMethodField()
+    regressed = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PromotionRequest
+        fields = [
+            "id", "status", "model_version", "artifact_sha256", "gates", "passed", "regressed",
+            "champion",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_passed(self, promotion: PromotionRequest) -> bool:
+        rows = promotion.gate_results
+        return bool(rows) and all(r.get("passed") for r in rows)
+
+    def get_regressed(self, promotion: PromotionRequest) -> bool:
+        """Measured worse than the champion (or the yardstick) on a regression metric."""
+        return services.regressed(promotion)
+
+
 class ItemOutputSerializer(serializers.ModelSerializer[CampaignItem]):
     tenant = serializers.CharField(source="tenant.slug", read_only=True)
     status = serializers.CharField(read_only=True, help_text="state, or the promotion's status")
     dataset_version = serializers.CharField(
         source="dataset_version_id", read_only=True, allow_null=True
     )
-    run = serializers.SerializerMethodField()
-    promotion = serializers.SerializerMethodField()
+    run = ItemRunSerializer(read_only=True, allow_null=True)
+    promotion = ItemPromotionSerializer(read_only=True, allow_null=True)
 
     class Meta:
         model = CampaignItem
@@ -232,33 +274,6 @@ class ItemOutputSerializer(serializers.ModelSerializer[CampaignItem]):
             "id", "tenant", "trigger_key", "status", "state", "skip_reason", "detail",
             "dataset_version", "run", "promotion", "created_at", "updated_at",
         ]  # fmt: skip
-
-    @extend_schema_field(OpenApiTypes.OBJECT)
-    def get_run(self, item: CampaignItem) -> dict[str, Any] | None:
-        run = item.run
-        if run is None:
-            return None
-        return {
-            "id": run.pk, "status": run.status, "base_model": run.base_model,
-            "started_at": run.started_at, "finished_at": run.finished_at,
-        }  # fmt: skip
-
-    @extend_schema_field(OpenApiTypes.OBJECT)
-    def get_promotion(self, item: CampaignItem) -> dict[str, Any] | None:
-        promotion = item.promotion
-        if promotion is None:
-            return None
-        return {
-            "id": promotion.pk,
-            "status": promotion.status,
-            "model_version": promotion.model_version_id,
-            "artifact_sha256": promotion.artifact_sha256,
-            "gates": promotion.gate_results,
-            "passed": bool(promotion.gate_results)
-            and all(r.get("passed") for r in promotion.gate_results),
-            "regressed": services.regressed(promotion),
-            "champion": promotion.champion_id,
-        }
 
 
 class CampaignFilter(django_filters.FilterSet):
