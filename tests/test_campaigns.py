@@ -227,9 +227,10 @@ def test_bad_campaign_input_names_the_field_and_creates_nothing(tenant, body, fi
     response = staff.api("post", CAMPAIGNS, payload)
     assert response.status_code == 400, response.content
     assert field in response.json()["error"]["fields"]
-    assert not Campaign.objects.exists() and not AuditEvent.objects.filter(
-        verb="campaign.create"
-    ).exists()
+    assert (
+        not Campaign.objects.exists()
+        and not AuditEvent.objects.filter(verb="campaign.create").exists()
+    )
 
 
 def test_only_staff_run_campaigns(tenant):
@@ -270,7 +271,9 @@ def test_dispatch_keeps_the_budget_and_sends_a_one_off_run_before_the_backlog(
             recipe=dict(RECIPE), target="staging",
         )  # fmt: skip
         services.campaign_advance(campaign_id=campaign.pk)
-        campaign_runs = list(TrainingRun.objects.order_by("created_at").values_list("pk", flat=True))
+        campaign_runs = list(
+            TrainingRun.objects.order_by("created_at").values_list("pk", flat=True)
+        )
         # Then a scientist's own run in acme, after the campaign's two.
         from apps.datasets.models import DatasetVersion
         from apps.tenants.models import Tenant
