@@ -2,6 +2,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from apps.audit import views as audit_views
+from apps.campaigns import views as campaign_views
 from apps.datasets import views as dataset_views
 from apps.deployments import completion_views
 from apps.deployments import views as deployment_views
@@ -89,6 +90,18 @@ urlpatterns = [
     # Staff: onboarding customers (tenants with their first admins, user accounts).
     path("staff/tenants/", tenant_views.tenants_page, name="tenants-page"),
     path("staff/users/", tenant_views.users_page, name="users-page"),
+    path("staff/campaigns/", campaign_views.campaigns_page, name="campaigns-page"),
+    path("staff/campaigns/<str:campaign_id>/", campaign_views.campaign_page, name="campaign-page"),
+    path(
+        "staff/campaigns/<str:campaign_id>/cancel/",
+        campaign_views.campaign_cancel,
+        name="campaign-cancel-page",
+    ),
+    path(
+        "staff/campaigns/<str:campaign_id>/decide/",
+        campaign_views.campaign_decide,
+        name="campaign-decide-page",
+    ),
     path(
         "staff/users/<str:username>/active/",
         tenant_views.user_set_active,
