@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from apps.audit.models import AuditEvent
+from apps.promotions.models import PromotionRequest
 from apps.tenants.models import Role, Tenant
 from apps.tenants.services import membership_add, tenant_create
 from apps.training.models import TrainingRun
@@ -109,3 +110,60 @@ def test_a_campaign_trains_gates_and_deploys_in_every_tenant_that_passes(
     assert sorted(decided.values_list("tenant__slug", flat=True)) == ["acme", "beta"]
     assert AuditEvent.objects.filter(verb="campaign.approve", object_id=campaign_id).count() == 2
     reset_backend()
+
+
+def test_a_worker_killed_mid_campaign_loses_nothing_and_launches_nothing_twice(
+    celery_worker_process, tenant, settings
+):
+    """SIGKILL the worker while the campaign's first run trains: a rescuer (beat too)
+    re-queues that run, which resumes, and sends again the one whose message died with the
+    worker; every tenant ends with one run and one promotion request."""
+    from tests.conftest import start_worker, stop_worker
+
+    settings.ARTIFACT_STORE = f"file://{celery_worker_process.artifacts_root}"
+    tenant_create(actor=None, slug="beta", name="Beta", domain="banking")
+    owner = make_actor("olga", tenant, Role.ADMIN)
+    membership_add(actor=None, tenant=Tenant.objects.get(slug="beta"), user=owner.user,
+                   role=Role.ADMIN)  # fmt: skip
+    for slug in ("acme", "beta"):
+        make_training_version(owner, tenant=slug, content=banking_slice(per_label=40))
+        make_training_version(owner, tenant=slug, name="golden", kind="golden",
+                              content=banking_slice(per_label=10, offset=40))  # fmt: skip
+        assert owner.api("put", f"/api/v1/tenants/{slug}/policies/classifier/",
+                         EASY).status_code == 200  # fmt: skip
+    staff = make_actor("stella", None, None, is_staff=True)
+    body = {"model_name": "intents", "tenants": ["acme", "beta"], "target": "staging",
+            "recipe": {"base_model": "tiny-bert",
+                       "params": {"epochs": 8, "batch_size": 8, "learning_rate": 0.003,
+                                  "max_length": 32, "checkpoint_every_steps": 4,
+                                  "checkpoint_min_seconds": 0}}}  # fmt: skip
+    campaign_id = staff.api("post", CAMPAIGNS, body).json()["id"]
+    runs = TrainingRun.objects.filter(campaign_item__campaign_id=campaign_id)
+    wait_for(lambda: runs.filter(status="running", checkpoint_step__gte=8).exists(), timeout=240)
+    original = dict(celery_worker_process.start_kwargs or {})
+    stop_worker(celery_worker_process, kill=True)
+    killed = runs.get(status="running")
+
+    rescue = {**original, "extra_env": {**(original.get("extra_env") or {}),
+                                        "TRAINING_DISPATCH_TIMEOUT_SECONDS": "10"}}  # fmt: skip
+    rescuer = start_worker(**rescue, name="campaign-rescuer", beat=True)
+    try:
+
+        def settled() -> dict | None:
+            counts = staff.api("get", f"{CAMPAIGNS}{campaign_id}/").json()["progress"]["counts"]
+            return counts if counts.get("awaiting_approval", 0) + counts.get("skipped", 0) == 2 \
+                else None  # fmt: skip
+
+        counts = wait_for(settled, timeout=480, every=1.0)
+        assert counts == {"awaiting_approval": 2}, (counts, rescuer.log()[-3000:])
+        assert runs.count() == 2 and set(runs.values_list("status", flat=True)) == {"succeeded"}
+        assert runs.get(pk=killed.pk).attempt == 2  # resumed, not launched again
+        assert PromotionRequest.objects.filter(campaign_item__campaign_id=campaign_id).count() == 2
+        assert TrainingRun.objects.count() == 2
+    finally:
+        # The session's worker again, with the session's settings.
+        stop_worker(rescuer)
+        fresh = start_worker(**original, name="worker-after-rescue")
+        celery_worker_process.process = fresh.process
+        celery_worker_process.log_path = fresh.log_path
+        celery_worker_process.node = fresh.node
