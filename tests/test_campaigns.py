@@ -292,3 +292,30 @@ def test_dispatch_keeps_the_budget_and_sends_a_one_off_run_before_the_backlog(
         assert training.runs_dispatch() == [mine.pk]
         TrainingRun.objects.filter(pk=campaign_runs[0]).update(status="succeeded")
         assert training.runs_dispatch() == [campaign_runs[1]]
+
+
+def test_a_schedule_fires_a_round_per_interval_and_each_round_once(
+    fleet_of_tenants, django_capture_on_commit_callbacks
+):
+    staff = fleet_of_tenants
+    with django_capture_on_commit_callbacks(execute=False):
+        response = staff.api("post", CAMPAIGNS, {
+            "model_name": "intents", "tenants": ["acme", "gamma"], "recipe": RECIPE,
+            "trigger": "schedule", "interval_seconds": 3600,
+        })  # fmt: skip
+    assert response.status_code == 201, response.content
+    campaign = Campaign.objects.get(pk=response.json()["id"])
+    services.campaign_advance(campaign_id=campaign.pk)
+    services.campaign_advance(campaign_id=campaign.pk)  # not due again for an hour
+    keys = sorted(
+        CampaignItem.objects.filter(campaign=campaign).values_list("trigger_key", "tenant__slug")
+    )
+    assert keys == [("round-1", "acme"), ("round-1", "gamma")]
+    # An hour later (the clock moved on): round 2, once, while round 1's run still trains.
+    Campaign.objects.filter(pk=campaign.pk).update(next_round_at=T0)
+    services.campaign_advance(campaign_id=campaign.pk)
+    services.campaign_advance(campaign_id=campaign.pk)
+    rounds = CampaignItem.objects.filter(campaign=campaign, tenant__slug="acme")
+    assert sorted(rounds.values_list("trigger_key", flat=True)) == ["round-1", "round-2"]
+    assert TrainingRun.objects.filter(campaign_item__campaign=campaign).count() == 2
+    assert Campaign.objects.get(pk=campaign.pk).status == "active"  # until it is cancelled

@@ -266,7 +266,10 @@ def evaluation_claim(*, evaluation_id: str, worker: str) -> Evaluation | None:
         evaluation.attempt += 1
         evaluation.claimed_by = worker
         evaluation.heartbeat_at = timezone.now()
-        evaluation.save(update_fields=["status", "attempt", "claimed_by", "heartbeat_at"])
+        evaluation.started_at = evaluation.heartbeat_at  # this attempt's start
+        evaluation.save(
+            update_fields=["status", "attempt", "claimed_by", "heartbeat_at", "started_at"]
+        )
     return Evaluation.objects.select_related(
         "model_version__run",
         "model_version__registered_model",
