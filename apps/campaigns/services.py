@@ -256,23 +256,37 @@ def enqueue_advance(campaign_id: str) -> None:
         log.warning("could not enqueue campaign advance", extra={"campaign": campaign_id})
 
 
+def enqueue_item_advance(item_id: str) -> None:
+    from apps.campaigns.tasks import advance_item
+
+    try:
+        advance_item.delay(item_id)
+    except Exception:  # the broker is down: beat's safety net moves it on later
+        log.warning("could not enqueue a campaign item's advance", extra={"item": item_id})
+
+
 def nudge_for_run(run_id: str) -> None:
-    """After a run's change commits: move its campaign on, if it has one."""
-    campaign_id = (
-        CampaignItem.objects.filter(run_id=run_id).values_list("campaign_id", flat=True).first()
-    )
-    if campaign_id:
-        enqueue_advance(campaign_id)
+    """After a run's change commits: move its campaign item on, if it has one (only that
+    item: a campaign of 10,000 tenants is not swept for each of its runs)."""
+    item_id = CampaignItem.objects.filter(run_id=run_id).values_list("pk", flat=True).first()
+    if item_id:
+        enqueue_item_advance(item_id)
 
 
 def nudge_for_promotion(promotion_id: str) -> None:
-    campaign_id = (
-        CampaignItem.objects.filter(promotion_id=promotion_id)
-        .values_list("campaign_id", flat=True)
-        .first()
+    item_id = (
+        CampaignItem.objects.filter(promotion_id=promotion_id).values_list("pk", flat=True).first()
     )
-    if campaign_id:
-        enqueue_advance(campaign_id)
+    if item_id:
+        enqueue_item_advance(item_id)
+
+
+def item_advance_and_finish(*, item_id: str) -> int:
+    moved = item_advance(item_id=item_id)
+    campaign_id = CampaignItem.objects.filter(pk=item_id).values_list("campaign_id", flat=True)
+    for pk in campaign_id[:1]:
+        _maybe_finish(pk)
+    return moved
 
 
 def campaign_advance(*, campaign_id: str) -> int:

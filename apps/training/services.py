@@ -47,6 +47,17 @@ def _enqueue_dispatch() -> None:
     dispatch_runs.delay()
 
 
+def _dispatch_now() -> None:
+    """After a run ends (on the worker that ran it): hand the next runs to the broker at
+    once, a broker round trip sooner than ``training.dispatch`` would; that task is the
+    fallback when this fails."""
+    try:
+        runs_dispatch()
+    except Exception:
+        log.warning("dispatch after a run ended failed; sending training.dispatch", exc_info=True)
+        _enqueue_dispatch()
+
+
 def check_training_data(
     *,
     tenant: Tenant,
@@ -440,7 +451,7 @@ def _finish(run: TrainingRun, status: RunStatus, **fields: Any) -> None:
         after={"status": status.value, **{k: v for k, v in fields.items() if k != "progress"}},
         via="task",
     )
-    transaction.on_commit(_enqueue_dispatch)
+    transaction.on_commit(_dispatch_now)
     transaction.on_commit(functools.partial(_nudge_campaign, run.pk))
 
 
