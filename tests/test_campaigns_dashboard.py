@@ -94,8 +94,17 @@ def test_batch_review_approves_the_ticked_and_reports_the_refused(tenant, artifa
     assert b"acme: You requested this promotion" in refused.content
     assert PromotionRequest.objects.get().status == "awaiting_approval"
 
-    # A staff reviewer of the tenant who neither requested nor trained it: rejected.
+    # A staff reviewer of the tenant who neither requested nor trained it: the tenant's
+    # review queue names the campaign and lists its requests together...
     rex = make_actor("rex", tenant, Role.REVIEWER, is_staff=True)
+    queue = signed_in(rex).get(f"/t/acme/reviews/?status=all&campaign={campaign.pk}")
+    assert queue.status_code == 200
+    text = queue.content.decode()
+    assert f'data-promotion="{promotion.pk}"' in text and "campaign <a" in text
+    assert f"/staff/campaigns/{campaign.pk}/" in text  # staff: on to the batch review
+    other = signed_in(rex).get("/t/acme/reviews/?status=all&campaign=cmp_other").content
+    assert promotion.pk.encode() not in other
+    # ... and the batch rejects it.
     decided = signed_in(rex).post(
         f"/staff/campaigns/{campaign.pk}/decide/",
         {"which": "passing", "decision": "reject", "comment": "not now"}, follow=True,

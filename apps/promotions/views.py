@@ -81,7 +81,7 @@ COMPARED = (
 
 def _promotions(access: TenantAccess) -> Any:
     return PromotionRequest.objects.filter(tenant=access.tenant).select_related(
-        "model_version__registered_model", "requested_by", "decided_by"
+        "model_version__registered_model", "requested_by", "decided_by", "campaign_item__campaign"
     )
 
 
@@ -407,6 +407,9 @@ def review_queue(request: HttpRequest, access: TenantAccess) -> HttpResponse:
     queryset = _promotions(access)
     if status != ALL:
         queryset = queryset.filter(status=status)
+    campaign = request.GET.get("campaign", "")[:32]
+    if campaign:  # one campaign's requests in this tenant, together
+        queryset = queryset.filter(campaign_item__campaign_id=campaign)
     page = paginate(request, queryset, PER_PAGE)
     rows = [
         QueueRow(
