@@ -39,9 +39,10 @@ def test_the_form_starts_a_campaign_and_its_page_shows_each_tenant(
     assert page.status_code == 200 and b"New campaign" in page.content
 
     # A wrong slug: the form answers 400 naming it, and nothing is created.
-    bad = staff.post("/staff/campaigns/", {"model_name": "intents", "tenants": "acme nope",
-                                           "recipe": "base", "base_model": "tiny-bert",
-                                           "target": "staging", "trigger": "now", "weight": 1})  # fmt: skip
+    form = {"model_name": "intents", "tenants": "acme nope", "recipe": "base",
+            "base_model": "tiny-bert", "target": "staging", "trigger": "now",
+            "weight": 1}  # fmt: skip
+    bad = staff.post("/staff/campaigns/", form)
     assert bad.status_code == 400 and b"No such tenant(s): nope" in bad.content
     assert not Campaign.objects.exists()
 
