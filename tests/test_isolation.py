@@ -45,6 +45,8 @@ GLOBAL_ROUTES = {
     "api/v1/campaigns/<str:campaign_id>/cancel",
     "api/v1/campaigns/<str:campaign_id>/approve",
     "api/v1/campaigns/<str:campaign_id>/reject",
+    # Staff only: model health across tenants (test_model_health).
+    "api/v1/model-health/",
     "api/v1/schema/",
     "api/v1/docs/",
 }
@@ -197,7 +199,8 @@ def test_global_routes_show_an_outsider_nothing_of_other_tenants(victim_objects,
                          ("get", "/api/v1/campaigns/cmp_x/items/"),
                          ("post", "/api/v1/campaigns/cmp_x/cancel"),
                          ("post", "/api/v1/campaigns/cmp_x/approve"),
-                         ("post", "/api/v1/campaigns/cmp_x/reject")]:  # fmt: skip
+                         ("post", "/api/v1/campaigns/cmp_x/reject"),
+                         ("get", "/api/v1/model-health/")]:  # fmt: skip
         assert outsider.api(method, path, {"promotions": "passing"}).status_code == 403, path
     assert admin.user.__class__.objects.get(pk=admin.user.pk).is_active
     catalogue = outsider.api("get", "/api/v1/base-models/").json()

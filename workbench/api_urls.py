@@ -11,6 +11,7 @@ from apps.evaluation import api as evaluation_api
 from apps.notebooks.urls import api_tenant_patterns as notebook_patterns
 from apps.promotions import api as promotions_api
 from apps.registry import api as registry_api
+from apps.registry import health_api
 from apps.tenants import api as tenants_api
 from apps.training import api as training_api
 
@@ -146,6 +147,7 @@ urlpatterns = [
         name="shared-dataset-version-list",
     ),
     path("fleet/", deployments_api.FleetApi.as_view(), name="fleet"),
+    path("model-health/", health_api.ModelHealthApi.as_view(), name="model-health"),
     path("campaigns/", campaigns_api.CampaignListCreateApi.as_view(), name="campaign-list"),
     path(
         "campaigns/<str:campaign_id>/",

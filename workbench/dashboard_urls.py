@@ -91,6 +91,7 @@ urlpatterns = [
     path("staff/tenants/", tenant_views.tenants_page, name="tenants-page"),
     path("staff/users/", tenant_views.users_page, name="users-page"),
     path("staff/campaigns/", campaign_views.campaigns_page, name="campaigns-page"),
+    path("staff/model-health/", registry_views.model_health_page, name="model-health-page"),
     path("staff/campaigns/<str:campaign_id>/", campaign_views.campaign_page, name="campaign-page"),
     path(
         "staff/campaigns/<str:campaign_id>/cancel/",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
 
 from apps.registry import selectors
-from apps.registry.models import ArtifactFormat, ModelVersion
+from apps.registry.models import ArtifactFormat, ModelKind, ModelVersion
 from apps.tenants.dashboard import paginate, render_tenant, tenant_view
 from apps.tenants.scoping import TenantAccess
+from apps.tenants.views import staff_view
 
 MODELS_PER_PAGE = 50
 VERSIONS_PER_PAGE = 50
@@ -63,3 +65,37 @@ def _base_name(version: ModelVersion) -> str:
         return base_models.get(version.run.base_model).base or version.run.base_model
     except base_models.UnknownBaseModel:  # a base since taken out of the catalogue
         return version.run.base_model
+
+
+@require_http_methods(["GET", "HEAD"])
+@staff_view
+def model_health_page(request: HttpRequest) -> HttpResponse:
+    """Staff: model health across every tenant, one model kind at a time."""
+    from apps.registry.health import model_health
+    from apps.registry.health_api import HealthQuerySerializer
+
+    query = HealthQuerySerializer(data=request.GET)
+    params = query.validated_data if query.is_valid() else {"kind": "classifier"}
+    health = model_health(**params)
+    spreads = [
+        {
+            "spread": s,
+            "bars": [
+                {
+                    "n": n,
+                    "low": i / len(s.histogram),
+                    "height": round(100 * n / max(1, max(s.histogram))),
+                }
+                for i, n in enumerate(s.histogram)
+            ],
+        }
+        for s in health.metrics
+    ]
+    context = {
+        "health": health,
+        "spreads": spreads,
+        "kinds": ModelKind.choices,
+        "errors": query.errors,
+        "nav_section": "model-health-page",
+    }
+    return render(request, "registry/health.html", context, status=400 if query.errors else 200)

@@ -1,0 +1,172 @@
+"""Model health across tenants, for staff: how good the models in production are, which
+versions measured worse than their champion, which production models are old, and which
+tenants have none in production — of one model kind at a time."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from apps.datasets.models import DatasetKind
+from apps.evaluation.models import EvalStatus, Evaluation
+from apps.evaluation.services import AUTOCOMPLETE_HEADLINE, RETRIEVAL_HEADLINE
+from apps.promotions.models import PromotionRequest
+from apps.registry.models import ModelKind, ModelVersion, Stage
+from apps.tenants.models import Tenant
+
+HEALTH_METRICS: dict[str, tuple[str, ...]] = {
+    ModelKind.CLASSIFIER: ("macro_f1", "accuracy"),
+    ModelKind.EMBEDDING: RETRIEVAL_HEADLINE,
+    ModelKind.AUTOCOMPLETE: AUTOCOMPLETE_HEADLINE,
+}
+BINS = 10
+# Promotion requests read for regressions: the newest this many (a request per version
+# that was put up; older ones speak of versions long superseded).
+RECENT_PROMOTIONS = 5000
+
+
+@dataclass
+class MetricSpread:
+    metric: str
+    count: int
+    min: float | None
+    p10: float | None
+    p50: float | None
+    p90: float | None
+    max: float | None
+    histogram: list[int]  # BINS equal bins over [0, 1]
+
+
+@dataclass
+class Health:
+    kind: str
+    production_versions: int
+    metrics: list[MetricSpread]
+    regressed: list[dict[str, Any]]
+    stale: list[dict[str, Any]]
+    stale_count: int
+    no_production_count: int
+    no_production: list[str]
+    older_than_days: int
+    limit: int = field(default=100)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[max(0, int(q * 100) - 1)]
+
+
+def _spread(metric: str, values: list[float]) -> MetricSpread:
+    histogram = [0] * BINS
+    for value in values:
+        histogram[min(BINS - 1, max(0, int(value * BINS)))] += 1
+    if not values:
+        return MetricSpread(metric, 0, None, None, None, None, None, histogram)
+    return MetricSpread(
+        metric=metric,
+        count=len(values),
+        min=round(min(values), 4),
+        p10=round(_quantile(values, 0.10), 4),
+        p50=round(statistics.median(values), 4),
+        p90=round(_quantile(values, 0.90), 4),
+        max=round(max(values), 4),
+        histogram=histogram,
+    )
+
+
+def model_health(*, kind: str, older_than_days: int = 90, limit: int = 100) -> Health:
+    production = ModelVersion.objects.filter(
+        stage=Stage.PRODUCTION, registered_model__kind=kind
+    ).select_related("registered_model__tenant")
+    versions = {v.pk: v for v in production}
+    # Each production version's golden metrics: the mean over its tenant's golden sets.
+    per_version: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for version_id, metrics in Evaluation.objects.filter(
+        model_version_id__in=list(versions),
+        status=EvalStatus.SUCCEEDED,
+        dataset_version__dataset__kind=DatasetKind.GOLDEN,
+    ).values_list("model_version_id", "metrics"):
+        for metric in HEALTH_METRICS.get(kind, ()):
+            value = (metrics or {}).get(metric)
+            if isinstance(value, int | float):
+                per_version[version_id][metric].append(float(value))
+    spreads = [
+        _spread(metric, [statistics.fmean(m[metric]) for m in per_version.values() if m[metric]])
+        for metric in HEALTH_METRICS.get(kind, ())
+    ]
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    old = sorted(
+        (v for v in versions.values() if v.created_at < cutoff), key=lambda v: v.created_at
+    )
+    stale = [
+        {
+            "tenant": v.registered_model.tenant.slug,
+            "model": v.registered_model.name,
+            "version": v.number,
+            "model_version": v.pk,
+            "age_days": (timezone.now() - v.created_at).days,
+        }
+        for v in old[:limit]
+    ]
+    with_production = ModelVersion.objects.filter(
+        stage=Stage.PRODUCTION, registered_model__kind=kind
+    ).values("registered_model__tenant_id")
+    missing = Tenant.objects.exclude(pk__in=with_production).order_by("slug")
+    return Health(
+        kind=kind,
+        production_versions=len(versions),
+        metrics=spreads,
+        regressed=_regressed(kind, limit),
+        stale=stale,
+        stale_count=len(old),
+        no_production_count=missing.count(),
+        no_production=list(missing.values_list("slug", flat=True)[:limit]),
+        older_than_days=older_than_days,
+        limit=limit,
+    )
+
+
+def _regressed(kind: str, limit: int) -> list[dict[str, Any]]:
+    """Versions whose latest request measured them below their champion (or yardstick) on a
+    regression metric: each such gate row with its values and the gap."""
+    seen: set[str] = set()
+    found: list[dict[str, Any]] = []
+    recent = (
+        PromotionRequest.objects.filter(model_version__registered_model__kind=kind)
+        .exclude(gate_results=[])
+        .select_related("tenant", "model_version__registered_model")
+        .order_by("-created_at")[:RECENT_PROMOTIONS]
+    )
+    for promotion in recent:
+        if promotion.model_version_id in seen:
+            continue
+        seen.add(promotion.model_version_id)
+        for row in promotion.gate_results:
+            value, best = row.get("value"), row.get("champion_value")
+            if not str(row.get("gate", "")).startswith("regression vs") or None in (value, best):
+                continue
+            if float(value) < float(best):
+                found.append({
+                    "tenant": promotion.tenant.slug,
+                    "model": promotion.model_version.registered_model.name,
+                    "version": promotion.model_version.number,
+                    "model_version": promotion.model_version_id,
+                    "promotion": promotion.pk,
+                    "status": promotion.status,
+                    "against": str(row["gate"]).removeprefix("regression vs "),
+                    "dataset": row.get("dataset_name") or row.get("dataset"),
+                    "metric": row.get("metric"),
+                    "value": float(value),
+                    "champion_value": float(best),
+                    "delta": round(float(value) - float(best), 4),
+                })  # fmt: skip
+        if len(found) >= limit:
+            break
+    return found[:limit]
