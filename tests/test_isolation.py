@@ -38,6 +38,7 @@ GLOBAL_ROUTES = {
     "api/v1/users/",
     "api/v1/users/<str:username>/",
     "api/v1/users/<str:username>/password-link",
+    "api/v1/users/<str:username>/org-roles",
     # Staff only (403 to anyone else): campaigns across tenants (test_campaigns).
     "api/v1/campaigns/",
     "api/v1/campaigns/<str:campaign_id>/",

@@ -177,6 +177,11 @@ urlpatterns = [
     path("users/", tenants_api.UserListCreateApi.as_view(), name="user-list"),
     path("users/<str:username>/", tenants_api.UserDetailApi.as_view(), name="user-detail"),
     path(
+        "users/<str:username>/org-roles",
+        tenants_api.UserOrgRolesApi.as_view(),
+        name="user-org-roles",
+    ),
+    path(
         "users/<str:username>/password-link",
         tenants_api.UserPasswordLinkApi.as_view(),
         name="user-password-link",

@@ -7,7 +7,7 @@ from typing import Any
 import django_filters
 from django.http import Http404
 from drf_spectacular.utils import extend_schema, extend_schema_field
-from rest_framework import generics, permissions, serializers, status
+from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -22,15 +22,12 @@ from apps.campaigns.models import (
 )
 from apps.core.api import Pagination, default_permissions_and
 from apps.promotions.models import PromotionRequest, PromotionStatus, Target
+from apps.tenants.api import OrgOperator, OrgOperatorOrReviewer
 from apps.tenants.auth import request_via
 from apps.tenants.models import Tenant
 
 MAX_LISTED_TENANTS = 10_000
 MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,99}\Z"
-
-
-class IsStaff(permissions.IsAdminUser):
-    message = "Only staff (platform) users run campaigns across tenants."
 
 
 @extend_schema_field(
@@ -314,7 +311,7 @@ class CampaignListCreateApi(generics.ListAPIView[Campaign]):
     """Staff: every campaign, newest first (``?status=``, ``?model=``); POST starts one."""
 
     serializer_class = CampaignOutputSerializer
-    permission_classes = default_permissions_and(IsStaff)
+    permission_classes = default_permissions_and(OrgOperator)
     filterset_class = CampaignFilter
     queryset = Campaign.objects.select_related("created_by")
 
@@ -331,7 +328,7 @@ class CampaignListCreateApi(generics.ListAPIView[Campaign]):
 
 class CampaignDetailApi(CampaignScopedMixin, generics.GenericAPIView[Campaign]):
     serializer_class = CampaignOutputSerializer
-    permission_classes = default_permissions_and(IsStaff)
+    permission_classes = default_permissions_and(OrgOperatorOrReviewer)
     queryset = Campaign.objects.all()
 
     def get(self, request: Request, campaign_id: str) -> Response:
@@ -347,7 +344,7 @@ class CampaignItemListApi(CampaignScopedMixin, generics.ListAPIView[CampaignItem
     promotion request with every gate (value, threshold, pass) and a regressed flag."""
 
     serializer_class = ItemOutputSerializer
-    permission_classes = default_permissions_and(IsStaff)
+    permission_classes = default_permissions_and(OrgOperatorOrReviewer)
     filterset_class = ItemFilter
     pagination_class = ItemPagination
     queryset = CampaignItem.objects.none()
@@ -360,7 +357,7 @@ class CampaignItemListApi(CampaignScopedMixin, generics.ListAPIView[CampaignItem
 
 class CampaignCancelApi(CampaignScopedMixin, generics.GenericAPIView[Campaign]):
     serializer_class = CampaignOutputSerializer
-    permission_classes = default_permissions_and(IsStaff)
+    permission_classes = default_permissions_and(OrgOperator)
     queryset = Campaign.objects.all()
 
     @extend_schema(request=None, responses=CampaignOutputSerializer)
@@ -423,7 +420,7 @@ class DecisionOutputSerializer(serializers.Serializer[Any]):
 
 class _CampaignDecideApi(CampaignScopedMixin, generics.GenericAPIView[Campaign]):
     serializer_class = DecisionOutputSerializer
-    permission_classes = default_permissions_and(IsStaff)
+    permission_classes = default_permissions_and(OrgOperatorOrReviewer)
     queryset = Campaign.objects.all()
     approve = True
 

@@ -16,7 +16,11 @@ from apps.campaigns.api import CampaignFilter, CampaignInputSerializer, ItemFilt
 from apps.campaigns.forms import CampaignForm
 from apps.campaigns.models import MOVING, Campaign, CampaignStatus
 from apps.core.errors import DomainError, InvalidInput
-from apps.tenants.views import staff_view
+from apps.tenants.models import OrgRole
+from apps.tenants.views import org_view
+
+OPERATOR = org_view(OrgRole.OPERATOR)
+OPERATOR_OR_REVIEWER = org_view(OrgRole.OPERATOR, OrgRole.REVIEWER)
 
 SECTION = "campaigns-page"
 VIA = "dashboard"
@@ -26,7 +30,7 @@ ERROR_FIELDS = {"recipe": "base_model"}
 
 
 @require_http_methods(["GET", "HEAD", "POST"])
-@staff_view
+@OPERATOR
 def campaigns_page(request: HttpRequest) -> HttpResponse:
     form = CampaignForm()
     status = 200
@@ -76,7 +80,7 @@ def _campaign_or_404(campaign_id: str) -> Campaign:
 
 
 @require_http_methods(["GET", "HEAD"])
-@staff_view
+@OPERATOR_OR_REVIEWER
 def campaign_page(request: HttpRequest, campaign_id: str) -> HttpResponse:
     campaign = _campaign_or_404(campaign_id)
     progress = services.campaign_progress(campaign)
@@ -134,7 +138,7 @@ def _bars(progress: services.Progress) -> list[dict[str, Any]]:
 
 
 @require_POST
-@staff_view
+@OPERATOR
 def campaign_cancel(request: HttpRequest, campaign_id: str) -> HttpResponse:
     campaign = _campaign_or_404(campaign_id)
     try:
@@ -147,7 +151,7 @@ def campaign_cancel(request: HttpRequest, campaign_id: str) -> HttpResponse:
 
 
 @require_POST
-@staff_view
+@OPERATOR_OR_REVIEWER
 def campaign_decide(request: HttpRequest, campaign_id: str) -> HttpResponse:
     """The batch form: approve or reject the ticked requests, or every passing one."""
     campaign = _campaign_or_404(campaign_id)

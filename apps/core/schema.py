@@ -39,6 +39,7 @@ NO_CONFLICT: dict[str, frozenset[str]] = {
     "EvaluationListCreateApi": frozenset({"POST"}),
     "PolicyDetailApi": frozenset({"PUT"}),
     "TokenDetailApi": frozenset({"DELETE"}),
+    "UserOrgRolesApi": frozenset({"PUT"}),
 }
 
 # Operations that depend on a service outside the database and answer 503 while it does

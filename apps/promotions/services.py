@@ -265,8 +265,13 @@ def _nudge_campaign(promotion_id: str) -> None:
 
 
 def _can_review(user: Any, tenant: Tenant) -> bool:
+    """A reviewer or admin of the tenant, or a holder of the org-level reviewer role."""
+    from apps.tenants.models import OrgRole, OrgRoleGrant
+
     membership = Membership.objects.filter(user=user, tenant=tenant).first()
-    return membership is not None and ROLE_RANK[Role(membership.role)] >= ROLE_RANK[Role.REVIEWER]
+    if membership is not None and ROLE_RANK[Role(membership.role)] >= ROLE_RANK[Role.REVIEWER]:
+        return True
+    return OrgRoleGrant.objects.filter(user=user, role=OrgRole.REVIEWER).exists()
 
 
 def _decide(
@@ -302,7 +307,8 @@ def _decide(
             )
         if not _can_review(actor, locked.tenant):
             raise DomainError(
-                "Only reviewers and admins of this tenant decide promotions.",
+                "Only reviewers and admins of this tenant (or org-level reviewers) decide "
+                "promotions.",
                 code="not_reviewer",
                 status=locked.status,
             )

@@ -5,17 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, permissions, serializers
+from rest_framework import generics, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.api import default_permissions_and
 from apps.registry.health import BINS, model_health
 from apps.registry.models import ModelKind
-
-
-class IsStaff(permissions.IsAdminUser):
-    message = "Only staff (platform) users see model health across tenants."
+from apps.tenants.api import OrgOperatorOrReviewer
 
 
 class HealthQuerySerializer(serializers.Serializer[Any]):
@@ -85,7 +82,7 @@ class ModelHealthApi(generics.GenericAPIView[Any]):
     versions older than ``older_than_days``, and the tenants with none in production."""
 
     serializer_class = HealthSerializer
-    permission_classes = default_permissions_and(IsStaff)
+    permission_classes = default_permissions_and(OrgOperatorOrReviewer)
 
     @extend_schema(parameters=[HealthQuerySerializer], responses=HealthSerializer)
     def get(self, request: Request) -> Response:

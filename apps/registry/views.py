@@ -9,8 +9,9 @@ from django.views.decorators.http import require_http_methods
 from apps.registry import selectors
 from apps.registry.models import ArtifactFormat, ModelKind, ModelVersion
 from apps.tenants.dashboard import paginate, render_tenant, tenant_view
+from apps.tenants.models import OrgRole
 from apps.tenants.scoping import TenantAccess
-from apps.tenants.views import staff_view
+from apps.tenants.views import org_view
 
 MODELS_PER_PAGE = 50
 VERSIONS_PER_PAGE = 50
@@ -68,7 +69,7 @@ def _base_name(version: ModelVersion) -> str:
 
 
 @require_http_methods(["GET", "HEAD"])
-@staff_view
+@org_view(OrgRole.OPERATOR, OrgRole.REVIEWER)
 def model_health_page(request: HttpRequest) -> HttpResponse:
     """Staff: model health across every tenant, one model kind at a time."""
     from apps.registry.health import model_health

@@ -13,7 +13,7 @@ from apps.core.api import default_permissions_and
 from apps.tenants import selectors, services, users
 from apps.tenants.auth import request_via
 from apps.tenants.filters import TenantFilter, UserFilter
-from apps.tenants.models import ApiToken, Membership, Role, Tenant, slug_validator
+from apps.tenants.models import ApiToken, Membership, OrgRole, Role, Tenant, slug_validator
 from apps.tenants.scoping import TenantScopedMixin
 
 
@@ -385,6 +385,26 @@ class IsStaff(permissions.IsAdminUser):
     message = "Only staff (platform) users manage user accounts."
 
 
+class HasOrgRole(permissions.BasePermission):
+    """Staff, or a holder of one of ``roles`` (org-level: over every tenant)."""
+
+    roles: tuple[str, ...] = ()
+    message = "Only staff and org-level roles work across tenants."
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        return users.has_org_role(request.user, *self.roles)
+
+
+class OrgOperator(HasOrgRole):
+    roles = (OrgRole.OPERATOR,)
+    message = "Only staff and org-level operators run campaigns and see model health."
+
+
+class OrgOperatorOrReviewer(HasOrgRole):
+    roles = (OrgRole.OPERATOR, OrgRole.REVIEWER)
+    message = "Only staff and org-level operators or reviewers decide a campaign's requests."
+
+
 def absolute_link(request: Request, created: users.CreatedUser) -> str | None:
     return request.build_absolute_uri(created.password_link) if created.password_link else None
 
@@ -461,3 +481,35 @@ class UserPasswordLinkApi(generics.GenericAPIView[Any]):
         )
         response["Cache-Control"] = "no-store"
         return response
+
+
+class OrgRolesSerializer(serializers.Serializer[Any]):
+    org_roles = serializers.ListField(
+        child=serializers.ChoiceField(choices=OrgRole.choices),
+        max_length=len(OrgRole.choices),
+        help_text="reviewer: decides promotion requests in every tenant (four eyes still "
+        "hold); operator: runs campaigns and sees model health across tenants.",
+    )
+
+
+class UserOrgRolesApi(generics.GenericAPIView[Any]):
+    """Staff only: a user's org-level roles, over every tenant; PUT replaces them."""
+
+    serializer_class = OrgRolesSerializer
+    permission_classes = default_permissions_and(IsStaff)
+
+    def get(self, request: Request, username: str) -> Response:
+        return Response({"org_roles": users.org_roles_of(account_or_404(username))})
+
+    @extend_schema(request=OrgRolesSerializer, responses=OrgRolesSerializer)
+    def put(self, request: Request, username: str) -> Response:
+        user = account_or_404(username)
+        data = OrgRolesSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        roles = users.org_roles_set(
+            actor=request.user,
+            user=user,
+            roles=data.validated_data["org_roles"],
+            via=request_via(request),
+        )
+        return Response({"org_roles": roles})

@@ -109,3 +109,27 @@ class ApiToken(models.Model):
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class OrgRole(models.TextChoices):
+    """Roles over every tenant at once, granted by staff."""
+
+    # Decides promotion requests in every tenant (four eyes still hold).
+    REVIEWER = "reviewer", "Reviewer in every tenant"
+    # Runs campaigns across tenants and sees cross-tenant model health.
+    OPERATOR = "operator", "Operator of campaigns and model health"
+
+
+class OrgRoleGrant(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="org_roles"
+    )
+    role = models.CharField(max_length=16, choices=OrgRole.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["role"]
+        constraints = [models.UniqueConstraint(fields=["user", "role"], name="org_role_once")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}: {self.role}"

@@ -22,7 +22,7 @@ from oauth2_provider.models import get_access_token_model, get_refresh_token_mod
 from apps.audit.services import audit_record
 from apps.core.errors import DomainError
 from apps.notebooks.models import ACTIVE, NotebookServer
-from apps.tenants.models import ApiToken
+from apps.tenants.models import ApiToken, OrgRoleGrant
 from apps.tenants.services import user_create
 from apps.tenants.tasks import stop_user_notebooks
 
@@ -165,3 +165,39 @@ def _stop_notebooks_on_commit(user: Any, actor: Any) -> list[str]:
         actor_id = actor.pk if actor is not None else None
         transaction.on_commit(lambda: stop_user_notebooks.delay(user.pk, actor_id))
     return servers
+
+
+def org_roles_of(user: Any) -> list[str]:
+    if not getattr(user, "is_authenticated", False):
+        return []
+    return sorted(OrgRoleGrant.objects.filter(user=user).values_list("role", flat=True))
+
+
+def has_org_role(user: Any, *roles: str) -> bool:
+    """Whether the user holds one of these org-level roles (staff hold them all)."""
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    if user.is_staff:
+        return True
+    return OrgRoleGrant.objects.filter(user=user, role__in=roles).exists()
+
+
+@transaction.atomic
+def org_roles_set(*, actor: Any, user: Any, roles: list[str], via: str = "") -> list[str]:
+    """Make ``roles`` the user's org-level roles (granted and revoked to match), audited."""
+    before = org_roles_of(user)
+    wanted = sorted(set(roles))
+    OrgRoleGrant.objects.filter(user=user).exclude(role__in=wanted).delete()
+    for role in wanted:
+        OrgRoleGrant.objects.get_or_create(user=user, role=role)
+    if before != wanted:
+        audit_record(
+            actor=actor,
+            tenant=None,
+            verb="user.org_roles",
+            obj=user,
+            before={"org_roles": before},
+            after={"org_roles": wanted},
+            via=via,
+        )
+    return wanted

@@ -216,6 +216,23 @@ def staff_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]
     return login_required(wrapper)
 
 
+def org_view(*roles: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Signed in and staff, or holding one of these org-level roles; anyone else gets the
+    403 page saying so."""
+
+    def decorate(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if not users.has_org_role(request.user, *roles):
+                message = "Only staff and org-level roles work across tenants."
+                return render(request, "403.html", {"exception": message}, status=403)
+            return view(request, *args, **kwargs)
+
+        return login_required(wrapper)
+
+    return decorate
+
+
 def _valid_for(seconds: int) -> str:
     if seconds >= 2 * 86400:
         return f"{seconds // 86400} days"
