@@ -127,14 +127,22 @@ BAR_ORDER = [
 ]  # fmt: skip
 
 
+BAR_WIDTH = 1000  # the stacked bar's viewBox width; each status a share of it
+
+
 def _bars(progress: services.Progress) -> list[dict[str, Any]]:
     total = progress.total or 1
-    return [
-        {"status": status, "tone": tone, "n": progress.counts[status],
-         "percent": round(100 * progress.counts[status] / total, 1)}
-        for status, tone in BAR_ORDER
-        if progress.counts.get(status)
-    ]  # fmt: skip
+    bars, x = [], 0.0
+    for status, tone in BAR_ORDER:
+        n = progress.counts.get(status)
+        if not n:
+            continue
+        width = BAR_WIDTH * n / total
+        bars.append({"status": status, "tone": tone, "n": n, "x": round(x, 1),
+                     "width": round(width, 1), "text_x": round(x + width / 2, 1),
+                     "percent": round(100 * n / total, 1)})  # fmt: skip
+        x += width
+    return bars
 
 
 @require_POST

@@ -85,7 +85,9 @@ def model_health_page(request: HttpRequest) -> HttpResponse:
                 {
                     "n": n,
                     "low": i / len(s.histogram),
-                    "height": round(100 * n / max(1, max(s.histogram))),
+                    "x": i * 20 + 1,
+                    "height": round(78 * n / max(1, max(s.histogram)), 1),
+                    "y": round(80 - 78 * n / max(1, max(s.histogram)), 1),
                 }
                 for i, n in enumerate(s.histogram)
             ],
