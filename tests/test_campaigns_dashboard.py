@@ -80,12 +80,20 @@ def test_batch_review_approves_the_ticked_and_reports_the_refused(tenant, artifa
     promotion = PromotionRequest.objects.create(
         tenant=tenant, model_version=version, target="staging", artifact_sha256=version.sha256,
         status="awaiting_approval", requested_by=creator.user,
+        gate_results=[{"gate": "regression vs champion", "dataset": "dv_x",
+                       "dataset_name": "golden", "metric": "macro_f1", "op": ">=",
+                       "threshold": 0.7, "value": 0.8, "passed": True, "champion_value": 0.9}],
     )  # fmt: skip
     CampaignItem.objects.filter(campaign=campaign).update(
         state=ItemState.REVIEW, run=version.run, promotion=promotion
     )
     page = signed_in(creator).get(f"/staff/campaigns/{campaign.pk}/").content.decode()
     assert f'name="promotion" value="{promotion.pk}"' in page and "1 request awaits" in page
+    # Within the allowed regression, yet below the champion: flagged, with the delta.
+    assert "regressed</span>" in page and "(champion 0.900, Δ -0.100)" in page
+    (item,) = creator.api("get", f"/api/v1/campaigns/{campaign.pk}/items/").json()["results"]
+    assert item["promotion"]["regressed"] is True and item["promotion"]["passed"] is True
+    assert item["promotion"]["gates"][0]["delta"] == -0.1
 
     # The requester ticks it: refused, by name, and it still awaits a decision.
     refused = signed_in(creator).post(

@@ -232,6 +232,13 @@ class GateResultSerializer(serializers.Serializer[Any]):
     value = serializers.FloatField(allow_null=True)
     passed = serializers.BooleanField()
     champion_value = serializers.FloatField(required=False)
+    delta = serializers.SerializerMethodField(
+        help_text="value minus the champion's (or the yardstick's), on a regression gate"
+    )
+
+    def get_delta(self, row: dict[str, Any]) -> float | None:
+        value, best = row.get("value"), row.get("champion_value")
+        return None if value is None or best is None else round(float(value) - float(best), 4)
 
 
 class ItemPromotionSerializer(serializers.ModelSerializer[PromotionRequest]):

@@ -103,8 +103,8 @@ def campaign_page(request: HttpRequest, campaign_id: str) -> HttpResponse:
             "item": item,
             "promotion": item.promotion,
             "regressed": item.promotion is not None and services.regressed(item.promotion),
-            "failing": [r for r in (item.promotion.gate_results if item.promotion else [])
-                        if not r.get("passed")],
+            "gates": [_with_delta(r) for r in (item.promotion.gate_results if item.promotion
+                                               else [])],
         }
         for item in page
     ]  # fmt: skip
@@ -117,6 +117,12 @@ def campaign_page(request: HttpRequest, campaign_id: str) -> HttpResponse:
         }
     )
     return render(request, "campaigns/detail.html", context)
+
+
+def _with_delta(row: dict[str, Any]) -> dict[str, Any]:
+    value, best = row.get("value"), row.get("champion_value")
+    delta = None if value is None or best is None else float(value) - float(best)
+    return {**row, "delta": delta}
 
 
 # The order the progress bar shows statuses in, with a colour class each.
