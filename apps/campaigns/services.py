@@ -41,7 +41,7 @@ from apps.campaigns.models import (
 )
 from apps.core.errors import DomainError, InvalidInput
 from apps.datasets.models import DatasetKind, DatasetVersion
-from apps.promotions.models import PromotionRequest, PromotionStatus
+from apps.promotions.models import BROKEN, PromotionRequest, PromotionStatus
 from apps.tenants.models import Tenant
 from apps.training.models import RunStatus, TrainingRun
 
@@ -489,7 +489,7 @@ def _after_gates(item: CampaignItem) -> bool:
             for r in failing
         )
         return _skip(item, SkipReason.GATES_FAILED, detail or "a gate failed")
-    if promotion.status == PromotionStatus.FAILED:
+    if promotion.status in BROKEN:
         return _skip(item, SkipReason.PROMOTION_FAILED, promotion.failure or "failed")
     item.state = ItemState.REVIEW
     item.save(update_fields=["state", "updated_at"])

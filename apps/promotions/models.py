@@ -19,6 +19,8 @@ class PromotionStatus(models.TextChoices):
 
 
 OPEN = (PromotionStatus.CHECKING, PromotionStatus.AWAITING_APPROVAL)
+# Ended without a decision to make: its evaluations could not run (or its deployment failed).
+BROKEN = (PromotionStatus.FAILED,)
 
 
 class Target(models.TextChoices):
