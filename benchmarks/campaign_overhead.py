@@ -55,30 +55,18 @@ from benchmarks._common import (
     mem_total_gib,
     record,
 )
-from benchmarks.run_start_latency import BANKING77, ENV_DROP, REDIS_URL, django_env
+from benchmarks.run_start_latency import (
+    BANKING77,
+    ENV_DROP,
+    REDIS_URL,
+    banking_slice,
+    django_env,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGET_OVERHEAD = 0.10
 PARAMS = {"epochs": 1, "batch_size": 16, "max_length": 32, "learning_rate": 0.003}
-
-
-def slices(per_label: int, offset: int) -> bytes:
-    import csv
-    import io
-    from collections import defaultdict
-
-    by_label: dict[str, list[str]] = defaultdict(list)
-    with BANKING77.open(encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh):
-            by_label[row["category"]].append(row["text"])
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["text", "label"])
-    for label in sorted(by_label)[:6]:
-        for text in by_label[label][offset : offset + per_label]:
-            writer.writerow([text, label])
-    return out.getvalue().encode()
 
 
 def setup(var_dir: Path, tenants: int) -> Any:
@@ -103,7 +91,7 @@ def setup(var_dir: Path, tenants: int) -> Any:
     staff = tenant_services.user_create(
         username="campaigner", password=secrets.token_urlsafe(24), is_staff=True
     )
-    train, golden = slices(10, 0), slices(4, 10)
+    train, golden = banking_slice(per_label=10), banking_slice(per_label=4, offset=10)
     for i in range(tenants):
         tenant = tenant_services.tenant_create(actor=None, slug=f"t{i:04d}", name=f"Tenant {i}")
         for name, kind, data in (("intents", "training", train), ("golden", "golden", golden)):

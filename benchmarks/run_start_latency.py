@@ -215,7 +215,7 @@ def setup_workbench(var_dir: Path, data: bytes) -> Setup:
     return Setup(tenant=tenant.slug, token=secret, version=str(version.pk))
 
 
-def banking_slice(labels: int = 6, per_label: int = 24) -> bytes:
+def banking_slice(labels: int = 6, per_label: int = 24, offset: int = 0) -> bytes:
     by_label: dict[str, list[str]] = defaultdict(list)
     with BANKING77.open(encoding="utf-8", newline="") as fh:
         for row in csv.DictReader(fh):
@@ -224,7 +224,7 @@ def banking_slice(labels: int = 6, per_label: int = 24) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["text", "label"])
     for label in sorted(by_label)[:labels]:
-        for text in by_label[label][:per_label]:
+        for text in by_label[label][offset : offset + per_label]:
             writer.writerow([text, label])
     return out.getvalue().encode()
 

@@ -21,12 +21,21 @@ from apps.campaigns.models import (
     Trigger,
 )
 from apps.core.api import Pagination, default_permissions_and
+from apps.promotions.gates import champion_delta
 from apps.promotions.models import PromotionRequest, PromotionStatus, Target
 from apps.tenants.api import OrgOperator, OrgOperatorOrReviewer
 from apps.tenants.auth import request_via
 from apps.tenants.models import Tenant
 
 MAX_LISTED_TENANTS = 10_000
+MAX_LISTED_PROMOTIONS = 10_000
+
+
+def _plain_strings(values: list[Any]) -> bool:
+    """Every value a non-empty string without a NUL (PostgreSQL refuses one in a query)."""
+    return all(isinstance(v, str) and v and "\x00" not in v for v in values)
+
+
 MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,99}\Z"
 
 
@@ -52,7 +61,7 @@ class TenantSelectionField(serializers.Field):  # type: ignore[type-arg]
             raise serializers.ValidationError(
                 f'Give "all" or a list of 1 to {MAX_LISTED_TENANTS} tenant slugs.'
             )
-        if not all(isinstance(s, str) and s and "\x00" not in s for s in data):
+        if not _plain_strings(data):
             raise serializers.ValidationError("Each tenant is named by its slug (a string).")
         slugs = list(dict.fromkeys(data))
         known = set(Tenant.objects.filter(slug__in=slugs).values_list("slug", flat=True))
@@ -237,8 +246,8 @@ class GateResultSerializer(serializers.Serializer[Any]):
     )
 
     def get_delta(self, row: dict[str, Any]) -> float | None:
-        value, best = row.get("value"), row.get("champion_value")
-        return None if value is None or best is None else round(float(value) - float(best), 4)
+        delta = champion_delta(row)
+        return None if delta is None else round(delta, 4)
 
 
 class ItemPromotionSerializer(serializers.ModelSerializer[PromotionRequest]):
@@ -379,7 +388,12 @@ class CampaignCancelApi(CampaignScopedMixin, generics.GenericAPIView[Campaign]):
     {
         "oneOf": [
             {"type": "string", "enum": ["passing"]},
-            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 10_000},
+            {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "maxItems": MAX_LISTED_PROMOTIONS,
+            },
         ],
         "description": '"passing": every request of the campaign awaiting approval (its gates '
         "passed); or the promotion request ids to decide.",
@@ -392,8 +406,8 @@ class PromotionSelectionField(serializers.Field):  # type: ignore[type-arg]
         if (
             not isinstance(data, list)
             or not data
-            or len(data) > 10_000
-            or not all(isinstance(p, str) and p and "\x00" not in p for p in data)
+            or len(data) > MAX_LISTED_PROMOTIONS
+            or not _plain_strings(data)
         ):
             raise serializers.ValidationError('"passing", or a list of promotion request ids.')
         return data

@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Case, CharField, Count, F, QuerySet, When
 from django.utils import timezone
 
@@ -41,6 +41,7 @@ from apps.campaigns.models import (
 )
 from apps.core.errors import DomainError, InvalidInput
 from apps.datasets.models import DatasetKind, DatasetVersion
+from apps.promotions.gates import champion_delta
 from apps.promotions.models import BROKEN, PromotionRequest, PromotionStatus
 from apps.tenants.models import Tenant
 from apps.training.models import RunStatus, TrainingRun
@@ -129,37 +130,36 @@ def campaign_create(
     return campaign
 
 
-def _fire(campaign: Campaign) -> int:
+def _fire(campaign: Campaign) -> None:
     """Create the items of every trigger firing that is due; the unique (campaign, tenant,
-    trigger key) makes a second call create nothing. Returns how many it created."""
+    trigger key) makes a second call create nothing."""
     if campaign.status != CampaignStatus.ACTIVE:
-        return 0
+        return
     now = timezone.now()
     tenants = selected_tenants(campaign.selection)
     if campaign.trigger == Trigger.NEW_DATA:
-        versions = (
+        # Each tenant's newest version uploaded since the campaign began fires once.
+        newest: dict[str, str] = {}
+        for tenant_id, version_id in (
             DatasetVersion.objects.filter(
                 dataset__tenant__in=tenants,
                 dataset__name=campaign.dataset_name,
                 dataset__kind=DatasetKind.TRAINING,
                 created_at__gt=campaign.created_at,
             )
-            .select_related("dataset")
-            .order_by("dataset__tenant_id", "-number")
-            .distinct("dataset__tenant_id")
-            if _postgres()
-            else _latest_per_tenant(tenants, campaign)
-        )
+            .order_by("-number")
+            .values_list("dataset__tenant_id", "pk")
+        ):
+            newest.setdefault(tenant_id, version_id)
         wanted = [
-            CampaignItem(campaign=campaign, tenant_id=v.dataset.tenant_id, trigger_key=v.pk)
-            for v in versions
-            if v.dataset.tenant_id is not None
+            CampaignItem(campaign=campaign, tenant_id=tenant_id, trigger_key=version_id)
+            for tenant_id, version_id in newest.items()
         ]
     else:
         if campaign.next_round_at is None or campaign.next_round_at > now:
-            return 0
+            return
         if campaign.trigger == Trigger.NOW and campaign.rounds >= 1:
-            return 0
+            return
         campaign.rounds += 1
         key = "now" if campaign.trigger == Trigger.NOW else f"round-{campaign.rounds}"
         campaign.next_round_at = (
@@ -174,31 +174,7 @@ def _fire(campaign: Campaign) -> int:
             CampaignItem(campaign=campaign, tenant_id=pk, trigger_key=key)
             for pk in tenants.values_list("pk", flat=True)
         ]
-    before = CampaignItem.objects.filter(campaign=campaign).count()
     CampaignItem.objects.bulk_create(wanted, ignore_conflicts=True, batch_size=1000)
-    return CampaignItem.objects.filter(campaign=campaign).count() - before
-
-
-def _postgres() -> bool:
-    from django.db import connection
-
-    return connection.vendor == "postgresql"
-
-
-def _latest_per_tenant(tenants: QuerySet[Tenant], campaign: Campaign) -> list[DatasetVersion]:
-    seen: dict[str, DatasetVersion] = {}
-    for version in (
-        DatasetVersion.objects.filter(
-            dataset__tenant__in=tenants,
-            dataset__name=campaign.dataset_name,
-            dataset__kind=DatasetKind.TRAINING,
-            created_at__gt=campaign.created_at,
-        )
-        .select_related("dataset")
-        .order_by("-number")
-    ):
-        seen.setdefault(version.dataset.tenant_id or "", version)
-    return list(seen.values())
 
 
 def campaign_cancel(*, actor: Any, campaign: Campaign, via: str = "") -> Campaign:
@@ -247,22 +223,23 @@ def campaign_cancel(*, actor: Any, campaign: Campaign, via: str = "") -> Campaig
 # --- advancing ---------------------------------------------------------------------------
 
 
+def _send(task: Any, object_id: str) -> None:
+    try:
+        task.delay(object_id)
+    except Exception:  # the broker is down: beat's safety net moves it on later
+        log.warning("could not enqueue %s", task.name, extra={"object_id": object_id})
+
+
 def enqueue_advance(campaign_id: str) -> None:
     from apps.campaigns.tasks import advance_campaign
 
-    try:
-        advance_campaign.delay(campaign_id)
-    except Exception:  # the broker is down: beat's safety net moves it on later
-        log.warning("could not enqueue campaign advance", extra={"campaign": campaign_id})
+    _send(advance_campaign, campaign_id)
 
 
 def enqueue_item_advance(item_id: str) -> None:
     from apps.campaigns.tasks import advance_item
 
-    try:
-        advance_item.delay(item_id)
-    except Exception:  # the broker is down: beat's safety net moves it on later
-        log.warning("could not enqueue a campaign item's advance", extra={"item": item_id})
+    _send(advance_item, item_id)
 
 
 def nudge_for_run(run_id: str) -> None:
@@ -283,9 +260,11 @@ def nudge_for_promotion(promotion_id: str) -> None:
 
 def item_advance_and_finish(*, item_id: str) -> int:
     moved = item_advance(item_id=item_id)
-    campaign_id = CampaignItem.objects.filter(pk=item_id).values_list("campaign_id", flat=True)
-    for pk in campaign_id[:1]:
-        _maybe_finish(pk)
+    campaign_id = (
+        CampaignItem.objects.filter(pk=item_id).values_list("campaign_id", flat=True).first()
+    )
+    if campaign_id:
+        _maybe_finish(campaign_id)
     return moved
 
 
@@ -631,7 +610,11 @@ def campaign_decide(
         )
     }
     if promotions == "passing":
-        wanted = list(awaiting(campaign).order_by("tenant__slug").values_list("pk", flat=True))
+        wanted = [
+            p.pk
+            for p in sorted(known.values(), key=lambda p: p.tenant.slug)
+            if p.status == PromotionStatus.AWAITING_APPROVAL
+        ]
     else:
         wanted = list(dict.fromkeys(promotions))
     unknown = [p for p in wanted if p not in known]
@@ -648,9 +631,6 @@ def campaign_decide(
             decided = decide(actor=actor, promotion=promotion, comment=comment, via=via)
         except DomainError as error:
             result.failed.append({**entry, "code": error.code, "message": error.message})
-            continue
-        except IntegrityError as error:  # pragma: no cover - a race the row lock prevents
-            result.failed.append({**entry, "code": "conflict", "message": str(error)})
             continue
         result.decided.append({**entry, "status": decided.status})
     with transaction.atomic():
@@ -671,10 +651,4 @@ def campaign_decide(
 
 def regressed(promotion: PromotionRequest) -> bool:
     """Whether any gate against the champion (or the yardstick) measured it worse."""
-    return any(
-        str(row.get("gate", "")).startswith("regression vs")
-        and row.get("value") is not None
-        and row.get("champion_value") is not None
-        and float(row["value"]) < float(row["champion_value"])
-        for row in promotion.gate_results
-    )
+    return any((d := champion_delta(row)) is not None and d < 0 for row in promotion.gate_results)

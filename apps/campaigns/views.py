@@ -15,7 +15,9 @@ from apps.campaigns import services
 from apps.campaigns.api import CampaignFilter, CampaignInputSerializer, ItemFilter
 from apps.campaigns.forms import CampaignForm
 from apps.campaigns.models import MOVING, Campaign, CampaignStatus
+from apps.core.api import flatten_errors
 from apps.core.errors import DomainError, InvalidInput
+from apps.promotions.gates import champion_delta
 from apps.tenants.models import OrgRole
 from apps.tenants.views import org_view
 
@@ -46,7 +48,7 @@ def campaigns_page(request: HttpRequest) -> HttpResponse:
                 return redirect("campaign-page", campaign_id=campaign.pk)
             for name, errors in data.errors.items():
                 field = ERROR_FIELDS.get(name, name)
-                text = " ".join(_flat(errors))
+                text = " ".join(flatten_errors(errors))
                 form.add_error(field if field in form.fields else None, text)
         status = 400
     filterset = CampaignFilter(request.GET or None, queryset=Campaign.objects.all())
@@ -62,14 +64,6 @@ def campaigns_page(request: HttpRequest) -> HttpResponse:
         "nav_section": SECTION,
     }
     return render(request, "campaigns/list.html", context, status=status)
-
-
-def _flat(errors: Any) -> list[str]:
-    if isinstance(errors, dict):
-        return [f"{k}: {m}" for k, v in errors.items() for m in _flat(v)]
-    if isinstance(errors, list):
-        return [m for e in errors for m in _flat(e)]
-    return [str(errors)]
 
 
 def _campaign_or_404(campaign_id: str) -> Campaign:
@@ -120,9 +114,7 @@ def campaign_page(request: HttpRequest, campaign_id: str) -> HttpResponse:
 
 
 def _with_delta(row: dict[str, Any]) -> dict[str, Any]:
-    value, best = row.get("value"), row.get("champion_value")
-    delta = None if value is None or best is None else float(value) - float(best)
-    return {**row, "delta": delta}
+    return {**row, "delta": champion_delta(row)}
 
 
 # The order the progress bar shows statuses in, with a colour class each.

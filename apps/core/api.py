@@ -38,11 +38,12 @@ class Pagination(PageNumberPagination):
     max_page_size = 500
 
 
-def _flatten(detail: Any) -> list[str]:
+def flatten_errors(detail: Any) -> list[str]:
+    """A DRF error detail (nested dicts and lists) as flat 'field: message' lines."""
     if isinstance(detail, dict):
-        return [f"{key}: {msg}" for key, value in detail.items() for msg in _flatten(value)]
+        return [f"{key}: {msg}" for key, value in detail.items() for msg in flatten_errors(value)]
     if isinstance(detail, list):
-        return [msg for item in detail for msg in _flatten(item)]
+        return [msg for item in detail for msg in flatten_errors(item)]
     return [str(detail)]
 
 
@@ -103,7 +104,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     assert isinstance(exc, exceptions.APIException)
     detail = exc.detail
     if isinstance(exc, exceptions.ValidationError):
-        messages = _flatten(detail)
+        messages = flatten_errors(detail)
         message = (
             messages[0]
             if len(messages) == 1
@@ -112,7 +113,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         codes = _codes(exc.get_codes())
         code = codes[0] if len(codes) == 1 else "invalid"
     else:
-        message = " ".join(_flatten(detail))
+        message = " ".join(flatten_errors(detail))
         detail_codes = exc.get_codes()
         code = detail_codes if isinstance(detail_codes, str) else str(exc.default_code)
     response.data = {"error": {"code": code, "message": message, "fields": _fields(detail)}}

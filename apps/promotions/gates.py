@@ -81,3 +81,12 @@ def check_gates(
                     "champion_value": float(best),
                 })  # fmt: skip
     return rows
+
+
+def champion_delta(row: dict[str, Any]) -> float | None:
+    """A regression gate row's value minus the champion's (or the yardstick's); None for
+    any other row, or where either was not measured."""
+    value, best = row.get("value"), row.get("champion_value")
+    if not str(row.get("gate", "")).startswith("regression vs") or value is None or best is None:
+        return None
+    return float(value) - float(best)

@@ -266,12 +266,13 @@ def _nudge_campaign(promotion_id: str) -> None:
 
 def _can_review(user: Any, tenant: Tenant) -> bool:
     """A reviewer or admin of the tenant, or a holder of the org-level reviewer role."""
-    from apps.tenants.models import OrgRole, OrgRoleGrant
+    from apps.tenants.models import OrgRole
+    from apps.tenants.users import holds_org_role
 
     membership = Membership.objects.filter(user=user, tenant=tenant).first()
     if membership is not None and ROLE_RANK[Role(membership.role)] >= ROLE_RANK[Role.REVIEWER]:
         return True
-    return OrgRoleGrant.objects.filter(user=user, role=OrgRole.REVIEWER).exists()
+    return holds_org_role(user, OrgRole.REVIEWER)
 
 
 def _decide(

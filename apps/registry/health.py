@@ -15,6 +15,7 @@ from django.utils import timezone
 from apps.datasets.models import DatasetKind
 from apps.evaluation.models import EvalStatus, Evaluation
 from apps.evaluation.services import AUTOCOMPLETE_HEADLINE, RETRIEVAL_HEADLINE
+from apps.promotions.gates import champion_delta
 from apps.promotions.models import PromotionRequest
 from apps.registry.models import ModelKind, ModelVersion, Stage
 from apps.tenants.models import Tenant
@@ -149,10 +150,8 @@ def _regressed(kind: str, limit: int) -> list[dict[str, Any]]:
             continue
         seen.add(promotion.model_version_id)
         for row in promotion.gate_results:
-            value, best = row.get("value"), row.get("champion_value")
-            if not str(row.get("gate", "")).startswith("regression vs") or None in (value, best):
-                continue
-            if float(value) < float(best):
+            delta = champion_delta(row)
+            if delta is not None and delta < 0:
                 found.append({
                     "tenant": promotion.tenant.slug,
                     "model": promotion.model_version.registered_model.name,
@@ -163,9 +162,9 @@ def _regressed(kind: str, limit: int) -> list[dict[str, Any]]:
                     "against": str(row["gate"]).removeprefix("regression vs "),
                     "dataset": row.get("dataset_name") or row.get("dataset"),
                     "metric": row.get("metric"),
-                    "value": float(value),
-                    "champion_value": float(best),
-                    "delta": round(float(value) - float(best), 4),
+                    "value": float(row["value"]),
+                    "champion_value": float(row["champion_value"]),
+                    "delta": round(delta, 4),
                 })  # fmt: skip
         if len(found) >= limit:
             break

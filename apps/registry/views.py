@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
@@ -78,22 +80,7 @@ def model_health_page(request: HttpRequest) -> HttpResponse:
     query = HealthQuerySerializer(data=request.GET)
     params = query.validated_data if query.is_valid() else {"kind": "classifier"}
     health = model_health(**params)
-    spreads = [
-        {
-            "spread": s,
-            "bars": [
-                {
-                    "n": n,
-                    "low": i / len(s.histogram),
-                    "x": i * 20 + 1,
-                    "height": round(78 * n / max(1, max(s.histogram)), 1),
-                    "y": round(80 - 78 * n / max(1, max(s.histogram)), 1),
-                }
-                for i, n in enumerate(s.histogram)
-            ],
-        }
-        for s in health.metrics
-    ]
+    spreads = [{"spread": s, "bars": _histogram_bars(s.histogram)} for s in health.metrics]
     context = {
         "health": health,
         "spreads": spreads,
@@ -102,3 +89,17 @@ def model_health_page(request: HttpRequest) -> HttpResponse:
         "nav_section": "model-health-page",
     }
     return render(request, "registry/health.html", context, status=400 if query.errors else 200)
+
+
+HISTOGRAM_HEIGHT = 80  # the SVG's viewBox: 10 bars 20 wide, the tallest 78 high
+HISTOGRAM_BAR_STEP = 20
+
+
+def _histogram_bars(histogram: list[int]) -> list[dict[str, Any]]:
+    tallest = max(1, max(histogram))
+    bars = []
+    for i, n in enumerate(histogram):
+        height = round((HISTOGRAM_HEIGHT - 2) * n / tallest, 1)
+        bars.append({"n": n, "low": i / len(histogram), "x": i * HISTOGRAM_BAR_STEP + 1,
+                     "height": height, "y": round(HISTOGRAM_HEIGHT - height, 1)})  # fmt: skip
+    return bars

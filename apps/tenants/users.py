@@ -173,13 +173,16 @@ def org_roles_of(user: Any) -> list[str]:
     return sorted(OrgRoleGrant.objects.filter(user=user).values_list("role", flat=True))
 
 
+def holds_org_role(user: Any, *roles: str) -> bool:
+    """Whether the user was granted one of these org-level roles."""
+    return OrgRoleGrant.objects.filter(user=user, role__in=roles).exists()
+
+
 def has_org_role(user: Any, *roles: str) -> bool:
-    """Whether the user holds one of these org-level roles (staff hold them all)."""
+    """Whether the user may act with one of these org-level roles (staff may with all)."""
     if not getattr(user, "is_authenticated", False) or not user.is_active:
         return False
-    if user.is_staff:
-        return True
-    return OrgRoleGrant.objects.filter(user=user, role__in=roles).exists()
+    return bool(user.is_staff) or holds_org_role(user, *roles)
 
 
 @transaction.atomic
