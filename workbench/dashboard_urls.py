@@ -85,6 +85,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("tokens/", tenant_views.tokens_page, name="tokens-page"),
+    path("tenants/", tenant_views.my_tenants_page, name="my-tenants-page"),
     path("tokens/<str:token_id>/revoke/", tenant_views.token_revoke, name="token-revoke-page"),
     path("fleet/", deployment_views.fleet_page, name="fleet-page"),
     # Staff: onboarding customers (tenants with their first admins, user accounts).

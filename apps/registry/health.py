@@ -5,11 +5,13 @@ tenants have none in production — of one model kind at a time."""
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from django.db.models import Avg, FloatField
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from apps.datasets.models import DatasetKind
@@ -82,51 +84,54 @@ def _spread(metric: str, values: list[float]) -> MetricSpread:
     )
 
 
-def model_health(*, kind: str, older_than_days: int = 90, limit: int = 100) -> Health:
-    production = ModelVersion.objects.filter(
-        stage=Stage.PRODUCTION, registered_model__kind=kind
-    ).select_related("registered_model__tenant")
-    versions = {v.pk: v for v in production}
-    # Each production version's golden metrics: the mean over its tenant's golden sets.
-    per_version: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for version_id, metrics in Evaluation.objects.filter(
-        model_version_id__in=list(versions),
-        status=EvalStatus.SUCCEEDED,
-        dataset_version__dataset__kind=DatasetKind.GOLDEN,
-    ).values_list("model_version_id", "metrics"):
-        for metric in HEALTH_METRICS.get(kind, ()):
-            value = (metrics or {}).get(metric)
-            if isinstance(value, int | float):
-                per_version[version_id][metric].append(float(value))
-    spreads = [
-        _spread(metric, [statistics.fmean(m[metric]) for m in per_version.values() if m[metric]])
-        for metric in HEALTH_METRICS.get(kind, ())
+def _golden_means(kind: str, metric: str) -> list[float]:
+    """Each production version's ``metric``: the mean over its golden sets' evaluations,
+    computed by the database (one row per version, no JSON leaves it)."""
+    value = Cast(KT(f"metrics__{metric}"), FloatField())
+    return [
+        float(mean)
+        for mean in Evaluation.objects.filter(
+            model_version__stage=Stage.PRODUCTION,
+            model_version__registered_model__kind=kind,
+            status=EvalStatus.SUCCEEDED,
+            dataset_version__dataset__kind=DatasetKind.GOLDEN,
+            **{f"metrics__{metric}__isnull": False},
+        )
+        .values("model_version_id")
+        .annotate(mean=Avg(value))
+        .order_by()
+        .values_list("mean", flat=True)
+        if mean is not None
     ]
-    cutoff = timezone.now() - timedelta(days=older_than_days)
-    old = sorted(
-        (v for v in versions.values() if v.created_at < cutoff), key=lambda v: v.created_at
-    )
+
+
+def model_health(*, kind: str, older_than_days: int = 90, limit: int = 100) -> Health:
+    production = ModelVersion.objects.filter(stage=Stage.PRODUCTION, registered_model__kind=kind)
+    spreads = [
+        _spread(metric, _golden_means(kind, metric)) for metric in HEALTH_METRICS.get(kind, ())
+    ]
+    now = timezone.now()
+    old = production.filter(created_at__lt=now - timedelta(days=older_than_days))
     stale = [
         {
             "tenant": v.registered_model.tenant.slug,
             "model": v.registered_model.name,
             "version": v.number,
             "model_version": v.pk,
-            "age_days": (timezone.now() - v.created_at).days,
+            "age_days": (now - v.created_at).days,
         }
-        for v in old[:limit]
+        for v in old.select_related("registered_model__tenant").order_by("created_at", "id")[:limit]
     ]
-    with_production = ModelVersion.objects.filter(
-        stage=Stage.PRODUCTION, registered_model__kind=kind
-    ).values("registered_model__tenant_id")
-    missing = Tenant.objects.exclude(pk__in=with_production).order_by("slug")
+    missing = Tenant.objects.exclude(
+        pk__in=production.values("registered_model__tenant_id")
+    ).order_by("slug")
     return Health(
         kind=kind,
-        production_versions=len(versions),
+        production_versions=production.count(),
         metrics=spreads,
         regressed=_regressed(kind, limit),
         stale=stale,
-        stale_count=len(old),
+        stale_count=old.count(),
         no_production_count=missing.count(),
         no_production=list(missing.values_list("slug", flat=True)[:limit]),
         older_than_days=older_than_days,

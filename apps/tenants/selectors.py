@@ -4,16 +4,24 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db.models import Count, Prefetch, QuerySet
+from django.db.models import Count, OuterRef, Prefetch, QuerySet, Subquery
 
 from apps.tenants.models import ApiToken, Membership, Tenant
 
 
 def tenants_for_user(*, user: Any, token: ApiToken | None = None) -> QuerySet[Tenant]:
-    tenants = Tenant.objects.filter(memberships__user=user)
+    # A semi-join (no DISTINCT over the memberships join): a member of 10,000 tenants
+    # pages through them as fast as a member of one.
+    tenants = Tenant.objects.filter(pk__in=Membership.objects.filter(user=user).values("tenant_id"))
     if token is not None and token.tenant_id is not None:
         tenants = tenants.filter(pk=token.tenant_id)
-    return tenants.distinct().order_by("slug")
+    return tenants.order_by("slug")
+
+
+def with_caller_role(tenants: QuerySet[Tenant], *, user: Any) -> QuerySet[Tenant]:
+    """``tenants``, each with ``caller_role``: ``user``'s role in it, or None."""
+    role = Membership.objects.filter(tenant=OuterRef("pk"), user=user).values("role")[:1]
+    return tenants.annotate(caller_role=Subquery(role))
 
 
 def memberships_for_user(*, user: Any) -> QuerySet[Membership]:

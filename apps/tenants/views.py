@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse_lazy
@@ -18,6 +19,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.core.errors import DomainError
 from apps.tenants import services, users
+from apps.tenants.context_processors import SWITCHABLE, SWITCHER_SIZE, switch_href
 from apps.tenants.dashboard import (
     VIA,
     member_management_view,
@@ -44,6 +46,38 @@ from apps.tenants.selectors import (
 )
 
 SECTION = "members-page"
+
+
+MY_TENANTS_PER_PAGE = 50
+
+
+@login_required
+@require_http_methods(["GET", "HEAD"])
+def my_tenants_page(request: HttpRequest) -> HttpResponse:
+    """The signed-in user's tenants, searched by slug or name: where the switcher's search
+    leads (and, with ``?partial=1``, the entries it shows as you type)."""
+    query = request.GET.get("q", "").strip()[:100]
+    section = request.GET.get("section", "")
+    found = memberships_for_user(user=request.user)
+    if query:
+        found = found.filter(Q(tenant__slug__icontains=query) | Q(tenant__name__icontains=query))
+    if request.GET.get("partial") == "1":
+        entries = [(m, switch_href(m.tenant.slug, section)) for m in found[:SWITCHER_SIZE]]
+        response = render(request, "tenants/_switcher_entries.html", {"entries": entries})
+        response["Cache-Control"] = "no-store"
+        return response
+    page = paginate(request, found, MY_TENANTS_PER_PAGE)
+    return render(
+        request,
+        "tenants/my_tenants.html",
+        {
+            "page": page,
+            "rows": [(m, switch_href(m.tenant.slug, section)) for m in page.object_list],
+            "q": query,
+            "section": section if section in SWITCHABLE else "",
+            "nav_section": "my-tenants-page",
+        },
+    )
 
 
 @login_required

@@ -32,6 +32,36 @@
     });
   });
 
+  // The tenant switcher's search finds tenants as you type: the server renders the
+  // matching entries (the same list the search page shows, ?partial=1).
+  document.addEventListener("DOMContentLoaded", function () {
+    var form = document.querySelector("form[data-switcher-search]");
+    if (!form) { return; }
+    var results = form.parentNode.querySelector("[data-switcher-results]");
+    var input = form.querySelector("input[type=search]");
+    var timer = null;
+    var asked = 0;
+    input.addEventListener("input", function () {
+      window.clearTimeout(timer);
+      timer = window.setTimeout(function () {
+        var ticket = ++asked;
+        var params = new URLSearchParams(new FormData(form));
+        params.set("partial", "1");
+        fetch(form.getAttribute("action") + "?" + params.toString(), {
+          credentials: "same-origin",
+          headers: { "X-Requested-With": "XMLHttpRequest" }
+        }).then(function (response) {
+          return response.ok ? response.text() : null;
+        }).then(function (html) {
+          if (html !== null && ticket === asked) { results.innerHTML = html; }
+        });
+      }, 150);
+    });
+    form.closest("details").addEventListener("toggle", function (event) {
+      if (event.target.open) { input.focus(); }
+    });
+  });
+
   // Close the tenant switcher when clicking elsewhere.
   document.addEventListener("click", function (event) {
     document.querySelectorAll("details.switcher[open]").forEach(function (details) {
