@@ -8,8 +8,9 @@ A PostgreSQL database of its own (``--database-url``, default
 seeded by ``manage.py seed_scale`` when it holds no seeded tenants yet, and kept for the
 next run): N tenants, 10 runs, 3 models (3 versions in all) with an evaluation and a
 promotion request each, 4 dataset versions, 100 audit events and 100 metric points per
-tenant's runs (the full run: 100k runs, 30k models and versions, 1M audit events, 1M
-metric points).
+tenant's runs, and a large customer (the last tenant) with N x 100 audit events more
+(the full run: 100k runs, 30k models and versions, 2M audit events of which 1M are the
+large customer's, 1M metric points).
 
 Each page is requested in this process through Django's test client (the whole middleware
 stack, sessions for pages and a bearer token for the API, as a browser and automation
@@ -98,6 +99,7 @@ def _seed(args: argparse.Namespace, env: dict[str, str]) -> float:
         f"--model-versions={n * 3}",
         f"--audit-events={n * 100}",
         f"--metric-points={n * 100}",
+        f"--big-tenant-events={n * 100}",
         f"--prefix={PREFIX}",
     )
     _manage(
@@ -155,10 +157,28 @@ def _pages(tenant: str, run_id: str, dataset_id: str, promotion_id: str) -> dict
             "/staff/campaigns/",
             "/staff/model-health/",
             "/api/v1/model-health/",
+            # What the served report costs to compute (a worker does it in the background).
+            "/api/v1/model-health/?fresh=true",
             "/api/v1/users/",
             "/api/v1/campaigns/",
         ],
     }
+
+
+def _deep_cursor(user: Any, slug: str, pages: int = 200) -> str:
+    """The API path of the audit page ``pages`` pages down, reached by following next."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    url = f"/api/v1/tenants/{slug}/audit/"
+    for _ in range(pages):
+        following = client.get(url).json()["next"]
+        if not following:
+            break
+        url = following.split("://", 1)[-1].split("/", 1)[-1]
+        url = "/" + url
+    return url
 
 
 def _with_page_size(path: str, size: int) -> str:
@@ -193,6 +213,18 @@ def _measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
 
     plan = {**pages_of(tenant), "one": pages_of(one_tenant)["one"]}
+    # The large customer (the last tenant, with a history as long as all others' together):
+    # its audit log, first, by number and far down by cursor.
+    big = slugs.last()
+    assert big is not None
+    deep = _deep_cursor(users.get(username=f"{PREFIX}-org"), big.slug)
+    plan["org"] += [
+        f"/t/{big.slug}/audit/",
+        f"/t/{big.slug}/audit/?verb=run.create",
+        f"/api/v1/tenants/{big.slug}/audit/",
+        f"/api/v1/tenants/{big.slug}/audit/?page=150",
+        deep,
+    ]
     rows: list[dict[str, Any]] = []
     for persona, paths in plan.items():
         user = users.get(username=f"{PREFIX}-{persona}")
@@ -242,8 +274,14 @@ def _measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _background(row: dict[str, Any]) -> bool:
+    """A row that measures work done off the request path (not held to the target)."""
+    return "fresh=true" in row["path"]
+
+
 def _table(args: argparse.Namespace, rows: list[dict[str, Any]], seed_s: float) -> str:
-    over = [r for r in rows if r["p95"] >= TARGET_P95_MS]
+    pages = [r for r in rows if not _background(r)]
+    over = [r for r in pages if r["p95"] >= TARGET_P95_MS]
     growing = [r for r in rows if len(set(r["queries"])) > 1]
     lines = [
         f"### Pages at {args.tenants:,} tenants — {dt.datetime.now(dt.UTC).date().isoformat()}",
@@ -254,7 +292,9 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]], seed_s: float) 
         + (f"; seeded in {seed_s:.0f} s" if seed_s else "; database seeded before"),
         "",
         f"Target p95 < {TARGET_P95_MS:.0f} ms: **{'met' if not over else 'not met'}** "
-        f"({len(rows) - len(over)} of {len(rows)} pages); query counts constant in page size: "
+        f"({len(pages) - len(over)} of {len(pages)} pages; `fresh=true` is the model health "
+        "report's own computation, which a worker runs in the background, not held to it); "
+        "query counts constant in page size: "
         f"**{'yes' if not growing else 'no: ' + ', '.join(r['path'] for r in growing)}**.",
         "",
         "| who | page | p50 ms | p95 ms | max ms | queries (size 10 / 100) |",
@@ -288,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     if args.record:
         record(table)
         print(f"recorded in {README.relative_to(ROOT)}")
-    return 0 if all(r["p95"] < TARGET_P95_MS for r in rows) or args.quick else 1
+    met = all(r["p95"] < TARGET_P95_MS for r in rows if not _background(r))
+    return 0 if met or args.quick else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,3 +105,45 @@ def test_the_model_health_page_draws_each_metric_and_lists_the_rest(fleet, tenan
     other = Client()
     other.force_login(make_actor("ada", tenant, Role.ADMIN).user)
     assert other.get("/staff/model-health/").status_code == 403
+
+
+def test_the_report_is_served_with_its_age_until_recomputed(fleet, monkeypatch, settings):
+    """Computing it reads every production version (a second at 30,000 models): the last
+    report is served with its age; ``fresh`` recomputes it now, and an old one is served
+    while a worker recomputes it (one refresh sent however often it is read)."""
+    from apps.registry import tasks
+    from apps.registry.models import HealthReport
+
+    first = fleet.api("get", HEALTH).json()
+    assert first["production_versions"] == 2 and first["refreshing"] is False
+    assert first["age_seconds"] < 60 and first["took_ms"] > 0
+    # gamma gets a production model: the served report does not know yet...
+    owner = make_actor("gus", Tenant.objects.get(slug="gamma"), Role.ADMIN)
+    ModelVersion.objects.filter(pk=_version(owner, "gamma", "dd").pk).update(stage="production")
+    again = fleet.api("get", HEALTH).json()
+    assert again["production_versions"] == 2 and again["computed_at"] == first["computed_at"]
+    # ...until asked for fresh.
+    fresh = fleet.api("get", f"{HEALTH}?fresh=true").json()
+    assert fresh["production_versions"] == 3 and fresh["no_production_count"] == 0
+    # A report older than the maximum age is served, and one refresh is sent for it.
+    sent = []
+    monkeypatch.setattr(tasks.refresh_health, "delay", lambda *a: sent.append(a))
+    settings.MODEL_HEALTH_MAX_AGE_S = 60
+    HealthReport.objects.update(computed_at=timezone.now() - timedelta(minutes=5))
+    ModelVersion.objects.filter(registered_model__tenant__slug="gamma").update(stage="archived")
+    for _ in range(3):
+        old = fleet.api("get", HEALTH).json()
+        assert old["production_versions"] == 3 and old["refreshing"] is True
+        assert old["age_seconds"] >= 299
+    assert sent == [("classifier", 90, 100)]
+    # The worker's task (run here) recomputes it; beat's sweep does the same for any other.
+    tasks.refresh_health(*sent[0])
+    new = fleet.api("get", HEALTH).json()
+    assert new["production_versions"] == 2 and new["refreshing"] is False
+    HealthReport.objects.update(computed_at=timezone.now() - timedelta(minutes=5))
+    assert tasks.refresh_stale_health() == 1
+    assert fleet.api("get", HEALTH).json()["age_seconds"] < 60
+    page = Client()
+    page.force_login(fleet.user)
+    html = page.get("/staff/model-health/").content.decode()
+    assert 'id="health-age"' in html and "fresh=true" in html

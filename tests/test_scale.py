@@ -202,3 +202,98 @@ def test_staff_see_every_tenant_with_their_role_only_where_they_are_members(
     body = staff.api("get", "/api/v1/tenants/?all=true").json()
     roles = {t["slug"]: t["role"] for t in body["results"]}
     assert roles == {tenant.slug: Role.REVIEWER, other_tenant.slug: None}
+
+
+@pytest.fixture
+def audit_log(tenant: Tenant) -> list[str]:
+    """120 events of acme a second apart, in pairs that share a timestamp (the id breaks
+    the tie, as the index does); their ids newest first."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apps.core.management.commands.seed_scale import explicit_timestamps
+
+    start = timezone.now() - timedelta(hours=1)
+    with explicit_timestamps(AuditEvent):
+        AuditEvent.objects.bulk_create(
+            [
+                AuditEvent(
+                    tenant=tenant,
+                    created_at=start + timedelta(seconds=i // 2),
+                    verb="run.create" if i % 2 else "dataset.create",
+                    object_type="x",
+                    object_id=f"o{i}",
+                )
+                for i in range(120)
+            ]
+        )
+    newest_first = AuditEvent.objects.filter(tenant=tenant).order_by("-created_at", "-id")
+    return list(newest_first.values_list("id", flat=True))
+
+
+def _walk(actor: Actor, url: str, key: str = "next") -> list[dict[str, Any]]:
+    pages = []
+    while url:
+        body = actor.api("get", url).json()
+        pages.append(body)
+        url = body[key]
+    return pages
+
+
+def test_the_audit_log_pages_by_position_with_nothing_twice_and_nothing_missed(
+    admin: Actor, audit_log: list[str]
+) -> None:
+    pages = _walk(admin, "/api/v1/tenants/acme/audit/?page_size=50")
+    total = len(audit_log)  # the 120 and acme's own (its creation, its members)
+    assert total > 120 and [len(p["results"]) for p in pages] == [50, 50, total - 100]
+    assert all(p["count"] == total and p["count_exact"] for p in pages)
+    seen = [e["id"] for p in pages for e in p["results"]]
+    assert seen == audit_log  # newest first, each once
+    assert "cursor=" in pages[0]["next"] and pages[0]["previous"] is None
+    # Back from the last page: the same pages in reverse, each the same rows.
+    back = _walk(admin, pages[-1]["previous"], key="previous")
+    assert [[e["id"] for e in p["results"]] for p in back] == [
+        [e["id"] for e in p["results"]] for p in pages[-2::-1]
+    ]
+    # Filters travel in the links; a page number still works within the cap.
+    runs = _walk(admin, "/api/v1/tenants/acme/audit/?verb=run.create&page_size=25")
+    assert [len(p["results"]) for p in runs] == [25, 25, 10]
+    assert all(e["verb"] == "run.create" for p in runs for e in p["results"])
+    second = admin.api("get", "/api/v1/tenants/acme/audit/?page=2&page_size=50").json()
+    assert [e["id"] for e in second["results"]] == audit_log[50:100]
+    assert second["previous"] and second["next"]
+
+
+def test_the_audit_log_refuses_bad_cursors_and_pages_past_the_cap(
+    admin: Actor, audit_log: list[str], monkeypatch: Any
+) -> None:
+    from apps.core import keyset
+
+    bad = admin.api("get", "/api/v1/tenants/acme/audit/?cursor=bm9wZQ")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
+    zero = admin.api("get", "/api/v1/tenants/acme/audit/?page=0")
+    assert zero.status_code == 400 and zero.json()["error"]["code"] == "invalid_page"
+    monkeypatch.setattr(keyset, "COUNT_CAP", 30)
+    capped = admin.api("get", "/api/v1/tenants/acme/audit/?page_size=20").json()
+    assert (capped["count"], capped["count_exact"]) == (30, False)
+    far = admin.api("get", "/api/v1/tenants/acme/audit/?page=3&page_size=20")
+    assert far.status_code == 400 and far.json()["error"]["code"] == "page_beyond_count_cap"
+    # Past the cap the cursor still reaches every row.
+    pages = _walk(admin, "/api/v1/tenants/acme/audit/?page_size=20")
+    assert [e["id"] for p in pages for e in p["results"]] == audit_log
+
+
+def test_the_audit_log_makes_as_many_queries_for_ten_rows_as_for_a_hundred(
+    admin: Actor, audit_log: list[str]
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    counts = []
+    for size in (10, 100):
+        first = admin.api("get", f"/api/v1/tenants/acme/audit/?page_size={size}").json()
+        with CaptureQueriesContext(connection) as captured:
+            assert admin.api("get", first["next"]).status_code == 200
+        counts.append(len(captured.captured_queries))
+    assert counts[0] == counts[1] <= 7

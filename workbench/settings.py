@@ -216,6 +216,11 @@ DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_BYTES", 2 * 1024**3, mini
 DATASET_MAX_LINE_BYTES = env_int("DATASET_MAX_LINE_BYTES", 64 * 1024, minimum=16)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 
+# --- model health ---------------------------------------------------------------------
+# The cross-tenant model health report is served from its last computation while younger
+# than this; an older one is recomputed in the background (beat sweeps every minute).
+MODEL_HEALTH_MAX_AGE_S = env_int("MODEL_HEALTH_MAX_AGE_S", 300, minimum=1)
+
 # --- training -------------------------------------------------------------------------
 TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT = env_int(
     "TRAINING_MAX_CONCURRENT_RUNS_PER_TENANT", 2, minimum=1
@@ -440,6 +445,8 @@ CELERY_BEAT_SCHEDULE = {
     # Campaigns: due schedules and new training versions fire; items whose run or
     # promotion moved on without a nudge (a lost message) move on here.
     "advance-campaigns": {"task": "campaigns.advance_all", "schedule": 15.0},
+    # Model health reports older than MODEL_HEALTH_MAX_AGE_S are recomputed.
+    "refresh-model-health": {"task": "registry.refresh_stale_health", "schedule": 60.0},
     # (Deployments, warm-ups and the fleet are the fleet controller's, not beat's.)
     # Servers stopped by the hub (idle culler, maximum age) lose their API token here.
     "sync-notebooks": {"task": "notebooks.sync", "schedule": 30.0},

@@ -7,6 +7,7 @@ from rest_framework import generics, serializers
 from apps.audit.filters import AuditEventFilter
 from apps.audit.models import AuditEvent
 from apps.audit.selectors import audit_events_for_tenant
+from apps.core.api import KeysetPagination
 from apps.tenants.scoping import TenantScopedMixin
 
 
@@ -31,8 +32,13 @@ class AuditEventOutputSerializer(serializers.ModelSerializer[AuditEvent]):
 
 
 class AuditEventListApi(TenantScopedMixin, generics.ListAPIView[AuditEvent]):
+    """A tenant's audit log, newest first. It grows without bound, so it pages by
+    position (``next``/``previous`` carry a ``cursor``) and counts up to 10,000 rows
+    (``count_exact`` false beyond)."""
+
     serializer_class = AuditEventOutputSerializer
     filterset_class = AuditEventFilter
+    pagination_class = KeysetPagination
 
     def get_queryset(self) -> Any:
         return audit_events_for_tenant(tenant=self.tenant)

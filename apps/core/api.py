@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, cast
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from rest_framework import exceptions, status
-from rest_framework.pagination import PageNumberPagination
+from rest_framework.pagination import BasePagination, PageNumberPagination
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
+from rest_framework.utils.urls import remove_query_param, replace_query_param
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from apps.core import keyset
 from apps.core.errors import DomainError, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger("workbench.api")
@@ -36,6 +39,82 @@ class Pagination(PageNumberPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
+
+
+class KeysetPagination(BasePagination):
+    """For lists that grow without bound (the audit log): pages found by position, not
+    offset, and counted only up to ``keyset.COUNT_CAP`` (see apps/core/keyset.py). The body
+    is the other lists' (``count``, ``next``, ``previous``, ``results``) plus
+    ``count_exact``; ``next``/``previous`` carry a ``cursor``; ``?page=`` works within
+    the cap."""
+
+    page_size = Pagination.page_size
+    max_page_size = Pagination.max_page_size
+
+    def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> list[Any]:
+        self.request = request
+        size = self.page_size
+        asked = request.query_params.get("page_size")
+        if asked:
+            with contextlib.suppress(ValueError):
+                size = max(1, min(int(asked), self.max_page_size))
+        self.page = keyset.keyset_page(
+            queryset,
+            size=size,
+            cursor=request.query_params.get("cursor"),
+            page=request.query_params.get("page"),
+        )
+        return self.page.rows
+
+    def _link(self, cursor: str | None) -> str | None:
+        if cursor is None:
+            return None
+        url = self.request.build_absolute_uri()
+        return replace_query_param(remove_query_param(url, "page"), "cursor", cursor)
+
+    def get_paginated_response(self, data: Any) -> Response:
+        return Response(
+            {
+                "count": self.page.count,
+                "count_exact": self.page.count_exact,
+                "next": self._link(self.page.next_cursor),
+                "previous": self._link(self.page.previous_cursor),
+                "results": data,
+            }
+        )
+
+    def get_paginated_response_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["count", "count_exact", "results"],
+            "properties": {
+                "count": {
+                    "type": "integer",
+                    "description": f"rows in the list, counted up to {keyset.COUNT_CAP:,}",
+                },
+                "count_exact": {
+                    "type": "boolean",
+                    "description": f"false when the list has more than {keyset.COUNT_CAP:,} "
+                    "rows (count is then that cap)",
+                },
+                "next": {"type": "string", "nullable": True, "format": "uri"},
+                "previous": {"type": "string", "nullable": True, "format": "uri"},
+                "results": schema,
+            },
+        }
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": "cursor", "required": False, "in": "query",
+             "description": "a position from a next or previous link",
+             "schema": {"type": "string"}},
+            {"name": "page", "required": False, "in": "query",
+             "description": f"a page number, within the first {keyset.COUNT_CAP:,} rows",
+             "schema": {"type": "integer"}},
+            {"name": "page_size", "required": False, "in": "query",
+             "description": f"rows per page (default {self.page_size}, at most "
+             f"{self.max_page_size})", "schema": {"type": "integer"}},
+        ]  # fmt: skip
 
 
 def flatten_errors(detail: Any) -> list[str]:

@@ -1,15 +1,26 @@
 """Model health across tenants, for staff: how good the models in production are, which
 versions measured worse than their champion, which production models are old, and which
-tenants have none in production — of one model kind at a time."""
+tenants have none in production — of one model kind at a time.
+
+``model_health`` computes it (it reads every production version: about a second at 30,000
+models); the page and the API serve ``health_report``: the last report computed for that
+query, with its age, recomputed in the background once older than
+``MODEL_HEALTH_MAX_AGE_S`` (or at once, when asked for fresh).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import statistics
+import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Avg, FloatField
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Avg, FloatField, Q
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 from django.utils import timezone
@@ -19,7 +30,7 @@ from apps.evaluation.models import EvalStatus, Evaluation
 from apps.evaluation.services import AUTOCOMPLETE_HEADLINE, RETRIEVAL_HEADLINE
 from apps.promotions.gates import champion_delta
 from apps.promotions.models import PromotionRequest
-from apps.registry.models import ModelKind, ModelVersion, Stage
+from apps.registry.models import HealthReport, ModelKind, ModelVersion, Stage
 from apps.tenants.models import Tenant
 
 HEALTH_METRICS: dict[str, tuple[str, ...]] = {
@@ -28,6 +39,7 @@ HEALTH_METRICS: dict[str, tuple[str, ...]] = {
     ModelKind.AUTOCOMPLETE: AUTOCOMPLETE_HEADLINE,
 }
 BINS = 10
+log = logging.getLogger(__name__)
 # Promotion requests read for regressions: the newest this many (a request per version
 # that was put up; older ones speak of versions long superseded).
 RECENT_PROMOTIONS = 5000
@@ -82,6 +94,95 @@ def _spread(metric: str, values: list[float]) -> MetricSpread:
         max=round(max(values), 4),
         histogram=histogram,
     )
+
+
+@dataclass
+class Served:
+    """A health report as served: when it was computed, how long that took, and whether a
+    newer one is being computed (the report is older than the maximum age)."""
+
+    health: Health
+    computed_at: datetime
+    took_ms: float
+    refreshing: bool
+
+    @property
+    def age_seconds(self) -> float:
+        return max(0.0, (timezone.now() - self.computed_at).total_seconds())
+
+
+def _from_json(report: dict[str, Any]) -> Health:
+    data = dict(report)
+    data["metrics"] = [MetricSpread(**m) for m in data["metrics"]]
+    return Health(**data)
+
+
+def refresh_report(*, kind: str, older_than_days: int = 90, limit: int = 100) -> HealthReport:
+    """Compute the report for this query now and store it (replacing the last one)."""
+    started = time.perf_counter()
+    health = model_health(kind=kind, older_than_days=older_than_days, limit=limit)
+    took_ms = (time.perf_counter() - started) * 1000
+    values = {
+        "report": dataclasses.asdict(health),
+        "computed_at": timezone.now(),
+        "took_ms": round(took_ms, 1),
+        "refresh_sent_at": None,
+    }
+    query = {"kind": kind, "older_than_days": older_than_days, "limit": limit}
+    try:
+        with transaction.atomic():
+            row, _ = HealthReport.objects.update_or_create(**query, defaults=values)
+    except IntegrityError:  # computed at the same moment elsewhere: the other one stands
+        row = HealthReport.objects.get(**query)
+    return row
+
+
+def health_report(
+    *, kind: str, older_than_days: int = 90, limit: int = 100, fresh: bool = False
+) -> Served:
+    """The health report for this query as the page and the API serve it: the last one
+    computed while it is younger than ``MODEL_HEALTH_MAX_AGE_S``; an older one is served
+    while a worker computes the next; computed here when there is none yet, or ``fresh``."""
+    query = {"kind": kind, "older_than_days": older_than_days, "limit": limit}
+    row = None if fresh else HealthReport.objects.filter(**query).first()
+    if row is None:
+        row = refresh_report(**query)
+    refreshing = False
+    now = timezone.now()
+    if (now - row.computed_at).total_seconds() > settings.MODEL_HEALTH_MAX_AGE_S:
+        refreshing = _send_refresh(row, now)
+    return Served(_from_json(row.report), row.computed_at, row.took_ms, refreshing)
+
+
+def _send_refresh(row: HealthReport, now: datetime) -> bool:
+    """Ask a worker to recompute ``row`` unless one was asked lately; True once asked."""
+    from apps.registry.tasks import refresh_health
+
+    lately = now - timedelta(seconds=settings.MODEL_HEALTH_MAX_AGE_S)
+    claimed = (
+        HealthReport.objects.filter(pk=row.pk)
+        .filter(Q(refresh_sent_at__isnull=True) | Q(refresh_sent_at__lt=lately))
+        .update(refresh_sent_at=now)
+    )
+    if claimed:
+        try:
+            refresh_health.delay(row.kind, row.older_than_days, row.limit)
+        except Exception:  # the broker is down: beat's sweep recomputes it later
+            log.warning("could not enqueue a model health refresh", extra={"kind": row.kind})
+    return True
+
+
+def refresh_stale_reports() -> int:
+    """Recompute every stored report older than the maximum age (beat's sweep); how many."""
+    cutoff = timezone.now() - timedelta(seconds=settings.MODEL_HEALTH_MAX_AGE_S)
+    stale = list(
+        HealthReport.objects.filter(computed_at__lt=cutoff).values_list(
+            "kind", "older_than_days", "limit"
+        )
+    )
+    for kind, older_than_days, limit in stale:
+        refresh_report(kind=kind, older_than_days=older_than_days, limit=limit)
+    return len(stale)
 
 
 def _golden_means(kind: str, metric: str) -> list[float]:

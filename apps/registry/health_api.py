@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from drf_spectacular.utils import extend_schema
@@ -10,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.api import default_permissions_and
-from apps.registry.health import BINS, model_health
+from apps.registry.health import BINS, Served, health_report
 from apps.registry.models import ModelKind
 from apps.tenants.api import OrgOperatorOrReviewer
 
@@ -25,6 +26,11 @@ class HealthQuerySerializer(serializers.Serializer[Any]):
     )
     limit = serializers.IntegerField(
         default=100, min_value=1, max_value=1000, help_text="rows per list"
+    )
+    fresh = serializers.BooleanField(
+        default=False,
+        help_text="compute the report now instead of serving the last one (which is "
+        "recomputed in the background once older than MODEL_HEALTH_MAX_AGE_S)",
     )
 
 
@@ -74,12 +80,33 @@ class HealthSerializer(serializers.Serializer[Any]):
     no_production_count = serializers.IntegerField()
     no_production = serializers.ListField(child=serializers.CharField(), help_text="tenant slugs")
     older_than_days = serializers.IntegerField()
+    computed_at = serializers.DateTimeField(help_text="when this report was computed")
+    age_seconds = serializers.FloatField(help_text="how old the report is")
+    took_ms = serializers.FloatField(help_text="how long computing it took")
+    refreshing = serializers.BooleanField(
+        help_text="the report is older than the maximum age and a newer one is being computed"
+    )
+
+
+def served_data(served: Served) -> dict[str, Any]:
+    """A served report as the API's body (the report's figures and its age)."""
+    return {
+        **dataclasses.asdict(served.health),
+        "computed_at": served.computed_at,
+        "age_seconds": round(served.age_seconds, 1),
+        "took_ms": served.took_ms,
+        "refreshing": served.refreshing,
+    }
 
 
 class ModelHealthApi(generics.GenericAPIView[Any]):
     """Across every tenant, for one model kind: the spread of each golden metric over the
     production versions, the versions measured worse than their champion, production
-    versions older than ``older_than_days``, and the tenants with none in production."""
+    versions older than ``older_than_days``, and the tenants with none in production.
+
+    Served from the last report computed for the same query (``computed_at``,
+    ``age_seconds``): it reads every production version, so it is recomputed in the
+    background once older than ``MODEL_HEALTH_MAX_AGE_S``, or now with ``fresh=true``."""
 
     serializer_class = HealthSerializer
     permission_classes = default_permissions_and(OrgOperatorOrReviewer)
@@ -88,4 +115,4 @@ class ModelHealthApi(generics.GenericAPIView[Any]):
     def get(self, request: Request) -> Response:
         query = HealthQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        return Response(HealthSerializer(model_health(**query.validated_data)).data)
+        return Response(HealthSerializer(served_data(health_report(**query.validated_data))).data)

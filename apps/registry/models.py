@@ -102,3 +102,29 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.registered_model.name} v{self.number}"
+
+
+class HealthReport(models.Model):
+    """Model health across tenants as last computed, for one query (kind, age bound, list
+    length). Computing it reads every production version and recent promotion (a second at
+    30,000 models), so pages and the API serve the last report with its age, and a stale
+    one is recomputed in the background (``apps.registry.health.health_report``)."""
+
+    kind = models.CharField(max_length=16, choices=ModelKind.choices)
+    older_than_days = models.PositiveIntegerField()
+    limit = models.PositiveIntegerField()
+    report = models.JSONField()
+    computed_at = models.DateTimeField()
+    took_ms = models.FloatField(help_text="how long computing it took")
+    # Set when a background refresh is sent: one at a time per report.
+    refresh_sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind", "older_than_days", "limit"], name="one_health_report_per_query"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"health {self.kind} ({self.older_than_days} d, {self.limit}) at {self.computed_at}"

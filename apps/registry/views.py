@@ -74,15 +74,17 @@ def _base_name(version: ModelVersion) -> str:
 @org_view(OrgRole.OPERATOR, OrgRole.REVIEWER)
 def model_health_page(request: HttpRequest) -> HttpResponse:
     """Staff: model health across every tenant, one model kind at a time."""
-    from apps.registry.health import model_health
+    from apps.registry.health import health_report
     from apps.registry.health_api import HealthQuerySerializer
 
     query = HealthQuerySerializer(data=request.GET)
     params = query.validated_data if query.is_valid() else {"kind": "classifier"}
-    health = model_health(**params)
+    served = health_report(**params)
+    health = served.health
     spreads = [{"spread": s, "bars": _histogram_bars(s.histogram)} for s in health.metrics]
     context = {
         "health": health,
+        "served": served,
         "spreads": spreads,
         "kinds": ModelKind.choices,
         "errors": query.errors,

@@ -15,6 +15,8 @@ spread over the last year. Three accounts to look through, each with the passwor
 * ``<prefix>-one``: a scientist in the first tenant only;
 
 and one admin per tenant (``<tenant slug>-admin``), the trainer and requester of its rows.
+``--big-tenant-events`` gives the last tenant a long history of its own (a large customer:
+the audit log's paging and counting are measured on it).
 The seed refuses to run twice with the same prefix (audit events cannot be deleted); seed
 a fresh database, or another prefix.
 """
@@ -100,6 +102,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--audit-events", type=int, default=1_000_000)
         parser.add_argument("--metric-points", type=int, default=1_000_000)
+        parser.add_argument(
+            "--big-tenant-events",
+            type=int,
+            default=0,
+            help="audit events more for the last tenant (a large customer's long history)",
+        )
         parser.add_argument("--prefix", default="scale", help="slug and username prefix")
         parser.add_argument("--password", default="", help="password of the three accounts")
         parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -110,7 +118,8 @@ class Command(BaseCommand):
             raise CommandError("--tenants and --models-per-tenant must be at least 1.")
         if options["model_versions"] > options["runs"]:
             raise CommandError("Each model version comes from a run: --runs >= --model-versions.")
-        if min(options["runs"], options["audit_events"], options["metric_points"]) < 0:
+        counts = ("runs", "audit_events", "metric_points", "big_tenant_events")
+        if min(options[c] for c in counts) < 0:
             raise CommandError("Counts cannot be negative.")
         prefix = options["prefix"]
         if Tenant.objects.filter(slug__startswith=f"{prefix}-").exists():
@@ -148,6 +157,8 @@ class Command(BaseCommand):
                     )
                 run_offset += sum(runs[i] for i in numbers)
                 self.stdout.write(f"  {numbers[-1] + 1:,} / {tenants:,} tenants")
+            if options["big_tenant_events"]:
+                self._big_history(f"{prefix}-{tenants - 1:0{width}d}", options["big_tenant_events"])
         self.stdout.write(
             self.style.SUCCESS(
                 f"Seeded {tenants:,} tenants, {options['runs']:,} runs, "
@@ -159,6 +170,35 @@ class Command(BaseCommand):
                 f"{one.get_username()} (one tenant)."
             )
         )
+
+    def _big_history(self, slug: str, count: int) -> None:
+        tenant = Tenant.objects.get(slug=slug)
+        admin = get_user_model().objects.get(username=f"{slug}-admin")
+        for start in range(0, count, 50_000):
+            with transaction.atomic():
+                self._events(tenant, admin, min(50_000, count - start))
+        self.stdout.write(f"  {count:,} more audit events for {slug}")
+
+    def _events(self, tenant: Tenant, admin: Any, count: int) -> None:
+        rows = []
+        for _ in range(count):
+            verb, object_type = self.rng.choice(VERBS)
+            rows.append(
+                AuditEvent(
+                    id=ids.new_event_id(),
+                    created_at=self._when(tenant.created_at),
+                    tenant=tenant,
+                    actor=admin,
+                    actor_name=admin.get_username(),
+                    via="session",
+                    verb=verb,
+                    object_type=object_type,
+                    object_id=ids.new_id(object_type[:3]),
+                    object_repr=f"{object_type} of {tenant.slug}",
+                    after={"seeded": True},
+                )
+            )
+        AuditEvent.objects.bulk_create(rows, batch_size=BATCH)
 
     def _accounts(self, prefix: str, password: str) -> tuple[Any, Any, Any]:
         users = get_user_model()
@@ -393,23 +433,5 @@ class Command(BaseCommand):
                 )
         RunMetric.objects.bulk_create(metric_rows, batch_size=BATCH)
 
-        audit_rows = []
         for n, tenant, admin in zip(numbers, tenants, admins, strict=True):
-            for _ in range(events[n]):
-                verb, object_type = rng.choice(VERBS)
-                audit_rows.append(
-                    AuditEvent(
-                        id=ids.new_event_id(),
-                        created_at=self._when(tenant.created_at),
-                        tenant=tenant,
-                        actor=admin,
-                        actor_name=admin.get_username(),
-                        via="session",
-                        verb=verb,
-                        object_type=object_type,
-                        object_id=ids.new_id(object_type[:3]),
-                        object_repr=f"{object_type} of {tenant.slug}",
-                        after={"seeded": True},
-                    )
-                )
-        AuditEvent.objects.bulk_create(audit_rows, batch_size=BATCH)
+            self._events(tenant, admin, events[n])
