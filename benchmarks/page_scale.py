@@ -127,6 +127,8 @@ def _pages(tenant: str, run_id: str, dataset_id: str, promotion_id: str) -> dict
         f"{t}/audit/",
         f"{t}/members/",
         f"{t}/policies/",
+        f"{t}/notebooks/",
+        f"{t}/data-access/",
     ]
     tenant_api = [
         f"{api}/datasets/",
@@ -139,11 +141,29 @@ def _pages(tenant: str, run_id: str, dataset_id: str, promotion_id: str) -> dict
         f"{api}/deployments/",
         f"{api}/audit/",
         f"{api}/members/",
+        f"{api}/",
+        f"{api}/sweeps/",
+        f"{api}/policies/",
+        f"{api}/notebooks/",
+        f"{api}/data-access/",
+        f"{api}/granted-data/",
+    ]
+    own = [
+        "/tenants/",
+        "/tenants/?q=customer-09",
+        "/tenants/?q=customer-09&partial=1",
+        "/tokens/",
+        "/fleet/",
+        "/api/v1/tokens/",
+        "/api/v1/base-models/",
+        "/api/v1/shared-datasets/",
+        "/api/v1/fleet/",
     ]
     return {
         "org": [
             "/",
             *tenant_pages,
+            *own,
             "/api/v1/tenants/",
             "/api/v1/tenants/?search=customer-09",
             *tenant_api,
@@ -153,13 +173,16 @@ def _pages(tenant: str, run_id: str, dataset_id: str, promotion_id: str) -> dict
             "/",
             "/staff/tenants/",
             "/staff/tenants/?search=customer-09",
+            "/staff/tenants/?page=150",
             "/staff/users/",
+            "/staff/users/?search=scale-09",
             "/staff/campaigns/",
             "/staff/model-health/",
             "/api/v1/model-health/",
             # What the served report costs to compute (a worker does it in the background).
             "/api/v1/model-health/?fresh=true",
             "/api/v1/users/",
+            "/api/v1/tenants/?all=true",
             "/api/v1/campaigns/",
         ],
     }

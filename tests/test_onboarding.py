@@ -462,8 +462,8 @@ def test_the_user_list_takes_the_same_queries_for_many_users(
     assert few.json()["count"] == 2 and many.json()["count"] == 14
     client = signed_in(staff.user)
     client.get("/staff/users/")
-    # session, user, count, page, memberships (the nav and the tenant switcher: 1)
-    with django_assert_num_queries(6):
+    # session, user, count, page, memberships, org roles (the nav and the switcher: 1)
+    with django_assert_num_queries(7):
         page = client.get("/staff/users/")
     assert page.content.decode().count('data-username="member') == 12
 

@@ -61,6 +61,27 @@ def test_an_operator_runs_campaigns_and_reads_model_health_without_being_staff(
     assert Campaign.objects.get().created_by == operator.user
 
 
+@pytest.mark.parametrize("with_tenant", [True, False])
+def test_the_navigation_links_the_cross_tenant_pages_for_org_roles_only(tenant, with_tenant):
+    from django.test import Client
+
+    def nav_of(user) -> str:
+        browser = Client()
+        browser.force_login(user)
+        html = browser.get("/tokens/").content.decode()
+        return html.split('<nav class="mainnav"', 1)[1].split("</nav>", 1)[0]
+
+    olive = make_actor(
+        "olive", tenant if with_tenant else None, Role.VIEWER if with_tenant else None
+    )
+    plain = nav_of(olive.user)
+    assert 'href="/staff/campaigns/"' not in plain and 'href="/staff/model-health/"' not in plain
+    OrgRoleGrant.objects.create(user=olive.user, role="reviewer")
+    granted = nav_of(olive.user)
+    assert 'href="/staff/campaigns/"' in granted and 'href="/staff/model-health/"' in granted
+    assert 'href="/staff/users/"' not in granted  # accounts stay staff's
+
+
 def test_an_org_reviewer_decides_in_a_tenant_they_are_no_member_of(tenant, artifacts_dir):
     scientist = make_actor("sam", tenant, Role.SCIENTIST)
     version = placeholder_version(scientist, tenant, sha256="ab" * 32)
@@ -93,3 +114,36 @@ def test_an_org_reviewer_decides_in_a_tenant_they_are_no_member_of(tenant, artif
         {"promotion": promotion.pk, "tenant": "acme", "status": "deploying"}
     ]
     assert PromotionRequest.objects.get().decided_by == reviewer.user
+
+
+def test_staff_set_org_roles_on_the_users_page_and_nobody_else_may(tenant):
+    from django.test import Client
+
+    staff = make_actor("stella", None, None, is_staff=True)
+    olive = make_actor("olive", tenant, Role.VIEWER)
+    browser = Client()
+    browser.force_login(staff.user)
+    page = browser.get("/staff/users/").content.decode()
+    assert 'action="/staff/users/olive/org-roles/"' in page
+    done = browser.post("/staff/users/olive/org-roles/", {"org_roles": ["operator", "reviewer"]})
+    assert done.status_code == 302
+    assert sorted(OrgRoleGrant.objects.filter(user=olive.user).values_list("role", flat=True)) == [
+        "operator",
+        "reviewer",
+    ]
+    after = browser.get("/staff/users/").content.decode()
+    assert "olive&#x27;s org-level roles: operator, reviewer." in after
+    row = after.split('data-username="olive"', 1)[1].split("</tr>", 1)[0]
+    assert row.count(" checked>") == 2
+    # An unknown role changes nothing; unticking every box revokes them all, audited.
+    browser.post("/staff/users/olive/org-roles/", {"org_roles": ["emperor"]})
+    assert OrgRoleGrant.objects.filter(user=olive.user).count() == 2
+    browser.post("/staff/users/olive/org-roles/", {})
+    assert not OrgRoleGrant.objects.filter(user=olive.user).exists()
+    assert AuditEvent.objects.filter(verb="user.org_roles", via="session").count() == 2
+    other = Client()
+    other.force_login(olive.user)
+    assert (
+        other.post("/staff/users/olive/org-roles/", {"org_roles": ["operator"]}).status_code == 403
+    )
+    assert not OrgRoleGrant.objects.filter(user=olive.user).exists()

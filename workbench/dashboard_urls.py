@@ -110,6 +110,11 @@ urlpatterns = [
         name="user-active-page",
     ),
     path(
+        "staff/users/<str:username>/org-roles/",
+        tenant_views.user_org_roles,
+        name="user-org-roles-page",
+    ),
+    path(
         "staff/users/<str:username>/password-link/",
         tenant_views.user_password_link,
         name="user-password-link-page",

@@ -3,10 +3,11 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
+from django.db.models import Exists, OuterRef
 from django.http import HttpRequest
 from django.urls import reverse
 
-from apps.tenants.models import Membership
+from apps.tenants.models import Membership, OrgRoleGrant
 from apps.tenants.selectors import memberships_for_user
 
 # The switcher lists at most this many tenants; a member of more searches them instead.
@@ -50,7 +51,21 @@ class Switcher:
 
     @cached_property
     def _first(self) -> list[Membership]:
-        return list(memberships_for_user(user=self.user)[: SWITCHER_SIZE + 1])
+        # Whether the user holds an org-level role rides along (the navigation's links to
+        # the cross-tenant pages), so a page asks nothing more for it.
+        org_wide = Exists(OrgRoleGrant.objects.filter(user_id=OuterRef("user_id")))
+        return list(
+            memberships_for_user(user=self.user).annotate(org_wide=org_wide)[: SWITCHER_SIZE + 1]
+        )
+
+    @cached_property
+    def works_across_tenants(self) -> bool:
+        """Staff, or holding an org-level role: the navigation links the cross-tenant pages."""
+        if self.user.is_staff:
+            return True
+        if self._first:
+            return bool(self._first[0].org_wide)  # type: ignore[attr-defined]
+        return OrgRoleGrant.objects.filter(user=self.user).exists()
 
     @cached_property
     def total(self) -> int:

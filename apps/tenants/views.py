@@ -35,7 +35,7 @@ from apps.tenants.forms import (
     TokenCreateForm,
     UserCreateForm,
 )
-from apps.tenants.models import Membership, Role
+from apps.tenants.models import Membership, OrgRole, Role
 from apps.tenants.scoping import TenantAccess
 from apps.tenants.selectors import (
     members_of,
@@ -302,6 +302,7 @@ def _staff_list(
             "page": paginate(request, filterset.qs, ROWS_PER_PAGE),
             "form": form,
             "nav_section": section,
+            "org_role_choices": OrgRole.choices,
         },
         status=status,
     )
@@ -333,8 +334,25 @@ def users_page(request: HttpRequest) -> HttpResponse:
                 messages.success(request, f"Created '{created.user.get_username()}'.")
                 return redirect("users-page")
         status = 400
-    filterset = UserFilter(request.GET or None, queryset=users_all())
+    accounts = users_all().prefetch_related("org_roles")
+    filterset = UserFilter(request.GET or None, queryset=accounts)
     return _staff_list(request, "users-page", filterset, form, status)
+
+
+@require_POST
+@staff_view
+def user_org_roles(request: HttpRequest, username: str) -> HttpResponse:
+    """Staff: make the ticked org-level roles the user's (granted and revoked to match)."""
+    user = _account_or_404(username)
+    wanted = request.POST.getlist("org_roles")
+    unknown = sorted(set(wanted) - set(OrgRole.values))
+    if unknown:
+        messages.error(request, f"No org-level role named {', '.join(unknown)}; nothing changed.")
+    else:
+        roles = users.org_roles_set(actor=request.user, user=user, roles=wanted, via=VIA)
+        named = ", ".join(roles) or "none"
+        messages.success(request, f"{user.get_username()}'s org-level roles: {named}.")
+    return redirect("users-page")
 
 
 def _account_or_404(username: str) -> Any:
