@@ -297,3 +297,28 @@ def test_the_audit_log_makes_as_many_queries_for_ten_rows_as_for_a_hundred(
             assert admin.api("get", first["next"]).status_code == 200
         counts.append(len(captured.captured_queries))
     assert counts[0] == counts[1] <= 7
+
+
+def test_a_member_of_many_tenants_limits_a_token_by_typing_the_slug(
+    client: Client, admin: Actor, other_tenant: Tenant
+) -> None:
+    from apps.tenants.forms import TENANT_MENU_MAX
+    from apps.tenants.models import ApiToken
+
+    client.force_login(admin.user)
+    few = client.get("/tokens/").content.decode()
+    assert '<select name="tenant"' in few and '<option value="acme">acme</option>' in few
+    _member_of(admin, TENANT_MENU_MAX)
+    many = client.get("/tokens/").content.decode()
+    assert '<select name="tenant"' not in many
+    assert 'name="tenant" placeholder="a tenant&#x27;s slug (empty: any of yours)"' in many
+    created = client.post("/tokens/", {"name": "ci", "tenant": "t-042"})
+    assert created.status_code == 200 and 'id="token-secret"' in created.content.decode()
+    assert ApiToken.objects.get(user=admin.user, name="ci").tenant.slug == "t-042"
+    # Another tenant's slug is refused like one that does not exist; no token is made.
+    refused = client.post("/tokens/", {"name": "sneaky", "tenant": other_tenant.slug})
+    assert (
+        refused.status_code == 400
+        and "not one of the available choices" in refused.content.decode()
+    )
+    assert not ApiToken.objects.filter(name="sneaky").exists()

@@ -38,6 +38,9 @@ class MemberRoleForm(forms.Form):
         return Role(self.cleaned_data["role"])
 
 
+TENANT_MENU_MAX = 50
+
+
 class TokenCreateForm(forms.Form):
     name = forms.CharField(
         max_length=100, widget=forms.TextInput(attrs={"placeholder": "ci-pipeline"})
@@ -64,6 +67,17 @@ class TokenCreateForm(forms.Form):
         tenant_field = self.fields["tenant"]
         assert isinstance(tenant_field, forms.ModelChoiceField)
         tenant_field.queryset = tenants_for_user(user=user)
+        # A menu of the user's tenants, read once; a member of more types the slug instead
+        # (a select of 10,000 tenants is neither usable nor fast).
+        mine = list(tenant_field.queryset[: TENANT_MENU_MAX + 1])
+        if len(mine) > TENANT_MENU_MAX:
+            tenant_field.widget = forms.TextInput(
+                attrs={"placeholder": "a tenant's slug (empty: any of yours)"}
+            )
+            tenant_field.help_text = "Limit the token to one of your tenants: its slug."
+        else:
+            choices = [("", tenant_field.empty_label), *((t.slug, str(t)) for t in mine)]
+            tenant_field.widget.choices = choices  # type: ignore[attr-defined]
 
     def expires_at(self) -> datetime | None:
         days = self.cleaned_data.get("expires_in_days")
