@@ -156,7 +156,6 @@ def _pages(tenant: str, run_id: str, dataset_id: str, promotion_id: str) -> dict
         "/fleet/",
         "/api/v1/tokens/",
         "/api/v1/base-models/",
-        "/api/v1/shared-datasets/",
         "/api/v1/fleet/",
     ]
     return {
@@ -183,6 +182,7 @@ def _pages(tenant: str, run_id: str, dataset_id: str, promotion_id: str) -> dict
             "/api/v1/model-health/?fresh=true",
             "/api/v1/users/",
             "/api/v1/tenants/?all=true",
+            "/api/v1/shared-datasets/",
             "/api/v1/campaigns/",
         ],
     }

@@ -422,6 +422,16 @@ def _published(status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _tenants_named(value: Any) -> set[str]:
+    """Every tenant slug the published status names (its ``tenant`` entries)."""
+    if isinstance(value, dict):
+        named = {str(value["tenant"])} if isinstance(value.get("tenant"), str) else set()
+        return named.union(*(_tenants_named(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_tenants_named(v) for v in value))
+    return set()
+
+
 @require_http_methods(["GET", "HEAD"])
 @login_required
 def fleet_page(request: HttpRequest) -> HttpResponse:
@@ -431,6 +441,13 @@ def fleet_page(request: HttpRequest) -> HttpResponse:
     status = fleet.fleet_status_for(request.user)
     context["published"] = _published(status)
     warmups = dashboard_selectors.last_warmups(charts.deployment_ids(status))
-    member_of = {m.tenant.slug for m in memberships_for_user(user=request.user)}
+    # Which of the tenants named on the page are the user's (links to their deployments):
+    # asked for those only, not read for every tenant the user belongs to.
+    named = _tenants_named(status)
+    member_of = set(
+        memberships_for_user(user=request.user)
+        .filter(tenant__slug__in=named)
+        .values_list("tenant__slug", flat=True)
+    )
     context.update({"fleet": charts.fleet_view(status, warmups), "member_of": member_of})
     return render(request, "deployments/fleet.html", context)
