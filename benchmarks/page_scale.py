@@ -245,7 +245,7 @@ def _measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"/t/{big.slug}/audit/",
         f"/t/{big.slug}/audit/?verb=run.create",
         f"/api/v1/tenants/{big.slug}/audit/",
-        f"/api/v1/tenants/{big.slug}/audit/?page=150",
+        f"/api/v1/tenants/{big.slug}/audit/?page=50",
         deep,
     ]
     rows: list[dict[str, Any]] = []

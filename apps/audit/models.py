@@ -45,7 +45,13 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["tenant", "-created_at"])]
+        indexes = [
+            # The log's keyset order, whole and by verb (apps.core.keyset).
+            models.Index(fields=["tenant", "-created_at", "-id"], name="audit_tenant_keyset"),
+            models.Index(
+                fields=["tenant", "verb", "-created_at", "-id"], name="audit_tenant_verb_keyset"
+            ),
+        ]
 
     def __str__(self) -> str:
         who = self.actor_name or "-"

@@ -67,7 +67,7 @@ def keyset_page(
     """One page of ``queryset`` (newest first): after or before ``cursor``, or page number
     ``page`` (within ``COUNT_CAP`` rows), or the first. Three queries at most."""
     newest = queryset.order_by(*NEWEST_FIRST)
-    counted = newest[: COUNT_CAP + 1].count()
+    counted = queryset.order_by()[: COUNT_CAP + 1].count()  # counting needs no order
     count, exact = min(counted, COUNT_CAP), counted <= COUNT_CAP
     if cursor:
         direction, moment, pk = _decode(cursor)
