@@ -434,6 +434,7 @@ def celery_worker_process(
         extra_env={
             "TRAINING_HEARTBEAT_TIMEOUT_SECONDS": "5",
             "EVALUATION_HEARTBEAT_TIMEOUT_SECONDS": "5",
+            "BATCH_HEARTBEAT_TIMEOUT_SECONDS": "5",
             "RAY_ADDRESS": ray_address,
         },
     )

@@ -2,6 +2,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from apps.audit.api import AuditEventListApi
+from apps.batch import api as batch_api
 from apps.campaigns import api as campaigns_api
 from apps.core.docs import ApiDocsView
 from apps.datasets import api as datasets_api
@@ -18,6 +19,27 @@ from apps.training import api as training_api
 tenant_patterns = [
     path("", tenants_api.TenantDetailApi.as_view(), name="tenant-detail"),
     path("members/", tenants_api.MemberListCreateApi.as_view(), name="member-list"),
+    path("batch-predictions/", batch_api.BatchListCreateApi.as_view(), name="batch-list"),
+    path(
+        "batch-predictions/<str:batch_id>/",
+        batch_api.BatchDetailApi.as_view(),
+        name="batch-detail",
+    ),
+    path(
+        "batch-predictions/<str:batch_id>/cancel",
+        batch_api.BatchCancelApi.as_view(),
+        name="batch-cancel",
+    ),
+    path(
+        "batch-predictions/<str:batch_id>/output",
+        batch_api.BatchOutputApi.as_view(),
+        name="batch-output",
+    ),
+    path(
+        "batch-predictions/<str:batch_id>/register",
+        batch_api.BatchRegisterApi.as_view(),
+        name="batch-register",
+    ),
     path("members/<str:username>/", tenants_api.MemberDetailApi.as_view(), name="member-detail"),
     path("datasets/", datasets_api.DatasetListCreateApi.as_view(), name="dataset-list"),
     path(

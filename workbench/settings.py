@@ -73,6 +73,7 @@ INSTALLED_APPS = [
     "apps.promotions",
     "apps.deployments",
     "apps.campaigns",
+    "apps.batch",
     "oauth2_provider",
     "apps.notebooks",
     "axes",
@@ -215,6 +216,16 @@ FILE_UPLOAD_HANDLERS = ["apps.core.uploads.HashingUploadHandler"]
 DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_BYTES", 2 * 1024**3, minimum=1)
 DATASET_MAX_LINE_BYTES = env_int("DATASET_MAX_LINE_BYTES", 64 * 1024, minimum=16)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+
+# --- batch predictions ----------------------------------------------------------------
+# Rows scored per chunk: a chunk is the unit a killed worker's successor redoes at most.
+BATCH_CHUNK_ROWS = env_int("BATCH_CHUNK_ROWS", 500, minimum=1)
+# Jobs of one tenant sent to the GPU queue or running at once (more wait, queued).
+BATCH_MAX_CONCURRENT_PER_TENANT = env_int("BATCH_MAX_CONCURRENT_PER_TENANT", 2, minimum=1)
+# A running job whose worker stopped renewing its lease this long is resumed elsewhere;
+# after BATCH_MAX_ATTEMPTS such losses it fails.
+BATCH_HEARTBEAT_TIMEOUT_SECONDS = env_int("BATCH_HEARTBEAT_TIMEOUT_SECONDS", 30, minimum=5)
+BATCH_MAX_ATTEMPTS = env_int("BATCH_MAX_ATTEMPTS", 3, minimum=1)
 
 # --- model health ---------------------------------------------------------------------
 # The cross-tenant model health report is served from its last computation while younger
@@ -445,6 +456,10 @@ CELERY_BEAT_SCHEDULE = {
     # Campaigns: due schedules and new training versions fire; items whose run or
     # promotion moved on without a nudge (a lost message) move on here.
     "advance-campaigns": {"task": "campaigns.advance_all", "schedule": 15.0},
+    # Batch predictions: queued jobs sent within their tenant's bound; lost workers' jobs
+    # resumed elsewhere, lost messages sent again.
+    "dispatch-batch-predictions": {"task": "batch.dispatch", "schedule": 15.0},
+    "requeue-stale-batch-predictions": {"task": "batch.requeue_stale", "schedule": 10.0},
     # Model health reports older than MODEL_HEALTH_MAX_AGE_S are recomputed.
     "refresh-model-health": {"task": "registry.refresh_stale_health", "schedule": 60.0},
     # (Deployments, warm-ups and the fleet are the fleet controller's, not beat's.)
@@ -454,6 +469,7 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_TASK_ROUTES = {
     "training.execute_run": {"queue": TRAINING_QUEUE},
     "evaluation.run": {"queue": TRAINING_QUEUE},
+    "batch.execute": {"queue": TRAINING_QUEUE},
 }
 # One training task at a time per worker process slot; do not prefetch a second run.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -84,3 +84,7 @@ def new_campaign_id() -> str:
 
 def new_campaign_item_id() -> str:
     return new_id("ci")
+
+
+def new_batch_prediction_id() -> str:
+    return new_id("bp")

@@ -1,0 +1,202 @@
+"""Batch predictions over REST: ``/api/v1/tenants/{tenant}/batch-predictions/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import generics, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apps.batch import services
+from apps.batch.models import BatchPrediction, BatchStatus, OutputFormat
+from apps.core.artifacts import get_store
+from apps.core.errors import DomainError
+from apps.datasets.selectors import versions_for_tenant
+from apps.tenants.auth import request_via
+from apps.tenants.models import Role
+from apps.tenants.scoping import TenantScopedMixin
+
+
+class BatchOutputSerializer(serializers.ModelSerializer[BatchPrediction]):
+    model = serializers.CharField(source="model_version.registered_model.name", read_only=True)
+    version = serializers.IntegerField(source="model_version.number", read_only=True)
+    rows_per_s = serializers.FloatField(read_only=True, allow_null=True)
+    eta_seconds = serializers.FloatField(read_only=True, allow_null=True)
+    progress = serializers.SerializerMethodField()
+    output_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = BatchPrediction
+        fields = [
+            "id", "status", "model_version", "model", "version", "artifact_sha256",
+            "dataset_version", "text_column", "output_format", "top_k", "chunk_rows",
+            "rows_total", "rows_done", "chunks_done", "progress", "rows_per_s", "eta_seconds",
+            "label_counts", "preview", "output_sha256", "output_size_bytes", "output_url",
+            "registered_version", "cancel_requested", "attempt", "error", "created_at",
+            "started_at", "finished_at",
+        ]  # fmt: skip
+
+    def get_progress(self, job: BatchPrediction) -> float:
+        """Share of the rows scored, 0 to 1."""
+        return round(job.rows_done / job.rows_total, 4) if job.rows_total else 0.0
+
+    def get_output_url(self, job: BatchPrediction) -> str | None:
+        if job.status != BatchStatus.SUCCEEDED:
+            return None
+        return f"/api/v1/tenants/{job.tenant.slug}/batch-predictions/{job.pk}/output"
+
+
+class BatchInputSerializer(serializers.Serializer[Any]):
+    model_version = serializers.CharField(required=False, allow_blank=True, default="")
+    model = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="a model's name, with environment"
+    )
+    environment = serializers.ChoiceField(
+        choices=["production", "staging"], required=False, default="production"
+    )
+    dataset_version = serializers.CharField()
+    text_column = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="default: the version's"
+    )
+    output_format = serializers.ChoiceField(
+        choices=OutputFormat.choices, required=False, default=OutputFormat.JSONL
+    )
+    top_k = serializers.IntegerField(
+        required=False, default=3, min_value=1, max_value=services.MAX_TOP_K
+    )
+
+
+class RegisterInputSerializer(serializers.Serializer[Any]):
+    dataset = serializers.CharField(
+        max_length=100, help_text="a sample dataset's name (created when the tenant has none)"
+    )
+
+
+def _jobs(tenant: Any) -> Any:
+    return BatchPrediction.objects.filter(tenant=tenant).select_related(
+        "tenant", "model_version__registered_model"
+    )
+
+
+class BatchListCreateApi(TenantScopedMixin, generics.ListAPIView[BatchPrediction]):
+    """The tenant's batch predictions, newest first; POST queues one (202): a model
+    version (or a model and environment) scores every row of a dataset version on a
+    worker, chunk by chunk, resumable."""
+
+    serializer_class = BatchOutputSerializer
+    filterset_fields = ["status", "model_version", "dataset_version"]
+    required_roles = {"POST": Role.SCIENTIST}
+
+    def get_queryset(self) -> Any:
+        return _jobs(self.tenant)
+
+    @extend_schema(request=BatchInputSerializer, responses={202: BatchOutputSerializer})
+    def post(self, request: Request, tenant: str) -> Response:
+        data = BatchInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        version = versions_for_tenant(tenant=self.tenant).filter(pk=fields["dataset_version"])
+        dataset_version = version.first()
+        if dataset_version is None:
+            raise Http404("No such dataset version.")
+        model_version = services.resolve_model_version(
+            tenant=self.tenant,
+            model_version_id=fields["model_version"],
+            model=fields["model"],
+            environment=fields["environment"],
+        )
+        job = services.batch_create(
+            actor=request.user,
+            tenant=self.tenant,
+            model_version=model_version,
+            dataset_version=dataset_version,
+            text_column=fields["text_column"],
+            output_format=fields["output_format"],
+            top_k=fields["top_k"],
+            via=request_via(request),
+        )
+        return Response(
+            BatchOutputSerializer(_jobs(self.tenant).get(pk=job.pk)).data,
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+
+class _OneJob(TenantScopedMixin, generics.GenericAPIView[BatchPrediction]):
+    serializer_class = BatchOutputSerializer
+    kwargs: dict[str, Any]
+
+    def get_queryset(self) -> Any:
+        return _jobs(self.tenant)
+
+    def job(self) -> BatchPrediction:
+        found = _jobs(self.tenant).filter(pk=self.kwargs["batch_id"]).first()
+        if found is None:
+            raise Http404("No such batch prediction.")
+        return found
+
+
+class BatchDetailApi(_OneJob):
+    def get(self, request: Request, tenant: str, batch_id: str) -> Response:
+        return Response(BatchOutputSerializer(self.job()).data)
+
+
+class BatchCancelApi(_OneJob):
+    required_roles = {"POST": Role.SCIENTIST}
+
+    @extend_schema(request=None, responses={200: BatchOutputSerializer})
+    def post(self, request: Request, tenant: str, batch_id: str) -> Response:
+        """A queued job is cancelled at once; a running one after its current chunk
+        (``cancel_requested`` until then). 409 once it has finished."""
+        job = services.batch_cancel(actor=request.user, job=self.job(), via=request_via(request))
+        return Response(BatchOutputSerializer(_jobs(self.tenant).get(pk=job.pk)).data)
+
+
+class BatchOutputApi(_OneJob):
+    @extend_schema(
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY,
+                description="the output file (JSON lines or CSV); its sha256 in the "
+                "X-Checksum-Sha256 header",
+            )
+        }
+    )
+    def get(self, request: Request, tenant: str, batch_id: str) -> Any:
+        """The output file; 409 until the job has succeeded."""
+        job = self.job()
+        if job.status != BatchStatus.SUCCEEDED:
+            raise DomainError(
+                f"The batch prediction is {job.status}; its output exists once it succeeded.",
+                code="no_output",
+                status=job.status,
+            )
+        content_type = "application/x-ndjson" if job.output_format == "jsonl" else "text/csv"
+        response = StreamingHttpResponse(
+            get_store().iter_bytes(job.output_key), content_type=content_type
+        )
+        response["Content-Length"] = str(job.output_size_bytes)
+        response["X-Checksum-Sha256"] = job.output_sha256
+        response["Content-Disposition"] = f'attachment; filename="{job.pk}.{job.output_format}"'
+        return response
+
+
+class BatchRegisterApi(_OneJob):
+    required_roles = {"POST": Role.REVIEWER}
+
+    @extend_schema(request=RegisterInputSerializer, responses={201: BatchOutputSerializer})
+    def post(self, request: Request, tenant: str, batch_id: str) -> Response:
+        """Make the output a new version of a sample dataset (text and predicted label):
+        for review and labelling. Reviewers and admins write sample sets."""
+        data = RegisterInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.batch_register(
+            actor=request.user,
+            job=self.job(),
+            dataset_name=data.validated_data["dataset"],
+            via=request_via(request),
+        )
+        return Response(BatchOutputSerializer(self.job()).data, status=status.HTTP_201_CREATED)
