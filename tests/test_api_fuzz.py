@@ -127,7 +127,15 @@ def seed(tenant: Tenant, fuzzer: Actor, scientist: Actor, reviewer: Actor) -> di
         actor=fuzzer.user, name="fuzz", model_name="intents", selection={"tenants": "all"},
         recipe={"last": True}, target="staging",
     )  # fmt: skip
+    # A batch prediction (queued: its output answers 409 until it succeeded).
+    from apps.batch.models import BatchPrediction
+
+    batch = BatchPrediction.objects.create(
+        tenant=tenant, model_version=model_version, dataset_version=version,
+        artifact_sha256=model_version.sha256, text_column="text",
+    )  # fmt: skip
     return {
+        "batch_id": batch.pk,
         "campaign_id": campaign.pk,
         "dataset_id": version.dataset_id,
         "version": version.pk,

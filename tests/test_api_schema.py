@@ -79,10 +79,13 @@ def test_a_status_an_operation_cannot_answer_is_not_listed(admin):
             by_code.setdefault(code, set()).add((method, path))
     assert by_code["413"] == UPLOADS
     assert by_code["503"] == NEED_OTHER_SERVICES
-    # One read can conflict: an export is built (once) on this host, which may not hold the
-    # base weights an adapter needs.
+    # Two reads can conflict: an export is built (once) on this host, which may not hold
+    # the base weights an adapter needs; a batch prediction has an output once it succeeded.
     export = ("get", "/api/v1/tenants/{tenant}/models/{name}/versions/{number}/export")
-    assert {method for method, _ in by_code["409"] - {export}} <= {"post", "put", "patch", "delete"}
+    output = ("get", "/api/v1/tenants/{tenant}/batch-predictions/{batch_id}/output")
+    assert output in by_code["409"]
+    reads = {export, output}
+    assert {method for method, _ in by_code["409"] - reads} <= {"post", "put", "patch", "delete"}
     assert ("post", "/api/v1/tenants/{tenant}/promotions/{promotion_id}/approve") in by_code["409"]
     assert ("put", "/api/v1/tenants/{tenant}/policies/{model_kind}/") not in by_code["409"]
     # A list without filters (the base-model catalogue) has no input to refuse.

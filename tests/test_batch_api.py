@@ -108,15 +108,18 @@ def test_the_output_becomes_a_sample_dataset_version_for_review(
     job = scientist.api(
         "post", API, {"model_version": version.pk, "dataset_version": data, "output_format": "csv"}
     ).json()
-    early = reviewer.api("post", f"{API}{job['id']}/register", {"dataset": "to-label"})
+    early = reviewer.api("post", f"{API}{job['id']}/register", {"dataset_name": "to-label"})
     assert early.status_code == 409 and early.json()["error"]["code"] == "no_output"
     finished = _run(job["id"])
     csv_rows = list(csv.DictReader(io.StringIO(b"".join(
         scientist.api("get", f"{API}{job['id']}/output").streaming_content).decode())))  # fmt: skip
     assert len(csv_rows) == 180 and set(csv_rows[0]) == {"row", "text", "label", "score", "top_k"}
     # Sample sets are yardsticks: scientists do not write them, reviewers do.
-    assert scientist.api("post", f"{API}{job['id']}/register", {"dataset": "x"}).status_code == 403
-    made = reviewer.api("post", f"{API}{job['id']}/register", {"dataset": "to-label"})
+    assert (
+        scientist.api("post", f"{API}{job['id']}/register", {"dataset_name": "x"}).status_code
+        == 403
+    )
+    made = reviewer.api("post", f"{API}{job['id']}/register", {"dataset_name": "to-label"})
     assert made.status_code == 201, made.content
     sample = DatasetVersion.objects.get(pk=made.json()["registered_version"])
     assert sample.dataset.kind == "sample" and sample.rows == 180
@@ -127,7 +130,7 @@ def test_the_output_becomes_a_sample_dataset_version_for_review(
     ("body", "status", "code"),
     [
         ({"dataset_version": "dv_nope", "model_version": "mv_x"}, 404, "not_found"),
-        ({"dataset_version": "DATA", "model_version": "mv_nope"}, 400, "unknown_model_version"),
+        ({"dataset_version": "DATA", "model_version": "mv_nope"}, 404, "not_found"),
         ({"dataset_version": "DATA"}, 400, "model_required"),
         ({"dataset_version": "DATA", "model": "nope"}, 400, "unknown_model"),
         ({"dataset_version": "DATA", "model": "intents"}, 400, "no_version_in_environment"),
@@ -164,7 +167,7 @@ def test_another_tenants_model_or_data_reads_as_unknown(
         "/api/v1/tenants/globex/batch-predictions/",
         {"model_version": version.pk, "dataset_version": theirs},
     )
-    assert foreign.status_code == 400 and foreign.json()["error"]["code"] == "unknown_model_version"
+    assert foreign.status_code == 404 and "model version" in foreign.json()["error"]["message"]
     job = scientist.api("post", API, {"model_version": version.pk, "dataset_version": data}).json()
     for path in ("", "output"):
         assert stranger.api("get", f"/api/v1/tenants/globex/batch-predictions/{job['id']}/{path}"

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from apps.batch.models import BatchPrediction
 from apps.datasets.models import Dataset, DatasetVersion
 from apps.deployments.models import Deployment
 from apps.evaluation.models import Evaluation, PromotionPolicy
@@ -104,7 +105,12 @@ def victim_objects(admin, scientist, training_dataset, upload) -> dict[str, str]
     notebook = NotebookServer.objects.create(
         tenant=version.dataset.tenant, user=scientist.user, hub_user="sam", server_name="nb-x"
     )
+    batch = BatchPrediction.objects.create(
+        tenant=version.dataset.tenant, model_version=model_version, dataset_version=version,
+        artifact_sha256=model_version.sha256, text_column="text",
+    )  # fmt: skip
     return {
+        "batch_id": batch.pk,
         "deployment_id": deployment.pk,
         "notebook_id": notebook.pk,
         "request_id": access_request.pk,
@@ -148,6 +154,9 @@ def snapshot() -> tuple[int, ...]:
         Deployment.objects.filter(status="warm").count(),
         NotebookServer.objects.filter(status="starting").count(),
         DataAccessRequest.objects.filter(status="requested").count(),
+        BatchPrediction.objects.count(),
+        BatchPrediction.objects.filter(cancel_requested=True).count(),
+        BatchPrediction.objects.exclude(status="queued").count(),
     )
 
 
@@ -259,6 +268,9 @@ NOT_REFERENCES = {
     # A completion's session names a key/value cache of the one model it is sent to (a
     # tenant's own), so another tenant's session of the same name is another cache.
     "session",
+    # Batch predictions: a model of the caller's tenant by name (looked up inside it, as
+    # model_name is), and the name of the sample dataset an output becomes.
+    "model", "dataset_name",
 }  # fmt: skip
 # Values a body needs to get past validation to the id fields; the rest are filled by type.
 FILLERS: dict[str, Any] = {

@@ -7,7 +7,7 @@ from typing import Any
 from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import generics, serializers, status
+from rest_framework import exceptions, generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -16,6 +16,7 @@ from apps.batch.models import BatchPrediction, BatchStatus, OutputFormat
 from apps.core.artifacts import get_store
 from apps.core.errors import DomainError
 from apps.datasets.selectors import versions_for_tenant
+from apps.registry.models import ModelVersion
 from apps.tenants.auth import request_via
 from apps.tenants.models import Role
 from apps.tenants.scoping import TenantScopedMixin
@@ -71,7 +72,7 @@ class BatchInputSerializer(serializers.Serializer[Any]):
 
 
 class RegisterInputSerializer(serializers.Serializer[Any]):
-    dataset = serializers.CharField(
+    dataset_name = serializers.CharField(
         max_length=100, help_text="a sample dataset's name (created when the tenant has none)"
     )
 
@@ -99,16 +100,25 @@ class BatchListCreateApi(TenantScopedMixin, generics.ListAPIView[BatchPrediction
         data = BatchInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         fields = data.validated_data
+        # An id of another tenant's reads as one that does not exist: 404, naming it.
         version = versions_for_tenant(tenant=self.tenant).filter(pk=fields["dataset_version"])
         dataset_version = version.first()
         if dataset_version is None:
-            raise Http404("No such dataset version.")
-        model_version = services.resolve_model_version(
-            tenant=self.tenant,
-            model_version_id=fields["model_version"],
-            model=fields["model"],
-            environment=fields["environment"],
-        )
+            raise exceptions.NotFound("No such dataset version in this tenant.")
+        if fields["model_version"]:
+            model_version = (
+                ModelVersion.objects.filter(
+                    pk=fields["model_version"], registered_model__tenant=self.tenant
+                )
+                .select_related("registered_model")
+                .first()
+            )
+            if model_version is None:
+                raise exceptions.NotFound("No such model version in this tenant.")
+        else:
+            model_version = services.resolve_model_version(
+                tenant=self.tenant, model=fields["model"], environment=fields["environment"]
+            )
         job = services.batch_create(
             actor=request.user,
             tenant=self.tenant,
@@ -158,11 +168,12 @@ class BatchCancelApi(_OneJob):
 class BatchOutputApi(_OneJob):
     @extend_schema(
         responses={
-            (200, "application/octet-stream"): OpenApiResponse(
+            (200, media): OpenApiResponse(
                 OpenApiTypes.BINARY,
-                description="the output file (JSON lines or CSV); its sha256 in the "
-                "X-Checksum-Sha256 header",
+                description="the output file (JSON lines or CSV, as the job's output_format "
+                "says); its sha256 in the X-Checksum-Sha256 header",
             )
+            for media in ("application/x-ndjson", "text/csv")
         }
     )
     def get(self, request: Request, tenant: str, batch_id: str) -> Any:
@@ -196,7 +207,7 @@ class BatchRegisterApi(_OneJob):
         services.batch_register(
             actor=request.user,
             job=self.job(),
-            dataset_name=data.validated_data["dataset"],
+            dataset_name=data.validated_data["dataset_name"],
             via=request_via(request),
         )
         return Response(BatchOutputSerializer(self.job()).data, status=status.HTTP_201_CREATED)

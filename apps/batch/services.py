@@ -442,7 +442,7 @@ def batch_register(
         raise InvalidInput(
             f"'{dataset_name}' is a {dataset.kind} dataset; predictions go into a sample one.",
             code="not_a_sample_dataset",
-            fields={"dataset": ["Not a sample classification dataset."]},
+            fields={"dataset_name": ["Not a sample classification dataset."]},
         )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "predictions.csv"

@@ -40,6 +40,11 @@ NO_CONFLICT: dict[str, frozenset[str]] = {
     "PolicyDetailApi": frozenset({"PUT"}),
     "TokenDetailApi": frozenset({"DELETE"}),
     "UserOrgRolesApi": frozenset({"PUT"}),
+    "BatchListCreateApi": frozenset({"POST"}),
+}
+# Reads that answer 409 while the object is not in a state to have what they read.
+CONFLICT_ON_READ: dict[str, frozenset[str]] = {
+    "BatchOutputApi": frozenset({"GET"}),
 }
 
 # Operations that depend on a service outside the database and answer 503 while it does
@@ -145,7 +150,8 @@ class WorkbenchAutoSchema(AutoSchema):
             statuses.append(403)
         if in_path or "page" in in_query:
             statuses.append(404)  # an unknown id, another tenant's, or a page past the end
-        if method in UNSAFE and method not in NO_CONFLICT.get(name, frozenset()):
+        conflicts = method in UNSAFE and method not in NO_CONFLICT.get(name, frozenset())
+        if conflicts or method in CONFLICT_ON_READ.get(name, frozenset()):
             statuses.append(409)
         if body and self._takes_a_file():
             statuses.append(413)

@@ -128,10 +128,10 @@ def refresh_report(*, kind: str, older_than_days: int = 90, limit: int = 100) ->
         "took_ms": round(took_ms, 1),
         "refresh_sent_at": None,
     }
-    query = {"kind": kind, "older_than_days": older_than_days, "limit": limit}
+    query: dict[str, Any] = {"kind": kind, "older_than_days": older_than_days, "limit": limit}
     try:
         with transaction.atomic():
-            row, _ = HealthReport.objects.update_or_create(**query, defaults=values)
+            row, _ = HealthReport.objects.update_or_create(defaults=values, **query)
     except IntegrityError:  # computed at the same moment elsewhere: the other one stands
         row = HealthReport.objects.get(**query)
     return row
@@ -143,10 +143,10 @@ def health_report(
     """The health report for this query as the page and the API serve it: the last one
     computed while it is younger than ``MODEL_HEALTH_MAX_AGE_S``; an older one is served
     while a worker computes the next; computed here when there is none yet, or ``fresh``."""
-    query = {"kind": kind, "older_than_days": older_than_days, "limit": limit}
+    query: dict[str, Any] = {"kind": kind, "older_than_days": older_than_days, "limit": limit}
     row = None if fresh else HealthReport.objects.filter(**query).first()
     if row is None:
-        row = refresh_report(**query)
+        row = refresh_report(kind=kind, older_than_days=older_than_days, limit=limit)
     refreshing = False
     now = timezone.now()
     if (now - row.computed_at).total_seconds() > settings.MODEL_HEALTH_MAX_AGE_S:

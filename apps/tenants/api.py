@@ -27,7 +27,7 @@ class TenantOutputSerializer(serializers.ModelSerializer[Tenant]):
     def get_role(self, tenant: Tenant) -> str | None:
         # The list annotates each row with the caller's role (one query for the page).
         if hasattr(tenant, "caller_role"):
-            return tenant.caller_role  # type: ignore[no-any-return]
+            return str(tenant.caller_role) if tenant.caller_role is not None else None
         roles: dict[str, str] = self.context.get("roles", {})
         return roles.get(tenant.pk)
 

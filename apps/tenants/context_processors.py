@@ -65,7 +65,7 @@ class Switcher:
             return True
         if self._first:
             return bool(self._first[0].org_wide)  # type: ignore[attr-defined]
-        return OrgRoleGrant.objects.filter(user=self.user).exists()
+        return OrgRoleGrant.objects.filter(user_id=self.user.pk or 0).exists()
 
     @cached_property
     def total(self) -> int:

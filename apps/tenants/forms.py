@@ -77,7 +77,7 @@ class TokenCreateForm(forms.Form):
             tenant_field.help_text = "Limit the token to one of your tenants: its slug."
         else:
             choices = [("", tenant_field.empty_label), *((t.slug, str(t)) for t in mine)]
-            tenant_field.widget.choices = choices  # type: ignore[attr-defined]
+            tenant_field.widget.choices = choices
 
     def expires_at(self) -> datetime | None:
         days = self.cleaned_data.get("expires_in_days")

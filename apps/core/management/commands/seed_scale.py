@@ -374,7 +374,7 @@ class Command(BaseCommand):
             version.stage = Stage.PRODUCTION
         ModelVersion.objects.bulk_create(all_versions, batch_size=BATCH)
 
-        golden = {dv.dataset.tenant.id: dv for dv in dataset_versions[3::4]}  # golden v2
+        golden = {dv.dataset.tenant_id: dv for dv in dataset_versions[3::4]}  # golden v2
         evaluations, promotions = [], []
         for version in all_versions:
             tenant = version.registered_model.tenant
