@@ -82,7 +82,7 @@ def test_a_batch_prediction_scores_every_row_as_serving_does_and_downloads_with_
     content = b"".join(download.streaming_content)
     import hashlib
 
-    assert download["X-Checksum-Sha256"] == hashlib.sha256(content).hexdigest() == job.output_sha256
+    assert download["X-Content-SHA256"] == hashlib.sha256(content).hexdigest() == job.output_sha256
     rows = [json.loads(line) for line in content.decode().splitlines()]
     texts = _texts(scientist, data)
     assert [r["row"] for r in rows] == list(range(180)) and [r["text"] for r in rows] == texts
@@ -222,3 +222,33 @@ def test_a_job_listed_filtered_and_paged(setup: Any, scientist: Actor) -> None:
     listed = scientist.api("get", f"{API}?status=queued&page_size=2").json()
     assert listed["count"] == 3 and len(listed["results"]) == 2 and listed["next"]
     assert scientist.api("get", f"{API}?status=succeeded").json()["count"] == 0
+
+
+def test_the_notebook_client_scores_a_dataset_and_reads_the_rows(
+    live_server: Any, transactional_db: Any, artifacts_dir: Path, scientist: Actor,
+    tenant: Tenant, tiny: PackedModel, settings: Any,
+) -> None:  # fmt: skip
+    from apps.registry.models import ModelVersion
+    from tests.conftest import live_workers_paused
+    from workbench.client import Workbench, WorkbenchError
+
+    settings.BATCH_CHUNK_ROWS = 64
+    version = register(scientist, tenant, "intents", tiny)
+    ModelVersion.objects.filter(pk=version.pk).update(stage="production")
+    data = make_training_version(scientist, name="backlog", content=banking_slice(per_label=20))
+    wb = Workbench(live_server.url, scientist.token, "acme")
+    with live_workers_paused():  # the job runs here, not on the session's worker
+        job = wb.batch_predict(data, model="intents", output_format="csv", top_k=2)
+        assert job["status"] == "queued" and job["model_version"] == version.pk
+        with pytest.raises(WorkbenchError) as early:
+            wb.batch_output(job["id"])
+        assert early.value.status == 409 and early.value.code == "no_output"
+        _run(job["id"])
+        done = wb.wait(job["id"], timeout=5, every=0.1)
+        assert done["status"] == "succeeded" and done["rows_done"] == 120
+        rows = wb.batch_rows(job["id"])
+    assert [int(r["row"]) for r in rows] == list(range(120))
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"] for r in rows)
+    with pytest.raises(WorkbenchError) as unknown:
+        wb.batch_predict(data, model="no-such-model")
+    assert unknown.value.status == 400 and unknown.value.code == "unknown_model"

@@ -367,14 +367,67 @@ class Workbench:
     def run(self, run_id: str) -> Any:
         return self._json("GET", self._tenant_path(f"runs/{urllib.parse.quote(run_id)}/"))
 
-    def wait(self, run_id: str, *, timeout: float = 3600, every: float = 5) -> Any:
-        """Poll a run until it finishes; its final state."""
+    def wait(self, job_id: str, *, timeout: float = 3600, every: float = 5) -> Any:
+        """Poll a run, or a batch prediction (``bp_...``), until it finishes; its final
+        state (the last one seen at ``timeout``)."""
+        follow = self.batch if job_id.startswith("bp_") else self.run
         deadline = time.monotonic() + timeout
         while True:
-            state = self.run(run_id)
+            state = follow(job_id)
             if state["status"] in FINISHED_RUN or time.monotonic() > deadline:
                 return state
             time.sleep(every)
+
+    # --- batch predictions -----------------------------------------------------------------
+
+    def batch_predict(
+        self,
+        dataset_version: str,
+        *,
+        model: str = "",
+        environment: str = "production",
+        model_version: str = "",
+        text_column: str = "",
+        output_format: str = "jsonl",
+        top_k: int = 3,
+    ) -> Any:
+        """Score every row of a dataset version with a model (202): the version of ``model``
+        in ``environment``, or ``model_version`` by id. Follow it with ``batch``/``wait``,
+        then ``batch_output``."""
+        payload: dict[str, Any] = {
+            "dataset_version": dataset_version,
+            "model": model,
+            "environment": environment,
+            "model_version": model_version,
+            "text_column": text_column,
+            "output_format": output_format,
+            "top_k": top_k,
+        }
+        return self._json("POST", self._tenant_path("batch-predictions/"), payload)
+
+    def batch(self, job_id: str) -> Any:
+        route = f"batch-predictions/{urllib.parse.quote(job_id)}/"
+        return self._json("GET", self._tenant_path(route))
+
+    def batch_output(self, job_id: str, path: str | os.PathLike[str] | None = None) -> Path:
+        """Save a succeeded batch prediction's output, checking its sha256."""
+        state = self.batch(job_id)
+        name = f"{job_id}.{state['output_format']}"
+        target = Path(path) if path is not None else Path(tempfile.gettempdir()) / name
+        route = f"batch-predictions/{urllib.parse.quote(job_id)}/output"
+        return self._save(self._tenant_path(route), target, what=name)
+
+    def batch_rows(self, job_id: str) -> list[dict[str, Any]]:
+        """A succeeded batch prediction's output rows (row, text, label, score, top_k)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = self.batch_output(job_id, Path(tmp) / "output")
+            text = saved.read_text(encoding="utf-8")
+        if self.batch(job_id)["output_format"] == "csv":
+            rows = list(csv.DictReader(io.StringIO(text)))
+            for row in rows:
+                row["top_k"] = json.loads(row["top_k"])
+            return rows
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _error(exc: urllib.error.HTTPError) -> WorkbenchError:

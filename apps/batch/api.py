@@ -171,7 +171,7 @@ class BatchOutputApi(_OneJob):
             (200, media): OpenApiResponse(
                 OpenApiTypes.BINARY,
                 description="the output file (JSON lines or CSV, as the job's output_format "
-                "says); its sha256 in the X-Checksum-Sha256 header",
+                "says); its sha256 in the X-Content-SHA256 header",
             )
             for media in ("application/x-ndjson", "text/csv")
         }
@@ -190,7 +190,7 @@ class BatchOutputApi(_OneJob):
             get_store().iter_bytes(job.output_key), content_type=content_type
         )
         response["Content-Length"] = str(job.output_size_bytes)
-        response["X-Checksum-Sha256"] = job.output_sha256
+        response["X-Content-SHA256"] = job.output_sha256
         response["Content-Disposition"] = f'attachment; filename="{job.pk}.{job.output_format}"'
         return response
 
