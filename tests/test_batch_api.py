@@ -252,3 +252,66 @@ def test_the_notebook_client_scores_a_dataset_and_reads_the_rows(
     with pytest.raises(WorkbenchError) as unknown:
         wb.batch_predict(data, model="no-such-model")
     assert unknown.value.status == 400 and unknown.value.code == "unknown_model"
+
+
+# --- the dashboard -------------------------------------------------------------------------
+
+
+def test_a_scientist_starts_one_on_the_page_and_follows_it_to_its_output(
+    setup: Any, scientist: Actor, reviewer: Actor, viewer: Actor, settings: Any
+) -> None:
+    from django.test import Client
+
+    settings.BATCH_CHUNK_ROWS = 100
+    version, data = setup
+    page = Client()
+    page.force_login(scientist.user)
+    listing = page.get("/t/acme/batch-predictions/").content.decode()
+    assert 'id="batch-create-form"' in listing and f'value="{version.pk}"' in listing
+    assert 'href="/t/acme/batch-predictions/" aria-current="page">Batch' in listing
+    refused = page.post("/t/acme/batch-predictions/", {
+        "model_version": version.pk, "dataset_version": data, "text_column": "body",
+        "output_format": "jsonl", "top_k": 3})  # fmt: skip
+    assert refused.status_code == 400 and "no column &#x27;body&#x27;" in refused.content.decode()
+    assert not BatchPrediction.objects.exists()
+    started = page.post("/t/acme/batch-predictions/", {
+        "model_version": version.pk, "dataset_version": data, "text_column": "",
+        "output_format": "jsonl", "top_k": 2})  # fmt: skip
+    assert started.status_code == 302
+    job = BatchPrediction.objects.get()
+    assert started["Location"] == f"/t/acme/batch-predictions/{job.pk}/"
+    queued = page.get(started["Location"]).content.decode()
+    assert 'data-live-active="true"' in queued and 'id="batch-cancel-form"' in queued
+    assert "0 / 180" in queued
+    _run(job.pk)
+    live = page.get(f"{started['Location']}?partial=1")
+    assert live["Cache-Control"] == "no-store"
+    done = live.content.decode()
+    assert 'data-live-active="true"' not in done and "180 / 180 (100.0 %)" in done
+    assert 'id="batch-download"' in done and 'id="label-chart"' in done
+    assert done.count("<tr><td>") == 20  # the preview's rows
+    assert 'id="batch-register-form"' not in done  # reviewers register sample sets
+    review = Client()
+    review.force_login(reviewer.user)
+    detail = review.get(started["Location"]).content.decode()
+    assert 'id="batch-register-form"' in detail
+    registered = review.post(f"{started['Location']}register/", {"dataset_name": "to-label"})
+    assert registered.status_code == 302
+    assert "Registered as to-label v1." in review.get(started["Location"]).content.decode()
+    # A viewer reads, and may not start or cancel.
+    look = Client()
+    look.force_login(viewer.user)
+    assert 'id="batch-create-form"' not in look.get("/t/acme/batch-predictions/").content.decode()
+    assert look.post(f"{started['Location']}cancel/").status_code == 403
+
+
+def test_the_pages_are_404_to_another_tenant(setup: Any, scientist: Actor, outsider: Actor) -> None:
+    from django.test import Client
+
+    version, data = setup
+    job = scientist.api("post", API, {"model_version": version.pk, "dataset_version": data})
+    page = Client()
+    page.force_login(outsider.user)
+    assert page.get(f"/t/acme/batch-predictions/{job.json()['id']}/").status_code == 404
+    assert page.get(f"/t/globex/batch-predictions/{job.json()['id']}/").status_code == 404
+    assert page.post(f"/t/globex/batch-predictions/{job.json()['id']}/cancel/").status_code == 404

@@ -2,6 +2,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from apps.audit import views as audit_views
+from apps.batch import views as batch_views
 from apps.campaigns import views as campaign_views
 from apps.datasets import views as dataset_views
 from apps.deployments import completion_views
@@ -28,6 +29,22 @@ tenant_patterns = [
         name="dataset-delete-page",
     ),
     path("runs/", training_views.run_list, name="run-list-page"),
+    path("batch-predictions/", batch_views.batch_list, name="batch-list-page"),
+    path(
+        "batch-predictions/<str:batch_id>/",
+        batch_views.batch_detail,
+        name="batch-detail-page",
+    ),
+    path(
+        "batch-predictions/<str:batch_id>/cancel/",
+        batch_views.batch_cancel,
+        name="batch-cancel-page",
+    ),
+    path(
+        "batch-predictions/<str:batch_id>/register/",
+        batch_views.batch_register,
+        name="batch-register-page",
+    ),
     # Before runs/<run_id>/, which would otherwise take "compare" for a run id.
     path("runs/compare/", training_views.run_compare, name="run-compare-page"),
     path("runs/<str:run_id>/", training_views.run_detail, name="run-detail-page"),

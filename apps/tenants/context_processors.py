@@ -23,6 +23,7 @@ SWITCHABLE = (
     "policies-page",
     "deployment-list-page",
     "notebook-list-page",
+    "batch-list-page",
 )
 
 
