@@ -129,7 +129,9 @@ def batch_detail(request: HttpRequest, access: TenantAccess, batch_id: str) -> H
         "can_register": access.allows(Role.REVIEWER) and job.status == BatchStatus.SUCCEEDED,
         "samples": DatasetVersion.objects.filter(
             dataset__tenant=access.tenant, dataset__kind=DatasetKind.SAMPLE
-        ).values_list("dataset__name", flat=True).distinct(),
+        )
+        .values_list("dataset__name", flat=True)
+        .distinct(),
     }
     template = "batch/_live.html" if request.GET.get("partial") == "1" else "batch/detail.html"
     response = render_tenant(request, access, template, context, section=SECTION)
@@ -168,7 +170,5 @@ def batch_register(request: HttpRequest, access: TenantAccess, batch_id: str) ->
         except (DomainError, InvalidInput) as exc:
             messages.error(request, exc.message)
         else:
-            messages.success(
-                request, f"Registered as {version.dataset.name} v{version.number}."
-            )
+            messages.success(request, f"Registered as {version.dataset.name} v{version.number}.")
     return redirect("batch-detail-page", tenant=access.tenant.slug, batch_id=job.pk)
