@@ -199,8 +199,8 @@ def _deep_cursor(user: Any, slug: str, pages: int = 200) -> str:
         following = client.get(url).json()["next"]
         if not following:
             break
-        url = following.split("://", 1)[-1].split("/", 1)[-1]
-        url = "/" + url
+        parts = urlsplit(following)
+        url = f"{parts.path}?{parts.query}"
     return url
 
 

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from worker import adapters
-from worker.modeling import collate
 from worker.serving.loading import FORWARD_BATCH, FastClassifier
 
 CSV_FIELDS = ("row", "text", "label", "score", "top_k")
@@ -88,9 +87,7 @@ def _probabilities(served: Any, texts: list[str]) -> torch.Tensor:
     if isinstance(served, adapters.AdapterModel):
         return served.probabilities(served.collate(texts)).float()
     if isinstance(served, FastClassifier):
-        ids = [e.ids for e in served.tokenizer.encode_batch(texts, add_special_tokens=True)]
-        batch = {k: v.to(served.device) for k, v in collate(ids, served.pad_token_id).items()}
-        return torch.softmax(served.model(**batch).logits.float(), dim=-1)
+        return served.probabilities(texts)
     raise TypeError(f"batch predictions score classifiers; got {type(served).__name__}")
 
 

@@ -41,23 +41,12 @@ def _state(job: BatchPrediction) -> dict[str, Any]:
     return {"status": job.status, "attempt": job.attempt, "rows_done": job.rows_done}
 
 
-def resolve_model_version(
-    *, tenant: Tenant, model_version_id: str = "", model: str = "", environment: str = ""
-) -> ModelVersion:
-    """The version named by id, or the one of model ``model`` in stage ``environment``
-    (production unless given); InvalidInput naming what is missing."""
+def resolve_model_version(*, tenant: Tenant, model: str, environment: str = "") -> ModelVersion:
+    """The version of model ``model`` in stage ``environment`` (production unless given);
+    InvalidInput naming what is missing. (A version named by id the doors look up.)"""
     versions = ModelVersion.objects.filter(registered_model__tenant=tenant).select_related(
         "registered_model"
     )
-    if model_version_id:
-        found = versions.filter(pk=model_version_id).first()
-        if found is None:
-            raise InvalidInput(
-                f"No model version '{model_version_id}' in this tenant.",
-                code="unknown_model_version",
-                fields={"model_version": ["No such model version in this tenant."]},
-            )
-        return found
     if not model:
         raise InvalidInput(
             "Name the model version to score with (model_version), or a model and its "
@@ -307,16 +296,25 @@ def batch_finish(
     job.output_key = output_key
     job.output_sha256 = output_sha256
     job.output_size_bytes = output_size_bytes
-    job.save(update_fields=["output_key", "output_sha256", "output_size_bytes"])
-    _end(job, BatchStatus.SUCCEEDED, reason="done")
+    _end(job, BatchStatus.SUCCEEDED, reason="done",
+         fields=("output_key", "output_sha256", "output_size_bytes"))  # fmt: skip
     return job
 
 
-def _end(job: BatchPrediction, status: str, *, reason: str, actor: Any = None) -> None:
+def _end(
+    job: BatchPrediction,
+    status: str,
+    *,
+    reason: str,
+    actor: Any = None,
+    via: str = "task",
+    fields: tuple[str, ...] = (),
+) -> None:
+    """Finish ``job`` as ``status`` (with ``fields`` the caller set), audited."""
     before = _state(job)
     job.status = status
     job.finished_at = timezone.now()
-    job.save(update_fields=["status", "finished_at", "error"])
+    job.save(update_fields=["status", "finished_at", "error", *fields])
     audit_record(
         actor=actor,
         tenant=job.tenant,
@@ -324,7 +322,7 @@ def _end(job: BatchPrediction, status: str, *, reason: str, actor: Any = None) -
         obj=job,
         before=before,
         after={**_state(job), "reason": reason},
-        via="task" if actor is None else "",
+        via=via,
     )
     transaction.on_commit(enqueue_dispatch)
 
@@ -341,7 +339,7 @@ def batch_cancel(*, actor: Any, job: BatchPrediction, via: str = "") -> BatchPre
             status=locked.status,
         )
     if locked.status == BatchStatus.QUEUED and locked.queued_at is None:
-        _end(locked, BatchStatus.CANCELLED, reason="cancelled", actor=actor)
+        _end(locked, BatchStatus.CANCELLED, reason="cancelled", actor=actor, via=via)
         return locked
     locked.cancel_requested = True
     locked.save(update_fields=["cancel_requested"])

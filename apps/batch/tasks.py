@@ -95,16 +95,17 @@ def _run(job: Any, attempt: int, heartbeat: Heartbeat, work: Path) -> str:
         store.put_file(_part_key(job, index), target, move=True)
         counts.update(row["label"] for row in rows)
         busy += time.perf_counter() - started
-        if len(preview) < services.PREVIEW_ROWS:
+        grew = len(preview) < services.PREVIEW_ROWS
+        if grew:
             preview += rows[: services.PREVIEW_ROWS - len(preview)]
         verdict = services.batch_progress(
             job_id=job.pk,
             attempt=attempt,
             chunks_done=index + 1,
-            rows_done=min(len(texts), first + len(part)),
+            rows_done=first + len(part),
             label_counts=dict(counts),
             busy_seconds=busy,
-            preview=preview,
+            preview=preview if grew else None,  # written once it is full, not again
         )
         if verdict != "go":
             return "cancelled" if verdict == "cancel" else "lost"

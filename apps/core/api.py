@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, cast
 
@@ -53,14 +52,9 @@ class KeysetPagination(BasePagination):
 
     def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> list[Any]:
         self.request = request
-        size = self.page_size
-        asked = request.query_params.get("page_size")
-        if asked:
-            with contextlib.suppress(ValueError):
-                size = max(1, min(int(asked), self.max_page_size))
         self.page = keyset.keyset_page(
             queryset,
-            size=size,
+            size=Pagination().get_page_size(request) or self.page_size,
             cursor=request.query_params.get("cursor"),
             page=request.query_params.get("page"),
         )

@@ -168,14 +168,18 @@ class FastClassifier:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     @torch.inference_mode()
+    def probabilities(self, texts: list[str]) -> torch.Tensor:
+        """Class probabilities (rows x labels) of one forward batch of ``texts``."""
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        batch = {k: v.to(self.device) for k, v in collate(ids, self.pad_token_id).items()}
+        return torch.softmax(self.model(**batch).logits.float(), dim=-1)
+
+    @torch.inference_mode()
     def predict(self, texts: list[str]) -> list[Output]:
         outputs: list[Output] = []
         for start in range(0, len(texts), FORWARD_BATCH):
             chunk = texts[start : start + FORWARD_BATCH]
-            ids = [e.ids for e in self.tokenizer.encode_batch(chunk, add_special_tokens=True)]
-            batch = {k: v.to(self.device) for k, v in collate(ids, self.pad_token_id).items()}
-            logits = self.model(**batch).logits.float()
-            scores, indices = torch.softmax(logits, dim=-1).max(dim=-1)
+            scores, indices = self.probabilities(chunk).max(dim=-1)
             outputs += [
                 Output(label=self.labels[index], score=score)
                 for index, score in zip(indices.tolist(), scores.tolist(), strict=True)
