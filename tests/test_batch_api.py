@@ -199,9 +199,11 @@ def test_cancel_stops_a_queued_job_at_once_and_a_sent_one_before_it_scores(
 
 
 def test_a_tenant_runs_as_many_at_once_as_its_bound_the_rest_wait(
-    setup: Any, scientist: Actor, settings: Any
+    setup: Any, scientist: Actor, tenant: Tenant, settings: Any
 ) -> None:
-    settings.BATCH_MAX_CONCURRENT_PER_TENANT = 1
+    from apps.training.models import TrainingRun
+
+    Tenant.objects.filter(pk=tenant.pk).update(max_concurrent_runs=2)
     version, data = setup
     ids = [
         scientist.api("post", API, {"model_version": version.pk, "dataset_version": data}).json()[
@@ -209,10 +211,28 @@ def test_a_tenant_runs_as_many_at_once_as_its_bound_the_rest_wait(
         ]
         for _ in range(3)
     ]
+    TrainingRun.objects.filter(tenant=tenant).update(status="succeeded")  # the model's own
+    # A training run of the tenant already holds one of its two GPU slots.
+    run = TrainingRun.objects.create(
+        tenant=tenant, dataset_version_id=data, model_name="m", base_model="tiny-bert",
+        params={}, status="running",
+    )  # fmt: skip
     assert services.batch_dispatch() == ids[:1]
-    assert services.batch_dispatch() == []  # the first is still out
+    assert services.batch_dispatch() == []  # the first and the run are out
     execute_batch.run(ids[0])
     assert services.batch_dispatch() == ids[1:2]
+    TrainingRun.objects.filter(pk=run.pk).update(status="succeeded")
+    assert services.batch_dispatch() == ids[2:3]
+    # The other way round: a queued run waits while the tenant's batch jobs hold its slots.
+    waiting = TrainingRun.objects.create(
+        tenant=tenant, dataset_version_id=data, model_name="m", base_model="tiny-bert",
+        params={}, status="queued",
+    )  # fmt: skip
+    from apps.training.services import runs_dispatch
+
+    assert runs_dispatch() == []
+    execute_batch.run(ids[1])
+    assert runs_dispatch() == [waiting.pk]
 
 
 def test_a_job_listed_filtered_and_paged(setup: Any, scientist: Actor) -> None:

@@ -388,12 +388,20 @@ class Workbench:
         environment: str = "production",
         model_version: str = "",
         text_column: str = "",
-        output_format: str = "jsonl",
+        output_format: str = "",
         top_k: int = 3,
+        role: str = "",
+        context_column: str | None = None,
+        max_tokens: int = 16,
+        completions: int = 1,
     ) -> Any:
         """Score every row of a dataset version with a model (202): the version of ``model``
-        in ``environment``, or ``model_version`` by id. Follow it with ``batch``/``wait``,
-        then ``batch_output``."""
+        in ``environment``, or ``model_version`` by id. A classifier writes labels
+        (``top_k`` per row), an embedding model vectors (``role``'s encoder; ``.npy`` unless
+        ``output_format`` says parquet or jsonl), an autocomplete model ``completions``
+        completions of each row's text (``context_column``: the messages replied to).
+        Follow it with ``batch``/``wait``, then ``batch_output``/``batch_rows``/
+        ``batch_vectors``."""
         payload: dict[str, Any] = {
             "dataset_version": dataset_version,
             "model": model,
@@ -402,6 +410,10 @@ class Workbench:
             "text_column": text_column,
             "output_format": output_format,
             "top_k": top_k,
+            "role": role,
+            "context_column": context_column,
+            "max_tokens": max_tokens,
+            "completions": completions,
         }
         return self._json("POST", self._tenant_path("batch-predictions/"), payload)
 
@@ -418,16 +430,43 @@ class Workbench:
         return self._save(self._tenant_path(route), target, what=name)
 
     def batch_rows(self, job_id: str) -> list[dict[str, Any]]:
-        """A succeeded batch prediction's output rows (row, text, label, score, top_k)."""
+        """A succeeded batch prediction's output rows (JSON lines or CSV): a classifier's
+        (row, text, label, score, top_k), an autocomplete model's (row, prefix, context,
+        completion, score, tokens, completions), an embedding model's in JSON lines (row,
+        text, vector); ``batch_vectors`` reads .npy and Parquet."""
+        state = self.batch(job_id)
+        if state["output_format"] not in ("jsonl", "csv"):
+            raise WorkbenchError(
+                400, "not_rows", f"a {state['output_format']} output: use batch_vectors"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             saved = self.batch_output(job_id, Path(tmp) / "output")
             text = saved.read_text(encoding="utf-8")
-        if self.batch(job_id)["output_format"] == "csv":
+        if state["output_format"] == "csv":
             rows = list(csv.DictReader(io.StringIO(text)))
+            nested = "completions" if state.get("model_kind") == "autocomplete" else "top_k"
             for row in rows:
-                row["top_k"] = json.loads(row["top_k"])
+                row[nested] = json.loads(row[nested])
             return rows
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def batch_vectors(self, job_id: str) -> Any:
+        """A succeeded embedding job's vectors as a float32 numpy array (rows x dim, row i
+        the dataset's row i), from whichever format it wrote."""
+        import numpy as np
+
+        state = self.batch(job_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = self.batch_output(job_id, Path(tmp) / f"output.{state['output_format']}")
+            if state["output_format"] == "npy":
+                return np.load(saved)
+            if state["output_format"] == "parquet":
+                import pyarrow.parquet as pq
+
+                column = pq.read_table(saved, columns=["vector"]).column("vector")
+                return np.asarray(column.to_pylist(), dtype=np.float32).reshape(-1, state["dim"])
+            lines = saved.read_text(encoding="utf-8").splitlines()
+            return np.asarray([json.loads(x)["vector"] for x in lines if x.strip()], np.float32)
 
 
 def _error(exc: urllib.error.HTTPError) -> WorkbenchError:

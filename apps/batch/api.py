@@ -20,6 +20,15 @@ from apps.registry.models import ModelVersion
 from apps.tenants.auth import request_via
 from apps.tenants.models import Role
 from apps.tenants.scoping import TenantScopedMixin
+from worker import autocomplete_text as limits
+
+# What an output downloads as, by its format.
+CONTENT_TYPES: dict[str, str] = {
+    OutputFormat.JSONL: "application/x-ndjson",
+    OutputFormat.CSV: "text/csv",
+    OutputFormat.NPY: "application/x-npy",
+    OutputFormat.PARQUET: "application/vnd.apache.parquet",
+}
 
 
 class BatchOutputSerializer(serializers.ModelSerializer[BatchPrediction]):
@@ -33,8 +42,9 @@ class BatchOutputSerializer(serializers.ModelSerializer[BatchPrediction]):
     class Meta:
         model = BatchPrediction
         fields = [
-            "id", "status", "model_version", "model", "version", "artifact_sha256",
-            "dataset_version", "text_column", "output_format", "top_k", "chunk_rows",
+            "id", "status", "model_version", "model", "version", "model_kind",
+            "artifact_sha256", "dataset_version", "text_column", "context_column",
+            "output_format", "top_k", "role", "max_tokens", "completions", "dim", "chunk_rows",
             "rows_total", "rows_done", "chunks_done", "progress", "rows_per_s", "eta_seconds",
             "label_counts", "preview", "output_sha256", "output_size_bytes", "output_url",
             "registered_version", "cancel_requested", "attempt", "error", "created_at",
@@ -61,13 +71,56 @@ class BatchInputSerializer(serializers.Serializer[Any]):
     )
     dataset_version = serializers.CharField()
     text_column = serializers.CharField(
-        required=False, allow_blank=True, default="", help_text="default: the version's"
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="the texts (autocomplete: the replies' prefixes); default: the version's",
     )
     output_format = serializers.ChoiceField(
-        choices=OutputFormat.choices, required=False, default=OutputFormat.JSONL
+        choices=OutputFormat.choices,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="classifier and autocomplete: jsonl (default) or csv; embedding: npy "
+        "(default), parquet or jsonl",
     )
     top_k = serializers.IntegerField(
-        required=False, default=3, min_value=1, max_value=services.MAX_TOP_K
+        required=False,
+        default=3,
+        min_value=1,
+        max_value=services.MAX_TOP_K,
+        help_text="classifier: the most likely labels kept per row",
+    )
+    role = serializers.ChoiceField(
+        choices=["query", "document"],
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="embedding: which encoder embeds the texts (default query, as the embed "
+        "endpoint's)",
+    )
+    context_column = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        default=None,
+        help_text="autocomplete: the customer messages the replies answer (default: a reply "
+        "dataset's context column; empty: none)",
+    )
+    max_tokens = serializers.IntegerField(
+        required=False,
+        default=limits.MAX_TOKENS_DEFAULT,
+        min_value=1,
+        max_value=limits.MAX_TOKENS_LIMIT,
+        help_text="autocomplete: tokens per completion at most",
+    )
+    completions = serializers.IntegerField(
+        required=False,
+        default=1,
+        min_value=1,
+        max_value=limits.N_LIMIT,
+        help_text="autocomplete: completions per row, best first (greedy, as the complete "
+        "endpoint's n)",
     )
 
 
@@ -127,6 +180,10 @@ class BatchListCreateApi(TenantScopedMixin, generics.ListAPIView[BatchPrediction
             text_column=fields["text_column"],
             output_format=fields["output_format"],
             top_k=fields["top_k"],
+            role=fields["role"],
+            context_column=fields["context_column"],
+            max_tokens=fields["max_tokens"],
+            completions=fields["completions"],
             via=request_via(request),
         )
         return Response(
@@ -170,10 +227,10 @@ class BatchOutputApi(_OneJob):
         responses={
             (200, media): OpenApiResponse(
                 OpenApiTypes.BINARY,
-                description="the output file (JSON lines or CSV, as the job's output_format "
-                "says); its sha256 in the X-Content-SHA256 header",
+                description="the output file (JSON lines, CSV, .npy or Parquet, as the "
+                "job's output_format says); its sha256 in the X-Content-SHA256 header",
             )
-            for media in ("application/x-ndjson", "text/csv")
+            for media in CONTENT_TYPES.values()
         }
     )
     def get(self, request: Request, tenant: str, batch_id: str) -> Any:
@@ -185,9 +242,9 @@ class BatchOutputApi(_OneJob):
                 code="no_output",
                 status=job.status,
             )
-        content_type = "application/x-ndjson" if job.output_format == "jsonl" else "text/csv"
         response = StreamingHttpResponse(
-            get_store().iter_bytes(job.output_key), content_type=content_type
+            get_store().iter_bytes(job.output_key),
+            content_type=CONTENT_TYPES.get(job.output_format, "application/octet-stream"),
         )
         response["Content-Length"] = str(job.output_size_bytes)
         response["X-Content-SHA256"] = job.output_sha256
@@ -200,8 +257,10 @@ class BatchRegisterApi(_OneJob):
 
     @extend_schema(request=RegisterInputSerializer, responses={201: BatchOutputSerializer})
     def post(self, request: Request, tenant: str, batch_id: str) -> Response:
-        """Make the output a new version of a sample dataset (text and predicted label):
-        for review and labelling. Reviewers and admins write sample sets."""
+        """Make the output a new version of a sample dataset, for review and labelling: a
+        classifier's as text and predicted label, an autocomplete model's as replies
+        (prefix and completion) with their context. Reviewers and admins write sample
+        sets; an embedding job's vectors are no dataset (409 ``not_registrable``)."""
         data = RegisterInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         services.batch_register(

@@ -24,6 +24,8 @@ FINISHED = (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
 class OutputFormat(models.TextChoices):
     JSONL = "jsonl", "JSON lines"
     CSV = "csv", "CSV"
+    NPY = "npy", "NumPy .npy (vectors)"
+    PARQUET = "parquet", "Parquet (vectors)"
 
 
 class BatchPrediction(models.Model):
@@ -47,7 +49,15 @@ class BatchPrediction(models.Model):
     dataset_version = models.ForeignKey(
         "datasets.DatasetVersion", on_delete=models.PROTECT, related_name="batch_predictions"
     )
-    text_column = models.CharField(max_length=100)
+    model_kind = models.CharField(max_length=16, default="classifier", help_text="the model's")
+    text_column = models.CharField(max_length=100, help_text="autocomplete: the prefixes")
+    # Autocomplete: the customer messages the replies answer ("" none), the tokens and the
+    # completions wanted per row. Embedding: the encoder (query or document) and the width.
+    context_column = models.CharField(max_length=100, blank=True)
+    max_tokens = models.PositiveSmallIntegerField(default=0)
+    completions = models.PositiveSmallIntegerField(default=1)
+    role = models.CharField(max_length=16, blank=True)
+    dim = models.PositiveIntegerField(default=0, help_text="embedding: the vectors' width")
     output_format = models.CharField(
         max_length=8, choices=OutputFormat.choices, default=OutputFormat.JSONL
     )

@@ -18,14 +18,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.audit.services import audit_record
 from apps.batch.models import ACTIVE, BatchPrediction, BatchStatus, OutputFormat
 from apps.core.artifacts import get_store
 from apps.core.errors import DomainError, InvalidInput
-from apps.core.leases import queue_depth
+from apps.core.leases import holder_gone, queue_depth
 from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task
 from apps.registry.models import ModelKind, ModelVersion, RegisteredModel, Stage
 from apps.tenants.models import Tenant
@@ -33,6 +33,8 @@ from apps.tenants.models import Tenant
 log = logging.getLogger(__name__)
 MAX_TOP_K = 20
 PREVIEW_ROWS = 20
+# A batch prediction's id starts so (apps.core.ids): how the GPU dispatcher's ids tell.
+BATCH_ID_PREFIX = "bp_"
 # Bytes of a dataset file read to learn its columns.
 HEAD_BYTES = 64 * 1024
 
@@ -85,6 +87,75 @@ def _columns(version: DatasetVersion) -> list[str]:
     return columns_of(head, version.format)
 
 
+def _check_options(
+    *,
+    kind: str,
+    dataset_version: DatasetVersion,
+    output_format: str,
+    top_k: int,
+    role: str,
+    max_tokens: int,
+    completions: int,
+) -> str:
+    """The output format the job writes (the kind's default when empty); InvalidInput
+    naming the field a model of this kind cannot take."""
+    from worker import autocomplete_text as limits
+    from worker.batch import FORMATS
+
+    formats = FORMATS.get(kind)
+    if formats is None:
+        raise InvalidInput(
+            f"Batch predictions cannot score a {kind} model.", code="unsupported_model_kind",
+            fields={"model_version": [f"A {kind} model."]},
+        )  # fmt: skip
+    task = dataset_version.dataset.task
+    if task == Task.RETRIEVAL and kind != ModelKind.EMBEDDING:
+        raise InvalidInput(
+            "A retrieval dataset's rows are queries for an embedding model; a "
+            f"{kind} model scores texts of a classification or reply dataset.",
+            code="unsupported_dataset",
+            fields={"dataset_version": ["A retrieval dataset."]},
+        )
+    output_format = output_format or formats[0]
+    if output_format not in formats:
+        raise InvalidInput(
+            f"A {kind} model's output is {' or '.join(formats)}, not {output_format}.",
+            code="invalid_output_format",
+            fields={"output_format": [f"One of {', '.join(formats)}."]},
+        )
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidInput(
+            f"top_k is from 1 to {MAX_TOP_K}.", code="invalid_top_k",
+            fields={"top_k": [f"From 1 to {MAX_TOP_K}."]},
+        )  # fmt: skip
+    if kind == ModelKind.EMBEDDING and role not in ("query", "document"):
+        raise InvalidInput(
+            "role is query or document (which encoder embeds the texts).",
+            code="invalid_role", fields={"role": ["query or document"]},
+        )  # fmt: skip
+    if kind == ModelKind.AUTOCOMPLETE:
+        if not 1 <= max_tokens <= limits.MAX_TOKENS_LIMIT:
+            raise InvalidInput(
+                f"max_tokens is from 1 to {limits.MAX_TOKENS_LIMIT}.", code="invalid_max_tokens",
+                fields={"max_tokens": [f"From 1 to {limits.MAX_TOKENS_LIMIT}."]},
+            )  # fmt: skip
+        if not 1 <= completions <= limits.N_LIMIT:
+            raise InvalidInput(
+                f"completions is from 1 to {limits.N_LIMIT}.", code="invalid_completions",
+                fields={"completions": [f"From 1 to {limits.N_LIMIT}."]},
+            )  # fmt: skip
+    return output_format
+
+
+def _column_error(field: str, column: str, columns: list[str]) -> InvalidInput:
+    return InvalidInput(
+        f"The dataset version has no column '{column}'; it has "
+        f"{', '.join(columns) or 'none that could be read'}.",
+        code="unknown_column",
+        fields={field: [f"Not a column of the file: {', '.join(columns)}."]},
+    )
+
+
 @transaction.atomic
 def batch_create(
     *,
@@ -93,48 +164,64 @@ def batch_create(
     model_version: ModelVersion,
     dataset_version: DatasetVersion,
     text_column: str = "",
-    output_format: str = OutputFormat.JSONL,
+    output_format: str = "",
     top_k: int = 3,
+    role: str = "",
+    context_column: str | None = None,
+    max_tokens: int = 0,
+    completions: int = 1,
     via: str = "",
 ) -> BatchPrediction:
     """Queue a batch prediction of ``model_version`` over ``dataset_version`` (both of
     ``tenant``: the callers resolve them so); InvalidInput, and nothing written, when the
-    model cannot score it or the column is not in the file."""
-    if model_version.registered_model.kind != ModelKind.CLASSIFIER:
-        raise InvalidInput(
-            f"Batch predictions score classifiers; '{model_version.registered_model.name}' "
-            f"is an {model_version.registered_model.kind} model.",
-            code="unsupported_model_kind",
-            fields={"model_version": ["Not a classifier."]},
-        )
-    if dataset_version.dataset.task == Task.RETRIEVAL:
-        raise InvalidInput(
-            "A retrieval dataset's rows are query pairs, not texts to classify.",
-            code="unsupported_dataset",
-            fields={"dataset_version": ["A retrieval dataset."]},
-        )
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidInput(
-            f"top_k is from 1 to {MAX_TOP_K}.", code="invalid_top_k",
-            fields={"top_k": [f"From 1 to {MAX_TOP_K}."]},
-        )  # fmt: skip
+    model cannot score it or a column is not in the file.
+
+    A classifier writes each row's ``top_k`` labels; an embedding model the vectors of
+    ``role``'s encoder (query unless given); an autocomplete model ``completions``
+    completions of at most ``max_tokens`` tokens of each row's text as the reply's prefix,
+    with ``context_column``'s message (a reply dataset's context column unless given;
+    ``""`` none)."""
+    from worker import autocomplete_text as limits
+
+    kind = model_version.registered_model.kind
+    role = role or ("query" if kind == ModelKind.EMBEDDING else "")
+    max_tokens = max_tokens or (limits.MAX_TOKENS_DEFAULT if kind == ModelKind.AUTOCOMPLETE else 0)
+    output_format = _check_options(
+        kind=kind, dataset_version=dataset_version, output_format=output_format, top_k=top_k,
+        role=role, max_tokens=max_tokens, completions=completions,
+    )  # fmt: skip
     column = text_column or dataset_version.text_column
     columns = _columns(dataset_version)
     if column not in columns:
+        raise _column_error("text_column", column, columns)
+    context = ""
+    if kind == ModelKind.AUTOCOMPLETE:
+        if context_column is None:
+            is_replies = dataset_version.dataset.task == Task.TEXT_GENERATION
+            context = dataset_version.label_column if is_replies else ""
+        else:
+            context = context_column
+        if context and context not in columns:
+            raise _column_error("context_column", context, columns)
+    elif context_column:
         raise InvalidInput(
-            f"The dataset version has no column '{column}'; it has "
-            f"{', '.join(columns) or 'none that could be read'}.",
-            code="unknown_column",
-            fields={"text_column": [f"Not a column of the file: {', '.join(columns)}."]},
+            "context_column is for autocomplete models (the messages replies answer).",
+            code="unexpected_field",
+            fields={"context_column": [f"A {kind} model takes no context."]},
         )
     job = BatchPrediction.objects.create(
         tenant=tenant,
         model_version=model_version,
         artifact_sha256=model_version.sha256,
         dataset_version=dataset_version,
+        model_kind=kind,
         text_column=column,
+        context_column=context,
         output_format=output_format,
         top_k=top_k,
+        role=role,
+        max_tokens=max_tokens if kind == ModelKind.AUTOCOMPLETE else 0,
+        completions=completions if kind == ModelKind.AUTOCOMPLETE else 1,
         chunk_rows=settings.BATCH_CHUNK_ROWS,
         rows_total=dataset_version.rows,
         created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -147,7 +234,9 @@ def batch_create(
         after={
             "model_version": model_version.pk,
             "dataset_version": dataset_version.pk,
+            "kind": kind,
             "text_column": column,
+            "output_format": output_format,
             "rows": job.rows_total,
         },
         via=via,
@@ -175,48 +264,54 @@ def _send(job_id: str) -> None:
 
 
 def batch_dispatch() -> list[str]:
-    """Send queued jobs, oldest first, while their tenant has fewer than
-    ``BATCH_MAX_CONCURRENT_PER_TENANT`` sent or running; the ids sent."""
-    limit = settings.BATCH_MAX_CONCURRENT_PER_TENANT
-    sent: list[str] = []
-    with transaction.atomic():
-        waiting = list(
-            BatchPrediction.objects.select_for_update(skip_locked=True)
-            .filter(status=BatchStatus.QUEUED, queued_at__isnull=True)
-            .order_by("created_at", "id")[:500]
-        )
-        if not waiting:
-            return sent
-        busy = dict(
-            BatchPrediction.objects.filter(
-                Q(status=BatchStatus.RUNNING)
-                | Q(status=BatchStatus.QUEUED, queued_at__isnull=False),
-                tenant_id__in={j.tenant_id for j in waiting},
-            )
-            .values_list("tenant_id")
-            .annotate(n=Count("id"))
-        )
-        now = timezone.now()
-        for job in waiting:
-            if busy.get(job.tenant_id, 0) >= limit:
-                continue
-            busy[job.tenant_id] = busy.get(job.tenant_id, 0) + 1
-            job.queued_at = now
-            job.save(update_fields=["queued_at"])
-            sent.append(job.pk)
-            transaction.on_commit(functools.partial(_send, job.pk))
-    return sent
+    """Send queued jobs within the GPU budget: a batch prediction is its tenant's GPU job
+    like a training run, so the training dispatcher decides (``runs_dispatch``: fair share,
+    the tenant's ``max_concurrent_runs``); the batch ids it sent."""
+    from apps.training.services import runs_dispatch
+
+    return [pk for pk in runs_dispatch() if pk.startswith(BATCH_ID_PREFIX)]
+
+
+def gpu_waiting() -> list[tuple[str, str, Any]]:
+    """(id, tenant id, created) of each job waiting to be sent, for the GPU dispatcher."""
+    return list(
+        BatchPrediction.objects.filter(status=BatchStatus.QUEUED, queued_at__isnull=True)
+        .order_by("created_at", "id")
+        .values_list("pk", "tenant_id", "created_at")[:500]
+    )
+
+
+def gpu_busy() -> list[str]:
+    """The tenant id of each job sent or running (it holds a GPU slot)."""
+    return list(
+        BatchPrediction.objects.filter(
+            Q(status=BatchStatus.RUNNING) | Q(status=BatchStatus.QUEUED, queued_at__isnull=False)
+        ).values_list("tenant_id", flat=True)
+    )
+
+
+def gpu_send(job_id: str, now: Any) -> bool:
+    """Claim a waiting job for the broker (sent once its transaction commits)."""
+    claimed = BatchPrediction.objects.filter(
+        pk=job_id, status=BatchStatus.QUEUED, queued_at__isnull=True
+    ).update(queued_at=now)
+    if claimed:
+        transaction.on_commit(functools.partial(_send, job_id))
+    return bool(claimed)
 
 
 def batch_claim(*, job_id: str, worker: str) -> BatchPrediction | None:
-    """Take a sent job for this worker (the next attempt); None if it is not waiting."""
+    """Take a sent job for this worker (the next attempt); None if it is not waiting. A
+    running job whose holder is a dead process of this host (a pool process SIGKILLed:
+    its master sends the task again at once) is taken over without waiting out its
+    lease."""
     with transaction.atomic():
-        job = (
-            BatchPrediction.objects.select_for_update()
-            .filter(pk=job_id, status=BatchStatus.QUEUED, queued_at__isnull=False)
-            .first()
-        )
+        job = BatchPrediction.objects.select_for_update().filter(pk=job_id).first()
         if job is None:
+            return None
+        if job.status == BatchStatus.RUNNING and holder_gone(job.claimed_by):
+            _requeue(job, reason="worker process gone", sent=True)
+        if job.status != BatchStatus.QUEUED or job.queued_at is None:
             return None
         if job.cancel_requested:
             _end(job, BatchStatus.CANCELLED, reason="cancelled before it started")
@@ -240,6 +335,11 @@ def _fenced(job_id: str, attempt: int) -> Any:
 def batch_heartbeat(*, job_id: str, attempt: int) -> bool:
     """Renew the attempt's lease; False once the job is no longer this attempt's."""
     return bool(_fenced(job_id, attempt).update(heartbeat_at=timezone.now()))
+
+
+def batch_set_dim(*, job_id: str, attempt: int, dim: int) -> None:
+    """Record the width of an embedding job's vectors (known once its model is loaded)."""
+    _fenced(job_id, attempt).update(dim=dim)
 
 
 @transaction.atomic
@@ -362,39 +462,56 @@ def _stale() -> Q:
     )
 
 
+def _requeue(job: BatchPrediction, *, reason: str, sent: bool = False) -> bool:
+    """A running job whose worker was lost: queued again to resume at its first chunk not
+    recorded (``sent``: for the claim at hand, else for the dispatcher to send within
+    the GPU budget), or failed after ``BATCH_MAX_ATTEMPTS`` such losses; whether it was
+    queued."""
+    if job.attempt >= settings.BATCH_MAX_ATTEMPTS:
+        job.error = (
+            f"The worker running it was lost {job.attempt} times (the last: "
+            f"{job.claimed_by or 'unknown'}), so it is not retried again."
+        )
+        _end(job, BatchStatus.FAILED, reason="worker lost")
+        return False
+    before = _state(job)
+    job.status = BatchStatus.QUEUED
+    job.claimed_by = ""
+    job.queued_at = timezone.now() if sent else None
+    job.save(update_fields=["status", "claimed_by", "queued_at"])
+    audit_record(
+        actor=None,
+        tenant=job.tenant,
+        verb="batch_prediction.requeue",
+        obj=job,
+        before=before,
+        after={**_state(job), "reason": reason},
+        via="task",
+    )
+    return True
+
+
 def batch_requeue_stale() -> list[str]:
-    """A running job whose lease ran out lost its worker: queued again (to resume at its
-    first chunk not recorded), or failed after ``BATCH_MAX_ATTEMPTS`` such losses. A sent
-    job no worker claimed within ``TRAINING_DISPATCH_TIMEOUT_SECONDS`` while the queue is
-    empty lost its message and is sent again. The ids sent again."""
+    """A running job whose lease ran out, or whose holder is a dead process of this host,
+    lost its worker: queued again (``_requeue``). A sent job no worker claimed within
+    ``TRAINING_DISPATCH_TIMEOUT_SECONDS`` while the queue is empty lost its message and is
+    sent again. The ids sent again."""
     again: list[str] = []
-    for job_id in BatchPrediction.objects.filter(_stale()).values_list("pk", flat=True):
+    running = BatchPrediction.objects.filter(status=BatchStatus.RUNNING)
+    gone = [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
+    for job_id in {*running.filter(_stale()).values_list("pk", flat=True), *gone}:
         with transaction.atomic():
-            job = BatchPrediction.objects.select_for_update().filter(_stale(), pk=job_id).first()
+            job = running.select_for_update().filter(pk=job_id).first()
             if job is None:
                 continue
-            if job.attempt >= settings.BATCH_MAX_ATTEMPTS:
-                job.error = (
-                    f"The worker running it was lost {job.attempt} times (the last: "
-                    f"{job.claimed_by or 'unknown'}), so it is not retried again."
-                )
-                _end(job, BatchStatus.FAILED, reason="worker lost")
+            if holder_gone(job.claimed_by):
+                reason = "worker process gone"
+            elif running.filter(_stale(), pk=job_id).exists():
+                reason = "heartbeat stale"
+            else:
                 continue
-            before = _state(job)
-            job.status = BatchStatus.QUEUED
-            job.claimed_by = ""
-            job.queued_at = None  # the dispatcher sends it within the tenant's bound
-            job.save(update_fields=["status", "claimed_by", "queued_at"])
-            audit_record(
-                actor=None,
-                tenant=job.tenant,
-                verb="batch_prediction.requeue",
-                obj=job,
-                before=before,
-                after={**_state(job), "reason": "heartbeat stale"},
-                via="task",
-            )
-            again.append(job.pk)
+            if _requeue(job, reason=reason):
+                again.append(job.pk)
     cutoff = timezone.now() - timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
     lost = list(
         BatchPrediction.objects.filter(status=BatchStatus.QUEUED, queued_at__lt=cutoff).values_list(
@@ -416,7 +533,9 @@ def batch_register(
     *, actor: Any, job: BatchPrediction, dataset_name: str, via: str = ""
 ) -> DatasetVersion:
     """Make the output a version of the tenant's sample dataset ``dataset_name`` (created
-    when missing): each row's text with the predicted label, for review and labelling."""
+    when missing), for review and labelling: a classifier's rows as each text with its
+    predicted label; an autocomplete model's as replies (the prefix and its completion)
+    with the message each answers. An embedding job's vectors are no dataset (409)."""
     from apps.datasets import services as dataset_services
 
     if job.status != BatchStatus.SUCCEEDED:
@@ -425,22 +544,32 @@ def batch_register(
             code="no_output",
             status=job.status,
         )
+    if job.model_kind == ModelKind.EMBEDDING:
+        raise DomainError(
+            "An embedding job's output is vectors, not rows with labels: download it.",
+            code="not_registrable",
+            status=job.status,
+        )
+    replies = job.model_kind == ModelKind.AUTOCOMPLETE
+    task = Task.TEXT_GENERATION if replies else Task.TEXT_CLASSIFICATION
     dataset = Dataset.objects.filter(tenant=job.tenant, name=dataset_name).first()
     if dataset is None:
+        what = "Completions" if replies else "Predictions"
         dataset = dataset_services.dataset_create(
             actor=actor,
             tenant=job.tenant,
             name=dataset_name,
             kind=DatasetKind.SAMPLE,
-            task=Task.TEXT_CLASSIFICATION,
-            description=f"Predictions of batch {job.pk} ({job.model_version}), for review.",
+            task=task,
+            description=f"{what} of batch {job.pk} ({job.model_version}), for review.",
             via=via,
         )
-    elif dataset.kind != DatasetKind.SAMPLE or dataset.task != Task.TEXT_CLASSIFICATION:
+    elif dataset.kind != DatasetKind.SAMPLE or dataset.task != task:
         raise InvalidInput(
-            f"'{dataset_name}' is a {dataset.kind} dataset; predictions go into a sample one.",
+            f"'{dataset_name}' is a {dataset.kind} {dataset.task} dataset; this output goes "
+            f"into a sample {task} one.",
             code="not_a_sample_dataset",
-            fields={"dataset_name": ["Not a sample classification dataset."]},
+            fields={"dataset_name": [f"Not a sample {task} dataset."]},
         )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "predictions.csv"
@@ -455,6 +584,7 @@ def batch_register(
             filename=f"{job.pk}.csv",
             text_column="text",
             label_column="label",
+            context_column="context" if replies else None,
             via=via,
         )
     job.registered_version = result.version
@@ -462,24 +592,34 @@ def batch_register(
     return result.version
 
 
-def _write_labelled(job: BatchPrediction, path: Path) -> int:
-    """The output as a two-column CSV (text, predicted label); its size."""
+def _output_rows(job: BatchPrediction) -> Any:
+    """The output's rows as dicts (JSON lines or CSV)."""
     import csv
     import io
     import json
 
-    store = get_store()
+    with get_store().open(job.output_key) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        if job.output_format == OutputFormat.JSONL:
+            for line in text:
+                if line.strip():
+                    yield json.loads(line)
+        else:
+            yield from csv.DictReader(text)
+
+
+def _write_labelled(job: BatchPrediction, path: Path) -> int:
+    """The output as a two-column CSV: (text, predicted label), or for completions
+    (context, text: the prefix and its completion; rows without one left out); its size."""
+    import csv
+
+    replies = job.model_kind == ModelKind.AUTOCOMPLETE
     with path.open("w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        writer.writerow(["text", "label"])
-        with store.open(job.output_key) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-            if job.output_format == OutputFormat.JSONL:
-                for line in text:
-                    if line.strip():
-                        row = json.loads(line)
-                        writer.writerow([row["text"], row["label"]])
-            else:
-                for row in csv.DictReader(text):
-                    writer.writerow([row["text"], row["label"]])
+        writer.writerow(["context", "text"] if replies else ["text", "label"])
+        for row in _output_rows(job):
+            if not replies:
+                writer.writerow([row["text"], row["label"]])
+            elif row["completion"]:
+                writer.writerow([row["context"], row["prefix"] + row["completion"]])
     return path.stat().st_size

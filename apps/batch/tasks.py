@@ -75,9 +75,26 @@ def _run(job: Any, attempt: int, heartbeat: Heartbeat, work: Path) -> str:
     data = job.dataset_version
     path = work / f"data.{data.format}"
     download(data.storage_key, path)
-    texts = batch.read_texts(path, data.format, job.text_column)
+    if job.context_column:
+        texts, contexts = batch.read_columns(
+            path, data.format, [job.text_column, job.context_column]
+        )
+    else:
+        texts = batch.read_texts(path, data.format, job.text_column)
+        contexts = [""] * len(texts)
     # The bytes the job was asked for, or nothing: load_model verifies the sha256.
     served = load_model(store.uri(job.model_version.artifact_key), job.artifact_sha256).classifier
+    scorer = batch.scorer_for(
+        served,
+        batch.Options(
+            fmt=job.output_format, top_k=job.top_k, role=job.role or "query",
+            max_tokens=job.max_tokens or 1, n=job.completions or 1,
+        ),
+    )  # fmt: skip
+    if scorer.kind != job.model_kind:
+        raise TypeError(f"the artifact holds a {scorer.kind} model, not a {job.model_kind} one")
+    if isinstance(scorer, batch.EmbeddingScorer) and job.dim != scorer.dim:
+        services.batch_set_dim(job_id=job.pk, attempt=attempt, dim=scorer.dim)
     size = job.chunk_rows
     chunks = (len(texts) + size - 1) // size
     counts = Counter({str(k): int(v) for k, v in (job.label_counts or {}).items()})
@@ -88,21 +105,20 @@ def _run(job: Any, attempt: int, heartbeat: Heartbeat, work: Path) -> str:
             return "lost"
         started = time.perf_counter()
         first = index * size
-        part = texts[first : first + size]
-        rows = batch.part_rows(first, part, batch.score(served, part, job.top_k))
+        part = scorer.part(first, texts[first : first + size], contexts[first : first + size])
         target = work / f"part-{index:05d}"
-        target.write_bytes(batch.encode_part(rows, job.output_format))
+        target.write_bytes(part.data)
         store.put_file(_part_key(job, index), target, move=True)
-        counts.update(row["label"] for row in rows)
+        counts.update(part.labels)
         busy += time.perf_counter() - started
         grew = len(preview) < services.PREVIEW_ROWS
         if grew:
-            preview += rows[: services.PREVIEW_ROWS - len(preview)]
+            preview += part.preview[: services.PREVIEW_ROWS - len(preview)]
         verdict = services.batch_progress(
             job_id=job.pk,
             attempt=attempt,
             chunks_done=index + 1,
-            rows_done=first + len(part),
+            rows_done=first + len(texts[first : first + size]),
             label_counts=dict(counts),
             busy_seconds=busy,
             preview=preview if grew else None,  # written once it is full, not again
@@ -110,8 +126,8 @@ def _run(job: Any, attempt: int, heartbeat: Heartbeat, work: Path) -> str:
         if verdict != "go":
             return "cancelled" if verdict == "cancel" else "lost"
     output = work / f"predictions.{job.output_format}"
-    digest, length = batch.join_parts(
-        (store.iter_bytes(_part_key(job, i)) for i in range(chunks)), output, job.output_format
+    digest, length = scorer.join(
+        (store.iter_bytes(_part_key(job, i)) for i in range(chunks)), texts, contexts, output
     )
     if not heartbeat.held or not services.batch_heartbeat(job_id=job.pk, attempt=attempt):
         return "lost"

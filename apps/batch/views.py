@@ -1,6 +1,7 @@
 """Dashboard pages for batch predictions: the tenant's jobs with a form to start one, and
-one job's page (progress that follows itself, throughput, a preview of the output, the
-predicted labels' distribution, download, register as a sample dataset, cancel)."""
+one job's page (progress that follows itself, throughput, a preview of the output — labels,
+vectors or completions by the model's kind — the predicted labels' distribution, download,
+register as a sample dataset, cancel)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from apps.batch import services
 from apps.batch.models import ACTIVE, BatchPrediction, BatchStatus, OutputFormat
 from apps.core.errors import DomainError, InvalidInput
 from apps.datasets.charts import label_chart
-from apps.datasets.models import DatasetKind, DatasetVersion, Task
+from apps.datasets.models import DatasetKind, DatasetVersion
 from apps.registry.models import ModelKind, ModelVersion
 from apps.tenants.dashboard import VIA, paginate, render_tenant, require_role, tenant_view
 from apps.tenants.models import Role
 from apps.tenants.scoping import TenantAccess
+from worker import autocomplete_text as limits
 
 SECTION = "batch-list-page"
 PER_PAGE = 25
@@ -33,31 +35,53 @@ class BatchForm(forms.Form):
     text_column = forms.CharField(
         required=False, max_length=100, help_text="Empty: the version's own text column."
     )
-    output_format = forms.ChoiceField(choices=OutputFormat.choices, initial=OutputFormat.JSONL)
-    top_k = forms.IntegerField(min_value=1, max_value=services.MAX_TOP_K, initial=3)
+    output_format = forms.ChoiceField(
+        choices=[("", "The model's default (JSON lines; vectors: .npy)"), *OutputFormat.choices],
+        required=False,
+        help_text="Classifier and autocomplete: JSON lines or CSV; embedding: .npy, Parquet "
+        "or JSON lines.",
+    )
+    top_k = forms.IntegerField(
+        min_value=1, max_value=services.MAX_TOP_K, initial=3, label="Top k",
+        help_text="Classifier: the most likely labels kept per row.",
+    )  # fmt: skip
+    role = forms.ChoiceField(
+        choices=[("query", "query"), ("document", "document")], initial="query", required=False,
+        help_text="Embedding: which encoder embeds the texts.",
+    )  # fmt: skip
+    context_column = forms.CharField(
+        required=False, max_length=100,
+        help_text="Autocomplete: the customer messages (empty: a reply dataset's own).",
+    )  # fmt: skip
+    max_tokens = forms.IntegerField(
+        min_value=1, max_value=limits.MAX_TOKENS_LIMIT, initial=limits.MAX_TOKENS_DEFAULT,
+        required=False,
+        help_text="Autocomplete: tokens per completion at most.",
+    )  # fmt: skip
+    completions = forms.IntegerField(
+        min_value=1, max_value=limits.N_LIMIT, initial=1, required=False,
+        help_text="Autocomplete: completions per row, best first.",
+    )  # fmt: skip
 
     def __init__(self, *args: Any, tenant: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         versions = (
-            ModelVersion.objects.filter(
-                registered_model__tenant=tenant, registered_model__kind=ModelKind.CLASSIFIER
-            )
+            ModelVersion.objects.filter(registered_model__tenant=tenant)
             .select_related("registered_model")
             .order_by("-created_at")[:CHOICES_MAX]
         )
         self.fields["model_version"].choices = [  # type: ignore[attr-defined]
-            (v.pk, f"{v.registered_model.name} v{v.number}"
+            (v.pk, f"{v.registered_model.name} v{v.number} · {v.registered_model.kind}"
              + (f" ({v.stage})" if v.stage != "none" else ""))
             for v in versions
         ]  # fmt: skip
         data = (
             DatasetVersion.objects.filter(dataset__tenant=tenant)
-            .exclude(dataset__task=Task.RETRIEVAL)
             .select_related("dataset")
             .order_by("-created_at")[:CHOICES_MAX]
         )
         self.fields["dataset_version"].choices = [  # type: ignore[attr-defined]
-            (d.pk, f"{d.dataset.name} v{d.number} ({d.rows} rows)") for d in data
+            (d.pk, f"{d.dataset.name} v{d.number} · {d.dataset.task} ({d.rows} rows)") for d in data
         ]
 
 
@@ -90,6 +114,10 @@ def batch_list(request: HttpRequest, access: TenantAccess) -> HttpResponse:
                     text_column=form.cleaned_data["text_column"],
                     output_format=form.cleaned_data["output_format"],
                     top_k=form.cleaned_data["top_k"],
+                    role=form.cleaned_data["role"],
+                    context_column=form.cleaned_data["context_column"] or None,
+                    max_tokens=form.cleaned_data["max_tokens"] or 0,
+                    completions=form.cleaned_data["completions"] or 1,
                     via=VIA,
                 )
             except InvalidInput as exc:
@@ -126,7 +154,9 @@ def batch_detail(request: HttpRequest, access: TenantAccess, batch_id: str) -> H
         "percent": round(100 * job.rows_done / job.rows_total, 1) if job.rows_total else 0.0,
         "chart": label_chart(job.label_counts) if job.label_counts else None,
         "can_write": access.allows(Role.SCIENTIST),
-        "can_register": access.allows(Role.REVIEWER) and job.status == BatchStatus.SUCCEEDED,
+        "can_register": access.allows(Role.REVIEWER)
+        and job.status == BatchStatus.SUCCEEDED
+        and job.model_kind != ModelKind.EMBEDDING,
         "samples": DatasetVersion.objects.filter(
             dataset__tenant=access.tenant, dataset__kind=DatasetKind.SAMPLE
         )

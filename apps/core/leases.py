@@ -156,3 +156,34 @@ def queue_depth(queue: str) -> int | None:
     except Exception:
         log.warning("could not read the depth of queue %r", queue, exc_info=True)
         return None
+
+
+def holder_gone(holder: str) -> bool:
+    """Whether the worker process a lease names (``host:pid``, as
+    ``apps.training.runner.worker_name`` writes it) is known dead: it ran on this host and
+    no such process is alive here now (a zombie counts as dead). A holder on another host
+    is never known dead from here: its lease running out says so.
+
+    What a SIGKILLed pool process leaves: its master sends the task again at once
+    (``reject_on_worker_lost``), and the next claim need not wait out the lease.
+    """
+    import os
+    import socket
+
+    host, _, pid_text = holder.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid in (0, os.getpid()):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False

@@ -233,31 +233,38 @@ def _send_run(run_id: str) -> None:
 def runs_dispatch() -> list[str]:
     """Hand queued runs to the broker up to the training budget every tenant shares
     (TRAINING_MAX_CONCURRENT_RUNS), by weighted fair share (``fairshare.pick``), each tenant
-    within its own limit.
+    within its own limit. A batch prediction is a GPU job of its tenant like a one-off run:
+    it waits in the same queue and counts against the same limits (the ids sent include
+    it).
 
     A run counts from dispatch until it finishes, so one tenant's sweep of 50 points or a
     campaign over 200 tenants occupies its share of the GPUs while other tenants' runs
     still go. One dispatcher at a time decides (a transaction-scoped lock); a run is
     claimed for the broker by a conditional update, so nothing is sent twice.
     """
+    from apps.batch import services as batch_services
     from apps.campaigns.models import Campaign
 
     sent: list[str] = []
     with transaction.atomic():
         _dispatch_lock()
-        waiting_rows = list(
+        waiting_rows: list[tuple[str, str, str | None, Any]] = list(
             TrainingRun.objects.filter(
                 status=RunStatus.QUEUED, dispatched_at__isnull=True
             ).values_list("pk", "tenant_id", "campaign_item__campaign_id", "created_at")
         )
-        if not waiting_rows:
+        batch_waiting = batch_services.gpu_waiting()
+        if not waiting_rows and not batch_waiting:
             return sent
-        busy_rows = list(
+        waiting_rows += [(pk, tenant_id, None, created) for pk, tenant_id, created in batch_waiting]
+        busy_rows: list[tuple[str, str | None]] = list(
             TrainingRun.objects.filter(
                 Q(status=RunStatus.RUNNING)
                 | Q(status=RunStatus.QUEUED, dispatched_at__isnull=False)
             ).values_list("tenant_id", "campaign_item__campaign_id")
         )
+        busy_rows += [(tenant_id, None) for tenant_id in batch_services.gpu_busy()]
+        batch_ids = {pk for pk, _, _ in batch_waiting}
         waiting = [
             fairshare.Waiting(
                 run_id=pk,
@@ -292,6 +299,10 @@ def runs_dispatch() -> list[str]:
         )
         now = timezone.now()
         for run_id in chosen:
+            if run_id in batch_ids:
+                if batch_services.gpu_send(run_id, now):
+                    sent.append(run_id)
+                continue
             claimed = TrainingRun.objects.filter(
                 pk=run_id, status=RunStatus.QUEUED, dispatched_at__isnull=True
             ).update(dispatched_at=now)
