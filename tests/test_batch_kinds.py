@@ -333,3 +333,37 @@ def test_a_job_whose_holder_died_on_this_host_is_taken_over_without_waiting_out_
     services.batch_claim(job_id=other, worker=f"elsewhere:{_dead_pid()}")
     assert services.batch_claim(job_id=other, worker=f"{host}:1") is None
     assert other not in services.batch_requeue_stale()
+
+
+def test_the_notebook_client_reads_vectors_and_completions(
+    live_server: Any, transactional_db: Any, artifacts_dir: Path, scientist: Actor,
+    tenant: Tenant, embedder: PackedEmbedder, autocomplete_packed: Any,
+) -> None:  # fmt: skip
+    from tests.conftest import live_workers_paused
+    from workbench.client import Workbench, WorkbenchError
+
+    data = knowledge_base(tenant, count=10)
+    version = register_embedding(tenant, "faq", embedder, data)
+    replies = reply_version(tenant, "drafts", [(c, " ".join(r.split()[:2])) for c, r in REPLIES])
+    completer = register_autocomplete(tenant, "replies", autocomplete_packed, replies)
+    wb = Workbench(live_server.url, scientist.token, "acme")
+    with live_workers_paused():  # the jobs run here, not on the session's worker
+        vectors_job = wb.batch_predict(data.pk, model_version=version.pk, output_format="parquet")
+        replies_job = wb.batch_predict(
+            replies.pk, model_version=completer.pk, output_format="csv", completions=2
+        )
+        for job in (vectors_job, replies_job):
+            _run(job["id"])
+            assert wb.wait(job["id"], timeout=5, every=0.1)["status"] == "succeeded"
+        vectors = wb.batch_vectors(vectors_job["id"])
+        rows = wb.batch_rows(replies_job["id"])
+        with pytest.raises(WorkbenchError) as not_rows:
+            wb.batch_rows(vectors_job["id"])
+    served = build_classifier(embedder.tar.read_bytes(), device="cpu")
+    assert vectors.shape == (30, 384)
+    assert np.allclose(vectors, served.embed(_queries(data), "query"), atol=1e-5)  # type: ignore[union-attr]
+    assert len(rows) == len(REPLIES) and all(
+        1 <= len(r["completions"]) <= 2 and r["completions"][0]["text"] == r["completion"]
+        for r in rows
+    )
+    assert not_rows.value.code == "not_rows"

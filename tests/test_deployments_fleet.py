@@ -97,6 +97,9 @@ def test_three_tenants_models_are_deployed_warm_and_predict_like_their_evaluatio
         body = response.json()
         assert body["model_version"] == versions[slug].pk and body["latency_ms"] > 0
         assert [o["label"] for o in body["outputs"]] == expected(packed[models[slug]], texts)
+    # A batch prediction with the deployed model scores rows as the fleet's predict API does.
+    fleet_settings.BATCH_CHUNK_ROWS = 25
+    _batch_equals_predict(scientist, versions["acme"])
     # Three tenants, one fleet: the fleet reports each model once per replica that holds it.
     status = get_backend().status()
     loaded = {
@@ -112,6 +115,32 @@ def test_three_tenants_models_are_deployed_warm_and_predict_like_their_evaluatio
     names = json.dumps(seen)
     assert versions["globex"].pk in names and versions["acme"].pk not in names
     assert "other_tenants_models" in names
+
+
+def _batch_equals_predict(actor: Actor, version: Any) -> None:
+    """A batch job of the production model over 60 banking77 rows (chunks of 25, run here
+    by the worker's task function) and the predict API over the same rows: the same label
+    and score for each."""
+    from apps.batch import services as batch_services
+    from apps.batch.tasks import execute_batch
+    from tests.training_helpers import banking_slice, make_training_version
+
+    data = make_training_version(actor, name="backlog", content=banking_slice(per_label=10))
+    created = actor.api("post", "/api/v1/tenants/acme/batch-predictions/",
+                        {"model": "intents", "dataset_version": data})  # fmt: skip
+    assert created.status_code == 202 and created.json()["model_version"] == version.pk
+    batch_services.batch_dispatch()
+    execute_batch.run(created.json()["id"])
+    output = actor.api(
+        "get", f"/api/v1/tenants/acme/batch-predictions/{created.json()['id']}/output"
+    )
+    assert output.status_code == 200, output.content
+    rows = [json.loads(line) for line in b"".join(output.streaming_content).splitlines()]
+    texts = [r["text"] for r in rows]
+    assert len(texts) == 60
+    served = predict(actor, "acme", "intents", texts).json()["outputs"]
+    assert [r["label"] for r in rows] == [o["label"] for o in served]
+    assert [r["score"] for r in rows] == pytest.approx([o["score"] for o in served], abs=1e-5)
 
 
 def test_blue_green_then_rollback_to_the_standby(

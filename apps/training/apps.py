@@ -7,6 +7,7 @@ class TrainingConfig(AppConfig):
     verbose_name = "Training"
 
     def ready(self) -> None:
-        from apps.training import gpu
+        from apps.training import gpu, preload
 
         gpu.connect()
+        preload.connect()
