@@ -76,8 +76,8 @@ def setup(var_dir: Path, work: Path, rows: int | None) -> dict[str, Any]:
     for key in ENV_DROP:
         os.environ.pop(key, None)
     os.environ.update(django_env(var_dir), CELERY_BROKER_URL=REDIS_URL)
-    if rows is not None:  # ten chunks, as the full run's 10,003 rows in chunks of 1,000
-        os.environ["BATCH_CHUNK_ROWS"] = str(max(1, rows // 10))
+    if rows is not None:  # twenty chunks, as the full run's 10,003 rows in chunks of 500
+        os.environ["BATCH_CHUNK_ROWS"] = str(max(1, rows // 20))
     import django
 
     django.setup()

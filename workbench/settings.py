@@ -219,7 +219,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 
 # --- batch predictions ----------------------------------------------------------------
 # Rows scored per chunk: a chunk is the unit a killed worker's successor redoes at most.
-BATCH_CHUNK_ROWS = env_int("BATCH_CHUNK_ROWS", 1000, minimum=1)
+BATCH_CHUNK_ROWS = env_int("BATCH_CHUNK_ROWS", 500, minimum=1)
 # (How many run at once: the training dispatcher's budget and each tenant's limit.)
 # A running job whose worker stopped renewing its lease this long is resumed elsewhere;
 # after BATCH_MAX_ATTEMPTS such losses it fails.

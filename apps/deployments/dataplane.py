@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from apps.deployments.models import ServingPool
 from worker.serving.fastpath import BadRequest, Endpoint, FastClient, FastPathUnavailable
 from worker.serving.routing import IndexNotHere, ModelNotHere, tail_deployment
 from worker.serving.specs import ModelLoadError, PredictResult
+
+log = logging.getLogger(__name__)
 
 # How long a replica socket that could not be reached is skipped.
 UNREACHABLE_RETRY_S = 5.0
@@ -214,6 +217,21 @@ class RoutedFleet:
                     opened += 1
         return opened
 
+    def prewarm_predict(self) -> bool:
+        """One predict of "prewarm" by a published classifier (any; it only reads), so the
+        fast path's encode, send and decode have run before a caller's; False when none
+        answered (never raises)."""
+        for kind in ServingPool.objects.values_list("kind", flat=True):
+            table = self.table(kind)
+            for model_id in table.get("models") or {}:
+                try:
+                    self.predict(kind, str(model_id), ["prewarm"])
+                except Exception as error:  # not a classifier, not loaded: try the next
+                    log.debug("prewarm predict of %s: %s", model_id, error)
+                    continue
+                return True
+        return False
+
     def close(self) -> None:
         self._client.close()
 
@@ -259,9 +277,16 @@ def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
         plane = data_plane()
         if isinstance(plane, RoutedFleet):
             plane.prewarm()
-        if application is not None:
-            _request(application, "POST", "/api/v1/tenants/-/models/-/predict")
-        _predict_reads()
+        # Several rounds: CPython specialises a function's bytecode only after it has run
+        # a few times, and a first predict running it unspecialised is what a fresh
+        # process's first caller would otherwise pay.
+        for _ in range(PREWARM_ROUNDS):
+            if application is not None:
+                _request(application, "POST", "/api/v1/tenants/-/models/-/predict")
+            _predict_reads()
+            _predict_view_parts()
+            if isinstance(plane, RoutedFleet):
+                plane.prewarm_predict()
     except Exception:  # a database not migrated yet, nothing published: the first call pays
         logging.getLogger(__name__).debug("prewarm skipped", exc_info=True)
     finally:
@@ -269,6 +294,24 @@ def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
 
         if not keep_connection:
             connections.close_all()  # a forking server must not share this connection
+
+
+# Rounds of the prewarm (see ``prewarm``): more than CPython's specialisation warm-up.
+PREWARM_ROUNDS = 12
+
+
+def _predict_view_parts() -> None:
+    """What a successful predict runs after its reads: the input checked, an answer
+    rendered."""
+    from apps.core.renderers import FastJSONRenderer
+    from apps.deployments.api import PredictInputSerializer
+
+    checked = PredictInputSerializer(data={"inputs": ["prewarm"]})
+    checked.is_valid()
+    FastJSONRenderer().render(
+        {"model_version": "-", "version": 1, "environment": "production",
+         "outputs": [{"label": "-", "score": 0.5}], "latency_ms": 1.0}
+    )  # fmt: skip
 
 
 def _predict_reads() -> None:
