@@ -277,6 +277,7 @@ def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
         plane = data_plane()
         if isinstance(plane, RoutedFleet):
             plane.prewarm()
+        _metrics_and_cache()
         # Several rounds: CPython specialises a function's bytecode only after it has run
         # a few times, and a first predict running it unspecialised is what a fresh
         # process's first caller would otherwise pay.
@@ -294,6 +295,27 @@ def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
 
         if not keep_connection:
             connections.close_all()  # a forking server must not share this connection
+
+
+# The data plane's routes whose request metric series a prewarm creates, and the statuses.
+DATA_PLANE_PATHS = ("predict", "embed", "search", "complete")
+DATA_PLANE_STATUSES = ("200", "400", "409", "503")
+
+
+def _metrics_and_cache() -> None:
+    """The request-duration series of the data plane's routes made (a series' first use
+    writes its buckets into the multiprocess files: ~2 ms), and the cache the throttles
+    count in connected."""
+    from django.core.cache import cache
+    from django.urls import resolve
+
+    from apps.core.metrics import HTTP_REQUEST_SECONDS
+
+    for name in DATA_PLANE_PATHS:
+        route = resolve(f"/api/v1/tenants/-/models/-/{name}").route
+        for status in DATA_PLANE_STATUSES:
+            HTTP_REQUEST_SECONDS.labels(route, "POST", status)
+    cache.get("prewarm")
 
 
 # Rounds of the prewarm (see ``prewarm``): more than CPython's specialisation warm-up.
