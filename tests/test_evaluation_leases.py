@@ -184,3 +184,24 @@ def test_a_worker_killed_mid_evaluation_is_replaced_and_the_promotion_reaches_it
     assert evaluation.metrics["rows"] == 77 * 30
     requeue = AuditEvent.objects.get(object_id=evaluation_id, verb="evaluation.requeue")
     assert requeue.before is not None and requeue.before["worker"] == claimed.claimed_by
+
+
+@pytest.mark.django_db
+def test_an_evaluation_whose_holder_died_on_this_host_is_requeued_without_waiting_out_its_lease(
+    scientist, reviewer, candidate
+):
+    import socket
+    import subprocess
+    import sys
+
+    make_training_version(reviewer, name="golden", kind="golden")
+    (evaluation_id,) = request_promotion(scientist, candidate, "staging")["evaluation_ids"]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid names no process now
+    holder = f"{socket.gethostname()}:{child.pid}"
+    assert services.evaluation_claim(evaluation_id=evaluation_id, worker=holder) is not None
+    # The lease is fresh, yet the holder is known gone: re-queued at the next sweep.
+    assert services.evaluations_requeue_stale() == [evaluation_id]
+    assert Evaluation.objects.get(pk=evaluation_id).status == "queued"
+    event = AuditEvent.objects.get(object_id=evaluation_id, verb="evaluation.requeue")
+    assert event.after is not None and event.after["reason"] == "worker process gone"

@@ -248,6 +248,29 @@ def test_cancel_a_queued_run_at_once_and_refuse_a_second_cancel(scientist, versi
     assert again.json()["error"]["status"] == "cancelled"
 
 
+def test_a_run_whose_holder_died_on_this_host_is_requeued_without_waiting_out_its_lease(
+    scientist, version_id
+):
+    import socket
+    import subprocess
+    import sys
+
+    from apps.audit.models import AuditEvent
+
+    alive, gone = (launch(scientist, version_id).json()["id"] for _ in range(2))
+    services.runs_dispatch()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid names no process now
+    host = socket.gethostname()
+    assert services.run_claim(run_id=alive, worker=f"{host}:1") is not None  # init: alive
+    assert services.run_claim(run_id=gone, worker=f"{host}:{child.pid}") is not None
+    assert services.runs_requeue_stale() == [gone]  # both leases are fresh
+    assert TrainingRun.objects.get(pk=gone).status == "queued"
+    assert TrainingRun.objects.get(pk=alive).status == "running"
+    event = AuditEvent.objects.get(object_id=gone, verb="run.requeue")
+    assert event.after is not None and event.after["reason"] == "worker process gone"
+
+
 def test_claim_is_exclusive_and_a_stale_run_is_requeued(scientist, version_id):
     from datetime import timedelta
 

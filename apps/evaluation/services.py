@@ -341,7 +341,8 @@ def evaluation_finish(
 def evaluations_requeue_stale() -> list[str]:
     """Give both waits of an evaluation a way out; returns the ids sent again.
 
-    A running evaluation whose heartbeat went stale lost its worker: it is re-queued, its
+    A running evaluation whose heartbeat went stale (or whose holder is a dead process of
+    this host: ``apps.core.leases.holder_gone``) lost its worker: it is re-queued, its
     next claim a new attempt (the old worker, should it wake, writes nothing), or failed once
     ``EVALUATION_MAX_ATTEMPTS`` attempts were lost so, and its promotion moves on either way.
     The broker hands an unacked task back only after its visibility timeout (an hour on
@@ -349,8 +350,12 @@ def evaluations_requeue_stale() -> list[str]:
     within ``TRAINING_DISPATCH_TIMEOUT_SECONDS`` while the queue is empty lost its message
     (a broker restart) and is sent again.
     """
+    from apps.core.leases import holder_gone
+
+    running = Evaluation.objects.filter(status=EvalStatus.RUNNING)
+    gone = [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
     stale = Evaluation.objects.filter(stale_running()).values_list("pk", flat=True)
-    sent = [pk for pk in stale if _requeue(pk)]
+    sent = [pk for pk in dict.fromkeys([*stale, *gone]) if _requeue(pk)]
     cutoff = timezone.now() - timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
     unclaimed = Evaluation.objects.filter(status=EvalStatus.QUEUED).filter(
         Q(queued_at__lt=cutoff) | Q(queued_at__isnull=True, created_at__lt=cutoff)
@@ -363,10 +368,20 @@ def evaluations_requeue_stale() -> list[str]:
 
 @transaction.atomic
 def _requeue(evaluation_id: str) -> bool:
+    from apps.core.leases import holder_gone
+
     evaluation = (
-        Evaluation.objects.select_for_update().filter(stale_running(), pk=evaluation_id).first()
+        Evaluation.objects.select_for_update()
+        .filter(status=EvalStatus.RUNNING, pk=evaluation_id)
+        .first()
     )
     if evaluation is None:
+        return False
+    if holder_gone(evaluation.claimed_by):
+        reason = "worker process gone"
+    elif Evaluation.objects.filter(stale_running(), pk=evaluation_id).exists():
+        reason = "heartbeat stale"
+    else:
         return False
     before = {
         "status": evaluation.status,
@@ -405,7 +420,7 @@ def _requeue(evaluation_id: str) -> bool:
     after = {
         "status": evaluation.status,
         "attempt": evaluation.attempt,
-        "reason": "heartbeat stale",
+        "reason": reason,
     }
     audit_record(
         actor=None,

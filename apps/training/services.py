@@ -572,24 +572,32 @@ def run_cancel(*, actor: Any, run: TrainingRun, via: str = "") -> TrainingRun:
 
 
 def runs_requeue_stale(*, timeout: timedelta | None = None) -> list[str]:
-    """Put running runs whose heartbeat went stale back in the queue (worker lost).
+    """Put running runs whose heartbeat went stale, or whose holder is a dead process of
+    this host (``apps.core.leases.holder_gone``: no need to wait out its lease), back in
+    the queue (worker lost); the next attempt resumes from the checkpoint.
 
     Redis hands an unacked task back only after its visibility timeout (an hour by
     default), so the database, not the broker, notices a dead worker within seconds.
     """
+    from apps.core.leases import holder_gone
+
     if timeout is None:
         timeout = timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_SECONDS)
     cutoff = timezone.now() - timeout
     requeued: list[str] = []
-    stale = TrainingRun.objects.filter(status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
-    for run_id in list(stale.values_list("pk", flat=True)):
+    running = TrainingRun.objects.filter(status=RunStatus.RUNNING)
+    gone = [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
+    stale = list(running.filter(heartbeat_at__lt=cutoff).values_list("pk", flat=True))
+    for run_id in dict.fromkeys([*stale, *gone]):
         with transaction.atomic():
-            run = (
-                TrainingRun.objects.select_for_update()
-                .filter(pk=run_id, status=RunStatus.RUNNING, heartbeat_at__lt=cutoff)
-                .first()
-            )
+            run = running.select_for_update().filter(pk=run_id).first()
             if run is None:
+                continue
+            if holder_gone(run.claimed_by):
+                reason = "worker process gone"
+            elif run.heartbeat_at is not None and run.heartbeat_at < cutoff:
+                reason = "heartbeat stale"
+            else:
                 continue
             before = {**_state(run), "worker": run.claimed_by}
             run.status = RunStatus.QUEUED
@@ -604,7 +612,7 @@ def runs_requeue_stale(*, timeout: timedelta | None = None) -> list[str]:
                 before=before,
                 after={
                     **_state(run),
-                    "reason": "heartbeat stale",
+                    "reason": reason,
                     "checkpoint_step": run.checkpoint_step,
                 },
                 via="task",
