@@ -25,7 +25,7 @@ from apps.audit.services import audit_record
 from apps.batch.models import ACTIVE, BatchPrediction, BatchStatus, OutputFormat
 from apps.core.artifacts import get_store
 from apps.core.errors import DomainError, InvalidInput
-from apps.core.leases import holder_gone, queue_depth
+from apps.core.leases import gone_holders, holder_gone, lost_reason, queue_depth
 from apps.datasets.models import Dataset, DatasetKind, DatasetVersion, Task
 from apps.registry.models import ModelKind, ModelVersion, RegisteredModel, Stage
 from apps.tenants.models import Tenant
@@ -498,17 +498,14 @@ def batch_requeue_stale() -> list[str]:
     sent again. The ids sent again."""
     again: list[str] = []
     running = BatchPrediction.objects.filter(status=BatchStatus.RUNNING)
-    gone = [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
-    for job_id in {*running.filter(_stale()).values_list("pk", flat=True), *gone}:
+    stale = list(running.filter(_stale()).values_list("pk", flat=True))
+    for job_id in dict.fromkeys([*stale, *gone_holders(running)]):
         with transaction.atomic():
             job = running.select_for_update().filter(pk=job_id).first()
             if job is None:
                 continue
-            if holder_gone(job.claimed_by):
-                reason = "worker process gone"
-            elif running.filter(_stale(), pk=job_id).exists():
-                reason = "heartbeat stale"
-            else:
+            reason = lost_reason(job.claimed_by, stale=running.filter(_stale(), pk=job_id).exists())
+            if reason is None:
                 continue
             if _requeue(job, reason=reason):
                 again.append(job.pk)

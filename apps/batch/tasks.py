@@ -105,7 +105,8 @@ def _run(job: Any, attempt: int, heartbeat: Heartbeat, work: Path) -> str:
             return "lost"
         started = time.perf_counter()
         first = index * size
-        part = scorer.part(first, texts[first : first + size], contexts[first : first + size])
+        chunk = texts[first : first + size]
+        part = scorer.part(first, chunk, contexts[first : first + size])
         target = work / f"part-{index:05d}"
         target.write_bytes(part.data)
         store.put_file(_part_key(job, index), target, move=True)
@@ -118,7 +119,7 @@ def _run(job: Any, attempt: int, heartbeat: Heartbeat, work: Path) -> str:
             job_id=job.pk,
             attempt=attempt,
             chunks_done=index + 1,
-            rows_done=first + len(texts[first : first + size]),
+            rows_done=first + len(chunk),
             label_counts=dict(counts),
             busy_seconds=busy,
             preview=preview if grew else None,  # written once it is full, not again

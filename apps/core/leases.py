@@ -187,3 +187,17 @@ def holder_gone(holder: str) -> bool:
             return fh.read().rsplit(")", 1)[-1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
+
+
+def gone_holders(running: Any) -> list[Any]:
+    """The primary keys of the rows of ``running`` (a queryset of running rows with a
+    ``claimed_by``) whose holder is known dead (:func:`holder_gone`)."""
+    return [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
+
+
+def lost_reason(holder: str, *, stale: bool) -> str | None:
+    """Why a running row's worker counts as lost — its process is known dead here, or its
+    lease ran out (``stale``) — as the reapers audit it; None while it holds the row."""
+    if holder_gone(holder):
+        return "worker process gone"
+    return "heartbeat stale" if stale else None

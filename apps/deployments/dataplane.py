@@ -268,8 +268,6 @@ def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
     see ``workbench/gunicorn_conf.py``) the warmed database connection is kept — a new
     one would prepare every statement again. A server that forks after loading the
     application must not share it, so by default it is closed."""
-    import logging
-
     from django.urls import get_resolver
 
     try:
@@ -289,7 +287,7 @@ def prewarm(application: Any = None, *, keep_connection: bool = False) -> None:
             if isinstance(plane, RoutedFleet):
                 plane.prewarm_predict()
     except Exception:  # a database not migrated yet, nothing published: the first call pays
-        logging.getLogger(__name__).debug("prewarm skipped", exc_info=True)
+        log.debug("prewarm skipped", exc_info=True)
     finally:
         from django.db import connections
 

@@ -350,10 +350,9 @@ def evaluations_requeue_stale() -> list[str]:
     within ``TRAINING_DISPATCH_TIMEOUT_SECONDS`` while the queue is empty lost its message
     (a broker restart) and is sent again.
     """
-    from apps.core.leases import holder_gone
+    from apps.core.leases import gone_holders
 
-    running = Evaluation.objects.filter(status=EvalStatus.RUNNING)
-    gone = [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
+    gone = gone_holders(Evaluation.objects.filter(status=EvalStatus.RUNNING))
     stale = Evaluation.objects.filter(stale_running()).values_list("pk", flat=True)
     sent = [pk for pk in dict.fromkeys([*stale, *gone]) if _requeue(pk)]
     cutoff = timezone.now() - timedelta(seconds=settings.TRAINING_DISPATCH_TIMEOUT_SECONDS)
@@ -368,7 +367,7 @@ def evaluations_requeue_stale() -> list[str]:
 
 @transaction.atomic
 def _requeue(evaluation_id: str) -> bool:
-    from apps.core.leases import holder_gone
+    from apps.core.leases import lost_reason
 
     evaluation = (
         Evaluation.objects.select_for_update()
@@ -377,11 +376,11 @@ def _requeue(evaluation_id: str) -> bool:
     )
     if evaluation is None:
         return False
-    if holder_gone(evaluation.claimed_by):
-        reason = "worker process gone"
-    elif Evaluation.objects.filter(stale_running(), pk=evaluation_id).exists():
-        reason = "heartbeat stale"
-    else:
+    reason = lost_reason(
+        evaluation.claimed_by,
+        stale=Evaluation.objects.filter(stale_running(), pk=evaluation_id).exists(),
+    )
+    if reason is None:
         return False
     before = {
         "status": evaluation.status,

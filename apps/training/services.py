@@ -579,25 +579,22 @@ def runs_requeue_stale(*, timeout: timedelta | None = None) -> list[str]:
     Redis hands an unacked task back only after its visibility timeout (an hour by
     default), so the database, not the broker, notices a dead worker within seconds.
     """
-    from apps.core.leases import holder_gone
+    from apps.core.leases import gone_holders, lost_reason
 
     if timeout is None:
         timeout = timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_SECONDS)
     cutoff = timezone.now() - timeout
     requeued: list[str] = []
     running = TrainingRun.objects.filter(status=RunStatus.RUNNING)
-    gone = [pk for pk, holder in running.values_list("pk", "claimed_by") if holder_gone(holder)]
     stale = list(running.filter(heartbeat_at__lt=cutoff).values_list("pk", flat=True))
-    for run_id in dict.fromkeys([*stale, *gone]):
+    for run_id in dict.fromkeys([*stale, *gone_holders(running)]):
         with transaction.atomic():
             run = running.select_for_update().filter(pk=run_id).first()
             if run is None:
                 continue
-            if holder_gone(run.claimed_by):
-                reason = "worker process gone"
-            elif run.heartbeat_at is not None and run.heartbeat_at < cutoff:
-                reason = "heartbeat stale"
-            else:
+            lease_ran_out = run.heartbeat_at is not None and run.heartbeat_at < cutoff
+            reason = lost_reason(run.claimed_by, stale=lease_ran_out)
+            if reason is None:
                 continue
             before = {**_state(run), "worker": run.claimed_by}
             run.status = RunStatus.QUEUED
